@@ -1,0 +1,23 @@
+"""Token-mixing operators, layout [B, T, H, D]. Pure PyTorch everywhere; fused Triton kernels on GPU."""
+from .conv import naive_short_conv, short_conv, short_conv_step
+from .sliding_window import naive_sliding_window_attn, sliding_window_attn
+from .taylor import (
+    FEATURE_MAPS,
+    chunk_taylor_linear_attn,
+    naive_taylor_linear_attn,
+    parallel_taylor_linear_attn,
+    recurrent_taylor_linear_attn,
+    taylor_feature_dim,
+    taylor_feature_map,
+    taylor_linear_attn,
+    taylor_linear_attn_step,
+    zero_state,
+)
+
+__all__ = [
+    "FEATURE_MAPS", "taylor_feature_map", "taylor_feature_dim", "taylor_linear_attn", "taylor_linear_attn_step",
+    "naive_taylor_linear_attn", "parallel_taylor_linear_attn", "chunk_taylor_linear_attn",
+    "recurrent_taylor_linear_attn", "zero_state",
+    "sliding_window_attn", "naive_sliding_window_attn",
+    "short_conv", "short_conv_step", "naive_short_conv",
+]

@@ -1,0 +1,83 @@
+"""Causal sliding-window softmax attention.
+
+Definition used everywhere in this package: with window_size W, query t attends to keys
+max(0, t - W + 1) .. t, i.e. exactly W tokens (itself included) once t >= W - 1. The reference BASED code
+passes window 256 to FlashAttention as (left=128, right=0), which shows each token 129 keys (128 back
+plus itself): that is window_size=129 here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Beyond this many query rows a full [T, T] mask costs more than walking query blocks.
+_FULL_MASK_MAX_T = 1024
+
+
+def _check(q, k, v, window_size):
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size <= 0:
+        raise ValueError(f"window_size must be a positive int (tokens visible, self included), got {window_size!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(t.shape)}")
+    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k must share [B, T, H, D] and v must match B, T, H; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+
+
+def window_mask(Tq: int, Tk: int, window_size: int, device, offset: int = 0) -> torch.Tensor:
+    """Boolean [Tq, Tk], True where query i (at key position i + offset) may see key j."""
+    i = torch.arange(Tq, device=device).unsqueeze(1) + offset
+    j = torch.arange(Tk, device=device).unsqueeze(0)
+    return (j <= i) & (j > i - window_size)
+
+
+def naive_sliding_window_attn(q, k, v, window_size: int, scale: float | None = None) -> torch.Tensor:
+    """fp32 ground truth with an explicit softmax over the masked [T, T] scores."""
+    _check(q, k, v, window_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    T = q.shape[1]
+    s = s.masked_fill(~window_mask(T, T, window_size, q.device), float("-inf"))
+    return (s.softmax(-1) @ vf).transpose(1, 2).to(v.dtype)
+
+
+def sliding_window_attn(q, k, v, window_size: int, scale: float | None = None) -> torch.Tensor:
+    """Causal softmax attention over the last `window_size` tokens (self included).
+
+    Args:
+        q, k: [B, T, H, D]; v: [B, T, H, Dv]
+        window_size: tokens each query sees, itself included (>= 1).
+    Returns:
+        [B, T, H, Dv]
+    """
+    _check(q, k, v, window_size)
+    T = q.shape[1]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if window_size >= T:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    elif T <= _FULL_MASK_MAX_T:
+        mask = window_mask(T, T, window_size, q.device)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    else:
+        # Query block [s, e) needs keys [s - W + 1, e): memory O(T * (block + W)) instead of O(T^2).
+        block = max(window_size, 256)
+        outs = []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            ks = max(0, s - window_size + 1)
+            mask = window_mask(e - s, e - ks, window_size, q.device, offset=s - ks)
+            outs.append(
+                F.scaled_dot_product_attention(
+                    qt[:, :, s:e], kt[:, :, ks:e], vt[:, :, ks:e], attn_mask=mask, scale=scale
+                )
+            )
+        o = torch.cat(outs, dim=2)
+    return o.transpose(1, 2)
+
+
+__all__ = ["sliding_window_attn", "naive_sliding_window_attn", "window_mask"]

@@ -1,0 +1,70 @@
+"""Recurrent form: one token at a time against the fp32 state, as in decoding.
+
+    S_t = S_{t-1} + phi(k_t) v_t^T,  z_t = z_{t-1} + phi(k_t),  y_t = phi(q_t) S_t / (phi(q_t) . z_t + eps)
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import DEFAULT_EPS, State
+from .feature_map import taylor_feature_map, taylor_feature_dim
+
+
+def taylor_linear_attn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_state: torch.Tensor,
+    k_state: torch.Tensor,
+    feature_map: str = "compact",
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """Decode one token and update the state in place.
+
+    Args:
+        q, k: [B, H, d]; v: [B, H, dv]
+        kv_state: [B, H, D_feat, dv] fp32, k_state: [B, H, D_feat] fp32 (both updated in place)
+    Returns:
+        y: [B, H, dv] in v's dtype
+    """
+    fq = taylor_feature_map(q.float(), feature_map, scale)  # [B, H, F]
+    fk = taylor_feature_map(k.float(), feature_map, scale)
+    kv_state.add_(fk.unsqueeze(-1) * v.float().unsqueeze(-2))
+    k_state.add_(fk)
+    num = (fq.unsqueeze(-2) @ kv_state).squeeze(-2)
+    den = (fq * k_state).sum(-1, keepdim=True)
+    return (num / (den + eps)).to(v.dtype)
+
+
+def recurrent_taylor_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str = "compact",
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, State | None]:
+    B, T, H, d = q.shape
+    dv = v.shape[-1]
+    F = taylor_feature_dim(d, feature_map)
+    fq = taylor_feature_map(q.float(), feature_map, scale)  # [B, T, H, F]
+    fk = taylor_feature_map(k.float(), feature_map, scale)
+    vf = v.float()
+    if initial_state is None:
+        kv = q.new_zeros(B, H, F, dv, dtype=torch.float32)
+        ks = q.new_zeros(B, H, F, dtype=torch.float32)
+    else:
+        kv, ks = initial_state
+    outs = []
+    for t in range(T):
+        # Out of place so gradients flow through the whole recurrence.
+        kv = kv + fk[:, t].unsqueeze(-1) * vf[:, t].unsqueeze(-2)
+        ks = ks + fk[:, t]
+        num = (fq[:, t].unsqueeze(-2) @ kv).squeeze(-2)
+        den = (fq[:, t] * ks).sum(-1, keepdim=True)
+        outs.append(num / (den + eps))
+    o = torch.stack(outs, dim=1).to(v.dtype) if T else v.new_zeros(B, 0, H, dv)
+    return o, ((kv, ks) if output_final_state else None)
