@@ -1,0 +1,3 @@
+from based.cli import main
+
+raise SystemExit(main())
