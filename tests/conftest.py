@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run through the interpreter (tests/ops/test_taylor_triton.py). It must be
+# chosen before triton is first imported, and `import based` imports it (transformers -> torch._dynamo).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

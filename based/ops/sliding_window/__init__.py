@@ -7,6 +7,8 @@ plus itself): that is window_size=129 here.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,33 @@ def naive_sliding_window_attn(q, k, v, window_size: int, scale: float | None = N
     return (s.softmax(-1) @ vf).transpose(1, 2).to(v.dtype)
 
 
+@lru_cache(maxsize=None)
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@lru_cache(maxsize=64)
+def _flex_block_mask(T: int, window_size: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def in_window(b, h, q_idx, kv_idx):
+        # Same definition as window_mask: keys max(0, t - W + 1) .. t.
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window_size)
+
+    return create_block_mask(in_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def _use_flex(q: torch.Tensor, v: torch.Tensor, window_size: int) -> bool:
+    # FlexAttention skips the blocks outside the window: O(T * W) work in one fused kernel.
+    d, dv = q.shape[-1], v.shape[-1]
+    return (
+        q.is_cuda and window_size < q.shape[1] and d == dv and d >= 16 and d & (d - 1) == 0
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
 def sliding_window_attn(q, k, v, window_size: int, scale: float | None = None) -> torch.Tensor:
     """Causal softmax attention over the last `window_size` tokens (self included).
 
@@ -60,6 +89,9 @@ def sliding_window_attn(q, k, v, window_size: int, scale: float | None = None) -
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if window_size >= T:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    elif _use_flex(q, v, window_size):
+        mask = _flex_block_mask(T, window_size, q.device)
+        o = _flex_attention()(qt, kt, vt, block_mask=mask, scale=scale)
     elif T <= _FULL_MASK_MAX_T:
         mask = window_mask(T, T, window_size, q.device)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)

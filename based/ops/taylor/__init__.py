@@ -33,6 +33,51 @@ def _triton_available(q: torch.Tensor) -> bool:
     return True
 
 
+def _check_varlen(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, initial_state, feature_map: str) -> int:
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q must be [1, total_T, H, d] (sequences packed along T), got {tuple(q.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N + 1], got shape {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != q.shape[1] or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to total_T={q.shape[1]}, got {cu}")
+    N = len(cu) - 1
+    if initial_state is not None:
+        H, d, dv = q.shape[2], q.shape[3], v.shape[-1]
+        F = taylor_feature_dim(d, feature_map)
+        kv, ks = initial_state
+        if tuple(kv.shape) != (N, H, F, dv) or tuple(ks.shape) != (N, H, F):
+            raise ValueError(
+                f"with cu_seqlens, initial_state must be ([N, H, D_feat, dv], [N, H, D_feat]) = "
+                f"({(N, H, F, dv)}, {(N, H, F)}), got {tuple(kv.shape)}, {tuple(ks.shape)}"
+            )
+    return N
+
+
+def _torch_varlen(form, q, k, v, cu_seqlens, initial_state, output_final_state, **kw):
+    """Reference path for packed sequences: each sequence on its own."""
+    cu = cu_seqlens.tolist()
+    outs, kvs, kss = [], [], []
+    for n, (s, e) in enumerate(zip(cu, cu[1:])):
+        state = None if initial_state is None else (initial_state[0][n : n + 1], initial_state[1][n : n + 1])
+        if e == s:
+            outs.append(v[:, s:e])
+            if output_final_state:
+                if state is None:
+                    state = zero_state(1, q.shape[2], q.shape[-1], v.shape[-1], q.device, kw["feature_map"])
+                kvs.append(state[0])
+                kss.append(state[1])
+            continue
+        o, final = form(q[:, s:e], k[:, s:e], v[:, s:e], initial_state=state,
+                        output_final_state=output_final_state, **kw)
+        outs.append(o)
+        if output_final_state:
+            kvs.append(final[0])
+            kss.append(final[1])
+    o = torch.cat(outs, dim=1)
+    return o, ((torch.cat(kvs), torch.cat(kss)) if output_final_state else None)
+
+
 def taylor_linear_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -45,6 +90,7 @@ def taylor_linear_attn(
     initial_state: State | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Causal linear attention with the 2nd-order Taylor kernel phi(q).phi(k) = 1 + s + s^2/2.
 
@@ -61,11 +107,16 @@ def taylor_linear_attn(
         output_final_state: also return the state after the last token.
         backend: "torch" (pure PyTorch), "triton" (fused GPU kernels) or "auto" (Triton on CUDA when
             installed, else PyTorch).
+        cu_seqlens: int32 [N + 1] cumulative lengths of N sequences packed along T (flash-attn / fla
+            convention); q, k, v are then [1, total_T, H, *] and states are [N, H, ...].
     Returns:
         o: [B, T, H, dv] in v's dtype, and the final state (fp32) or None.
     """
     check_qkv(q, k, v, feature_map)
-    check_state(initial_state, q, v, feature_map)
+    if cu_seqlens is None:
+        check_state(initial_state, q, v, feature_map)
+    else:
+        _check_varlen(q, v, cu_seqlens, initial_state, feature_map)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     if backend not in BACKENDS:
@@ -75,10 +126,15 @@ def taylor_linear_attn(
 
         return triton_taylor_linear_attn(
             q, k, v, feature_map=feature_map, scale=scale, eps=eps,
-            initial_state=initial_state, output_final_state=output_final_state,
+            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
     if mode == "auto":
         mode = "parallel" if q.shape[1] <= PARALLEL_MAX_T else "chunk"
+    if cu_seqlens is not None:
+        return _torch_varlen(
+            _TORCH_FORMS[mode], q, k, v, cu_seqlens, initial_state, output_final_state,
+            feature_map=feature_map, scale=scale, eps=eps,
+        )
     return _TORCH_FORMS[mode](
         q, k, v, feature_map=feature_map, scale=scale, eps=eps,
         initial_state=initial_state, output_final_state=output_final_state,

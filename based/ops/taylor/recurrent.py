@@ -10,6 +10,20 @@ from .common import DEFAULT_EPS, State
 from .feature_map import taylor_feature_map, taylor_feature_dim
 
 
+def _triton_step_ok(q: torch.Tensor, kv_state: torch.Tensor, k_state: torch.Tensor) -> bool:
+    if not (q.is_cuda and kv_state.is_contiguous() and k_state.is_contiguous()):
+        return False
+    if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32 or torch.is_grad_enabled() and (
+        q.requires_grad or kv_state.requires_grad
+    ):
+        return False
+    try:
+        from . import triton as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def taylor_linear_attn_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -19,15 +33,24 @@ def taylor_linear_attn_step(
     feature_map: str = "compact",
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Decode one token and update the state in place.
 
     Args:
         q, k: [B, H, d]; v: [B, H, dv]
         kv_state: [B, H, D_feat, dv] fp32, k_state: [B, H, D_feat] fp32 (both updated in place)
+        backend: "torch", "triton" (one fused kernel; needs contiguous states) or "auto" (Triton on
+            CUDA when installed and the states are contiguous, else PyTorch).
     Returns:
         y: [B, H, dv] in v's dtype
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}: use one of ('auto', 'torch', 'triton')")
+    if backend == "triton" or (backend == "auto" and _triton_step_ok(q, kv_state, k_state)):
+        from .triton import triton_taylor_linear_attn_step
+
+        return triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map, scale, eps)
     fq = taylor_feature_map(q.float(), feature_map, scale)  # [B, H, F]
     fk = taylor_feature_map(k.float(), feature_map, scale)
     kv_state.add_(fk.unsqueeze(-1) * v.float().unsqueeze(-2))

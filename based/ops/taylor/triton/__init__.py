@@ -1,0 +1,51 @@
+"""Triton kernels for Taylor linear attention (chunked forward/backward with varlen, fused decode).
+
+Importing this package needs `triton`; based.ops.taylor guards the import and falls back to PyTorch.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..common import DEFAULT_EPS, State
+from .chunk import TaylorChunkFunction
+from .decode import triton_taylor_linear_attn_step
+from .layout import from_internal, to_internal
+
+
+def triton_taylor_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str = "compact",
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """Chunked causal Taylor linear attention; differentiable in q, k, v and initial_state.
+
+    Args:
+        q, k: [B, T, H, d]; v: [B, T, H, dv]. With cu_seqlens (int32 [N + 1], flash-attn convention)
+            B must be 1 and the N sequences are packed along T.
+        initial_state: (kv [N, H, D_feat, dv], k_sum [N, H, D_feat]) fp32 in the public layout of
+            `feature_map`, or None.
+    Returns:
+        o [B, T, H, dv] in v's dtype, and (kv, k_sum) [N, H, D_feat(, dv)] fp32 or None.
+    """
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else float(scale)
+    if cu_seqlens is not None:
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens, q must be [1, total_T, H, d], got {tuple(q.shape)}")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    hs0 = zs0 = None
+    if initial_state is not None:
+        hs0, zs0 = to_internal(initial_state, d, feature_map, scale)
+    o, _, hsT, zsT = TaylorChunkFunction.apply(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state)
+    final = from_internal(hsT, zsT, d, feature_map, scale) if output_final_state else None
+    return o, final
+
+
+__all__ = ["triton_taylor_linear_attn", "triton_taylor_linear_attn_step"]

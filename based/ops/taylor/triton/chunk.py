@@ -1,0 +1,450 @@
+"""Chunked Taylor linear attention in Triton: forward, backward and variable-length packing.
+
+One program owns one (sequence, head, value block, quadratic row block) and walks the sequence chunk
+by chunk with the fp32 state in registers, so the 1 + d + d^2 features never reach HBM. Per chunk of
+BT tokens (README.md, "Chunked kernel"):
+    intra:  A = tril(1 + s + s^2/2), s = scale Q K^T      -> A V, rowsum(A)    (tensor cores)
+    inter:  H0 + scale Q H1 + scale^2/2 (Q*Q) H2           -> (Q*Q) [BT, BK^2] built on chip
+    state:  H0 += sum V, H1 += K^T V, H2 += (K*K)^T V      (fp32)
+The backward walks forward again for dq (recomputing the state) and backward for dk, dv and the
+initial state, carrying dH = sum over later queries of phi(q) (dO / den)^T.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import block_k, internal_dim
+
+# Largest fp32 quadratic state tile [BI * BK, BV] a program keeps in registers.
+STATE_TILE = int(os.environ.get("BASED_TRITON_STATE_TILE", 8192))
+CHUNK = int(os.environ.get("BASED_TRITON_CHUNK", 64))
+NUM_WARPS = int(os.environ.get("BASED_TRITON_WARPS", 4))
+NUM_STAGES = int(os.environ.get("BASED_TRITON_STAGES", 2))
+BV_MAX = int(os.environ.get("BASED_TRITON_BV", 32))
+
+
+def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
+    """(BK, BI, BV, NK): padded feature dim, quadratic rows per program, value block, row splits."""
+    bk = block_k(d)
+    bv = min(BV_MAX, triton.next_power_of_2(dv))
+    bv = max(bv, 16)
+    bi = bk
+    while bi * bk * bv > STATE_TILE and bi > 1:
+        bi //= 2
+    return bk, bi, bv, bk // bi
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep fp32 products; 16-bit inputs read the fp32 state through tf32 tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def _embed(x, o_i, o_k):
+    # [BT, BI] columns o_i of a [BT, BK] tensor -> that [BT, BK] tensor (zeros elsewhere).
+    sel = (o_i[:, None] == o_k[None, :]).to(tl.float32)  # [BI, BK]
+    return tl.sum(x[:, :, None] * sel[None, :, :], 1)
+
+
+@triton.jit
+def _taylor_fwd_kernel(
+    q, k, v, o, den, hs0, zs0, hsT, zsT, num_part, den_part, cu_seqlens,
+    scale, eps, T, TT,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    FI: tl.constexpr = 1 + BK + BK * BK
+    BQ: tl.constexpr = BI * BK
+    c2 = 0.5 * scale * scale
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_i = i_k * BI + tl.arange(0, BI)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_q = 1 + BK + i_k * BQ + tl.arange(0, BQ)  # internal rows of this program's quadratic block
+    m_k, m_i, m_v = o_k < D, o_i < D, o_v < DV
+    m_causal = o_t[:, None] >= o_t[None, :]
+
+    b_h0 = tl.zeros([BV], dtype=tl.float32)
+    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BQ, BV], dtype=tl.float32)
+    b_z1 = tl.zeros([BK], dtype=tl.float32)
+    b_z2 = tl.zeros([BQ], dtype=tl.float32)
+    b_z0 = 0.0
+    if USE_INITIAL:
+        p_hs = hs0 + i_nh.to(tl.int64) * FI * DV
+        p_zs = zs0 + i_nh.to(tl.int64) * FI
+        b_h2 += tl.load(p_hs + o_q[:, None] * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_z2 += tl.load(p_zs + o_q)
+        b_h0 += tl.load(p_hs + o_v, mask=m_v, other=0.0)
+        b_h1 += tl.load(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_z1 += tl.load(p_zs + 1 + o_k)
+        b_z0 = tl.load(p_zs)
+
+    for i_t in range(0, tl.cdiv(L, BT)):
+        m_t = i_t * BT + o_t < L
+        rows = bos + i_t * BT + o_t  # [BT] token index in the packed [TT, H, *] tensors
+        p_qk = rows[:, None] * (H * D) + i_h * D
+        b_q = tl.load(q + p_qk + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
+        b_k = tl.load(k + p_qk + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        if NK == 1:
+            b_qi = b_q.to(tl.float32)
+            b_ki = b_k.to(tl.float32)
+        else:
+            b_qi = tl.load(q + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+            b_ki = tl.load(k + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_qf = b_q.to(tl.float32)
+        # Quadratic features of this chunk, on chip only: [BT, BI, BK] -> [BT, BQ].
+        b_q2 = tl.reshape(b_qi[:, :, None] * b_qf[:, None, :], [BT, BQ])
+        b_k2 = tl.reshape(b_ki[:, :, None] * b_k.to(tl.float32)[:, None, :], [BT, BQ])
+
+        b_o = c2 * tl.dot(b_q2, b_h2, input_precision=PREC)  # [BT, BV]
+        b_d = c2 * tl.sum(b_q2 * b_z2[None, :], 1)  # [BT]
+        if i_k == 0:
+            b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
+            b_a = tl.where(m_causal & m_t[None, :], 1.0 + b_s + 0.5 * b_s * b_s, 0.0)
+            b_o += tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
+            b_o += b_h0[None, :] + scale * tl.dot(b_qf, b_h1, input_precision=PREC)
+            b_d += tl.sum(b_a, 1) + (b_z0 + i_t * BT) + scale * tl.sum(b_qf * b_z1[None, :], 1)
+            b_h1 += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+            b_h0 += tl.sum(b_v.to(tl.float32), 0)
+            b_z1 += tl.sum(b_k.to(tl.float32), 0)
+        b_h2 += tl.dot(tl.trans(b_k2.to(b_v.dtype)), b_v, input_precision=PREC)
+        b_z2 += tl.sum(b_k2, 0)
+
+        if NK == 1:
+            p_o = o + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+            tl.store(p_o, (b_o / (b_d + eps)[:, None]).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            if i_v == 0:
+                tl.store(den + rows * H + i_h, b_d, mask=m_t)
+        else:
+            p_o = num_part + i_k.to(tl.int64) * TT * H * DV + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+            tl.store(p_o, b_o, mask=m_t[:, None] & m_v[None, :])
+            if i_v == 0:
+                tl.store(den_part + i_k.to(tl.int64) * TT * H + rows * H + i_h, b_d, mask=m_t)
+
+    if STORE_FINAL:
+        p_hs = hsT + i_nh.to(tl.int64) * FI * DV
+        p_zs = zsT + i_nh.to(tl.int64) * FI
+        tl.store(p_hs + o_q[:, None] * DV + o_v[None, :], b_h2, mask=m_v[None, :])
+        if i_v == 0:
+            tl.store(p_zs + o_q, b_z2)
+        if i_k == 0:
+            tl.store(p_hs + o_v, b_h0, mask=m_v)
+            tl.store(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], b_h1, mask=m_v[None, :])
+            if i_v == 0:
+                tl.store(p_zs + 1 + o_k, b_z1)
+                tl.store(p_zs, b_z0 + L)
+
+
+@triton.jit
+def _taylor_bwd_dq_kernel(
+    q, k, v, do, den, dd, hs0, zs0, dq_part, cu_seqlens,
+    scale, eps, T, TT,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    USE_INITIAL: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    # dq_t = sum_{s<=t} P_ts (1 + s_ts) scale k_s with P_ts = g_t.v_s + g'_t, g = dO / den,
+    # g' = -(dO.o) / den; the inter-chunk part differentiates phi(q_t).(H g_t + z g'_t).
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    FI: tl.constexpr = 1 + BK + BK * BK
+    BQ: tl.constexpr = BI * BK
+    c2 = 0.5 * scale * scale
+    # The denominator's gradient enters once per (token, head): in the first value block only.
+    f_v = tl.where(i_v == 0, 1.0, 0.0)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_i = i_k * BI + tl.arange(0, BI)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_q = 1 + BK + i_k * BQ + tl.arange(0, BQ)
+    m_k, m_i, m_v = o_k < D, o_i < D, o_v < DV
+    m_causal = o_t[:, None] >= o_t[None, :]
+
+    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BQ, BV], dtype=tl.float32)
+    b_z1 = tl.zeros([BK], dtype=tl.float32)
+    b_z2 = tl.zeros([BQ], dtype=tl.float32)
+    if USE_INITIAL:
+        p_hs = hs0 + i_nh.to(tl.int64) * FI * DV
+        p_zs = zs0 + i_nh.to(tl.int64) * FI
+        b_h2 += tl.load(p_hs + o_q[:, None] * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_z2 += tl.load(p_zs + o_q)
+        b_h1 += tl.load(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_z1 += tl.load(p_zs + 1 + o_k)
+
+    for i_t in range(0, tl.cdiv(L, BT)):
+        m_t = i_t * BT + o_t < L
+        rows = bos + i_t * BT + o_t
+        p_qk = rows[:, None] * (H * D) + i_h * D
+        p_vv = rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load(q + p_qk + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + p_qk + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        if NK == 1:
+            b_qi = b_q.to(tl.float32)
+            b_ki = b_k.to(tl.float32)
+        else:
+            b_qi = tl.load(q + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+            b_ki = tl.load(k + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_vv, mask=m_tv, other=0.0)
+        b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.0) + eps
+        b_g = tl.load(do + p_vv, mask=m_tv, other=0.0).to(tl.float32) / b_den[:, None]  # [BT, BV]
+        b_gp = f_v * tl.load(dd + rows * H + i_h, mask=m_t, other=0.0)  # [BT]
+        b_qf = b_q.to(tl.float32)
+        b_kf = b_k.to(tl.float32)
+
+        # d/dq of c2 (q q^T) : M_t with M_t = reshape(H2 g_t + z2 g'_t): (M + M^T) q.
+        b_m = c2 * (tl.dot(b_g, tl.trans(b_h2), input_precision=PREC) + b_gp[:, None] * b_z2[None, :])
+        b_m3 = tl.reshape(b_m, [BT, BI, BK])
+        b_dq = tl.sum(b_m3 * b_qi[:, :, None], 1)  # [BT, BK]
+        b_dqi = tl.sum(b_m3 * b_qf[:, None, :], 2)  # [BT, BI]
+        if NK == 1:
+            b_dq += b_dqi
+        else:
+            b_dq += _embed(b_dqi, o_i, o_k)
+        if i_k == 0:
+            b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+            b_p = tl.dot(b_g, tl.trans(b_v.to(tl.float32)), input_precision=PREC) + b_gp[:, None]
+            b_ds = tl.where(m_causal & m_t[None, :], b_p * (1.0 + b_s), 0.0)
+            b_dq += scale * tl.dot(b_ds, b_kf, input_precision=PREC)
+            b_dq += scale * (tl.dot(b_g, tl.trans(b_h1), input_precision=PREC) + b_gp[:, None] * b_z1[None, :])
+            b_h1 += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
+            b_z1 += tl.sum(b_kf, 0)
+        b_k2 = tl.reshape(b_ki[:, :, None] * b_kf[:, None, :], [BT, BQ])
+        b_h2 += tl.dot(tl.trans(b_k2.to(b_v.dtype)), b_v, input_precision=PREC)
+        b_z2 += tl.sum(b_k2, 0)
+        p_dq = dq_part + (i_v * NK + i_k).to(tl.int64) * TT * H * BK + rows[:, None] * (H * BK) + i_h * BK + o_k[None, :]
+        tl.store(p_dq, b_dq, mask=m_t[:, None])
+
+
+@triton.jit
+def _taylor_bwd_dkv_kernel(
+    q, k, v, do, den, dd, dhsT, dzsT, dhs0, dzs0, dk_part, dv_out, cu_seqlens,
+    scale, eps, T, TT,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # Walks the sequence backwards carrying dH = sum over later queries of phi(q_t) g_t^T (and dz with
+    # g'_t): dv_s = phi(k_s).dH + intra, dk_s = d/dk_s phi(k_s).(dH v_s + dz) + intra.
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    FI: tl.constexpr = 1 + BK + BK * BK
+    BQ: tl.constexpr = BI * BK
+    c2 = 0.5 * scale * scale
+    f_v = tl.where(i_v == 0, 1.0, 0.0)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_i = i_k * BI + tl.arange(0, BI)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_q = 1 + BK + i_k * BQ + tl.arange(0, BQ)
+    m_k, m_i, m_v = o_k < D, o_i < D, o_v < DV
+    m_causal_t = o_t[:, None] <= o_t[None, :]  # [s, t]: key s seen by query t
+
+    b_dh0 = tl.zeros([BV], dtype=tl.float32)
+    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BQ, BV], dtype=tl.float32)
+    b_dz1 = tl.zeros([BK], dtype=tl.float32)
+    b_dz2 = tl.zeros([BQ], dtype=tl.float32)
+    b_dz0 = tl.zeros([BT], dtype=tl.float32)
+    if USE_FINAL_GRAD:
+        p_hs = dhsT + i_nh.to(tl.int64) * FI * DV
+        p_zs = dzsT + i_nh.to(tl.int64) * FI
+        b_dh2 += tl.load(p_hs + o_q[:, None] * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_dz2 += f_v * tl.load(p_zs + o_q)
+        b_dh0 += tl.load(p_hs + o_v, mask=m_v, other=0.0)
+        b_dh1 += tl.load(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_dz1 += f_v * tl.load(p_zs + 1 + o_k)
+        b_dz0 += tl.where(o_t == 0, f_v * tl.load(p_zs), 0.0)
+
+    NT = tl.cdiv(L, BT)
+    for i_r in range(0, NT):
+        i_t = NT - 1 - i_r
+        m_t = i_t * BT + o_t < L
+        rows = bos + i_t * BT + o_t
+        p_qk = rows[:, None] * (H * D) + i_h * D
+        p_vv = rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_q = tl.load(q + p_qk + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_k = tl.load(k + p_qk + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        if NK == 1:
+            b_qi = b_q.to(tl.float32)
+            b_ki = b_k.to(tl.float32)
+        else:
+            b_qi = tl.load(q + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+            b_ki = tl.load(k + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_vv, mask=m_tv, other=0.0)
+        b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.0) + eps
+        b_g = tl.load(do + p_vv, mask=m_tv, other=0.0).to(tl.float32) / b_den[:, None]
+        b_gp = f_v * tl.load(dd + rows * H + i_h, mask=m_t, other=0.0)
+        b_qf = b_q.to(tl.float32)
+        b_kf = b_k.to(tl.float32)
+        b_vf = b_v.to(tl.float32)
+        b_k2 = tl.reshape(b_ki[:, :, None] * b_kf[:, None, :], [BT, BQ])
+
+        # Later chunks (and the final state's gradient), through the state.
+        b_dv = tl.dot(b_k2, b_dh2, input_precision=PREC)  # [BT, BV]
+        b_n = tl.dot(b_vf, tl.trans(b_dh2), input_precision=PREC) + b_dz2[None, :]  # [BT, BQ]
+        b_n3 = tl.reshape(b_n, [BT, BI, BK])
+        b_dk = tl.sum(b_n3 * b_ki[:, :, None], 1)
+        b_dki = tl.sum(b_n3 * b_kf[:, None, :], 2)
+        if NK == 1:
+            b_dk += b_dki
+        else:
+            b_dk += _embed(b_dki, o_i, o_k)
+        if i_k == 0:
+            b_dv += b_dh0[None, :] + tl.dot(b_kf, b_dh1, input_precision=PREC)
+            b_dk += tl.dot(b_vf, tl.trans(b_dh1), input_precision=PREC) + b_dz1[None, :]
+            # This chunk: keys s against queries t >= s, scores transposed to [s, t].
+            b_st = scale * tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+            b_mask = m_causal_t & m_t[None, :]
+            b_at = tl.where(b_mask, 1.0 + b_st + 0.5 * b_st * b_st, 0.0)
+            b_dv += tl.dot(b_at, b_g, input_precision=PREC)
+            b_pt = tl.dot(b_vf, tl.trans(b_g), input_precision=PREC) + b_gp[None, :]
+            b_dst = tl.where(b_mask, b_pt * (1.0 + b_st), 0.0)
+            b_dk += scale * tl.dot(b_dst, b_qf, input_precision=PREC)
+            b_dh1 += scale * tl.dot(tl.trans(b_qf), b_g, input_precision=PREC)
+            b_dh0 += tl.sum(b_g, 0)
+            b_dz1 += scale * tl.sum(b_qf * b_gp[:, None], 0)
+            b_dz0 += b_gp
+        b_q2 = tl.reshape(b_qi[:, :, None] * b_qf[:, None, :], [BT, BQ])
+        b_dh2 += c2 * tl.dot(tl.trans(b_q2), b_g, input_precision=PREC)
+        b_dz2 += c2 * tl.sum(b_q2 * b_gp[:, None], 0)
+
+        p_dk = dk_part + (i_v * NK + i_k).to(tl.int64) * TT * H * BK + rows[:, None] * (H * BK) + i_h * BK + o_k[None, :]
+        tl.store(p_dk, b_dk, mask=m_t[:, None])
+        p_dv = dv_out + i_k.to(tl.int64) * TT * H * DV + p_vv
+        tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_tv)
+
+    if STORE_INITIAL_GRAD:
+        p_hs = dhs0 + i_nh.to(tl.int64) * FI * DV
+        p_zs = dzs0 + i_nh.to(tl.int64) * FI
+        tl.store(p_hs + o_q[:, None] * DV + o_v[None, :], b_dh2, mask=m_v[None, :])
+        if i_v == 0:
+            tl.store(p_zs + o_q, b_dz2)
+        if i_k == 0:
+            tl.store(p_hs + o_v, b_dh0, mask=m_v)
+            tl.store(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], b_dh1, mask=m_v[None, :])
+            if i_v == 0:
+                tl.store(p_zs + 1 + o_k, b_dz1)
+                tl.store(p_zs, tl.sum(b_dz0, 0))
+
+
+def _shapes(q, v, cu_seqlens):
+    B, T, H, D = q.shape
+    DV = v.shape[-1]
+    if cu_seqlens is not None:
+        N, T = cu_seqlens.numel() - 1, 0
+    else:
+        N = B
+    return B * q.shape[1], N, T, H, D, DV
+
+
+def taylor_chunk_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state):
+    TT, N, T, H, D, DV = _shapes(q, v, cu_seqlens)
+    BK, BI, BV, NK = _blocks(D, DV)
+    NV = triton.cdiv(DV, BV)
+    FI = internal_dim(D)
+    o = torch.empty_like(v)
+    den = q.new_empty(q.shape[:3], dtype=torch.float32)
+    if NK > 1:
+        num_part = q.new_empty(NK, *v.shape, dtype=torch.float32)
+        den_part = q.new_empty(NK, *q.shape[:3], dtype=torch.float32)
+    else:
+        num_part = den_part = None
+    hsT = q.new_empty(N, H, FI, DV, dtype=torch.float32) if output_final_state else None
+    zsT = q.new_empty(N, H, FI, dtype=torch.float32) if output_final_state else None
+    _taylor_fwd_kernel[(NV, NK, N * H)](
+        q, k, v, o, den, hs0, zs0, hsT, zsT, num_part, den_part, cu_seqlens,
+        scale, eps, T, TT, H=H, D=D, DV=DV, BT=CHUNK, BK=BK, BI=BI, BV=BV, NK=NK,
+        USE_INITIAL=hs0 is not None, STORE_FINAL=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        PREC=_dot_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if NK > 1:
+        den = den_part.sum(0)
+        o = (num_part.sum(0) / (den + eps).unsqueeze(-1)).to(v.dtype)
+    return o, den, hsT, zsT
+
+
+def taylor_chunk_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, scale, eps):
+    TT, N, T, H, D, DV = _shapes(q, v, cu_seqlens)
+    BK, BI, BV, NK = _blocks(D, DV)
+    NV = triton.cdiv(DV, BV)
+    FI = internal_dim(D)
+    prec = _dot_precision(q.dtype)
+    # g'_t = d loss / d den_t = -(dO_t . o_t) / (den_t + eps)
+    dd = -(do.float() * o.float()).sum(-1) / (den + eps)
+    common = dict(H=H, D=D, DV=DV, BT=CHUNK, BK=BK, BI=BI, BV=BV, NK=NK, IS_VARLEN=cu_seqlens is not None,
+                  PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    dq_part = q.new_empty(NV * NK, TT, H, BK, dtype=torch.float32)
+    _taylor_bwd_dq_kernel[(NV, NK, N * H)](
+        q, k, v, do, den, dd, hs0, zs0, dq_part, cu_seqlens, scale, eps, T, TT,
+        USE_INITIAL=hs0 is not None, **common,
+    )
+    dk_part = q.new_empty(NV * NK, TT, H, BK, dtype=torch.float32)
+    dv = v.new_empty(NK, *v.shape, dtype=v.dtype if NK == 1 else torch.float32)
+    store_init = hs0 is not None
+    dhs0 = q.new_empty(N, H, FI, DV, dtype=torch.float32) if store_init else None
+    dzs0 = q.new_empty(N, H, FI, dtype=torch.float32) if store_init else None
+    _taylor_bwd_dkv_kernel[(NV, NK, N * H)](
+        q, k, v, do, den, dd, dhsT, dzsT, dhs0, dzs0, dk_part, dv, cu_seqlens, scale, eps, T, TT,
+        USE_FINAL_GRAD=dhsT is not None, STORE_INITIAL_GRAD=store_init, **common,
+    )
+    dq = dq_part.sum(0)[..., :D].view(q.shape).to(q.dtype)
+    dk = dk_part.sum(0)[..., :D].view(k.shape).to(k.dtype)
+    dv = dv[0] if NK == 1 else dv.sum(0).to(v.dtype)
+    return dq, dk, dv, dhs0, dzs0
+
+
+class TaylorChunkFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state):
+        o, den, hsT, zsT = taylor_chunk_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state)
+        ctx.save_for_backward(q, k, v, o, den, hs0, zs0, cu_seqlens)
+        ctx.scale, ctx.eps = scale, eps
+        ctx.mark_non_differentiable(den)
+        ctx.set_materialize_grads(False)
+        return o, den, hsT, zsT
+
+    @staticmethod
+    def backward(ctx, do, dden, dhsT, dzsT):
+        q, k, v, o, den, hs0, zs0, cu_seqlens = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        if dhsT is not None and dzsT is None:
+            dzsT = torch.zeros(dhsT.shape[:-1], dtype=torch.float32, device=dhsT.device)
+        if dzsT is not None and dhsT is None:
+            dhsT = torch.zeros(*dzsT.shape, v.shape[-1], dtype=torch.float32, device=dzsT.device)
+        dhsT = None if dhsT is None else dhsT.contiguous()
+        dzsT = None if dzsT is None else dzsT.contiguous()
+        dq, dk, dv, dhs0, dzs0 = taylor_chunk_bwd(
+            q, k, v, o, den, do.contiguous(), hs0, zs0, dhsT, dzsT, cu_seqlens, ctx.scale, ctx.eps
+        )
+        return dq, dk, dv, dhs0, dzs0, None, None, None, None

@@ -1,0 +1,72 @@
+"""Fused decode step: one token per (sequence, head) against the public fp32 state, updated in place.
+
+    S += phi(k) v^T,  z += phi(k),  y = phi(q) S / (phi(q) . z + eps)
+in one pass over S: each state row is read once, updated, written back and folded into the output.
+The step is bound by the state's bytes (2 * F * dv * 4 per head, read and written).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import feature_tables
+
+
+@triton.jit
+def _taylor_step_kernel(
+    q, k, v, kv, ks, o, fa, fb, fc, eps,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+):
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    p_q, p_k = q + i_bh * D, k + i_bh * D
+    b_v = tl.load(v + i_bh * DV + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+    p_kv = kv + i_bh * F * DV
+    p_ks = ks + i_bh * F
+    b_num = tl.zeros([BV], dtype=tl.float32)
+    b_den = tl.zeros([BF], dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        o_f = f0 + tl.arange(0, BF)
+        m_f = o_f < F
+        # phi_f(x) = c_f x[a_f] x[b_f], an index of -1 standing for the constant 1.
+        b_a = tl.load(fa + o_f, mask=m_f, other=-1)
+        b_b = tl.load(fb + o_f, mask=m_f, other=-1)
+        b_c = tl.load(fc + o_f, mask=m_f, other=0.0)
+        b_fq = b_c * tl.load(p_q + b_a, mask=b_a >= 0, other=1.0).to(tl.float32) \
+            * tl.load(p_q + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)  # [BF]
+        b_fk = b_c * tl.load(p_k + b_a, mask=b_a >= 0, other=1.0).to(tl.float32) \
+            * tl.load(p_k + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)
+        p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
+        m_s = m_f[:, None] & m_v[None, :]
+        b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]  # [BF, BV]
+        tl.store(p_s, b_s, mask=m_s)
+        b_num += tl.sum(b_fq[:, None] * b_s, 0)
+        b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0) + b_fk
+        tl.store(p_ks + o_f, b_z, mask=m_f)
+        b_den += b_fq * b_z
+    b_o = b_num / (tl.sum(b_den, 0) + eps)
+    tl.store(o + i_bh * DV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+
+def triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6):
+    """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
+    [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv]."""
+    B, H, D = q.shape
+    DV = v.shape[-1]
+    F = kv_state.shape[-2]
+    scale = D**-0.5 if scale is None else scale
+    if not (kv_state.is_contiguous() and k_state.is_contiguous()):
+        raise ValueError("the Triton decode step updates the state in place: it must be contiguous")
+    if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32:
+        raise ValueError("the decode state must be fp32")
+    fa, fb, fc = feature_tables(D, feature_map, float(scale), q.device)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(v)
+    BV = triton.next_power_of_2(DV)
+    BF = max(1, min(64, 4096 // BV))
+    _taylor_step_kernel[(B * H,)](
+        q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, num_warps=4,
+    )
+    return o

@@ -1,0 +1,101 @@
+"""Presets and config validation. Large presets are built on the meta device: counted, never allocated."""
+import pytest
+import torch
+
+from based import PRESETS, BasedConfig, BasedForCausalLM
+from based.models.config import MIXER_TYPES
+
+# Exact counts (tied embeddings counted once); the table in based/models/presets.py quotes them.
+PARAMS = {
+    "debug": 194_752,
+    "360m": 362_655_744,
+    "1.3b": 1_349_531_904,
+    "transformer-debug": 196_020,
+    "transformer-360m": 355_617_792,
+    "transformer-1.3b": 1_342_607_616,
+}
+
+
+def n_params(name: str) -> int:
+    with torch.device("meta"):
+        return BasedForCausalLM(BasedConfig.from_preset(name)).num_parameters()
+
+
+def test_every_preset_is_counted():
+    assert set(PRESETS) == set(PARAMS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_param_counts(name):
+    assert n_params(name) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name, target", [("360m", 360e6), ("1.3b", 1.3e9)])
+def test_based_presets_match_their_names(name, target):
+    assert abs(n_params(name) / target - 1) < 0.05
+
+
+@pytest.mark.parametrize("size", ["debug", "360m", "1.3b"])
+def test_transformer_baselines_match_based_size(size):
+    assert abs(n_params(f"transformer-{size}") / n_params(size) - 1) < 0.05
+
+
+def test_reference_layouts():
+    for name, la, swa, d, n in (
+        ("360m", [1, 6, 11, 16, 21], [2, 7, 12, 17, 22], 1024, 27),
+        ("1.3b", [1, 6, 11, 16, 21, 27, 33], [2, 7, 12, 17, 22, 28, 34], 1792, 36),
+    ):
+        cfg = BasedConfig.from_preset(name)
+        assert (cfg.d_model, cfg.hidden_size, cfg.n_layer, cfg.num_hidden_layers) == (d, d, n, n)
+        assert [i for i, m in enumerate(cfg.mixer_types) if m == "linear_attn"] == la
+        assert [i for i, m in enumerate(cfg.mixer_types) if m == "sliding_window"] == swa
+        assert set(cfg.mixer_types) == {"base_conv", "linear_attn", "sliding_window"}
+        assert (cfg.feature_dim, cfg.la_num_heads, cfg.swa_num_heads, cfg.window_size) == (16, 16, 16, 128)
+        assert (cfg.vocab_size, cfg.padded_vocab_size, cfg.mlp_inner) == (50257, 50264, 2 * d)
+        assert cfg.tie_word_embeddings
+    debug = BasedConfig.from_preset("debug")
+    assert {"base_conv", "linear_attn", "sliding_window"} <= set(debug.mixer_types)
+    assert set(BasedConfig.from_preset("transformer-360m").mixer_types) == {"attention"}
+
+
+def test_preset_overrides_and_unknown_preset():
+    assert BasedConfig.from_preset("debug", window_size=4).window_size == 4
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'.*debug, 360m, 1.3b, transformer-debug"):
+        BasedConfig.from_preset("gpt5")
+
+
+def test_default_config_is_360m():
+    assert BasedConfig().to_dict()["mixer_types"] == BasedConfig.from_preset("360m").mixer_types
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(mixer_types=["base_conv", "mamba", "linear_attn", "base_conv"]), r"unknown mixer type\(s\) \['mamba'\]"),
+        (dict(n_layer=3), "mixer_types has 4 entries but n_layer=3"),
+        (dict(d_model=66), "d_model=66 is not divisible by la_num_heads=4"),
+        (dict(swa_num_heads=3), "swa_num_heads: d_model=64 is not divisible by num_heads=3"),
+        (dict(swa_num_heads=64), r"swa_num_heads: head_dim = d_model / num_heads = 1 must be even"),
+        (dict(feature_dim=0), "feature_dim must be a positive int, got 0"),
+        (dict(window_size=-1), "window_size must be a positive int, got -1"),
+        (dict(conv_kernel_size=0), "conv_kernel_size must be a positive int, got 0"),
+        (dict(feature_map="quadratic"), "unknown feature_map 'quadratic'"),
+        (dict(vocab_size=0), "vocab_size must be a positive int, got 0"),
+        (dict(mlp_hidden_size=-4), "mlp_hidden_size must be a positive int, got -4"),
+    ],
+)
+def test_config_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        BasedConfig.from_preset("debug", **overrides)
+
+
+def test_divisibility_checked_only_for_mixers_in_use():
+    # transformer-debug has d_model 60, which 16 linear-attention heads would not divide: unused, so fine.
+    cfg = BasedConfig.from_preset("transformer-debug")
+    assert cfg.d_model % cfg.la_num_heads
+    with pytest.raises(ValueError, match="attn_num_heads: d_model=60 is not divisible by num_heads=7"):
+        BasedConfig.from_preset("transformer-debug", attn_num_heads=7)
+
+
+def test_mixer_names():
+    assert MIXER_TYPES == ("base_conv", "linear_attn", "sliding_window", "attention")
