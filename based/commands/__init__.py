@@ -1,0 +1,1 @@
+"""Subcommands of `based`, one module each (see based/cli.py)."""

@@ -1,0 +1,25 @@
+import json
+import subprocess
+import sys
+
+from based.cli import build_parser, main
+
+
+def test_help_lists_subcommands(capsys):
+    text = build_parser().format_help()
+    assert "report" in text and "bench" in text
+
+
+def test_report_runs_the_debug_preset(capsys):
+    assert main(["report", "--preset", "debug", "--seq-len", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["forward"]["tokens"] == 64
+    assert report["parameters"] > 0
+    assert 0 < report["forward"]["loss"] < 20
+    sizes = list(report["decode_state_bytes"].values())
+    assert sizes[0] == sizes[-1]  # constant beyond the window for BASED
+
+
+def test_console_entry_point():
+    out = subprocess.run([sys.executable, "-m", "based", "--help"], capture_output=True, text=True, check=True)
+    assert "report" in out.stdout
