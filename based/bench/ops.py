@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
+import os
 import platform
 import subprocess
 import sys
@@ -25,6 +25,8 @@ DECODE_BATCHES = (1, 16, 64, 256, 1024, 4096)
 
 
 def _git_rev() -> str:
+    if os.environ.get("BASED_GIT_REV"):  # the device copy of the tree has no .git
+        return os.environ["BASED_GIT_REV"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):

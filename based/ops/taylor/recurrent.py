@@ -10,13 +10,13 @@ from .common import DEFAULT_EPS, State
 from .feature_map import taylor_feature_map, taylor_feature_dim
 
 
-def _triton_step_ok(q: torch.Tensor, kv_state: torch.Tensor, k_state: torch.Tensor) -> bool:
+def _triton_step_ok(q, k, v, kv_state: torch.Tensor, k_state: torch.Tensor) -> bool:
     if not (q.is_cuda and kv_state.is_contiguous() and k_state.is_contiguous()):
         return False
-    if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32 or torch.is_grad_enabled() and (
-        q.requires_grad or kv_state.requires_grad
-    ):
+    if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32:
         return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv_state.requires_grad):
+        return False  # the kernel is not differentiable: keep autograd on the PyTorch path
     try:
         from . import triton as _  # noqa: F401
     except ImportError:
@@ -47,7 +47,7 @@ def taylor_linear_attn_step(
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}: use one of ('auto', 'torch', 'triton')")
-    if backend == "triton" or (backend == "auto" and _triton_step_ok(q, kv_state, k_state)):
+    if backend == "triton" or (backend == "auto" and _triton_step_ok(q, k, v, kv_state, k_state)):
         from .triton import triton_taylor_linear_attn_step
 
         return triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map, scale, eps)

@@ -19,21 +19,27 @@ import triton.language as tl
 
 from .layout import block_k, internal_dim
 
-# Largest fp32 quadratic state tile [BI * BK, BV] a program keeps in registers.
-STATE_TILE = int(os.environ.get("BASED_TRITON_STATE_TILE", 8192))
-CHUNK = int(os.environ.get("BASED_TRITON_CHUNK", 64))
+# Launch parameters (module attributes so benchmarks/taylor_sweep.py can try variants). STATE_TILE is
+# the largest fp32 quadratic state tile [BI * BK, BV] one program keeps in registers.
+# Defaults: the fastest of benchmarks/taylor_sweep.py on an H200 (d=16, dv=64, bf16; NOTES-kernels.md).
+CHUNK = int(os.environ.get("BASED_TRITON_CHUNK", 32))
 NUM_WARPS = int(os.environ.get("BASED_TRITON_WARPS", 4))
 NUM_STAGES = int(os.environ.get("BASED_TRITON_STAGES", 2))
 BV_MAX = int(os.environ.get("BASED_TRITON_BV", 32))
+STATE_TILE = int(os.environ.get("BASED_TRITON_STATE_TILE", 8192))
+BWD_CHUNK = int(os.environ.get("BASED_TRITON_BWD_CHUNK", 32))
+BWD_WARPS = int(os.environ.get("BASED_TRITON_BWD_WARPS", 4))
+BWD_BV_MAX = int(os.environ.get("BASED_TRITON_BWD_BV", 32))
+BWD_STATE_TILE = int(os.environ.get("BASED_TRITON_BWD_STATE_TILE", 8192))
 
 
-def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
+def _blocks(d: int, dv: int, bv_max: int, state_tile: int) -> tuple[int, int, int, int]:
     """(BK, BI, BV, NK): padded feature dim, quadratic rows per program, value block, row splits."""
     bk = block_k(d)
-    bv = min(BV_MAX, triton.next_power_of_2(dv))
+    bv = min(bv_max, triton.next_power_of_2(dv))
     bv = max(bv, 16)
     bi = bk
-    while bi * bk * bv > STATE_TILE and bi > 1:
+    while bi * bk * bv > state_tile and bi > 1:
         bi //= 2
     return bk, bi, bv, bk // bi
 
@@ -41,6 +47,12 @@ def _blocks(d: int, dv: int) -> tuple[int, int, int, int]:
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs keep fp32 products; 16-bit inputs read the fp32 state through tf32 tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _state_dtype(dtype: torch.dtype):
+    # The forward reads H2 through bf16 tensor cores for 16-bit inputs (fp16 could overflow: H0 and
+    # H2 grow like T); fp32 inputs keep fp32.
+    return tl.float32 if dtype == torch.float32 else tl.bfloat16
 
 
 @triton.jit
@@ -68,7 +80,7 @@ def _taylor_fwd_kernel(
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
     USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr,
 ):
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -85,17 +97,20 @@ def _taylor_fwd_kernel(
     m_k, m_i, m_v = o_k < D, o_i < D, o_v < DV
     m_causal = o_t[:, None] >= o_t[None, :]
 
+    o_kk = 1 + BK + o_k[:, None] * BK + o_k[None, :]  # internal rows of z2 as a [BK, BK] matrix
+
     b_h0 = tl.zeros([BV], dtype=tl.float32)
     b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
     b_h2 = tl.zeros([BQ, BV], dtype=tl.float32)
     b_z1 = tl.zeros([BK], dtype=tl.float32)
-    b_z2 = tl.zeros([BQ], dtype=tl.float32)
+    # z2 = sum k k^T kept as a matrix: the denominator's quadratic part is q^T Z q, two small products.
+    b_zz = tl.zeros([BK, BK], dtype=tl.float32)
     b_z0 = 0.0
     if USE_INITIAL:
         p_hs = hs0 + i_nh.to(tl.int64) * FI * DV
         p_zs = zs0 + i_nh.to(tl.int64) * FI
         b_h2 += tl.load(p_hs + o_q[:, None] * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_z2 += tl.load(p_zs + o_q)
+        b_zz += tl.load(p_zs + o_kk)
         b_h0 += tl.load(p_hs + o_v, mask=m_v, other=0.0)
         b_h1 += tl.load(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
         b_z1 += tl.load(p_zs + 1 + o_k)
@@ -115,23 +130,26 @@ def _taylor_fwd_kernel(
             b_ki = tl.load(k + p_qk + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0.0).to(tl.float32)
         b_v = tl.load(v + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_qf = b_q.to(tl.float32)
-        # Quadratic features of this chunk, on chip only: [BT, BI, BK] -> [BT, BQ].
-        b_q2 = tl.reshape(b_qi[:, :, None] * b_qf[:, None, :], [BT, BQ])
-        b_k2 = tl.reshape(b_ki[:, :, None] * b_k.to(tl.float32)[:, None, :], [BT, BQ])
+        b_kf = b_k.to(tl.float32)
+        # Quadratic features of this chunk, on chip only: [BT, BI, BK] -> [BT, BQ] (and transposed
+        # for the keys), in SDT (bf16 for 16-bit inputs: fp32 range, so the state cannot overflow).
+        b_q2 = tl.reshape(b_qi[:, :, None] * b_qf[:, None, :], [BT, BQ]).to(SDT)
+        b_k2t = tl.reshape(tl.trans(b_ki)[:, None, :] * tl.trans(b_kf)[None, :, :], [BQ, BT])
 
-        b_o = c2 * tl.dot(b_q2, b_h2, input_precision=PREC)  # [BT, BV]
-        b_d = c2 * tl.sum(b_q2 * b_z2[None, :], 1)  # [BT]
+        b_o = c2 * tl.dot(b_q2, b_h2.to(SDT), input_precision=PREC)  # [BT, BV]
+        b_d = tl.zeros([BT], dtype=tl.float32)
         if i_k == 0:
             b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BT, BT]
             b_a = tl.where(m_causal & m_t[None, :], 1.0 + b_s + 0.5 * b_s * b_s, 0.0)
             b_o += tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
             b_o += b_h0[None, :] + scale * tl.dot(b_qf, b_h1, input_precision=PREC)
-            b_d += tl.sum(b_a, 1) + (b_z0 + i_t * BT) + scale * tl.sum(b_qf * b_z1[None, :], 1)
+            b_zq = tl.dot(b_qf, tl.trans(b_zz), input_precision=PREC)  # [BT, BK]: Z q_t
+            b_d += tl.sum(b_a, 1) + (b_z0 + i_t * BT) + tl.sum(b_qf * (scale * b_z1[None, :] + c2 * b_zq), 1)
             b_h1 += tl.dot(tl.trans(b_k), b_v, input_precision=PREC)
             b_h0 += tl.sum(b_v.to(tl.float32), 0)
-            b_z1 += tl.sum(b_k.to(tl.float32), 0)
-        b_h2 += tl.dot(tl.trans(b_k2.to(b_v.dtype)), b_v, input_precision=PREC)
-        b_z2 += tl.sum(b_k2, 0)
+            b_z1 += tl.sum(b_kf, 0)
+            b_zz += tl.dot(tl.trans(b_k), b_k, input_precision=PREC)
+        b_h2 += tl.dot(b_k2t.to(b_v.dtype), b_v, input_precision=PREC)
 
         if NK == 1:
             p_o = o + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
@@ -148,12 +166,11 @@ def _taylor_fwd_kernel(
         p_hs = hsT + i_nh.to(tl.int64) * FI * DV
         p_zs = zsT + i_nh.to(tl.int64) * FI
         tl.store(p_hs + o_q[:, None] * DV + o_v[None, :], b_h2, mask=m_v[None, :])
-        if i_v == 0:
-            tl.store(p_zs + o_q, b_z2)
         if i_k == 0:
             tl.store(p_hs + o_v, b_h0, mask=m_v)
             tl.store(p_hs + (1 + o_k[:, None]) * DV + o_v[None, :], b_h1, mask=m_v[None, :])
             if i_v == 0:
+                tl.store(p_zs + o_kk, b_zz)
                 tl.store(p_zs + 1 + o_k, b_z1)
                 tl.store(p_zs, b_z0 + L)
 
@@ -370,7 +387,7 @@ def _shapes(q, v, cu_seqlens):
 
 def taylor_chunk_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state):
     TT, N, T, H, D, DV = _shapes(q, v, cu_seqlens)
-    BK, BI, BV, NK = _blocks(D, DV)
+    BK, BI, BV, NK = _blocks(D, DV, BV_MAX, STATE_TILE)
     NV = triton.cdiv(DV, BV)
     FI = internal_dim(D)
     o = torch.empty_like(v)
@@ -386,7 +403,7 @@ def taylor_chunk_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_sta
         q, k, v, o, den, hs0, zs0, hsT, zsT, num_part, den_part, cu_seqlens,
         scale, eps, T, TT, H=H, D=D, DV=DV, BT=CHUNK, BK=BK, BI=BI, BV=BV, NK=NK,
         USE_INITIAL=hs0 is not None, STORE_FINAL=output_final_state, IS_VARLEN=cu_seqlens is not None,
-        PREC=_dot_precision(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PREC=_dot_precision(q.dtype), SDT=_state_dtype(q.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if NK > 1:
         den = den_part.sum(0)
@@ -396,14 +413,14 @@ def taylor_chunk_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_sta
 
 def taylor_chunk_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, scale, eps):
     TT, N, T, H, D, DV = _shapes(q, v, cu_seqlens)
-    BK, BI, BV, NK = _blocks(D, DV)
+    BK, BI, BV, NK = _blocks(D, DV, BWD_BV_MAX, BWD_STATE_TILE)
     NV = triton.cdiv(DV, BV)
     FI = internal_dim(D)
     prec = _dot_precision(q.dtype)
     # g'_t = d loss / d den_t = -(dO_t . o_t) / (den_t + eps)
     dd = -(do.float() * o.float()).sum(-1) / (den + eps)
-    common = dict(H=H, D=D, DV=DV, BT=CHUNK, BK=BK, BI=BI, BV=BV, NK=NK, IS_VARLEN=cu_seqlens is not None,
-                  PREC=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    common = dict(H=H, D=D, DV=DV, BT=BWD_CHUNK, BK=BK, BI=BI, BV=BV, NK=NK, IS_VARLEN=cu_seqlens is not None,
+                  PREC=prec, num_warps=BWD_WARPS, num_stages=NUM_STAGES)
     dq_part = q.new_empty(NV * NK, TT, H, BK, dtype=torch.float32)
     _taylor_bwd_dq_kernel[(NV, NK, N * H)](
         q, k, v, do, den, dd, hs0, zs0, dq_part, cu_seqlens, scale, eps, T, TT,
