@@ -26,7 +26,7 @@ FWD_VARIANTS = [  # CHUNK, BV_MAX, NUM_WARPS, NUM_STAGES, STATE_TILE
     (64, 32, 8, 2, 8192),
     (16, 32, 4, 2, 8192),
 ]
-BWD_VARIANTS = [  # BWD_CHUNK, BWD_BV_MAX, BWD_WARPS, BWD_STATE_TILE
+BWD_VARIANTS = [  # BWD_CHUNK, BWD_BV_MAX, BWD_WARPS, BWD_STATE_TILE (the dq pass; see taylor_bwd_sweep.py)
     (32, 32, 8, 8192),
     (32, 32, 4, 8192),
     (16, 32, 4, 8192),

@@ -153,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/ops-<gpu>-<date>.json)")
     p.add_argument("--quick", action="store_true", help="T in (1024, 8192) and three decode batches")
     p.add_argument("--lengths", type=int, nargs="*", default=None)
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-step table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("based bench ops needs a CUDA device", file=sys.stderr)
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     batches = (1, 256, 4096) if args.quick else DECODE_BATCHES
     copy_gbps = copy_bandwidth()
     prefill = bench_prefill(lengths)
-    decode = bench_decode(batches)
+    decode = [] if args.no_decode else bench_decode(batches)
     gpu = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     result = {
