@@ -1,0 +1,155 @@
+"""`based generate`: continue a prompt with a preset (random weights) or a checkpoint, streaming the text.
+
+Text becomes tokens with the checkpoint's own tokenizer when its directory has one (tokenizer.json,
+loaded locally), else byte by byte (ids 0..255 = bytes; ids above 255 print as U+FFFD). Nothing is
+ever downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import itertools
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    from based.models import PRESETS
+
+    p = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=PRESETS, help="random-weight model of this preset")
+    source.add_argument("--checkpoint", type=Path, help="directory written by save_pretrained")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1, help="samples of the same prompt")
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.set_defaults(func=run)
+
+
+class ByteTokenizer:
+    """Bytes as token ids: needs no files and fits any vocabulary of >= 256 tokens (the debug preset's)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decoder(self):
+        """A function ids -> new text, holding back bytes of a character that is not complete yet."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda ids: "".join(utf8.decode(bytes([i])) if i < 256 else "\ufffd" for i in ids)
+
+
+class HFTokenizer:
+    """A checkpoint's tokenizer (transformers.AutoTokenizer, local files only)."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+        if (path / "tokenizer_config.json").is_file():
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:  # a bare tokenizers file
+            self.tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        self.eos_token_id = self.tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decoder(self):
+        # Decode everything so far and print what is new; wait while the tail is an incomplete character.
+        ids, shown = [], 0
+
+        def push(new_ids):
+            nonlocal shown
+            ids.extend(new_ids)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                return ""
+            out, shown = text[shown:], len(text)
+            return out
+
+        return push
+
+
+def load(args):
+    import torch
+
+    from based import BasedConfig, BasedForCausalLM
+
+    if args.checkpoint is not None:
+        if not (args.checkpoint / "config.json").is_file():
+            raise ValueError(f"{args.checkpoint} has no config.json: pass a directory written by save_pretrained")
+        model = BasedForCausalLM.from_pretrained(args.checkpoint, local_files_only=True)
+        has_tokenizer = any((args.checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = HFTokenizer(args.checkpoint) if has_tokenizer else ByteTokenizer()
+        what = f"checkpoint {args.checkpoint}"
+    else:
+        torch.manual_seed(args.seed)
+        model = BasedForCausalLM(BasedConfig.from_preset(args.preset))
+        tokenizer, what = ByteTokenizer(), f"preset {args.preset} (random weights)"
+    if isinstance(tokenizer, ByteTokenizer) and model.config.vocab_size < 256:
+        raise ValueError(f"byte-level tokens need vocab_size >= 256, the model has {model.config.vocab_size}")
+    return model, tokenizer, what
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, MemoryError) as e:
+        print(f"based generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from based.generation import SamplingParams, check_lengths, stream
+
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)  # checks the values first
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer, what = load(args)
+    model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("the prompt is empty: pass some text with --prompt")
+    check_lengths(model, len(prompt), args.max_new_tokens)
+    ids = torch.tensor([prompt], device=device).expand(args.batch_size, -1)
+    print(f"[{what}, {type(tokenizer).__name__}, {device}]", file=sys.stderr)
+
+    torch.manual_seed(args.seed)
+    live = not args.no_stream and args.batch_size == 1  # several samples are printed when done
+    start = time.perf_counter()
+    blocks = stream(model, ids, args.max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id,
+                    chunk=1 if live else 32)
+    first = next(blocks, None)  # allocates the state: a batch too large fails here, before any output
+    decoders = [tokenizer.decoder() for _ in range(args.batch_size)]
+    texts, count = [""] * args.batch_size, 0
+    if live:
+        print(args.prompt, end="", flush=True)
+    for block in itertools.chain([] if first is None else [first], blocks):
+        count += block.shape[1]
+        for i, row in enumerate(block.tolist()):
+            piece = decoders[i](row)
+            texts[i] += piece
+            if live:
+                print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    if live:
+        print()
+    else:
+        for i, text in enumerate(texts):
+            if args.batch_size > 1:
+                print(f"--- sample {i} ---")
+            print(args.prompt + text)
+    rate = count * args.batch_size / elapsed if elapsed > 0 else float("inf")
+    print(f"[{count} new tokens x {args.batch_size} in {elapsed:.2f} s, {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,312 @@
+"""Prefill and one-token decode over an InferenceState; the decode step optionally captured in a CUDA graph.
+
+Prefill runs the parallel (chunked) forward once per prompt and leaves each layer's state ready; decoding
+then costs one recurrent step per token: linear attention updates its fixed-size fp32 state, sliding
+window writes one row of its ring buffer, BaseConv shifts in one input. Nothing in a BASED step grows
+with the context, so memory and time per token stay flat however long the generation.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .sampling import SamplingParams, sample
+from .state import InferenceState, check_lengths, full_attention_limit
+
+
+def prompt_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """Real tokens per row of a left-padded batch (mask 0 = padding, all before the first real token)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if T == 0:
+        raise ValueError("the prompt is empty: pass at least one token")
+    if attention_mask is None:
+        return [T] * B
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+        )
+    mask = attention_mask.to(torch.bool)
+    lengths = mask.sum(-1)
+    left_padded = torch.arange(T, device=mask.device) >= (T - lengths).unsqueeze(-1)
+    if not torch.equal(mask, left_padded):
+        raise ValueError("attention_mask must be left-padded (zeros only before each row's first real token)")
+    lengths = lengths.tolist()
+    if min(lengths) == 0:
+        raise ValueError(f"row {lengths.index(0)} of the batch is empty (all padding): pass at least one token")
+    return lengths
+
+
+@torch.no_grad()
+def prefill(
+    model,
+    state: InferenceState,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    slots: Sequence[int] | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run prompts through the parallel forward into fresh slots of `state`.
+
+    Padding never enters a state: the rows of a left-padded batch are prefilled in groups of equal real
+    length without their padding, so each sequence's positions start at 0 and no pad key, value or conv
+    input exists anywhere (for every mixer, with no masking inside them).
+
+    Args:
+        input_ids: [n, T] prompts (left-padded if attention_mask is given).
+        attention_mask: [n, T], 1 = real token, 0 = left padding.
+        slots: the n slots to fill (default 0 .. n-1); whatever they held before is discarded.
+    Returns:
+        logits of each prompt's last token, [n, vocab_size].
+    """
+    lengths = prompt_lengths(input_ids, attention_mask)
+    n, T = input_ids.shape
+    slots = torch.arange(n) if slots is None else torch.as_tensor(slots, dtype=torch.long).reshape(-1).cpu()
+    if slots.numel() != n or len(set(slots.tolist())) != n:
+        raise ValueError(f"{n} prompts need {n} distinct slots, got {slots.tolist()}")
+    if int(slots.min()) < 0 or int(slots.max()) >= state.batch_size:
+        raise ValueError(f"slots must be in [0, {state.batch_size}), got {slots.tolist()}")
+    _check_prompt(model, max(lengths), state)
+    input_ids = input_ids.to(state.device)
+    logits = None
+    for L in sorted(set(lengths)):
+        rows = [i for i, length in enumerate(lengths) if length == L]
+        group = slots[rows]
+        layers = state.slots_view(group)
+        scratch = layers is None
+        if scratch:  # scattered slots: prefill a scratch state, then copy it in
+            layers = model.allocate_inference_cache(len(rows), state.dtype, state.device, state.max_seq_len)
+        hidden = model.transformer(input_ids[rows, T - L :], state=layers, seqlen_offset=0, return_dict=False)[0]
+        if scratch:
+            state.put(group, layers)
+        state.seqlen_offset[group.to(state.device)] = L
+        out = model._logits(hidden[:, -1])
+        if logits is None:
+            logits = out.new_empty(n, out.shape[-1])
+        logits[rows] = out
+    return logits
+
+
+def _check_prompt(model, prompt_len: int, state: InferenceState) -> None:
+    check_lengths(model, prompt_len)
+    if full_attention_limit(model) is not None and prompt_len > state.max_seq_len:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens but the state's KV cache holds {state.max_seq_len}: "
+            f"allocate it with a larger max_seq_len"
+        )
+
+
+class Decoder:
+    """Decodes a fixed batch of slots one token at a time.
+
+    Prompts are prefilled into slots at any time (a sequence joining a running batch), every step then
+    advances all slots at once, and `remove` frees a slot for the next sequence (continuous batching).
+    On CUDA the step (model step, sampling, eos bookkeeping, position update) is captured once in a CUDA
+    graph and replayed: a token costs one graph launch on the host instead of hundreds of kernel launches,
+    and nothing is read back to the host.
+
+    Args:
+        model: a BasedForCausalLM in eval mode.
+        batch_size: slots.
+        max_seq_len: longest prompt + generation; sizes full attention's KV cache (default
+            max_position_embeddings).
+        sampling: temperature / top-k / top-p (default greedy).
+        eos_token_id: int or ints; a slot that emits one is finished and emits pad_token_id after it.
+        pad_token_id: what finished slots emit (default the first eos id, else 0).
+        dtype: dtype of the states that follow the model's (default the model's).
+        cuda_graph: capture the step in a CUDA graph (default: when the model is on CUDA).
+        compile: fuse each block's step with torch.compile (see `compiled_step`); the first steps of each
+            new batch size then compile (tens of seconds).
+    """
+
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        sampling: SamplingParams | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        dtype: torch.dtype | None = None,
+        cuda_graph: bool | None = None,
+        compile: bool = False,
+    ):
+        self.model = model
+        self._model_step = compiled_step(model) if compile else model.step
+        self.sampling = sampling or SamplingParams()
+        self.state = InferenceState.allocate(model, batch_size, dtype, model.device, max_seq_len)
+        device = self.state.device
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        vocab = model.config.vocab_size
+        for name, ids in (("eos_token_id", eos), ("pad_token_id", [self.pad_token_id])):
+            if any(not 0 <= i < vocab for i in ids):
+                # Finished slots feed pad_token_id back into the model: it must be a real token.
+                raise ValueError(f"{name} must be in [0, {vocab}), got {ids}")
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # each slot's last token
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.graph = None
+        if cuda_graph if cuda_graph is not None else device.type == "cuda":
+            self._capture()
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.batch_size
+
+    @torch.no_grad()
+    def add(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        slots: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prefill prompts [n, T] into `slots` (default 0 .. n-1) and sample their first new tokens [n]."""
+        slots = torch.arange(input_ids.shape[0]) if slots is None else torch.as_tensor(slots).reshape(-1)
+        first = sample(prefill(self.model, self.state, input_ids, attention_mask, slots), self.sampling)
+        index = slots.to(self.state.device)
+        self.tokens[index] = first
+        self.finished[index] = torch.isin(first, self.eos) if self.eos is not None else False
+        return first
+
+    def remove(self, slot: int) -> None:
+        """Free a slot: its state is cleared and it counts as finished until the next `add` into it."""
+        self.state.reset_slot(slot)
+        self.tokens[slot] = self.pad_token_id
+        self.finished[slot] = True
+
+    def step(self) -> torch.Tensor:
+        """Decode one token in every slot. Returns the tokens [B], a buffer the next step overwrites."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.no_grad():
+                self._step()
+        return self.tokens
+
+    def _step(self) -> None:
+        logits = self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset)
+        self.state.seqlen_offset.add_(1)
+        next_tokens = sample(logits, self.sampling)
+        if self.eos is not None:
+            next_tokens = torch.where(self.finished, self.pad_token_id, next_tokens)
+            self.finished |= torch.isin(next_tokens, self.eos)
+        self.tokens.copy_(next_tokens)
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        # Warm-up on a side stream first (as torch.cuda.graphs asks): it compiles the Triton kernels and
+        # picks cuBLAS algorithms, none of which may happen during capture. It writes into the state.
+        stream = torch.cuda.Stream(self.state.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.state.reset()
+        self.tokens.zero_()
+        self.finished.zero_()
+
+
+def compiled_step(model):
+    """model.step with each block compiled by torch.compile (its norms, residuals, SwiGLU, rotary and
+    conv shifts fused into a few kernels; the matmuls stay cuBLAS), for ~40 eager kernels a block.
+
+    Blocks of one mixer type share one compiled graph (modules are graph inputs), so compile time does
+    not grow with depth. The linear-attention step stays outside the compiler: it is already one fused
+    Triton kernel, whose feature tables are cached host-side values that must not be traced.
+    """
+    from ..layers import LinearAttention
+
+    import torch._dynamo.config as dynamo_config
+
+    # One graph per (mixer type, static or dynamic batch) and per model: raise the recompile limit.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+
+    eager_mixer_step = torch.compiler.disable(lambda mixer, x, state, offset: mixer.step(x, state, offset))
+
+    def block_step(block, x, state, seqlen_offset):
+        # BasedBlock.step, with the linear-attention mixer called eagerly.
+        h = block.norm1(x)
+        if isinstance(block.mixer, LinearAttention):
+            x = x + eager_mixer_step(block.mixer, h, state, seqlen_offset)
+        else:
+            x = x + block.mixer.step(h, state, seqlen_offset)
+        return x + block.mlp(block.norm2(x))
+
+    block_step = torch.compile(block_step)
+    logits = torch.compile(lambda x: model._logits(model.transformer.ln_f(x)))
+
+    def step(input_ids, state, seqlen_offset):
+        # BasedForCausalLM.step over the compiled blocks.
+        x = model.transformer.embeddings(input_ids.reshape(-1))
+        for block, s in zip(model.transformer.layers, state):
+            x = block_step(block, x, s, seqlen_offset)
+        return logits(x)
+
+    return step
+
+
+@torch.no_grad()
+def stream(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    sampling: SamplingParams | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    cuda_graph: bool | None = None,
+    compile: bool = False,
+    chunk: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Generate after prompts, yielding the new tokens as blocks [B, <= chunk] on the model's device.
+
+    The host waits for the device once per block, when it checks whether every row has finished: a
+    larger chunk keeps the device busier, a smaller one streams sooner. Rows that finish early emit
+    pad_token_id until every row has finished or max_new_tokens are out.
+
+    Args:
+        input_ids: [B, T] prompts, left-padded if attention_mask is given.
+        max_new_tokens: tokens to generate per row (>= 0).
+        sampling, eos_token_id, pad_token_id, cuda_graph, compile: as for Decoder.
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    check_lengths(model, T, max_new_tokens)  # T counts left padding too: positions never pass T + max_new_tokens
+    if max_new_tokens == 0:
+        return
+    decoder = Decoder(
+        model, B, max_seq_len=T + max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, cuda_graph=cuda_graph, compile=compile,
+    )
+    block = torch.empty(B, chunk, dtype=torch.long, device=decoder.state.device)
+    block[:, 0] = decoder.add(input_ids, attention_mask)
+    filled = 1
+    for _ in range(max_new_tokens - 1):
+        if filled == chunk:
+            yield block.clone()
+            if decoder.eos is not None and bool(decoder.finished.all()):
+                return
+            filled = 0
+        block[:, filled] = decoder.step()
+        filled += 1
+    yield block[:, :filled].clone()
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, check_every: int = 32, **kwargs) -> torch.Tensor:
+    """New tokens [B, n] after prompts [B, T], n <= max_new_tokens (fewer once every row has hit eos, which
+    is checked every `check_every` steps). Keyword arguments as for `stream`."""
+    blocks = list(stream(model, input_ids, max_new_tokens, chunk=check_every, **kwargs))
+    device = model.device
+    return torch.cat(blocks, dim=1) if blocks else torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=device)

@@ -1,0 +1,90 @@
+"""`based generate`: streams on the debug preset, --no-stream prints the same text, checkpoints and their
+tokenizers load from disk, bad input exits with a message."""
+import sys
+
+import pytest
+import torch
+
+import based.commands.generate as command
+from based import BasedConfig, BasedForCausalLM
+from based.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add waiting (see tests/generation)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, monkeypatch, *args):
+    """Exit code, stdout, stderr, and the stdout length seen as each block of tokens was produced."""
+    seen = []
+
+    def watched(*a, **k):
+        for block in command_stream(*a, **k):
+            seen.append(len(sys.stdout.getvalue()))
+            yield block
+
+    command_stream = __import__("based.generation", fromlist=["stream"]).stream
+    monkeypatch.setattr("based.generation.stream", watched)
+    code = main(["generate", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err, seen
+
+
+def test_streams_on_the_debug_preset(capsys, monkeypatch):
+    code, out, err, seen = run(capsys, monkeypatch, "--preset", "debug", "--prompt", "Hello", "--max-new-tokens", "12")
+    assert code == 0 and out.startswith("Hello") and "12 new tokens x 1" in err
+    assert len(seen) == 12 and seen[-1] > seen[1] > len("Hello")  # text appears while generating
+    code, quiet, _, seen = run(capsys, monkeypatch, "--preset", "debug", "--prompt", "Hello", "--max-new-tokens", "12",
+                               "--no-stream")
+    assert code == 0 and quiet == out and set(seen) == {0}  # same text (same seed), printed at the end
+
+
+def test_sampling_flags_and_batch(capsys, monkeypatch):
+    args = ["--preset", "debug", "--prompt", "ab", "--max-new-tokens", "6", "--temperature", "0.7", "--top-k", "20",
+            "--top-p", "0.9", "--batch-size", "3", "--seed", "4"]
+    code, out, _, _ = run(capsys, monkeypatch, *args)
+    assert code == 0 and out.count("--- sample") == 3
+    assert run(capsys, monkeypatch, *args)[1] == out  # seeded
+
+
+def test_checkpoint_with_and_without_tokenizer(tmp_path, capsys, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    BasedForCausalLM(BasedConfig.from_preset("debug")).save_pretrained(tmp_path)
+    code, out, err, _ = run(capsys, monkeypatch, "--checkpoint", str(tmp_path), "--prompt", "hi",
+                            "--max-new-tokens", "4")
+    assert code == 0 and "ByteTokenizer" in err and out.startswith("hi")
+    words = ["[UNK]", "</s>"] + [f"w{i}" for i in range(254)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]").save_pretrained(tmp_path)
+    code, out, err, _ = run(capsys, monkeypatch, "--checkpoint", str(tmp_path), "--prompt", "w1 w2", "--max-new-tokens",
+                            "5", "--temperature", "0")
+    assert code == 0 and "HFTokenizer" in err and out.startswith("w1 w2")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", ""], "the prompt is empty"),
+        (["--prompt", "x", "--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0"),
+        (["--prompt", "x", "--top-p", "0"], r"top_p must be in (0, 1]"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "x", "--batch-size", "100000000"], "lower the batch size (--batch-size)"),
+    ],
+)
+def test_bad_input_exits_with_a_message(args, message, capsys, monkeypatch):
+    code, out, err, _ = run(capsys, monkeypatch, "--preset", "debug", *args)
+    assert code == 2 and message in err and out == ""
+
+
+def test_positional_limit_and_missing_checkpoint(tmp_path, capsys, monkeypatch):
+    code, _, err, _ = run(capsys, monkeypatch, "--preset", "transformer-debug", "--prompt", "x" * 600)
+    assert code == 2 and "max_position_embeddings=512" in err
+    code, _, err, _ = run(capsys, monkeypatch, "--checkpoint", str(tmp_path), "--prompt", "x")
+    assert code == 2 and "has no config.json" in err
