@@ -1,0 +1,204 @@
+"""Corpora as streams of documents (str): the built-in default and any user corpus given by path.
+
+Default corpus: the documentation that ships inside every CPython install, so nothing is downloaded.
+  - every module, class and function docstring of the standard library's .py sources (read with `ast`,
+    test suites and site-packages left out, at least 8 words, exact duplicates dropped), and
+  - `pydoc_data.topics`, the language-reference topics that `help()` prints.
+With CPython 3.11.7: 6,209 docstrings and 79 topics, 2.11 M characters of English (docs/training.md).
+It is collected on first use into $BASED_CACHE/corpora (default ~/.cache/based) and shuffled with a
+fixed seed, so the validation split, the tail of the token stream, is a random sample of documents
+rather than the last modules by name.
+
+User corpora (`--data PATH`): a text file (.txt, .md, .rst, or any other suffix when named directly;
+one document per file), JSONL with a text field, Parquet (needs pyarrow), a folder of those (sorted,
+hidden files skipped) or a Hugging Face datasets folder written by `save_to_disk` (needs datasets).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import sys
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+CORPUS_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+# Standard-library folders that hold tests, demos or vendored code rather than documentation.
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
+              "turtledemo", "_bundled"}
+_MIN_WORDS = 8
+
+
+class DataError(ValueError):
+    """A corpus or tokenizer that cannot be used; the message says what to change."""
+
+
+def cache_dir() -> Path:
+    """$BASED_CACHE, else ~/.cache/based: corpora, tokenizers and tokenized data live here."""
+    return Path(os.environ.get("BASED_CACHE") or Path.home() / ".cache" / "based")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def collect_stdlib_docs() -> list[str]:
+    """The default corpus' documents, in a fixed shuffled order (same Python, same list)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"the Python standard library was not found at {root}: pass --data PATH")
+    docs: list[str] = []
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
+    docs.extend(topics[name].strip() for name in sorted(topics))
+    files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+    for path in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escape sequences in some old modules
+                tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=True)
+                if doc and len(doc.split()) >= _MIN_WORDS:
+                    docs.append(doc)
+    docs = list(dict.fromkeys(docs))  # exact duplicates (overridden methods) once
+    random.Random(0).shuffle(docs)
+    return docs
+
+
+def default_corpus() -> Path:
+    """Path of the default corpus as JSONL ({"text": ...} per line), collected on first call."""
+    v = sys.version_info
+    path = cache_dir() / "corpora" / f"python-{v.major}.{v.minor}.{v.micro}-stdlib-docs.jsonl"
+    if not path.exists():
+        lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in collect_stdlib_docs())
+        atomic_write_bytes(path, lines.encode())
+    return path
+
+
+def resolve_corpus(data: str | os.PathLike | None) -> Path:
+    """--data as a Path (the default corpus when None); a clear error when it does not exist."""
+    if data is None:
+        return default_corpus()
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"corpus {path} does not exist: pass a text/JSONL/Parquet file or folder with --data")
+    return path
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The files a corpus consists of, in reading order."""
+    if path.is_file():
+        return [path]
+    if _is_hf_dataset(path):
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix.lower() in CORPUS_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise DataError(f"corpus folder {path} holds no {'/'.join(CORPUS_SUFFIXES)} files")
+    return files
+
+
+def corpus_fingerprint(path: Path, text_field: str = "text") -> str:
+    """Hash of every file's relative path, size and modification time (like make, without reading
+    gigabytes): any edit, addition or removal changes it."""
+    h = hashlib.sha256(f"{path.resolve()}\0{text_field}".encode())
+    root = path if path.is_dir() else path.parent
+    for f in corpus_files(path):
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise DataError(f"{path}:{n} has no string field {text_field!r}: set --text-field")
+            yield row[text_field]
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)") from None
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}): set --text-field")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+
+
+def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path} is a Hugging Face datasets folder (save_to_disk); reading it needs datasets: pip install datasets"
+        ) from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
+    if text_field not in ds.column_names:
+        raise DataError(f"{path} has no column {text_field!r} (columns: {ds.column_names}): set --text-field")
+    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
+        yield from (t for t in batch[text_field] if t is not None)
+
+
+def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Every non-blank document of the corpus at `path`, in a fixed order; DataError when there is none."""
+    if _is_hf_dataset(path):
+        sources = [_hf_documents(path, text_field)]
+    else:
+        sources = []
+        for f in corpus_files(path):
+            suffix = f.suffix.lower()
+            if suffix == ".jsonl":
+                sources.append(_jsonl_documents(f, text_field))
+            elif suffix == ".parquet":
+                sources.append(_parquet_documents(f, text_field))
+            else:
+                sources.append(_text_documents(f))
+    empty = True
+    for source in sources:
+        for doc in source:
+            if doc.strip():
+                empty = False
+                yield doc
+    if empty:
+        raise DataError(f"corpus {path} holds no text")

@@ -1,0 +1,102 @@
+"""Tokenizers: train a byte-level BPE (GPT-2 style) on a corpus, or load any local Hugging Face one.
+
+A trained tokenizer is saved as a Hugging Face folder (tokenizer.json + tokenizer_config.json), so
+`transformers.AutoTokenizer.from_pretrained(DIR)` loads it with no network. "<|endoftext|>" is its only
+special token: it separates documents in the packed token stream and is the eos token.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from .corpus import DataError, cache_dir, corpus_fingerprint, iter_documents, resolve_corpus
+
+EOS = "<|endoftext|>"
+MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+DEFAULT_VOCAB = 4096
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):
+    """Train a byte-level BPE on `documents` and save it to out_dir (written to a temporary folder, then
+    renamed). Returns the loaded transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+        raise DataError(f"vocab size must be an int >= {MIN_VOCAB} (256 bytes + {EOS}), got {vocab_size!r}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(documents, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return load_tokenizer(out)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A local Hugging Face tokenizer folder (never the Hub: nothing is downloaded at run time)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"tokenizer folder {path} does not exist (train one with `based tokenizer train`)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{path} is not a Hugging Face tokenizer folder: {e}") from None
+
+
+def vocab_size(tokenizer) -> int:
+    """Token ids the tokenizer can produce (added tokens included)."""
+    return len(tokenizer)
+
+
+def separator_id(tokenizer) -> int | None:
+    """Id placed between documents: eos, else sep (BERT-like tokenizers), else none."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides the ids: the serialized fast tokenizer, else the vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{text}\0{separator_id(tokenizer)}".encode()).hexdigest()
+
+
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, no special tokens; the Rust batch encoder when there is one (parallel, and free
+    of transformers' max-length warnings for long documents)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+def resolve_tokenizer(tokenizer: str | os.PathLike | None, data: str | os.PathLike | None,
+                      text_field: str = "text", train_vocab: int = DEFAULT_VOCAB):
+    """--tokenizer DIR when given; otherwise a BPE of train_vocab tokens trained on the corpus once and
+    cached under $BASED_CACHE/tokenizers (keyed by the corpus fingerprint)."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    corpus = resolve_corpus(data)
+    key = hashlib.sha256(f"{corpus_fingerprint(corpus, text_field)}\0{train_vocab}".encode()).hexdigest()[:16]
+    out = cache_dir() / "tokenizers" / f"bpe{train_vocab}-{key}"
+    if (out / "tokenizer.json").exists():
+        return load_tokenizer(out)
+    print(f"training a {train_vocab}-token byte-level BPE on {corpus} -> {out}", flush=True)
+    return train_tokenizer(iter_documents(corpus, text_field), train_vocab, out)

@@ -1,0 +1,344 @@
+"""The training loop: one explicit loop in the style of nanoGPT, parallelism applied from outside.
+
+    data     corpus -> tokenizer -> packed memmap (based.data), cached and shared by every rank
+    model    BasedForCausalLM from a preset or a config file, vocabulary sized from the tokenizer
+    step     grad_accum micro-batches (bf16 autocast on GPU), clip, AdamW, warmup + cosine LR
+    logs     OUT/metrics.jsonl each step, validation loss / perplexity every eval_every steps
+    saves    OUT/checkpoints/step-N every save_every steps and at the end; the final model and
+             tokenizer also land in OUT itself, so `from_pretrained(OUT)` and `based generate` load it
+
+Exact resume: batches are a pure function of (seed, samples consumed) and a checkpoint holds every
+other piece of state (weights, AdamW moments, scheduler, RNG), so stop-and-resume logs the same losses
+as an uninterrupted run; bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.corpus import DataError, resolve_corpus
+from ..data.packed import WindowSampler, check_splits, num_windows, pack_corpus, windows
+from ..data.tokenizer import resolve_tokenizer, tokenizer_fingerprint, vocab_size
+from ..models import BasedConfig, BasedForCausalLM
+from .checkpoint import (
+    CheckpointError,
+    clean_partial,
+    list_checkpoints,
+    load_into,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, parallelize, setup, teardown
+from .flops import flops_per_token, peak_flops
+from .metrics import MetricsLog, plot_losses
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message says why and what to do."""
+
+
+def model_fields() -> list[str]:
+    """The BasedConfig fields that define a model (what a resumed run must match)."""
+    return list(BasedConfig.__annotations__)
+
+
+def build_model_config(cfg: TrainConfig, n_vocab: int) -> BasedConfig:
+    """The preset, or the config file, with vocab_size from the tokenizer. A config file that sets
+    vocab_size forces it: the tokenizer must then fit in it."""
+    if cfg.config is None:
+        return BasedConfig.from_preset(cfg.preset, vocab_size=n_vocab)
+    path = Path(cfg.config)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainError(f"cannot read model config {path}: {e}") from None
+    preset = raw.pop("preset", None)
+    fields = {k: v for k, v in raw.items() if k in model_fields()}  # drops transformers' bookkeeping
+    forced = fields.get("vocab_size")
+    if forced is None:
+        fields["vocab_size"] = n_vocab
+    elif n_vocab > forced:
+        raise DataError(
+            f"the tokenizer has {n_vocab} tokens but {path} sets vocab_size={forced}: ids >= {forced} would have "
+            f"no embedding; remove vocab_size from the config (it is then taken from the tokenizer) or raise it"
+        )
+    return BasedConfig.from_preset(preset, **fields) if preset else BasedConfig(**fields)
+
+
+def check_resumable(ckpt: Path, saved: dict, config: BasedConfig, trainer_state: dict, tok_hash: str) -> None:
+    """CheckpointError unless the checkpoint holds this model (same config) and tokenizer."""
+    now = config.to_dict()
+    diffs = {k: (saved.get(k), now.get(k)) for k in model_fields() if saved.get(k) != now.get(k)}
+    if diffs:
+        shown = ", ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diffs.items())
+        raise CheckpointError(
+            f"{ckpt} holds a model with another config ({shown}): resume with the preset/config and tokenizer "
+            f"of that run, or train into another --out"
+        )
+    if trainer_state.get("tokenizer") != tok_hash:
+        raise CheckpointError(f"{ckpt} was trained with another tokenizer: pass that run's --data/--tokenizer")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and embeddings (with the tied LM head) are exempt."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied weights come once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_schedule(warmup: int, max_steps: int, min_ratio: float):
+    """LR multiplier for optimizer step s (0-based): linear warm-up, then cosine down to min_ratio."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    logits = model(x).logits  # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model, val: np.ndarray, seq_len: int, local_bs: int, max_windows: int, info: DistInfo,
+             autocast) -> float:
+    """Mean token loss over the first max_windows validation windows. Windows go round-robin to ranks and
+    every rank runs the same number of batches (padding windows weigh 0), as FSDP's collectives need."""
+    n = min(num_windows(val, seq_len), max_windows)
+    mine = list(range(info.rank, math.ceil(n / info.world_size) * info.world_size, info.world_size))
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    for b in range(0, len(mine), local_bs):
+        ids = mine[b : b + local_bs]
+        real = torch.tensor([j < n for j in ids], dtype=torch.float64, device=info.device)
+        x, y = windows(val, [j if j < n else 0 for j in ids], seq_len)
+        with autocast:
+            loss = _loss(model, x.to(info.device), y.to(info.device), reduction="none").view(len(ids), -1)
+        total += torch.stack([(loss.double().sum(1) * real).sum(), real.sum() * seq_len])
+    all_reduce_sum(total, info)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def greedy_sample(model: BasedForCausalLM, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of `prompt`: Hugging Face `generate` where the model has it (based.generation),
+    else one prefill and one recurrent decode step per token."""
+    from transformers import GenerationMixin
+
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    if ids.numel() == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id or 0]], device=device)
+    eos = tokenizer.eos_token_id
+    if isinstance(model, GenerationMixin):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=eos)
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t != eos]
+        return prompt + tokenizer.decode(new)
+    state = model.allocate_inference_cache(1, max_seq_len=ids.shape[1] + max_new_tokens)
+    logits = model(ids, state=state).logits[:, -1]
+    new = []
+    for t in range(max_new_tokens):
+        token = logits.argmax(-1)
+        if token.item() == eos:
+            break
+        new.append(token.item())
+        logits = model.step(token, state, ids.shape[1] + t)
+    return prompt + tokenizer.decode(new)
+
+
+def _prepare_data(cfg: TrainConfig, info: DistInfo):
+    """Tokenizer and packed corpus; rank 0 builds what is missing while the others wait, then reuse it."""
+    tokenizer = packed = None
+    for main_turn in (True, False):
+        if info.is_main == main_turn:
+            tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.data, cfg.text_field, cfg.tokenizer_vocab)
+            packed = pack_corpus(resolve_corpus(cfg.data), tokenizer, cfg.text_field, cfg.val_fraction,
+                                 progress=cfg.progress and info.is_main)
+        barrier(info)
+    return tokenizer, packed
+
+
+def _export(ckpt: Path, out: Path) -> None:
+    """Copy the final checkpoint's model and tokenizer files into OUT (each file atomically)."""
+    for f in ckpt.iterdir():
+        if f.name != "trainer.pt":
+            tmp = out / f".tmp-{f.name}"
+            shutil.copy2(f, tmp)
+            tmp.replace(out / f.name)
+
+
+def _load_quietly(path: Path) -> BasedForCausalLM:
+    """from_pretrained without transformers' "Loading weights" bar, which adds nothing after training."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return BasedForCausalLM.from_pretrained(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns a summary of the last step."""
+    cfg = cfg.resolved()
+    info = setup(cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        teardown()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    out, T, K = Path(cfg.out), cfg.seq_len, cfg.grad_accum
+    if cfg.batch_size % info.world_size:
+        raise TrainError(f"batch_size={cfg.batch_size} (summed over ranks) is not divisible by {info.world_size} ranks")
+    local_bs = cfg.batch_size // info.world_size
+    say = print if info.is_main else (lambda *a, **k: None)
+
+    tokenizer, packed = _prepare_data(cfg, info)
+    check_splits(packed, T)
+    n_vocab, tok_hash = vocab_size(tokenizer), tokenizer_fingerprint(tokenizer)
+    config = build_model_config(cfg, n_vocab)
+
+    checkpoints = list_checkpoints(out)
+    if checkpoints and not cfg.resume:
+        raise TrainError(f"{out} already holds checkpoints (latest {checkpoints[-1].name}): pass --resume to "
+                         f"continue that run, or choose another --out")
+    ckpt = checkpoints[-1] if cfg.resume and checkpoints else None
+    if cfg.resume and ckpt is None:
+        say(f"--resume: no checkpoint in {out} yet, starting at step 0")
+    if ckpt is not None:
+        model_state, trainer_state, saved_config = read_checkpoint(ckpt)
+        check_resumable(ckpt, saved_config, config, trainer_state, tok_hash)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = BasedForCausalLM(config).to(info.device)
+    n_params = model.num_parameters()
+    model = parallelize(model, info, cfg.fsdp)
+    cuda = info.device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), fused=cuda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
+    start, cursor = 0, 0
+    if ckpt is not None:
+        load_into(model, optimizer, scheduler, model_state, trainer_state, config)
+        start, cursor = trainer_state["step"], trainer_state["samples_seen"]
+        del model_state, trainer_state
+        say(f"resumed from {ckpt} (step {start})")
+    end = cfg.stop_at or cfg.max_steps
+    if start >= end:
+        say(f"{out} is already at step {start} (of {end}): nothing to do")
+        return {"out": str(out), "step": start, "loss": None, "val_loss": None, "checkpoint": str(ckpt), "sample": None}
+
+    metrics = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(out)
+        (out / "run.json").write_text(json.dumps({**asdict(cfg), "world_size": info.world_size,
+                                                  "parameters": n_params}, indent=1))
+        metrics = MetricsLog(out / "metrics.jsonl", start if ckpt is not None else None)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.bf16 else contextlib.nullcontext()
+    sampler = WindowSampler(packed.train, T, cfg.seed)
+    tokens_per_step = cfg.batch_size * K * T
+    flops_tok = flops_per_token(config, T, n_params)
+    peak = cfg.peak_flops or peak_flops(info.device)
+    say(f"model: {n_params:,} parameters, vocab {n_vocab}; data: {len(packed.train):,} train / "
+        f"{len(packed.val):,} val tokens ({packed.path}); {tokens_per_step:,} tokens per step on "
+        f"{info.world_size} process(es), {info.device.type}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=end, initial=start, unit="step", disable=not (info.is_main and cfg.progress),
+               dynamic_ncols=True)
+    last_ckpt, row, val_loss, t_run = ckpt, {}, None, time.perf_counter()
+    for step in range(start + 1, end + 1):
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(K):
+            x, y = sampler.batch(cursor + info.rank * local_bs, local_bs)
+            cursor += cfg.batch_size
+            with gradient_sync(model, micro == K - 1):
+                with autocast:
+                    loss = _loss(model, x.to(info.device), y.to(info.device))
+                (loss / K).backward()
+            loss_sum += loss.detach()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss_t = all_reduce_sum(loss_sum / K, info) / info.world_size
+        loss_val, norm_val = loss_t.item(), grad_norm.item()
+        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+            bar.close()
+            if metrics:
+                metrics.close()
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise TrainError(f"loss is {loss_val} (grad norm {norm_val}) at step {step}: stopped before updating "
+                             f"the weights; {where} (resume from it with --resume and a lower --lr)")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        mfu = flops_tok * tps / (peak * info.world_size) if peak else None
+        row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": cursor * T,
+               "tokens_per_s": round(tps, 1), "mfu": None if mfu is None else round(mfu, 4),
+               "time": round(time.perf_counter() - t_run, 3)}
+        if metrics:
+            metrics.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val_loss = evaluate(model, packed.val, T, local_bs, max(1, cfg.eval_tokens // T), info, autocast)
+            if metrics:
+                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
+            if info.is_main:
+                bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}, "
+                          f"val perplexity {math.exp(min(val_loss, 80)):.2f}")
+        if step % cfg.save_every == 0 or step == end:
+            state = {"samples_seen": cursor, "tokenizer": tok_hash, "train_config": asdict(cfg),
+                     "world_size": info.world_size}
+            last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, config, tokenizer, state, info,
+                                        cfg.keep_checkpoints)
+    bar.close()
+
+    summary = {"out": str(out), "step": end, "loss": row.get("loss"), "val_loss": val_loss,
+               "checkpoint": str(last_ckpt) if last_ckpt else None, "sample": None}
+    if metrics:
+        metrics.close()
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    if end == cfg.max_steps and info.is_main and last_ckpt is not None:
+        _export(last_ckpt, out)
+        final = _load_quietly(out).to(info.device).eval()
+        summary["sample"] = greedy_sample(final, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+        wall = time.perf_counter() - t_run
+        say(f"done in {wall:.0f} s: train loss {summary['loss']:.4f}, val loss {val_loss:.4f}; model and tokenizer "
+            f"in {out} (metrics.jsonl, loss.png, checkpoints/)")
+        say(f"greedy sample: {summary['sample']!r}")
+    barrier(info)
+    return summary

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from based.cli import main
+from based.data.corpus import DataError
+from based.data.tokenizer import (
+    EOS,
+    encode_batch,
+    load_tokenizer,
+    resolve_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+
+
+def test_trained_bpe_loads_with_autotokenizer(small_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(small_tokenizer), local_files_only=True)
+    assert len(tok) == 512
+    assert tok.eos_token == EOS and tok.convert_tokens_to_ids(EOS) == tok.eos_token_id == 0
+    text = "Return the number of items — naïve café ☕.\n\tTabs and  spaces stay."
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok.decode(ids) == text  # byte-level: lossless on any Unicode
+    assert encode_batch(tok, [text, "x"]) == [ids, tok("x", add_special_tokens=False).input_ids]
+    assert len(ids) < len(text.encode())  # merges learned
+
+
+def test_vocab_too_small_and_unknown_folders(tmp_path):
+    with pytest.raises(DataError, match="vocab size must be an int >= 257"):
+        train_tokenizer(["some text"], 100, tmp_path / "t")
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is not a Hugging Face tokenizer folder"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_resolve_trains_once_and_caches(small_corpus, based_cache):
+    first = resolve_tokenizer(None, small_corpus, train_vocab=300)
+    cached = list((based_cache / "tokenizers").glob("bpe300-*"))
+    assert len(cached) == 1 and len(first) == 300
+    mtime = (cached[0] / "tokenizer.json").stat().st_mtime_ns
+    again = resolve_tokenizer(None, small_corpus, train_vocab=300)
+    assert (cached[0] / "tokenizer.json").stat().st_mtime_ns == mtime
+    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(first)
+    assert tokenizer_fingerprint(resolve_tokenizer(None, small_corpus, train_vocab=320)) != tokenizer_fingerprint(first)
+
+
+def test_cli_tokenizer_train(small_corpus, tmp_path, capsys):
+    assert main(["tokenizer", "train", "--data", str(small_corpus), "--vocab-size", "400", "--out",
+                 str(tmp_path / "tok")]) == 0
+    assert "400-token byte-level BPE" in capsys.readouterr().out
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert config["eos_token"] == EOS
+    assert len(load_tokenizer(tmp_path / "tok")) == 400
+    with pytest.raises(SystemExit, match="error: corpus .* does not exist"):
+        main(["tokenizer", "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "t2")])

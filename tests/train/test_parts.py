@@ -1,0 +1,102 @@
+"""Pieces of the trainer: FLOP counts, weight-decay groups, LR schedule, checkpoint files, metrics."""
+import json
+import math
+
+import pytest
+import torch
+
+from based import BasedConfig, BasedForCausalLM
+from based.train.checkpoint import clean_partial, list_checkpoints, save_checkpoint
+from based.train.config import TrainConfig
+from based.train.distributed import DistInfo
+from based.train.flops import flops_per_token, mixer_flops_per_token, peak_flops
+from based.train.metrics import MetricsLog, read_metrics
+from based.train.trainer import lr_schedule, param_groups
+
+
+def test_flops_per_token_terms():
+    T = 2048
+    tf = BasedConfig.from_preset("transformer-360m")
+    assert mixer_flops_per_token(tf, T) == tf.n_layer * 12 * tf.d_model * (T + 1) / 2  # causal: half the scores
+    based = BasedConfig.from_preset("360m")
+    # A window as long as the sequence costs what full attention does.
+    wide = BasedConfig.from_preset("debug", mixer_types=["sliding_window"] * 4, window_size=64)
+    full = BasedConfig.from_preset("debug", mixer_types=["attention"] * 4)
+    assert mixer_flops_per_token(wide, 64) == pytest.approx(mixer_flops_per_token(full, 64))
+    # 360m: 5 linear-attention layers (16 heads, 153 features, head_dim 64), 5 windows of 128, 17 convs.
+    expected = (5 * 12 * 16 * 153 * 65 + 5 * 12 * 1024 * (128 * 129 / 2 + (T - 128) * 128) / T
+                + 17 * 6 * 3 * 2 * 1024)
+    assert mixer_flops_per_token(based, T) == pytest.approx(expected)
+    assert flops_per_token(based, T, 100) == 600 + mixer_flops_per_token(based, T)
+    assert peak_flops(torch.device("cpu")) is None
+
+
+def test_weight_decay_only_on_matrices():
+    model = BasedForCausalLM(BasedConfig.from_preset("debug"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert "transformer.embeddings.word_embeddings.weight" in exempt  # and with it the tied LM head
+    assert all(n.endswith(".bias") or "norm" in n or "ln_f" in n or "embeddings" in n for n in exempt)
+    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
+    assert "transformer.layers.0.mixer.in_proj.weight" in decayed and "transformer.ln_f.weight" in exempt
+    assert len(decayed) + len(exempt) == len(list(model.parameters()))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_schedule(warmup=10, max_steps=110, min_ratio=0.1)
+    assert [f(s) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(10) == 1.0 and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 200)) and f(500) == pytest.approx(0.1)
+
+
+def test_defaults_depend_on_the_preset():
+    small = TrainConfig(out="x").resolved()
+    assert (small.preset, small.seq_len, small.max_steps) == ("debug", 256, 300)
+    big = TrainConfig(out="x", preset="360m").resolved()
+    assert (big.seq_len, big.lr, big.warmup) == (2048, 8e-4, 200)
+    assert TrainConfig(out="x", seq_len=64).resolved().seq_len == 64
+    with pytest.raises(ValueError, match="not both"):
+        TrainConfig(out="x", preset="debug", config="c.json").resolved()
+    with pytest.raises(ValueError, match="stop_at"):
+        TrainConfig(out="x", stop_at=1000).resolved()
+
+
+def test_only_rank_0_writes_checkpoints(tmp_path):
+    model = BasedForCausalLM(BasedConfig.from_preset("debug"))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = (model, opt, sched, model.config, None, {"samples_seen": 0})
+    save_checkpoint(tmp_path, 1, *args, DistInfo(rank=1, world_size=2), keep=2)
+    assert not (tmp_path / "checkpoints").exists()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, *args, DistInfo(), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
+    assert sorted(f.name for f in list_checkpoints(tmp_path)[-1].iterdir()) == [
+        "config.json", "model.safetensors", "trainer.pt"]
+    loaded = BasedForCausalLM.from_pretrained(list_checkpoints(tmp_path)[-1])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_a_kill_mid_write_leaves_no_checkpoint(tmp_path):
+    # What a SIGKILL during save leaves: a temporary folder, never a step-N folder.
+    partial = tmp_path / "checkpoints" / ".tmp-step-0000005"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"half")
+    assert list_checkpoints(tmp_path) == []
+    clean_partial(tmp_path)
+    assert not partial.exists()
+
+
+def test_metrics_resume_drops_rows_past_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)] + [{"step": 4, "val_loss": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # cut by a kill
+    assert len(read_metrics(path)) == 6
+    log = MetricsLog(path, resume_step=3)
+    log.write({"step": 4, "loss": math.pi})
+    log.close()
+    assert read_metrics(path) == rows[:3] + [{"step": 4, "loss": math.pi}]

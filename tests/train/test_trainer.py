@@ -1,0 +1,234 @@
+"""The trainer on the CPU: outputs, exact resume (also after SIGKILL) and every bad input of issue 5."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import based.train.trainer as trainer_mod
+from based import BasedForCausalLM
+from based.cli import main
+from based.data.corpus import DataError
+from based.train import TrainConfig, TrainError, train
+from based.train.checkpoint import CheckpointError, list_checkpoints, read_checkpoint
+from based.train.metrics import read_metrics
+
+STEPS = 40
+
+
+def make_config(out, corpus, tokenizer, **overrides) -> TrainConfig:
+    """A tiny debug-preset run: 40 steps of 4 x 32 tokens, eval and checkpoint every 8 steps."""
+    values = dict(out=str(out), preset="debug", data=str(corpus), tokenizer=str(tokenizer), seq_len=32,
+                  batch_size=4, max_steps=STEPS, warmup=4, lr=3e-3, eval_every=8, save_every=8, eval_tokens=32 * 16,
+                  progress=False, sample_tokens=8)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    args = []
+    for key in ("out", "preset", "data", "tokenizer", "seq_len", "batch_size", "max_steps", "warmup", "lr",
+                "eval_every", "save_every", "eval_tokens"):
+        args += [f"--{key.replace('_', '-')}", str(getattr(cfg, key))]
+    return args + ["--no-progress"]
+
+
+def train_rows(out) -> list[dict]:
+    return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+
+def val_rows(out) -> list[dict]:
+    return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "val_loss" in r]
+
+
+def weights(path) -> dict:
+    return BasedForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_corpus, small_tokenizer):
+    """One uninterrupted run of STEPS steps: the yardstick of every resume test."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = train(make_config(out, small_corpus, small_tokenizer))
+    return out, summary
+
+
+def test_run_outputs(reference, small_tokenizer):
+    out, summary = reference
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["tokens"] == r["step"] * 4 * 32 for r in rows)
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "time"} <= set(rows[0]) and rows[0]["mfu"] is None  # CPU
+    assert rows[0]["loss"] == pytest.approx(torch.log(torch.tensor(512.0)).item(), abs=0.3)  # uniform at init
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.5  # it learns
+    vals = val_rows(out)
+    assert [r["step"] for r in vals] == [8, 16, 24, 32, 40]
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"] and vals[-1]["val_ppl"] == pytest.approx(
+        torch.exp(torch.tensor(vals[-1]["val_loss"])).item(), rel=1e-6)
+    assert summary["val_loss"] == vals[-1]["val_loss"] and summary["sample"].startswith("The")
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in list_checkpoints(out)] == ["step-0000024", "step-0000032", "step-0000040"]  # keep 3
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_final_model_and_tokenizer_load_from_out(reference):
+    from transformers import AutoTokenizer
+
+    out, _ = reference
+    model = BasedForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == 512  # from the tokenizer, not the preset's 256
+    last = list_checkpoints(out)[-1]
+    for k, v in weights(last).items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    ids = tok("The value of", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], 512)
+    assert AutoTokenizer.from_pretrained(str(last), local_files_only=True).get_vocab() == tok.get_vocab()
+
+
+def test_stop_and_resume_is_bit_identical(reference, small_corpus, small_tokenizer, tmp_path):
+    ref, _ = reference
+    train(make_config(tmp_path, small_corpus, small_tokenizer, stop_at=13))
+    assert list_checkpoints(tmp_path)[-1].name == "step-0000013" and train_rows(tmp_path)[-1]["step"] == 13
+    train(make_config(tmp_path, small_corpus, small_tokenizer, resume=True))
+    for a, b in zip(train_rows(tmp_path), train_rows(ref), strict=True):
+        assert (a["step"], a["loss"], a["lr"], a["grad_norm"]) == (b["step"], b["loss"], b["lr"], b["grad_norm"])
+    assert val_rows(tmp_path) == val_rows(ref)
+    ref_weights = weights(ref)
+    for k, v in weights(tmp_path).items():
+        assert torch.equal(v, ref_weights[k]), k
+
+
+def test_sigkill_then_resume_matches(reference, small_corpus, small_tokenizer, tmp_path, based_cache):
+    ref, _ = reference
+    cfg = make_config(tmp_path, small_corpus, small_tokenizer, save_every=5)
+    env = {**os.environ, "BASED_CACHE": str(based_cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "based", "train", *cli_args(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] >= 12 for r in train_rows(tmp_path)):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = train_rows(tmp_path)[-1]["step"]
+    assert killed_at < STEPS and list_checkpoints(tmp_path)  # stopped mid-run, after a checkpoint
+    train(make_config(tmp_path, small_corpus, small_tokenizer, save_every=5, resume=True))
+    assert [r["loss"] for r in train_rows(tmp_path)] == [r["loss"] for r in train_rows(ref)]
+    assert val_rows(tmp_path) == val_rows(ref)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, small_corpus, small_tokenizer):
+    """Two steps with a checkpoint after each: copied by the tests that break it."""
+    out = tmp_path_factory.mktemp("short")
+    train(make_config(out, small_corpus, small_tokenizer, max_steps=2, save_every=1))
+    return out
+
+
+def test_resume_with_another_config_is_refused(short_run, small_corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    with pytest.raises(CheckpointError, match=r"another config \(.*n_layer: 4 in the checkpoint, 5 now"):
+        train(make_config(out, small_corpus, small_tokenizer, preset="transformer-debug", max_steps=4, resume=True))
+
+
+def test_corrupt_checkpoint_is_reported(short_run, small_corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    f = list_checkpoints(out)[-1] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"step-0000002 is corrupt or incomplete.*delete that folder"):
+        train(make_config(out, small_corpus, small_tokenizer, max_steps=4, resume=True))
+    shutil.rmtree(list_checkpoints(out)[-1])  # as the message says: then step 1 resumes
+    (list_checkpoints(out)[-1] / "trainer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="step-0000001 is corrupt"):
+        read_checkpoint(list_checkpoints(out)[-1])
+
+
+def test_existing_run_needs_resume(short_run, small_corpus, small_tokenizer):
+    with pytest.raises(TrainError, match="already holds checkpoints .*pass --resume"):
+        train(make_config(short_run, small_corpus, small_tokenizer, max_steps=2))
+
+
+def test_finished_run_resumes_to_nothing(short_run, small_corpus, small_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    assert train(make_config(out, small_corpus, small_tokenizer, max_steps=2, resume=True))["step"] == 2
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, small_tokenizer, tmp_path, monkeypatch):
+    real_loss, calls = trainer_mod._loss, []
+
+    def loss_nan_at_step_6(model, x, y, reduction="mean"):
+        loss = real_loss(model, x, y, reduction)
+        if reduction == "mean":
+            calls.append(1)
+            if len(calls) == 6:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(trainer_mod, "_loss", loss_nan_at_step_6)
+    with pytest.raises(TrainError, match=r"loss is nan .* at step 6: .*last good checkpoint is .*step-0000004"):
+        train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=10, save_every=2))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000004"]
+    assert train_rows(tmp_path)[-1]["step"] == 5
+    monkeypatch.setattr(trainer_mod, "_loss", real_loss)
+    train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=10, save_every=2, resume=True))
+    assert [r["step"] for r in train_rows(tmp_path)] == list(range(1, 11))
+
+
+def test_bad_data_and_tokenizer(small_corpus, small_tokenizer, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(make_config(tmp_path / "a", tmp_path / "missing.jsonl", small_tokenizer))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("\n")
+    with pytest.raises(DataError, match="holds no text"):
+        train(make_config(tmp_path / "b", tmp_path / "empty", small_tokenizer))
+    (tmp_path / "tiny.txt").write_text("A corpus of a few words.")
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        train(make_config(tmp_path / "c", tmp_path / "tiny.txt", small_tokenizer, seq_len=256))
+    with pytest.raises(DataError, match="tokenizer folder .* does not exist"):
+        train(make_config(tmp_path / "d", small_corpus, tmp_path / "no-tokenizer"))
+
+
+def test_forced_vocab_smaller_than_the_tokenizer(small_corpus, small_tokenizer, tmp_path):
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"preset": "debug", "vocab_size": 256}))
+    with pytest.raises(DataError, match="the tokenizer has 512 tokens but .*model.json sets vocab_size=256"):
+        train(make_config(tmp_path / "run", small_corpus, small_tokenizer, preset=None, config=str(config)))
+    config.write_text(json.dumps({"preset": "debug", "vocab_size": 1000, "d_model": 32}))
+    built = trainer_mod.build_model_config(TrainConfig(out="x", config=str(config)).resolved(), 512)
+    assert (built.vocab_size, built.d_model, built.n_layer) == (1000, 32, 4)
+
+
+def test_cli_reports_errors_without_a_traceback(small_tokenizer, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: corpus .*missing does not exist"):
+        main(["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "missing"),
+              "--tokenizer", str(small_tokenizer)])
+    with pytest.raises(SystemExit, match="positive int"):
+        main(["train", "--out", str(tmp_path / "run"), "--max-steps", "0"])
+
+
+def test_grad_accum_matches_one_big_batch(small_corpus, small_tokenizer, tmp_path):
+    # 2 micro-steps of 2 sequences see the same 4 sequences per step as 1 micro-step of 4.
+    train(make_config(tmp_path / "big", small_corpus, small_tokenizer, max_steps=3, save_every=3))
+    train(make_config(tmp_path / "acc", small_corpus, small_tokenizer, max_steps=3, save_every=3, batch_size=2,
+                      grad_accum=2))
+    big, acc = train_rows(tmp_path / "big"), train_rows(tmp_path / "acc")
+    assert [r["tokens"] for r in acc] == [r["tokens"] for r in big]
+    for a, b in zip(acc, big, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
