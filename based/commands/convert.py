@@ -1,0 +1,59 @@
+"""`based convert`: HazyResearch/based checkpoints into this package's format, and back."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    from based.convert import FORMATS
+
+    p = sub.add_parser(
+        "convert", help="convert HazyResearch/based checkpoints to or from this package's format",
+        description="--from hazyresearch: their pytorch_model.bin or .safetensors plus config.json -> OUT "
+        "(save_pretrained layout). --to hazyresearch: our checkpoint directory -> OUT/pytorch_model.bin + "
+        "OUT/config.json in their layout.",
+    )
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from", dest="source", choices=FORMATS, help="read a checkpoint of this format")
+    way.add_argument("--to", dest="target", choices=FORMATS, help="write our checkpoint in this format")
+    p.add_argument("--checkpoint", required=True, help="their weights file (or a directory with it and "
+                   "config.json); with --to, our checkpoint directory")
+    p.add_argument("--config", help="their config.json (default: beside the checkpoint)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", help="a local tokenizer directory to save with the model (theirs is GPT-2's)")
+    p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from based import BasedForCausalLM
+    from based.convert import ConversionError, load_hazyresearch, save_hazyresearch
+    from based.eval.checkpoint import DTYPES, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        if args.source:
+            model = load_hazyresearch(args.checkpoint, args.config)
+        elif not Path(args.checkpoint).is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
+        else:
+            model = BasedForCausalLM.from_pretrained(args.checkpoint)
+        if args.dtype != "keep":
+            model = model.to(DTYPES[args.dtype])
+        if args.source:
+            model.save_pretrained(args.out)
+        else:
+            save_hazyresearch(model, args.out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.out)
+    except (FileNotFoundError, ConversionError, ValueError, OSError) as e:
+        raise SystemExit(f"based convert: {e}") from None
+    summary = {
+        "from": args.source or "based", "to": args.target or "based", "out": str(args.out),
+        "parameters": model.num_parameters(), "dtype": str(model.dtype).removeprefix("torch."),
+        "mixer_types": list(model.config.mixer_types), "tokenizer": bool(tokenizer),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

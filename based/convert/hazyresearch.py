@@ -1,0 +1,273 @@
+"""HazyResearch/based checkpoints (hazyresearch/based-360m, based-1b) to and from this package.
+
+Their model is flash-attn's GPT with a GPT-2-style config. Fields read from their config.json (defaults
+are theirs where they have one):
+    n_embd (hidden_size), n_layer, n_head, vocab_size, pad_vocab_size_multiple (1), n_inner,
+    layer_norm_epsilon (1e-5), rms_norm (must be true), activation_function (must be "swiglu"),
+    tie_word_embeddings (true), max_position_embeddings (must be 0: no learned positions),
+    n_positions (sizes nothing here; kept as max_position_embeddings),
+    alt_mixer_layers -> linear attention: alt_mixer.{feature_dim (16), num_heads (16), head_dim
+        (n_embd / num_heads), eps (1e-12), feature_map.input_dim (must equal feature_dim)};
+    alt_mixer_2_layers -> sliding window: alt_mixer_2.window_size (128); heads are n_head (their
+        builder overrides alt_mixer_2.num_heads with it); rotary_emb_fraction (must be 1),
+        rotary_emb_base (10000), rotary_emb_interleaved (false), rotary_emb_scale_base (none),
+        n_head_kv (none), scale_attn_weights (true), scale_attn_by_inverse_layer_idx (false);
+    every other layer -> BaseConv: mixer.{expand_proj (2; in_proj d -> expand_proj*d), kernel_size,
+        else kernel_sizes, else 3}.
+Ignored: dropout, fused-kernel and initialisation flags, residual_in_fp32 (fp32 runs match exactly).
+
+Semantics that differ in name only:
+    - their sliding window W goes to FlashAttention as (W // 2, 0): W // 2 keys back plus the query,
+      which is window_size = W // 2 + 1 here (256 -> 129);
+    - their Taylor map is the full 1 + d + d^2 one: converted models use feature_map="full" (the
+      compact map gives the same kernel values, hence the same outputs);
+    - their linear-attention normaliser adds eps = 1e-12: kept as la_eps.
+Biases: their BaseConv conv has none unless trained with the causal-conv1d kernel, and in_proj/out_proj
+have none when use_bias is false: ours are set to zero then. Other biases (Wqkv, attention out_proj,
+MLP) are not supported and are reported as unexpected keys.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..models import BasedConfig, BasedForCausalLM
+from ..ops import FEATURE_MAPS
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Buffers or bookkeeping that some of their checkpoints hold and that carry no weights.
+_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$|metrics)")
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config this converter cannot map."""
+
+
+def _require(cfg: dict, name: str, ok, expected: str, default=None):
+    value = cfg.get(name, default)
+    if not ok(value):
+        raise ConversionError(f"config field {name}={value!r} is not supported: expected {expected}")
+    return value
+
+
+def config_from_hazyresearch(cfg: dict) -> BasedConfig:
+    """Our BasedConfig for their config.json dict (the fields read are listed in the module doc)."""
+    def get(name, *aliases, default=None):
+        for key in (name, *aliases):
+            if cfg.get(key) is not None:
+                return cfg[key]
+        if default is None:
+            raise ConversionError(f"config has no {name!r} field")
+        return default
+
+    d_model, n_layer, n_head = get("n_embd", "hidden_size"), get("n_layer", "num_hidden_layers"), get("n_head")
+    _require(cfg, "rms_norm", lambda v: v is True, "true (RMSNorm)")
+    _require(cfg, "activation_function", lambda v: v == "swiglu", '"swiglu"')
+    _require(cfg, "max_position_embeddings", lambda v: not v, "0 (no learned position embeddings)", 0)
+    linear, sliding = list(cfg.get("alt_mixer_layers") or []), list(cfg.get("alt_mixer_2_layers") or [])
+    mixer_types = [
+        "sliding_window" if i in sliding else "linear_attn" if i in linear else "base_conv" for i in range(n_layer)
+    ]
+    fields = dict(
+        vocab_size=get("vocab_size", default=50257), d_model=d_model, n_layer=n_layer, mixer_types=mixer_types,
+        pad_vocab_size_multiple=get("pad_vocab_size_multiple", default=1), mlp_hidden_size=get("n_inner"),
+        rms_norm_eps=get("layer_norm_epsilon", default=1e-5), tie_word_embeddings=True,
+        max_position_embeddings=get("n_positions", default=2048), feature_map="full",
+    )
+    _require(cfg, "tie_word_embeddings", lambda v: v is not False, "true (tied lm_head)")
+    if "base_conv" in mixer_types:
+        conv = cfg.get("mixer") or {}
+        if "BaseConv" not in str(conv.get("_target_", "BaseConv")):
+            raise ConversionError(f"mixer._target_={conv.get('_target_')!r}: only BaseConv layers convert")
+        expand = conv.get("expand_proj", 2)
+        if expand % 2:
+            raise ConversionError(f"mixer.expand_proj={expand} is not supported: it must be even")
+        kernel = conv.get("kernel_size") or conv.get("kernel_sizes") or 3
+        fields.update(conv_expand=expand // 2, conv_kernel_size=kernel[0] if isinstance(kernel, list) else kernel)
+    if linear:
+        la = cfg.get("alt_mixer") or {}
+        if "LinearAttention" not in str(la.get("_target_", "LinearAttention")):
+            raise ConversionError(f"alt_mixer._target_={la.get('_target_')!r}: expected their LinearAttention")
+        feature_dim = la.get("feature_dim", 16)
+        fmap = la.get("feature_map") or {}
+        taylor = "TaylorExp" in str(fmap.get("_target_", "TaylorExp"))
+        if not taylor or fmap.get("input_dim", feature_dim) != feature_dim:
+            raise ConversionError(f"alt_mixer.feature_map={fmap!r}: expected TaylorExp with input_dim = feature_dim")
+        fields.update(
+            feature_dim=feature_dim, la_num_heads=la.get("num_heads", 16), la_head_dim=la.get("head_dim"),
+            la_eps=la.get("eps", 1e-12),
+        )
+    if sliding:
+        swa = cfg.get("alt_mixer_2") or {}
+        if "Slid" not in str(swa.get("_target_", "Slid")):
+            raise ConversionError(f"alt_mixer_2._target_={swa.get('_target_')!r}: expected their SlidingAttention")
+        _require(cfg, "rotary_emb_fraction", lambda v: v == 1, "1 (rotary over the whole head)", 0.0)
+        _require(cfg, "rotary_emb_interleaved", lambda v: not v, "false", False)
+        _require(cfg, "rotary_emb_scale_base", lambda v: v is None, "none", None)
+        _require(cfg, "n_head_kv", lambda v: v in (None, n_head), f"none or n_head={n_head}", None)
+        _require(cfg, "scale_attn_weights", lambda v: v is True, "true", True)
+        _require(cfg, "scale_attn_by_inverse_layer_idx", lambda v: not v, "false", False)
+        window = swa.get("window_size", 128)
+        fields.update(
+            window_size=window // 2 + 1, swa_num_heads=n_head, rotary_base=cfg.get("rotary_emb_base", 10000.0)
+        )
+    return BasedConfig(**fields)
+
+
+def config_to_hazyresearch(config: BasedConfig) -> dict:
+    """Their config.json dict for our config (the inverse of config_from_hazyresearch)."""
+    kinds = set(config.mixer_types)
+    if not kinds <= {"base_conv", "linear_attn", "sliding_window"}:
+        raise ConversionError(f"mixer types {sorted(kinds)}: only base_conv, linear_attn, sliding_window export")
+    if "linear_attn" in kinds and config.feature_map not in FEATURE_MAPS:
+        raise ConversionError(f"feature_map={config.feature_map!r}: only the Taylor maps {FEATURE_MAPS} export")
+    if not config.tie_word_embeddings:
+        raise ConversionError("their model ties lm_head to the embeddings: untied models do not export")
+    layers = lambda kind: [i for i, m in enumerate(config.mixer_types) if m == kind]  # noqa: E731
+    return {
+        "_target_": "based.models.gpt.GPT2MixerConfig",
+        "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.swa_num_heads,
+        "n_inner": config.mlp_inner, "vocab_size": config.vocab_size,
+        "pad_vocab_size_multiple": config.pad_vocab_size_multiple, "layer_norm_epsilon": config.rms_norm_eps,
+        "n_positions": config.max_position_embeddings, "max_position_embeddings": 0,
+        "rms_norm": True, "activation_function": "swiglu", "tie_word_embeddings": True,
+        "mlp_fc1_bias": False, "mlp_fc2_bias": False, "qkv_proj_bias": False, "out_proj_bias": False,
+        "rotary_emb_fraction": 1, "rotary_emb_base": config.rotary_base, "rotary_emb_interleaved": False,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "alt_mixer_layers": layers("linear_attn"), "alt_mixer_2_layers": layers("sliding_window"),
+        "mixer": {
+            "_target_": "based.models.mixers.convolution.BaseConv", "expand_proj": 2 * config.conv_expand,
+            "kernel_size": config.conv_kernel_size, "use_bias": True,
+        },
+        "alt_mixer": {
+            "_target_": "based.models.mixers.linear_attention.LinearAttention",
+            "feature_map": {
+                "_target_": "based.models.mixers.linear_attention.TaylorExp", "input_dim": config.feature_dim
+            },
+            "feature_dim": config.feature_dim, "num_heads": config.la_num_heads, "eps": config.la_eps,
+            **({"head_dim": config.la_head_dim} if config.la_head_dim else {}),
+        },
+        "alt_mixer_2": {
+            "_target_": "based.models.mixers.slide_attention.SlidingAttention",
+            # Their window W shows W // 2 keys back plus the query.
+            "window_size": 2 * (config.window_size - 1), "num_heads": config.swa_num_heads, "causal": True,
+        },
+    }
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch pickle (read with weights_only=True). Lightning-style
+    {"state_dict": ...} wrappers, a leading "model." on every key and metric counters are removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (pickle errors have no common base class)
+            raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConversionError(f"{path} does not hold a state dict of tensors")
+    if sd and all(k.startswith("model.") for k in sd):
+        sd = {k[len("model.") :]: v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if not _IGNORED.search(k)}
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def state_dict_from_hazyresearch(sd: dict[str, torch.Tensor], config: BasedConfig) -> dict[str, torch.Tensor]:
+    """Our state dict for their tensors, checked against the model `config` describes: any missing,
+    unexpected or mis-shaped tensor is reported by name."""
+    sd = dict(sd)
+    emb = "transformer.embeddings.word_embeddings.weight"
+    head = sd.pop("lm_head.weight", None)
+    if head is not None and emb in sd and not torch.equal(head, sd[emb]):
+        raise ConversionError("lm_head.weight differs from the word embeddings: untied heads do not convert")
+    out = {re.sub(r"\.mixer\.conv\.conv\.", ".mixer.conv.", k): v for k, v in sd.items()}
+    with torch.device("meta"):
+        expected = BasedForCausalLM(config).state_dict()
+    expected.pop("lm_head.weight", None)  # tied
+    for i, kind in enumerate(config.mixer_types):
+        if kind == "base_conv":
+            for name in ("conv.bias", "in_proj.bias", "out_proj.bias"):
+                key = f"transformer.layers.{i}.mixer.{name}"
+                out.setdefault(key, torch.zeros(expected[key].shape, dtype=expected[key].dtype))
+    missing = sorted(set(expected) - set(out))
+    unexpected = sorted(set(out) - set(expected))
+    if missing or unexpected:
+        parts = ["the checkpoint does not match a HazyResearch BASED model of this config"]
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        raise ConversionError("; ".join(parts))
+    wrong = [
+        f"{k} {tuple(out[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if out[k].shape != v.shape
+    ]
+    if wrong:
+        raise ConversionError(f"tensor shapes do not match the config: {_describe(wrong)}")
+    return out
+
+
+def state_dict_to_hazyresearch(model: BasedForCausalLM) -> dict[str, torch.Tensor]:
+    """Their names for our weights (a zero conv bias is left out, as their default conv has none)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(".mixer.conv.bias") and not v.any():
+            continue
+        out[re.sub(r"\.mixer\.conv\.", ".mixer.conv.conv.", k)] = v.detach().clone()
+    out["lm_head.weight"] = out["transformer.embeddings.word_embeddings.weight"].clone()
+    return out
+
+
+def _locate(checkpoint: str | Path, config: str | Path | None) -> tuple[Path, Path]:
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        found = [checkpoint / f for f in WEIGHT_FILES if (checkpoint / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{checkpoint} holds neither of {WEIGHT_FILES}")
+        config = config or checkpoint / "config.json"
+        checkpoint = found[0]
+    elif not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+    if config is None:
+        raise FileNotFoundError("pass their config.json (--config) with a checkpoint file")
+    if not Path(config).is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+    return checkpoint, Path(config)
+
+
+def load_hazyresearch(checkpoint: str | Path, config: str | Path | None = None) -> BasedForCausalLM:
+    """Our model (fp32 unless the checkpoint is in another dtype) from their weights file and config.json;
+    `checkpoint` may also be a directory holding both."""
+    weights, config_path = _locate(checkpoint, config)
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
+    our_config = config_from_hazyresearch(cfg)
+    sd = state_dict_from_hazyresearch(read_state_dict(weights), our_config)
+    dtype = sd["transformer.embeddings.word_embeddings.weight"].dtype
+    model = BasedForCausalLM(our_config).to(dtype)
+    model.load_state_dict({**sd, "lm_head.weight": sd["transformer.embeddings.word_embeddings.weight"]})
+    return model.eval()
+
+
+def save_hazyresearch(model: BasedForCausalLM, out: str | Path) -> Path:
+    """Write their layout: pytorch_model.bin and config.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_hazyresearch(model.config), indent=2))
+    torch.save(state_dict_to_hazyresearch(model), out / "pytorch_model.bin")
+    return out

@@ -1,0 +1,159 @@
+"""lm-evaluation-harness: the "based" model's three request types against direct computations, the shipped
+recall tasks and tiny local tasks through lm_eval.simple_evaluate, and the `based-lm-eval` wrapper CLI."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from based import BasedConfig, BasedForCausalLM
+from based.eval import evaluate_perplexity, evaluate_recall, generate_until, load_examples
+
+from .conftest import TEXT
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from based.eval.harness import TASKS_DIR, BasedLM, main  # noqa: E402
+
+MAX_LENGTH = 16
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return BasedForCausalLM(BasedConfig.from_preset("debug", vocab_size=len(tokenizer))).eval()
+
+
+@pytest.fixture(scope="module")
+def lm(model, tokenizer):
+    return BasedLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=MAX_LENGTH)
+
+
+def request(kind, *args):
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def direct_logprob(model, context_ids, continuation_ids):
+    ids = torch.tensor(context_ids + continuation_ids)[-(MAX_LENGTH + 1):]
+    with torch.no_grad():
+        logits = model(ids[None, :-1]).logits[0, -len(continuation_ids):]
+    return F.log_softmax(logits.double(), -1).gather(-1, torch.tensor(continuation_ids)[:, None]).sum().item()
+
+
+def test_loglikelihood_matches_a_direct_forward(lm, model, tokenizer):
+    pairs = [("The capital of France is", " Paris"), ("Name:", " Alice. Phone: 555-0100."), ("", "Rome"),
+             ("The capital of Italy is Rome." * 5, " The capital")]  # the last one is cut to MAX_LENGTH
+    results = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
+    eos = tokenizer.eos_token_id
+    for (context, continuation), (ll, _) in zip(pairs, results):
+        whole = tokenizer.encode(context + continuation)
+        ctx = tokenizer.encode(context) if context else [eos]
+        cont = whole[len(ctx):] if context else whole
+        assert ll == pytest.approx(direct_logprob(model, ctx, cont), rel=1e-4, abs=1e-4)
+
+
+def test_is_greedy(lm, model, tokenizer):
+    ctx = tokenizer.encode("The capital of France is")
+    with torch.no_grad():
+        best = model(torch.tensor([ctx])).logits[0, -1].argmax().item()
+    other = (best + 1) % len(tokenizer)
+    results = lm._loglikelihood_tokens([(None, ctx, [best]), (None, ctx, [other])], disable_tqdm=True)
+    assert [greedy for _, greedy in results] == [True, False]
+
+
+def test_loglikelihood_rolling_equals_our_perplexity(lm, model, tokenizer):
+    texts = [TEXT[0] * 3, TEXT[1]]
+    lls = lm.loglikelihood_rolling([request("loglikelihood_rolling", t) for t in texts])
+    for text, ll in zip(texts, lls):
+        # Disjoint windows of MAX_LENGTH tokens after an EOS prefix: stride = max_length.
+        ref = evaluate_perplexity(model, tokenizer, [text], MAX_LENGTH, MAX_LENGTH, progress=False)
+        assert -ll == pytest.approx(ref["loss"] * ref["tokens"], rel=1e-5)
+
+
+def test_generate_until_uses_stop_strings_and_budget(lm, model, tokenizer):
+    greedy = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+    stop_at_e = {"until": ["e"], "max_gen_toks": 4, "do_sample": False}
+    reqs = [request("generate_until", "Name:", greedy), request("generate_until", "Phone:", stop_at_e),
+            request("generate_until", "The capital of", greedy)]
+    texts = lm.generate_until(reqs)
+    for req, text in zip(reqs, texts):
+        prompt, kwargs = req.args
+        stops = [*kwargs["until"], "<|endoftext|>"]  # lm-eval adds the EOS text
+        [(expected, _)] = generate_until(model, tokenizer, [tokenizer.encode(prompt)], stops, kwargs["max_gen_toks"],
+                                         progress=False)
+        assert text == expected and not any(s in text for s in kwargs["until"])
+
+
+def write_tiny_tasks(tmp_path):
+    """A multiple-choice (loglikelihood) and a perplexity (loglikelihood_rolling) task on local JSONL."""
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "The capital of France is", "choices": [" Paris", " Rome"], "label": 0},
+        {"question": "The capital of Italy is", "choices": [" Paris", " Rome"], "label": 1},
+    ]))
+    (tmp_path / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    common = "dataset_path: json\ntest_split: test\nmetadata:\n  version: 1.0\n"
+    (tmp_path / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    (tmp_path / "tiny_ppl.yaml").write_text(
+        f"task: tiny_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'ppl.jsonl'}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
+
+
+def recall_file(path):
+    rows = [{"text": f"Name: Alice. Phone: 555-01{i:02d}.\nName: Alice. Phone:", "value": v}
+            for i, v in enumerate(["e", "555-0100", " ", "a"])]
+    rows[2]["value"] = "zq-not-generated"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_simple_evaluate_on_tiny_local_tasks(lm, model, tokenizer, tmp_path):
+    write_tiny_tasks(tmp_path)
+    swde = recall_file(tmp_path / "swde.jsonl")
+    tm = TaskManager(include_path=[str(TASKS_DIR), str(tmp_path)], include_defaults=False,
+                     metadata={"swde_path": str(swde)})
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_ppl", "based_swde"], task_manager=tm,
+                                  bootstrap_iters=0)
+    results = out["results"]
+    assert 0 <= results["tiny_mc"]["acc,none"] <= 1
+    ours = evaluate_perplexity(model, tokenizer, TEXT, MAX_LENGTH, MAX_LENGTH, progress=False)
+    assert results["tiny_ppl"]["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-5)
+    report, _ = evaluate_recall(model, tokenizer, load_examples(swde), batch_size=2, progress=False)
+    assert results["based_swde"]["contains,none"] == pytest.approx(report["accuracy"])
+
+
+def test_recall_tasks_need_their_data_file(lm):
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    with pytest.raises(ValueError, match=r'based_fda reads a local JSONL file: pass --metadata \'\{"fda_path"'):
+        lm_eval.simple_evaluate(model=lm, tasks=["based_fda"], task_manager=tm)
+
+
+def test_wrapper_cli_registers_the_model_and_the_tasks(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class OnlyIncluded(TaskManager):  # indexing lm-eval's thousands of built-in tasks takes ~20 s
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OnlyIncluded)
+    data = recall_file(tmp_path / "fda.jsonl")
+    main(["--model", "based", "--model_args", f"pretrained={checkpoint},max_length=64", "--tasks", "based_fda",
+          "--metadata", json.dumps({"fda_path": str(data)}), "--limit", "2", "--batch_size", "2",
+          "--output_path", str(tmp_path / "out")])
+    [path] = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(path.read_text())["results"]["based_fda"]
+    assert not math.isnan(results["contains,none"]) and 0 <= results["contains,none"] <= 1
