@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("ops",)
+BENCHMARKS = ("ops", "generate", "train")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (GPU): `based bench ops --help`")
+    p = sub.add_parser("bench", help="benchmarks (GPU): `based bench ops --help`, `based bench generate --help`")
     p.add_argument("what", choices=BENCHMARKS)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     p.set_defaults(func=run)

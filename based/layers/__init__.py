@@ -6,7 +6,11 @@ in place; state_size(seq_len) and inference_state_bytes(seq_len, batch_size, dty
 """
 from .attention import Attention
 from .base_conv import BaseConv
+from .feature_maps import FEATURE_MAP_ABLATIONS, FeatureMapLinearAttention
+from .h3 import H3
+from .hyena import Hyena
 from .linear_attention import LinearAttention
+from .mamba import Mamba
 from .mlp import SwiGLU
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding, apply_rotary
@@ -14,5 +18,6 @@ from .sliding_window import SlidingWindowAttention
 
 __all__ = [
     "Attention", "BaseConv", "LinearAttention", "SlidingWindowAttention",
+    "FeatureMapLinearAttention", "FEATURE_MAP_ABLATIONS", "Mamba", "H3", "Hyena",
     "SwiGLU", "RMSNorm", "RotaryEmbedding", "apply_rotary",
 ]

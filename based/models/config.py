@@ -7,10 +7,13 @@ from dataclasses import field
 from transformers import PretrainedConfig
 
 from ..layers.attention import check_heads
+from ..layers.feature_maps import FEATURE_MAP_ABLATIONS
 from ..ops import FEATURE_MAPS
 from .presets import PRESET_CONFIGS, PRESETS
 
-MIXER_TYPES = ("base_conv", "linear_attn", "sliding_window", "attention")
+MIXER_TYPES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba", "h3", "hyena")
+# Taylor's two state layouts, then the other feature maps of the paper's ablation ("taylor" = "compact").
+LA_FEATURE_MAPS = FEATURE_MAPS + FEATURE_MAP_ABLATIONS
 
 
 def _positive(**values) -> None:
@@ -35,12 +38,17 @@ class BasedConfig(PretrainedConfig):
         vocab_size: tokens (the embedding is padded up to a multiple of pad_vocab_size_multiple).
         d_model: width (alias hidden_size).
         n_layer: blocks (alias num_hidden_layers).
-        mixer_types: one of "base_conv", "linear_attn", "sliding_window", "attention" per layer.
-        feature_dim, feature_map, la_num_heads, la_head_dim, la_eps: linear attention.
+        mixer_types: one of MIXER_TYPES per layer ("mamba", "h3", "hyena" are the paper's baselines).
+        feature_dim, feature_map, la_num_heads, la_head_dim, la_eps: linear attention; feature_map is
+            "compact" or "full" (Taylor) or an ablation map (see based.layers.feature_maps).
+        la_num_features: random features of the "performer" map (default: Taylor's width).
         window_size, swa_num_heads: sliding-window attention (window counts tokens, self included).
         attn_num_heads: full attention (Transformer++).
         rotary_base: RoPE base of both softmax attentions.
         conv_kernel_size, conv_expand: BaseConv.
+        ssm_state_size, ssm_expand: Mamba's d_state and expand. h3_state_size: H3's N (even).
+        hyena_filter_order: width of Hyena's implicit filter MLP (positions are normalised by
+            max_position_embeddings, which is also the cosformer map's M).
         mlp_hidden_size: SwiGLU inner size (default 2 * d_model).
         max_position_embeddings: default KV-cache length of full attention at decode time.
     """
@@ -63,6 +71,11 @@ class BasedConfig(PretrainedConfig):
     rotary_base: float = 10000.0
     conv_kernel_size: int = 3
     conv_expand: int = 2
+    la_num_features: int | None = None
+    ssm_state_size: int = 16
+    ssm_expand: int = 2
+    h3_state_size: int = 64
+    hyena_filter_order: int = 64
     mlp_hidden_size: int | None = None
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-5
@@ -80,15 +93,16 @@ class BasedConfig(PretrainedConfig):
             la_num_heads=self.la_num_heads, window_size=self.window_size, swa_num_heads=self.swa_num_heads,
             attn_num_heads=self.attn_num_heads, conv_kernel_size=self.conv_kernel_size,
             conv_expand=self.conv_expand, max_position_embeddings=self.max_position_embeddings,
-            pad_vocab_size_multiple=self.pad_vocab_size_multiple,
+            pad_vocab_size_multiple=self.pad_vocab_size_multiple, ssm_state_size=self.ssm_state_size,
+            ssm_expand=self.ssm_expand, h3_state_size=self.h3_state_size, hyena_filter_order=self.hyena_filter_order,
         )
         _positive(rms_norm_eps=self.rms_norm_eps, la_eps=self.la_eps, rotary_base=self.rotary_base,
                   initializer_range=self.initializer_range)
-        for name in ("la_head_dim", "mlp_hidden_size"):
+        for name in ("la_head_dim", "mlp_hidden_size", "la_num_features"):
             if getattr(self, name) is not None:
                 _positive_int(**{name: getattr(self, name)})
-        if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"unknown feature_map {self.feature_map!r}: use one of {FEATURE_MAPS}")
+        if self.feature_map not in LA_FEATURE_MAPS:
+            raise ValueError(f"unknown feature_map {self.feature_map!r}: use one of {LA_FEATURE_MAPS}")
         if not isinstance(self.mixer_types, (list, tuple)):
             raise ValueError(f"mixer_types must be a list with one mixer name per layer, got {self.mixer_types!r}")
         unknown = sorted({m for m in self.mixer_types if m not in MIXER_TYPES}, key=str)
@@ -103,6 +117,8 @@ class BasedConfig(PretrainedConfig):
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by la_num_heads={self.la_num_heads}; set la_head_dim"
             )
+        if "h3" in used and self.h3_state_size % 2:
+            raise ValueError(f"h3_state_size must be even (N/2 complex modes), got {self.h3_state_size}")
         for kind, heads in (("sliding_window", "swa_num_heads"), ("attention", "attn_num_heads")):
             if kind in used:
                 try:

@@ -15,7 +15,12 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
-from ..layers import Attention, BaseConv, LinearAttention, RMSNorm, SlidingWindowAttention, SwiGLU
+from ..generation.hf import BasedGenerationMixin
+from ..layers import (
+    H3, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LinearAttention, Mamba, RMSNorm,
+    SlidingWindowAttention, SwiGLU,
+)
+from ..ops import FEATURE_MAPS
 from ..layers.state import Offset, State
 from .config import BasedConfig
 
@@ -24,10 +29,16 @@ def build_mixer(config: BasedConfig, kind: str, layer_idx: int) -> nn.Module:
     d = config.d_model
     if kind == "base_conv":
         return BaseConv(d, kernel_size=config.conv_kernel_size, expand=config.conv_expand, layer_idx=layer_idx)
-    if kind == "linear_attn":
+    if kind == "linear_attn" and config.feature_map in FEATURE_MAPS:
         return LinearAttention(
             d, feature_dim=config.feature_dim, num_heads=config.la_num_heads, head_dim=config.la_head_dim,
             feature_map=config.feature_map, eps=config.la_eps, layer_idx=layer_idx,
+        )
+    if kind == "linear_attn":
+        return FeatureMapLinearAttention(
+            d, config.feature_map, feature_dim=config.feature_dim, num_heads=config.la_num_heads,
+            head_dim=config.la_head_dim, num_features=config.la_num_features,
+            max_seq_len=config.max_position_embeddings, eps=config.la_eps, layer_idx=layer_idx,
         )
     if kind == "sliding_window":
         return SlidingWindowAttention(
@@ -35,6 +46,14 @@ def build_mixer(config: BasedConfig, kind: str, layer_idx: int) -> nn.Module:
         )
     if kind == "attention":
         return Attention(d, config.attn_num_heads, rotary_base=config.rotary_base, layer_idx=layer_idx)
+    if kind == "mamba":
+        return Mamba(d, d_state=config.ssm_state_size, expand=config.ssm_expand, layer_idx=layer_idx)
+    if kind == "h3":
+        return H3(d, d_state=config.h3_state_size, layer_idx=layer_idx)
+    if kind == "hyena":
+        return Hyena(
+            d, max_seq_len=config.max_position_embeddings, filter_order=config.hyena_filter_order, layer_idx=layer_idx
+        )
     raise ValueError(f"unknown mixer type {kind!r}")
 
 
@@ -173,8 +192,9 @@ class BasedModel(BasedPreTrainedModel):
         return self.ln_f(x)
 
 
-class BasedForCausalLM(BasedPreTrainedModel):
-    """BasedModel plus the (tied) LM head; logits cover the vocab_size real tokens, not the padding."""
+class BasedForCausalLM(BasedPreTrainedModel, BasedGenerationMixin):
+    """BasedModel plus the (tied) LM head; logits cover the vocab_size real tokens, not the padding.
+    `generate` (Hugging Face) decodes with the recurrent step: see based/generation/hf.py."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.embeddings.word_embeddings.weight"}
 
@@ -209,9 +229,17 @@ class BasedForCausalLM(BasedPreTrainedModel):
         state: list[State] | None = None,
         seqlen_offset: Offset = 0,
         return_dict: bool | None = None,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
     ) -> CausalLMOutput | tuple:
         """input_ids [B, T] -> logits [B, T, vocab_size]; with labels [B, T], loss = mean cross-entropy of
-        logits[:, t] against labels[:, t + 1] over labels != -100 (labels are shifted here)."""
+        logits[:, t] against labels[:, t + 1] over labels != -100 (labels are shifted here).
+
+        With `cache` (a based.generation.InferenceState, as generate passes it) the call prefills or
+        advances it and returns the last position's logits only; attention_mask marks left padding."""
+        if cache is not None:
+            return self.forward_with_cache(input_ids, cache, attention_mask, return_dict)
+        self.check_no_padding(attention_mask)
         hidden = self.transformer(input_ids, state=state, seqlen_offset=seqlen_offset, return_dict=False)[0]
         logits = self._logits(hidden)
         loss = None

@@ -71,7 +71,8 @@ def test_default_config_is_360m():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(mixer_types=["base_conv", "mamba", "linear_attn", "base_conv"]), r"unknown mixer type\(s\) \['mamba'\]"),
+        (dict(mixer_types=["base_conv", "rwkv", "linear_attn", "base_conv"]), r"unknown mixer type\(s\) \['rwkv'\]"),
+        (dict(mixer_types=["base_conv", "h3", "linear_attn", "base_conv"], h3_state_size=7), "h3_state_size must be even"),
         (dict(n_layer=3), "mixer_types has 4 entries but n_layer=3"),
         (dict(d_model=66), "d_model=66 is not divisible by la_num_heads=4"),
         (dict(swa_num_heads=3), "swa_num_heads: d_model=64 is not divisible by num_heads=3"),
@@ -98,4 +99,4 @@ def test_divisibility_checked_only_for_mixers_in_use():
 
 
 def test_mixer_names():
-    assert MIXER_TYPES == ("base_conv", "linear_attn", "sliding_window", "attention")
+    assert MIXER_TYPES == ("base_conv", "linear_attn", "sliding_window", "attention", "mamba", "h3", "hyena")

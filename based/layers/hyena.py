@@ -1,0 +1,116 @@
+"""Hyena (Poli et al., 2023), order 2: a long convolution with an implicit filter between two gates.
+
+    [x0, x1, v] = short_conv(in_proj(x))          (depthwise, kernel 3)
+    y = out_proj(x0 * (h * (x1 * v) + bias * (x1 * v)))
+
+The filter h[c, t] = MLP(z_t)[c] * exp(-alpha_c t / L) is a function of the position t (z_t: t/L and
+sin/cos bands; sine activations), so it is defined at any length and costs O(T log T) by FFT. Decoding
+needs every past input of the long conv: the state is d_model * L, the field's count for long convs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import short_conv
+from ..ops.long_conv import long_conv
+from .state import Offset, State
+
+
+class Sin(nn.Module):
+    """sin(freq * x) with a learned frequency per feature (Hyena's filter activation)."""
+
+    def __init__(self, dim: int, w: float = 1.0):
+        super().__init__()
+        self.freq = nn.Parameter(torch.full((dim,), w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+
+class HyenaFilter(nn.Module):
+    """Implicit filters [d_model, T] from positions (Hyena's FFN filter with exponential modulation).
+
+    Args:
+        d_model: channels.
+        filter_order: width of the filter MLP.
+        emb_dim: positional features (odd: t/L plus (emb_dim - 1)/2 sin/cos bands).
+        max_seq_len: L, the length positions are normalised by (longer sequences still work).
+        fast_decay_pct, slow_decay_pct, target: the modulation decays to `target` after that fraction of
+            L, from the fastest to the slowest channel.
+    """
+
+    def __init__(
+        self, d_model: int, filter_order: int = 64, emb_dim: int = 3, max_seq_len: int = 2048,
+        fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2,
+    ):
+        super().__init__()
+        if emb_dim < 3 or emb_dim % 2 == 0:
+            raise ValueError(f"emb_dim must be odd and >= 3, got {emb_dim}")
+        self.max_seq_len = max_seq_len
+        self.register_buffer("bands", torch.linspace(1e-4, (emb_dim - 1) // 2 - 1, (emb_dim - 1) // 2), persistent=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(emb_dim, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, d_model, bias=False),
+        )
+        rates = torch.linspace(math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct, d_model).abs()
+        self.register_buffer("decay_rates", rates, persistent=False)
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        t = torch.arange(seq_len, device=self.bands.device, dtype=torch.float32).unsqueeze(-1) / self.max_seq_len
+        angles = 2 * math.pi * t * self.bands  # [T, bands]
+        z = torch.cat([t, angles.cos(), -angles.sin()], dim=-1)  # [T, emb_dim]
+        h = self.mlp(z.to(self.mlp[0].weight.dtype)).float() * torch.exp(-t * self.decay_rates)  # [T, d_model]
+        return h.transpose(0, 1)
+
+
+class Hyena(nn.Module):
+    """Hyena operator of order 2.
+
+    Args:
+        d_model: model width.
+        max_seq_len: L of the filter's position normalisation (and of state_size's count).
+        filter_order: width of the implicit filter's MLP.
+        short_kernel_size: taps of the short conv on the projections.
+        layer_idx: position in the model (bookkeeping only).
+    """
+
+    def __init__(
+        self, d_model: int, max_seq_len: int = 2048, filter_order: int = 64, short_kernel_size: int = 3,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        if d_model <= 0 or max_seq_len <= 0:
+            raise ValueError(f"d_model and max_seq_len must be positive, got {d_model}, {max_seq_len}")
+        self.d_model, self.layer_idx = d_model, layer_idx
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.short_filter = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel_size, groups=3 * d_model)
+        self.filter = HyenaFilter(d_model, filter_order, max_seq_len=max_seq_len)
+        self.filter_bias = nn.Parameter(torch.randn(d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def state_size(self, seq_len: int) -> int:
+        """The field's measure for a long conv: every past input, d_model * L."""
+        return self.d_model * seq_len
+
+    def allocate_inference_cache(self, batch_size: int, dtype=None, device=None, max_seq_len: int | None = None):
+        raise NotImplementedError("Hyena has no decode path yet (issue 8); use forward on whole sequences")
+
+    def inference_state_bytes(self, seq_len: int, batch_size: int = 1, dtype=None) -> int:
+        raise NotImplementedError("Hyena has no decode path yet (issue 8); see state_size for the field's count")
+
+    def step(self, x: torch.Tensor, state: State, seqlen_offset: Offset = 0) -> torch.Tensor:
+        raise NotImplementedError("Hyena has no decode path yet (issue 8)")
+
+    def forward(self, x: torch.Tensor, state: State | None = None, seqlen_offset: Offset = 0) -> torch.Tensor:
+        """x [B, T, d_model] -> [B, T, d_model]."""
+        if state is not None:
+            raise NotImplementedError("Hyena has no decode path yet (issue 8): call it without a state")
+        u, _ = short_conv(self.in_proj(x), self.short_filter.weight.squeeze(1), self.short_filter.bias)
+        x0, x1, v = u.split(self.d_model, dim=-1)
+        v = (x1 * v).float()
+        y = long_conv(v, self.filter(x.shape[1])) + v * self.filter_bias.float()
+        return self.out_proj((x0.float() * y).to(x.dtype))

@@ -1,0 +1,174 @@
+"""Train and evaluate one MQAR model: one run of a sweep, one row of results.jsonl."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..data.mqar import IGNORE_INDEX, generate_mqar
+from .model import MQARModel, mqar_config
+
+
+@dataclass(frozen=True)
+class MQARTask:
+    """num_examples MQAR examples of seq_len tokens with num_kv_pairs pairs."""
+
+    seq_len: int
+    num_kv_pairs: int
+    num_examples: int
+
+    @property
+    def name(self) -> str:
+        return f"T{self.seq_len}_kv{self.num_kv_pairs}"
+
+
+@dataclass(frozen=True)
+class MQARRun:
+    """One model trained at one learning rate.
+
+    Args:
+        mixer: the mixer under test (a BasedConfig mixer type).
+        d_model: width.
+        lr: peak AdamW learning rate (cosine decay to 0 after a linear warm-up).
+        mixer_kwargs: BasedConfig fields of the mixer, e.g. {"feature_dim": 16} or {"window_size": 32}.
+        train, test: tasks; training batches each come from one train task, in shuffled order.
+        vocab_size, power_a: MQAR generator settings shared by all tasks.
+        epochs, batch_size, weight_decay, warmup_frac: optimisation.
+        seed: model init and batch order; data_seed: the examples (shared by every run of a sweep).
+    """
+
+    mixer: str
+    d_model: int
+    lr: float
+    mixer_kwargs: dict = field(default_factory=dict)
+    train: tuple[MQARTask, ...] = ()
+    test: tuple[MQARTask, ...] = ()
+    vocab_size: int = 8192
+    power_a: float = 0.01
+    epochs: int = 32
+    batch_size: int = 256
+    weight_decay: float = 0.1
+    warmup_frac: float = 0.05
+    seed: int = 0
+    data_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MQARRun":
+        d = dict(d)
+        d["train"] = tuple(MQARTask(**t) for t in d["train"])
+        d["test"] = tuple(MQARTask(**t) for t in d["test"])
+        return cls(**d)
+
+    @property
+    def run_id(self) -> str:
+        """Stable hash of every setting: a resumed sweep skips runs whose id is already in results.jsonl."""
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def model_name(self) -> str:
+        """The model without its learning rate, e.g. "linear_attn d_model=64 feature_dim=16"."""
+        extra = " ".join(f"{k}={v}" for k, v in sorted(self.mixer_kwargs.items()))
+        return f"{self.mixer} d_model={self.d_model}" + (f" {extra}" if extra else "")
+
+    def config(self):
+        max_len = max(t.seq_len for t in (*self.train, *self.test))
+        return mqar_config(self.mixer, self.d_model, self.vocab_size, max_seq_len=max_len, **self.mixer_kwargs)
+
+
+@lru_cache(maxsize=32)
+def _data(task: MQARTask, vocab_size: int, power_a: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached: every run of a sweep trains and tests on the same examples.
+    return generate_mqar(task.num_examples, task.seq_len, task.num_kv_pairs, vocab_size, power_a, seed=seed)
+
+
+def task_data(run: MQARRun, split: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples of run.train[i] or run.test[i]; train and test draw from different seeds."""
+    task = (run.train if split == "train" else run.test)[i]
+    return _data(task, run.vocab_size, run.power_a, 1000 * run.data_seed + (0 if split == "train" else 500) + i)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: not biases, norms, or SSM dynamics marked _no_weight_decay (as mamba does)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, device) -> float:
+    """Fraction of query positions (labels != -100) where the argmax prediction is the value."""
+    model.eval()
+    correct = total = 0
+    for start in range(0, len(inputs), batch_size):
+        x, y = inputs[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
+        mask = y != IGNORE_INDEX
+        correct += (model.head(model.hidden(x)[mask]).argmax(-1) == y[mask]).sum().item()
+        total += mask.sum().item()
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_mqar(run: MQARRun, device: str = "cpu") -> dict:
+    """Train run's model, test it on every test task; returns one results row (JSON-serialisable)."""
+    start_time = time.perf_counter()
+    torch.manual_seed(run.seed)
+    model = MQARModel(run.config()).to(device)
+    train = [task_data(run, "train", i) for i in range(len(run.train))]
+    g = torch.Generator().manual_seed(run.seed)
+    # Batches never mix tasks (their lengths differ); the order of all batches is shuffled per epoch.
+    batches_per_epoch = [(i, b) for i, (x, _) in enumerate(train) for b in range(math.ceil(len(x) / run.batch_size))]
+    total_steps = run.epochs * len(batches_per_epoch)
+    warmup = max(1, int(run.warmup_frac * total_steps))
+    optimizer = torch.optim.AdamW(_param_groups(model, run.weight_decay), lr=run.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))
+    )
+    loss = torch.tensor(float("nan"))
+    for _ in range(run.epochs):
+        perms = [torch.randperm(len(x), generator=g) for x, _ in train]
+        for j in torch.randperm(len(batches_per_epoch), generator=g).tolist():
+            i, b = batches_per_epoch[j]
+            idx = perms[i][b * run.batch_size : (b + 1) * run.batch_size]
+            x, y = train[i][0][idx].to(device), train[i][1][idx].to(device)
+            mask = y != IGNORE_INDEX
+            loss = F.cross_entropy(model.head(model.hidden(x)[mask]).float(), y[mask])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+    train_seconds = time.perf_counter() - start_time
+    accuracy = {
+        task.name: evaluate(model, *task_data(run, "test", i), batch_size=run.batch_size, device=device)
+        for i, task in enumerate(run.test)
+    }
+    lengths = sorted({t.seq_len for t in run.test})
+    return {
+        "run_id": run.run_id,
+        "mixer": run.mixer,
+        "model": run.model_name,
+        "d_model": run.d_model,
+        "lr": run.lr,
+        "hparams": dict(run.mixer_kwargs),
+        "params": sum(p.numel() for p in model.parameters()),
+        # The mixer under test, values per sequence, at each test length (attention and Hyena grow with it).
+        "state_size": {str(L): model.state_size(L) for L in lengths},
+        "accuracy": accuracy,
+        "final_train_loss": round(loss.item(), 4),
+        "train_steps": total_steps,
+        "seconds": round(time.perf_counter() - start_time, 1),
+        "train_seconds": round(train_seconds, 1),
+        "device": str(device),
+        "run": run.to_dict(),
+    }
