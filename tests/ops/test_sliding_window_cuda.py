@@ -18,5 +18,10 @@ def test_flex_matches_naive(T, window, dtype):
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, (q, k, v), do)
     want = torch.autograd.grad(ref, (q, k, v), do.float())
-    for a, b in zip(got, want):
-        assert rel_err(a, b) < 2 * tol
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        if b.abs().max() == 0:
+            # window 1: softmax over one key, so dq = dk = 0 exactly and a relative error is undefined;
+            # measured on an H200, fp16 flex leaves ~1e-7 rounding there.
+            assert a.float().abs().max() < 1e-4, name
+        else:
+            assert rel_err(a, b) < 2 * tol, name
