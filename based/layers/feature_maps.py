@@ -76,7 +76,8 @@ class FeatureMapLinearAttention(LinearAttention):
         x = x.float()
         if self.kind == "performer":
             x = x * self.feature_dim**-0.25
-            logits = torch.einsum("bthd,hmd->bthm", x, self.random_features.float()) - x.square().sum(-1, keepdim=True) / 2
+            w = self.random_features.float()  # [H, m, d]
+            logits = torch.einsum("bthd,hmd->bthm", x, w) - x.square().sum(-1, keepdim=True) / 2
             if is_query:
                 # A per-query factor cancels between numerator and denominator: subtract the max to
                 # keep exp in range (keys cannot, their factors do not cancel).

@@ -49,22 +49,24 @@ class HyenaFilter(nn.Module):
         super().__init__()
         if emb_dim < 3 or emb_dim % 2 == 0:
             raise ValueError(f"emb_dim must be odd and >= 3, got {emb_dim}")
-        self.max_seq_len = max_seq_len
-        self.register_buffer("bands", torch.linspace(1e-4, (emb_dim - 1) // 2 - 1, (emb_dim - 1) // 2), persistent=False)
+        self.d_model, self.emb_dim, self.max_seq_len = d_model, emb_dim, max_seq_len
+        # Constants, recomputed in forward rather than kept as buffers: a Hugging Face load materialises
+        # non-persistent buffers uninitialised.
+        self.decay_range = (math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct)
         self.mlp = nn.Sequential(
             nn.Linear(emb_dim, filter_order), Sin(filter_order),
             nn.Linear(filter_order, filter_order), Sin(filter_order),
             nn.Linear(filter_order, d_model, bias=False),
         )
-        rates = torch.linspace(math.log(target) / slow_decay_pct, math.log(target) / fast_decay_pct, d_model).abs()
-        self.register_buffer("decay_rates", rates, persistent=False)
 
     def forward(self, seq_len: int) -> torch.Tensor:
-        t = torch.arange(seq_len, device=self.bands.device, dtype=torch.float32).unsqueeze(-1) / self.max_seq_len
-        angles = 2 * math.pi * t * self.bands  # [T, bands]
+        device = self.mlp[0].weight.device
+        bands = (self.emb_dim - 1) // 2
+        t = torch.arange(seq_len, device=device, dtype=torch.float32).unsqueeze(-1) / self.max_seq_len  # [T, 1]
+        angles = 2 * math.pi * t * torch.linspace(1e-4, bands - 1, bands, device=device)  # [T, bands]
         z = torch.cat([t, angles.cos(), -angles.sin()], dim=-1)  # [T, emb_dim]
-        h = self.mlp(z.to(self.mlp[0].weight.dtype)).float() * torch.exp(-t * self.decay_rates)  # [T, d_model]
-        return h.transpose(0, 1)
+        decay = torch.exp(-t * torch.linspace(*self.decay_range, self.d_model, device=device).abs())
+        return (self.mlp(z.to(self.mlp[0].weight.dtype)).float() * decay).transpose(0, 1)  # [d_model, T]
 
 
 class Hyena(nn.Module):

@@ -134,13 +134,16 @@ def test_selective_scan_matches_its_recurrence():
     [(["mamba", "h3"], {}), (["hyena", "linear_attn"], {"feature_map": "performer"}),
      (["linear_attn", "base_conv"], {"feature_map": "cosformer"})],
 )
-def test_usable_in_the_language_model(mixer_types, extra):
+def test_usable_in_the_language_model(mixer_types, extra, tmp_path):
     config = BasedConfig.from_preset("debug", n_layer=2, mixer_types=mixer_types, **extra)
     model = BasedForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (2, 12))
     out = model(ids, labels=ids)
     assert torch.isfinite(out.loss)
     out.loss.backward()
+    model.save_pretrained(tmp_path)  # every parameter and constant survives a Hugging Face round trip
+    with torch.no_grad():
+        torch.testing.assert_close(BasedForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
     assert model.state_size(12) == sum(b.mixer.state_size(12) for b in model.transformer.layers)
     # The Mamba step-size bias survives the LM's Linear init (it is not a Linear bias).
     for block in model.transformer.layers:

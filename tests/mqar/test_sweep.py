@@ -1,5 +1,4 @@
 """MQAR model, training, sweeps (resume, CLI) and the Pareto plot, at tiny scale."""
-import time
 
 import numpy as np
 import pytest
@@ -27,10 +26,8 @@ def test_attention_learns_mqar(seed):
     """The sanity check of the whole pipeline: attention solves a small MQAR task (320 steps, ~4 s)."""
     run = MQARRun("attention", 32, 1e-2, train=(MQARTask(32, 4, 2048),), test=(MQARTask(32, 4, 256),),
                   vocab_size=48, epochs=10, batch_size=64, seed=seed, data_seed=seed)
-    start = time.perf_counter()
     row = train_mqar(run)
     assert row["accuracy"]["T32_kv4"] > 0.9, row
-    assert time.perf_counter() - start < 30
 
 
 def test_model_layout():
