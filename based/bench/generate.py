@@ -327,7 +327,7 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="based bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/generation-<gpu>-<date>.json)")
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds; later (larger) points are skipped")

@@ -149,7 +149,7 @@ def _table(prefill, decode, copy_gbps) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="based bench ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/ops-<gpu>-<date>.json)")
     p.add_argument("--quick", action="store_true", help="T in (1024, 8192) and three decode batches")
     p.add_argument("--lengths", type=int, nargs="*", default=None)
