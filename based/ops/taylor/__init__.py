@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .chunk import chunk_taylor_linear_attn
-from .common import DEFAULT_EPS, State, check_qkv, check_state, zero_state
+from .common import DEFAULT_EPS, State, check_qkv, check_state, triton_available, zero_state
 from .feature_map import FEATURE_MAPS, taylor_feature_dim, taylor_feature_map
 from .naive import naive_taylor_linear_attn
 from .parallel import parallel_taylor_linear_attn
@@ -21,16 +21,6 @@ _TORCH_FORMS = {
 
 # Below this length the [T, T] score matrix is cheaper than carrying a D_feat x dv state per chunk.
 PARALLEL_MAX_T = 128
-
-
-def _triton_available(q: torch.Tensor) -> bool:
-    if not q.is_cuda:
-        return False
-    try:
-        from . import triton as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _check_varlen(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, initial_state, feature_map: str) -> int:
@@ -121,7 +111,7 @@ def taylor_linear_attn(
         raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
-    if backend == "triton" or (backend == "auto" and mode in ("auto", "chunk") and _triton_available(q)):
+    if backend == "triton" or (backend == "auto" and mode in ("auto", "chunk") and triton_available(q)):
         from .triton import triton_taylor_linear_attn
 
         return triton_taylor_linear_attn(

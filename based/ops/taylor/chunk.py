@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import DEFAULT_EPS, State
-from .feature_map import taylor_feature_map, taylor_feature_dim
+from .common import DEFAULT_EPS, State, zero_state
+from .feature_map import taylor_feature_map
 from .parallel import taylor_kernel_scores
 
 DEFAULT_CHUNK_SIZE = 64
@@ -32,9 +32,7 @@ def chunk_taylor_linear_attn(
     scale = d**-0.5 if scale is None else scale
     qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, T, *]
     if initial_state is None:
-        F = taylor_feature_dim(d, feature_map)
-        kv = q.new_zeros(B, H, F, dv, dtype=torch.float32)
-        ks = q.new_zeros(B, H, F, dtype=torch.float32)
+        kv, ks = zero_state(B, H, d, dv, q.device, feature_map)
     else:
         kv, ks = initial_state
     outs = []

@@ -44,6 +44,17 @@ def check_state(state: State | None, q: torch.Tensor, v: torch.Tensor, feature_m
         )
 
 
+def triton_available(x: torch.Tensor) -> bool:
+    """True when x is on CUDA and the Triton kernels import (triton installed)."""
+    if not x.is_cuda:
+        return False
+    try:
+        from . import triton as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def zero_state(batch_size: int, num_heads: int, feature_dim: int, head_dim: int, device, feature_map="compact") -> State:
     """A fresh fp32 state (kv [B, H, D_feat, dv], k_sum [B, H, D_feat]) for `feature_dim`-wide q/k."""
     F = taylor_feature_dim(feature_dim, feature_map)

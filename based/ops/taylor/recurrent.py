@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import torch
 
-from .common import DEFAULT_EPS, State
-from .feature_map import taylor_feature_map, taylor_feature_dim
+from .common import DEFAULT_EPS, State, triton_available, zero_state
+from .feature_map import taylor_feature_map
 
 
 def _triton_step_ok(q, k, v, kv_state: torch.Tensor, k_state: torch.Tensor) -> bool:
-    if not (q.is_cuda and kv_state.is_contiguous() and k_state.is_contiguous()):
+    if not (kv_state.is_contiguous() and k_state.is_contiguous()):
         return False
     if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or kv_state.requires_grad):
         return False  # the kernel is not differentiable: keep autograd on the PyTorch path
-    try:
-        from . import triton as _  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton_available(q)
 
 
 def taylor_linear_attn_step(
@@ -72,13 +68,11 @@ def recurrent_taylor_linear_attn(
 ) -> tuple[torch.Tensor, State | None]:
     B, T, H, d = q.shape
     dv = v.shape[-1]
-    F = taylor_feature_dim(d, feature_map)
     fq = taylor_feature_map(q.float(), feature_map, scale)  # [B, T, H, F]
     fk = taylor_feature_map(k.float(), feature_map, scale)
     vf = v.float()
     if initial_state is None:
-        kv = q.new_zeros(B, H, F, dv, dtype=torch.float32)
-        ks = q.new_zeros(B, H, F, dtype=torch.float32)
+        kv, ks = zero_state(B, H, d, dv, q.device, feature_map)
     else:
         kv, ks = initial_state
     outs = []
