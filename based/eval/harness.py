@@ -1,8 +1,9 @@
 """lm-evaluation-harness adapter: the "based" model and the recall tasks shipped in based/eval/tasks/.
 
-lm-eval (0.4.x) finds models only in its own registry and has no plugin entry point, so the plain
-`lm_eval` command never imports this module. Use the wrapper, which registers "based", defaults
---include_path to our task folder and then runs lm-eval's own CLI with the same arguments:
+Plain `lm_eval --model based --tasks based_swde ...` works once based is installed: lm-eval (0.4.x)
+has no plugin entry point, so based-lm-eval.pth runs based_lm_eval_plugin at start-up, which registers
+this class lazily and adds TASKS_DIR to lm-eval's task paths. The wrapper below does the same explicitly
+(for interpreters started without site .pth files) and then runs lm-eval's own CLI:
 
     based-lm-eval --model based --model_args pretrained=DIR --tasks based_swde \
         --metadata '{"swde_path": "swde.jsonl"}'          # or: python -m based.eval.harness ...

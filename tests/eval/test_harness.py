@@ -2,6 +2,11 @@
 recall tasks and tiny local tasks through lm_eval.simple_evaluate, and the `based-lm-eval` wrapper CLI."""
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +162,32 @@ def test_wrapper_cli_registers_the_model_and_the_tasks(checkpoint, tmp_path, mon
     [path] = (tmp_path / "out").rglob("results_*.json")
     results = json.loads(path.read_text())["results"]["based_fda"]
     assert not math.isnan(results["contains,none"]) and 0 <= results["contains,none"] <= 1
+
+
+def test_plain_lm_eval_command_finds_the_model_and_the_tasks(checkpoint, tmp_path):
+    """`lm_eval --model based --tasks based_fda`, lm-eval's own console script in a fresh process: the
+    based-lm-eval.pth that installing based puts in site-packages registers both (based_lm_eval_plugin)."""
+    lm_eval_cli = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
+    assert lm_eval_cli, "lm-eval's `lm_eval` command is not installed next to this Python"
+    data = recall_file(tmp_path / "fda.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run(
+        [lm_eval_cli, "--model", "based", "--model_args", f"pretrained={checkpoint},max_length=64",
+         "--tasks", "based_fda", "--metadata", json.dumps({"fda_path": str(data)}), "--limit", "2",
+         "--batch_size", "2", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    [path] = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(path.read_text())["results"]["based_fda"]
+    assert 0 <= results["contains,none"] <= 1
+    assert json.loads(path.read_text())["config"]["model"] == "based"
+
+
+def test_the_plugin_can_be_switched_off():
+    code = "from lm_eval.api.registry import get_model; get_model('based')"
+    env = {**os.environ, "BASED_LM_EVAL_PLUGIN": "0"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode != 0 and "no model for this name found" in run.stderr
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
