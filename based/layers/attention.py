@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.decode_attn import cached_positions, decode_attn
 from .rotary import RotaryEmbedding
 from .state import Offset, State, state_nbytes, token_positions
 
@@ -115,12 +116,7 @@ class Attention(nn.Module):
         pos = token_positions(seqlen_offset, B, 1, x.device)  # [B, 1]
         q, k, v = self._qkv(x.reshape(B, 1, self.d_model), pos[:, 0])
         self._write(state, k, v, pos)
-        k_cache, v_cache = state
-        visible = self._cached_positions(pos[:, 0], k_cache.shape[1]) >= 0  # [B, L]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_cache.to(q.dtype).transpose(1, 2), v_cache.to(q.dtype).transpose(1, 2),
-            attn_mask=visible.view(B, 1, 1, -1),
-        )
+        o = decode_attn(q[:, 0], state[0], state[1], pos[:, 0])
         return self.out_proj(o.reshape(B, self.d_model)).view_as(x)
 
     def _qkv(self, x: torch.Tensor, seqlen_offset: Offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,11 +134,6 @@ class Attention(nn.Module):
                 f"(allocate_inference_cache max_seq_len)"
             )
 
-    def _cached_positions(self, last: torch.Tensor, L: int) -> torch.Tensor:
-        """Position held by each cache row [B, L] once positions up to `last` [B] are written; < 0 = empty."""
-        rows = torch.arange(L, device=last.device)
-        return last.unsqueeze(-1) - torch.remainder(last.unsqueeze(-1) - rows, L)
-
     def _write(self, state: State, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         k_cache, v_cache = state
         L = k_cache.shape[1]
@@ -156,7 +147,7 @@ class Attention(nn.Module):
     def _attend_cached(self, q, k, v, state: State, positions: torch.Tensor) -> torch.Tensor:
         """Queries at `positions` [B, T] over the cached earlier tokens plus the new ones."""
         k_cache, v_cache = state
-        cached = self._cached_positions(positions[:, 0] - 1, k_cache.shape[1])  # [B, L]
+        cached = cached_positions(positions[:, 0] - 1, k_cache.shape[1])  # [B, L]
         keys = torch.cat([k_cache.to(q.dtype), k], dim=1)
         values = torch.cat([v_cache.to(v.dtype), v], dim=1)
         qp = positions.unsqueeze(-1)  # [B, T, 1]

@@ -1,0 +1,73 @@
+"""One-token softmax attention over a KV cache kept as a ring: the decode step of Attention and
+SlidingWindowAttention.
+
+The cache has L rows; position p lives in row p % L, so after writing positions up to `last` row r holds
+position last - ((last - r) mod L), and a row whose position is < 0 was never written. Full attention
+sizes the ring to the longest context (it never wraps); sliding-window attention sizes it to the window,
+so every written row is in the window. Either way the query attends to exactly the written rows.
+
+The Triton kernel (CUDA) reads each cached key and value once, in place ([B, L, H, D], no transposed
+copies), skips the rows past `last` (full attention with a short context reads only what it holds) and
+keeps an online softmax in fp32; the PyTorch form is the same maths through SDPA with a mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..taylor.common import triton_available
+
+
+def cached_positions(last: torch.Tensor, L: int) -> torch.Tensor:
+    """Position held by each ring row [B, L] once positions up to `last` [B] are written; < 0 = empty."""
+    rows = torch.arange(L, device=last.device)
+    return last.unsqueeze(-1) - torch.remainder(last.unsqueeze(-1) - rows, L)
+
+
+def _check(q, k_cache, v_cache, last):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, H, D] (one token per sequence), got shape {tuple(q.shape)}")
+    B, H, D = q.shape
+    if k_cache.dim() != 4 or tuple(k_cache.shape[:1]) + tuple(k_cache.shape[2:]) != (B, H, D):
+        raise ValueError(f"k_cache must be [B, L, H, D] = [{B}, L, {H}, {D}], got {tuple(k_cache.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache must be [B, L, H, Dv] with B, L, H of k_cache, got {tuple(v_cache.shape)}")
+    if last.shape != (B,):
+        raise ValueError(f"last must hold one position per sequence, shape [{B}], got {tuple(last.shape)}")
+
+
+def torch_decode_attn(q, k_cache, v_cache, last, scale: float | None = None) -> torch.Tensor:
+    """Reference: SDPA over the whole ring with the unwritten rows masked out."""
+    B = q.shape[0]
+    visible = cached_positions(last, k_cache.shape[1]) >= 0  # [B, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k_cache.to(q.dtype).transpose(1, 2), v_cache.to(q.dtype).transpose(1, 2),
+        attn_mask=visible.view(B, 1, 1, -1), scale=scale,
+    )
+    return o.squeeze(2)
+
+
+def decode_attn(q, k_cache, v_cache, last, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention of one new token per sequence over its ring cache (which already holds that token).
+
+    Args:
+        q: [B, H, D] queries (rotary applied).
+        k_cache, v_cache: [B, L, H, D] and [B, L, H, Dv]; keys with rotary applied.
+        last: LongTensor [B], the position of the new token (written rows: positions last - L + 1 .. last).
+        scale: softmax scale (default D ** -0.5).
+        backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
+    Returns:
+        [B, H, Dv] in q's dtype.
+    """
+    _check(q, k_cache, v_cache, last)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and triton_available(q))
+    if not use_triton:
+        return torch_decode_attn(q, k_cache, v_cache, last, scale)
+    from .triton import triton_decode_attn
+
+    return triton_decode_attn(q, k_cache, v_cache, last, scale)
+
+
+__all__ = ["decode_attn", "torch_decode_attn", "cached_positions"]

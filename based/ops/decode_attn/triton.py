@@ -1,0 +1,63 @@
+"""Triton kernel of decode_attn: one program per (sequence, head), an online softmax over ring blocks.
+
+Rows are visited in storage order; softmax does not care about order, only about which rows count
+(written ones, position >= 0). A full-attention ring never wraps, so rows past `last` are skipped
+outright: the loop stops at min(last + 1, L), and a short context costs what it holds, not the ring.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attn_kernel(
+    q, k, v, last, o, scale, L,
+    s_kb, s_kl, s_vb, s_vl,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
+    m_d, m_dv = o_d < D, o_dv < DV
+    b_q = tl.load(q + (i_b * H + i_h) * D + o_d, mask=m_d, other=0.0).to(tl.float32) * scale
+    b_last = tl.load(last + i_b)
+    n_rows = tl.minimum(b_last + 1, L)  # rows >= last + 1 are unwritten until the ring wraps
+    p_k = k + i_b * s_kb + i_h * D
+    p_v = v + i_b * s_vb + i_h * DV
+    b_m = tl.full([], float("-inf"), tl.float32)
+    b_l = tl.zeros([], tl.float32)
+    b_acc = tl.zeros([BDV], tl.float32)
+    for r0 in range(0, n_rows, BL):
+        o_r = r0 + tl.arange(0, BL)
+        m_r = o_r < n_rows
+        b_k = tl.load(p_k + o_r[:, None] * s_kl + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+        b_s = tl.sum(b_k.to(tl.float32) * b_q[None, :], 1)  # [BL]
+        b_s = tl.where(m_r, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
+        b_p = tl.exp(b_s - b_m_new)
+        alpha = tl.exp(b_m - b_m_new)
+        b_v = tl.load(p_v + o_r[:, None] * s_vl + o_dv[None, :], mask=m_r[:, None] & m_dv[None, :], other=0.0)
+        b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_v.to(tl.float32), 0)
+        b_l = b_l * alpha + tl.sum(b_p, 0)
+        b_m = b_m_new
+    tl.store(o + (i_b * H + i_h) * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
+
+
+def triton_decode_attn(q, k_cache, v_cache, last, scale: float | None = None) -> torch.Tensor:
+    """Same contract as decode_attn. The caches' last two dims must be contiguous ([..., H, D] rows)."""
+    B, H, D = q.shape
+    L, DV = k_cache.shape[1], v_cache.shape[-1]
+    if k_cache.stride()[2:] != (D, 1) or v_cache.stride()[2:] != (DV, 1):
+        raise ValueError("decode_attn: each cache row [H, D] must be contiguous (allocate_inference_cache layout)")
+    q = q.contiguous()
+    o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
+    BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
+    BL = max(16, min(64, 8192 // max(BD, BDV)))
+    _decode_attn_kernel[(B, H)](
+        q, k_cache, v_cache, last.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=H, D=D, DV=DV, BD=BD, BDV=BDV, BL=BL, num_warps=4,
+    )
+    return o

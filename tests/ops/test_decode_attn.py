@@ -1,0 +1,114 @@
+"""decode_attn (one token against a ring KV cache): the Triton kernel against the SDPA form and both against
+an explicit softmax over the positions each ring row holds. Without CUDA the kernel runs under
+TRITON_INTERPRET=1 on tiny shapes; `pytest -m gpu` runs real sizes."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from based.ops.decode_attn import cached_positions, decode_attn, torch_decode_attn  # noqa: E402
+
+triton = pytest.importorskip("triton")
+torch.set_num_threads(1)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def explicit(q, k_cache, v_cache, last, window=None):
+    """Softmax over the rows whose position is written (and, for a window, within it), in fp64."""
+    B, L = k_cache.shape[:2]
+    out = []
+    for b in range(B):
+        pos = cached_positions(last[b:b + 1], L)[0]
+        keep = pos >= 0
+        if window is not None:
+            keep &= pos > last[b] - window
+        s = torch.einsum("hd,lhd->hl", q[b].double(), k_cache[b].double()) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~keep, float("-inf"))
+        out.append(torch.einsum("hl,lhd->hd", s.softmax(-1), v_cache[b].double()))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("L, last", [
+    (7, [0, 3, 6, 20]),      # partly filled, exactly full, wrapped around
+    (40, [0, 1, 17, 39]),    # several row blocks (BL = 16 at these widths), full-attention style
+])
+def test_kernel_matches_torch_and_the_explicit_softmax(L, last):
+    torch.manual_seed(0)
+    B, H, D, DV = len(last), 3, 12, 10  # head dims that are not powers of two
+    q = torch.randn(B, H, D, device=DEVICE)
+    k, v = torch.randn(B, L, H, D, device=DEVICE), torch.randn(B, L, H, DV, device=DEVICE)
+    last = torch.tensor(last, device=DEVICE)
+    ref = explicit(q, k, v, last).float()
+    torch.testing.assert_close(torch_decode_attn(q, k, v, last), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode_attn(q, k, v, last, backend="triton"), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_reads_caches_in_their_layout_and_in_16_bit():
+    torch.manual_seed(1)
+    B, L, H, D = 2, 9, 2, 16
+    kv = torch.randn(B, L, 2, H, D, device=DEVICE, dtype=torch.bfloat16)  # k and v interleaved: strided rows
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    q = torch.randn(B, H, D, device=DEVICE, dtype=torch.bfloat16)
+    last = torch.tensor([4, 30], device=DEVICE)
+    out = decode_attn(q, k, v, last, backend="triton")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), explicit(q, k, v, last).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_sliding_window_decode_equals_explicit_window():
+    """A ring of exactly `window` rows shows each token the last `window` positions."""
+    torch.manual_seed(2)
+    W, B, H, D = 5, 3, 2, 8
+    T = 13
+    k_all, v_all = torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+    q = torch.randn(B, H, D)
+    ring_k, ring_v = torch.zeros(B, W, H, D), torch.zeros(B, W, H, D)
+    for t in range(T):
+        ring_k[:, t % W], ring_v[:, t % W] = k_all[:, t], v_all[:, t]
+        last = torch.full((B,), t)
+        # Explicit: the full history, masked to the window.
+        full = explicit(q, k_all[:, : t + 1], v_all[:, : t + 1], last, window=W)
+        torch.testing.assert_close(
+            decode_attn(q.to(DEVICE), ring_k.to(DEVICE), ring_v.to(DEVICE), last.to(DEVICE), backend="triton").cpu(),
+            full.float(), atol=1e-5, rtol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("args, match", [
+    (((2, 3, 4), (2, 5, 3, 4), (2, 5, 3, 4), (2,)), None),
+    (((2, 3), (2, 5, 3, 4), (2, 5, 3, 4), (2,)), r"q must be \[B, H, D\]"),
+    (((2, 3, 4), (2, 5, 2, 4), (2, 5, 2, 4), (2,)), r"k_cache must be \[B, L, H, D\] = \[2, L, 3, 4\]"),
+    (((2, 3, 4), (2, 5, 3, 4), (2, 6, 3, 4), (2,)), "v_cache must be"),
+    (((2, 3, 4), (2, 5, 3, 4), (2, 5, 3, 4), (3,)), r"one position per sequence, shape \[2\]"),
+])
+def test_bad_shapes_are_named(args, match):
+    q, k, v, last = (torch.zeros(s) for s in args)
+    if match is None:
+        assert decode_attn(q, k, v, last.long()).shape == (2, 3, 4)
+    else:
+        with pytest.raises(ValueError, match=match):
+            decode_attn(q, k, v, last.long())
+
+
+def test_unknown_backend_is_named():
+    q, k = torch.zeros(2, 3, 4), torch.zeros(2, 5, 3, 4)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'triton' or 'torch'"):
+        decode_attn(q, k, k, torch.zeros(2, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("L, H, D", [(128, 16, 112), (129, 16, 64), (4096, 16, 64)])
+def test_kernel_at_real_sizes(L, H, D):
+    torch.manual_seed(0)
+    B = 64
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16)
+    last = torch.randint(0, 3 * L, (B,), device="cuda")
+    ref = torch_decode_attn(q.float(), k.float(), v.float(), last)
+    torch.testing.assert_close(decode_attn(q, k, v, last).float(), ref, atol=1e-2, rtol=1e-2)
