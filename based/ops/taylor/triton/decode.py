@@ -50,9 +50,12 @@ def _taylor_step_kernel(
     tl.store(o + i_bh * DV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-def triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6):
+def triton_taylor_linear_attn_step(
+    q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=4
+):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
-    [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv]."""
+    [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
+    block_f (state rows per iteration) and num_warps are tuning knobs (benchmarks/taylor_decode_sweep.py)."""
     B, H, D = q.shape
     DV = v.shape[-1]
     F = kv_state.shape[-2]
@@ -65,8 +68,8 @@ def triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map="comp
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(v)
     BV = triton.next_power_of_2(DV)
-    BF = max(1, min(64, 4096 // BV))
+    BF = block_f or max(1, min(64, 4096 // BV))
     _taylor_step_kernel[(B * H,)](
-        q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, num_warps=4,
+        q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, num_warps=num_warps,
     )
     return o
