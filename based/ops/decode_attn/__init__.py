@@ -47,6 +47,13 @@ def torch_decode_attn(q, k_cache, v_cache, last, scale: float | None = None) -> 
     return o.squeeze(2)
 
 
+def _triton_wins(B: int, L: int, H: int) -> bool:
+    # One program per (sequence, head) walks its rows alone: with few programs and long caches SDPA's
+    # split over the keys is faster (H200, benchmarks/results/decode-attn-h200-2026-11-29.json: 1 x 16
+    # heads over 1024 cached tokens, Triton 0.115 ms vs SDPA 0.078 ms; 16 x 16 heads, 0.132 vs 0.166).
+    return L <= 512 or B * H >= 128
+
+
 def decode_attn(q, k_cache, v_cache, last, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention of one new token per sequence over its ring cache (which already holds that token).
 
@@ -55,14 +62,14 @@ def decode_attn(q, k_cache, v_cache, last, scale: float | None = None, backend: 
         k_cache, v_cache: [B, L, H, D] and [B, L, H, Dv]; keys with rotary applied.
         last: LongTensor [B], the position of the new token (written rows: positions last - L + 1 .. last).
         scale: softmax scale (default D ** -0.5).
-        backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
+        backend: "auto" (Triton on CUDA when it wins, else PyTorch), "triton" or "torch".
     Returns:
         [B, H, Dv] in q's dtype.
     """
     _check(q, k_cache, v_cache, last)
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and triton_available(q))
+    use_triton = backend == "triton" or (backend == "auto" and triton_available(q) and _triton_wins(*k_cache.shape[:3]))
     if not use_triton:
         return torch_decode_attn(q, k_cache, v_cache, last, scale)
     from .triton import triton_decode_attn

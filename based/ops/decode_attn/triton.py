@@ -45,8 +45,14 @@ def _decode_attn_kernel(
     tl.store(o + (i_b * H + i_h) * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
 
 
-def triton_decode_attn(q, k_cache, v_cache, last, scale: float | None = None) -> torch.Tensor:
-    """Same contract as decode_attn. The caches' last two dims must be contiguous ([..., H, D] rows)."""
+# A graph break where a compiled block calls it, as for the Taylor kernels: the launch is host-side Python.
+@torch.compiler.disable
+def triton_decode_attn(
+    q, k_cache, v_cache, last, scale: float | None = None, block_l: int | None = None, num_warps: int = 4,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Same contract as decode_attn. The caches' last two dims must be contiguous ([..., H, D] rows).
+    block_l (rows per iteration), num_warps and num_stages are tuning knobs (benchmarks/decode_attn.py --sweep)."""
     B, H, D = q.shape
     L, DV = k_cache.shape[1], v_cache.shape[-1]
     if k_cache.stride()[2:] != (D, 1) or v_cache.stride()[2:] != (DV, 1):
@@ -54,10 +60,11 @@ def triton_decode_attn(q, k_cache, v_cache, last, scale: float | None = None) ->
     q = q.contiguous()
     o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
     BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
-    BL = max(16, min(64, 8192 // max(BD, BDV)))
+    BL = block_l or max(16, min(64, 8192 // max(BD, BDV)))
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _decode_attn_kernel[(B, H)](
         q, k_cache, v_cache, last.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        H=H, D=D, DV=DV, BD=BD, BDV=BDV, BL=BL, num_warps=4,
+        H=H, D=D, DV=DV, BD=BD, BDV=BDV, BL=BL, num_warps=num_warps, **extra,
     )
     return o
