@@ -9,15 +9,19 @@ from .base_conv import BaseConv
 from .feature_maps import FEATURE_MAP_ABLATIONS, FeatureMapLinearAttention
 from .h3 import H3
 from .hyena import Hyena
+from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .mamba import Mamba
+from .mamba2 import Mamba2
 from .mlp import SwiGLU
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding, apply_rotary
+from .rwkv import RWKV
 from .sliding_window import SlidingWindowAttention
 
 __all__ = [
     "Attention", "BaseConv", "LinearAttention", "SlidingWindowAttention",
     "FeatureMapLinearAttention", "FEATURE_MAP_ABLATIONS", "Mamba", "H3", "Hyena",
+    "LightningAttention", "Mamba2", "RWKV",
     "SwiGLU", "RMSNorm", "RotaryEmbedding", "apply_rotary",
 ]

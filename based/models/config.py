@@ -11,7 +11,8 @@ from ..layers.feature_maps import FEATURE_MAP_ABLATIONS
 from ..ops import FEATURE_MAPS
 from .presets import PRESET_CONFIGS, PRESETS
 
-MIXER_TYPES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba", "h3", "hyena")
+MIXER_TYPES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba", "h3", "hyena", "lightning", "mamba2",
+               "rwkv")
 # Taylor's two state layouts, then the other feature maps of the paper's ablation ("taylor" = "compact").
 LA_FEATURE_MAPS = FEATURE_MAPS + FEATURE_MAP_ABLATIONS
 
@@ -46,7 +47,10 @@ class BasedConfig(PretrainedConfig):
         attn_num_heads: full attention (Transformer++).
         rotary_base: RoPE base of both softmax attentions.
         conv_kernel_size, conv_expand: BaseConv.
-        ssm_state_size, ssm_expand: Mamba's d_state and expand. h3_state_size: H3's N (even).
+        ssm_state_size, ssm_expand: Mamba's d_state and expand (also Mamba-2's). h3_state_size: H3's N (even).
+        lightning_num_heads: Lightning Attention heads (head_dim = d_model / heads, state per head head_dim^2).
+        mamba2_headdim: Mamba-2's P, channels per head (nheads = ssm_expand * d_model / P).
+        rwkv_head_size: RWKV-5's head size (dk = dv; heads = d_model / head size, state per head head size^2).
         hyena_filter_order: width of Hyena's implicit filter MLP (positions are normalised by
             max_position_embeddings, which is also the cosformer map's M).
         mlp_hidden_size: SwiGLU inner size (default 2 * d_model).
@@ -76,6 +80,9 @@ class BasedConfig(PretrainedConfig):
     ssm_expand: int = 2
     h3_state_size: int = 64
     hyena_filter_order: int = 64
+    lightning_num_heads: int = 16
+    mamba2_headdim: int = 64
+    rwkv_head_size: int = 64
     mlp_hidden_size: int | None = None
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-5
@@ -95,6 +102,8 @@ class BasedConfig(PretrainedConfig):
             conv_expand=self.conv_expand, max_position_embeddings=self.max_position_embeddings,
             pad_vocab_size_multiple=self.pad_vocab_size_multiple, ssm_state_size=self.ssm_state_size,
             ssm_expand=self.ssm_expand, h3_state_size=self.h3_state_size, hyena_filter_order=self.hyena_filter_order,
+            lightning_num_heads=self.lightning_num_heads, mamba2_headdim=self.mamba2_headdim,
+            rwkv_head_size=self.rwkv_head_size,
         )
         _positive(rms_norm_eps=self.rms_norm_eps, la_eps=self.la_eps, rotary_base=self.rotary_base,
                   initializer_range=self.initializer_range)
@@ -117,6 +126,17 @@ class BasedConfig(PretrainedConfig):
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by la_num_heads={self.la_num_heads}; set la_head_dim"
             )
+        if "lightning" in used and self.d_model % self.lightning_num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by lightning_num_heads={self.lightning_num_heads}"
+            )
+        if "mamba2" in used and (self.ssm_expand * self.d_model) % self.mamba2_headdim:
+            raise ValueError(
+                f"ssm_expand * d_model = {self.ssm_expand * self.d_model} is not divisible by "
+                f"mamba2_headdim={self.mamba2_headdim}"
+            )
+        if "rwkv" in used and self.d_model % self.rwkv_head_size:
+            raise ValueError(f"rwkv_head_size={self.rwkv_head_size} must divide d_model={self.d_model}")
         if "h3" in used and self.h3_state_size % 2:
             raise ValueError(f"h3_state_size must be even (N/2 complex modes), got {self.h3_state_size}")
         for kind, heads in (("sliding_window", "swa_num_heads"), ("attention", "attn_num_heads")):

@@ -17,8 +17,8 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from ..generation.hf import BasedGenerationMixin
 from ..layers import (
-    H3, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LinearAttention, Mamba, RMSNorm,
-    SlidingWindowAttention, SwiGLU,
+    H3, RWKV, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LightningAttention, LinearAttention, Mamba,
+    Mamba2, RMSNorm, SlidingWindowAttention, SwiGLU,
 )
 from ..ops import FEATURE_MAPS
 from ..layers.state import Offset, State
@@ -48,6 +48,17 @@ def build_mixer(config: BasedConfig, kind: str, layer_idx: int) -> nn.Module:
         return Attention(d, config.attn_num_heads, rotary_base=config.rotary_base, layer_idx=layer_idx)
     if kind == "mamba":
         return Mamba(d, d_state=config.ssm_state_size, expand=config.ssm_expand, layer_idx=layer_idx)
+    if kind == "lightning":
+        return LightningAttention(
+            d, num_heads=config.lightning_num_heads, num_layers=config.n_layer, layer_idx=layer_idx
+        )
+    if kind == "mamba2":
+        return Mamba2(
+            d, d_state=config.ssm_state_size, expand=config.ssm_expand, headdim=config.mamba2_headdim,
+            layer_idx=layer_idx,
+        )
+    if kind == "rwkv":
+        return RWKV(d, head_size=config.rwkv_head_size, n_layer=config.n_layer, layer_idx=layer_idx)
     if kind == "h3":
         return H3(d, d_state=config.h3_state_size, layer_idx=layer_idx)
     if kind == "hyena":

@@ -14,12 +14,17 @@ FAMILIES = {
     "H3": "tab:purple",
     "Hyena": "tab:brown",
     "BaseConv": "tab:gray",
+    "Lightning": "darkgoldenrod",
+    "Mamba-2": "lime",
+    "RWKV": "teal",
 }
 _ABLATION_COLORS = ("tab:pink", "tab:olive", "tab:cyan", "gold", "navy")
 _NAMES = {"attention": "Attention", "sliding_window": "Sliding window", "mamba": "Mamba", "h3": "H3",
-          "hyena": "Hyena", "base_conv": "BaseConv"}
+          "hyena": "Hyena", "base_conv": "BaseConv",
+          "lightning": "Lightning", "mamba2": "Mamba-2", "rwkv": "RWKV"}
 # The hyperparameter that moves each family along the x-axis, shown next to its points.
-_DIAL = {"feature_dim": "d", "window_size": "w", "ssm_state_size": "N", "h3_state_size": "N"}
+_DIAL = {"feature_dim": "d", "window_size": "w", "ssm_state_size": "N", "h3_state_size": "N",
+         "lightning_num_heads": "H"}
 _LABEL_OFFSETS = ((5, -9), (5, 4))  # points, below or above by family in turn
 
 

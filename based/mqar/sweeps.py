@@ -22,6 +22,10 @@ FIGURE2_MODELS = (
     *[("mamba", d, {"ssm_state_size": n}) for d in (64, 128, 256) for n in (8, 16, 24)],
     *[("hyena", d, {}) for d in (64, 128, 256)],
     *[("h3", d, {}) for d in (64, 128, 256)],
+    # Lightning's state is d^2 / H: the head count is its dial, as N is Mamba-2's (state 2 d N).
+    *[("lightning", d, {"lightning_num_heads": h}) for d in (64, 128, 256) for h in (1, 4, 16)],
+    *[("mamba2", d, {"ssm_state_size": n}) for d in (64, 128, 256) for n in (8, 16, 24)],
+    *[("rwkv", d, {}) for d in (64, 128, 256)],  # RWKV-5, head size 64: state 64 d
 )
 
 
@@ -52,6 +56,9 @@ QUICK_MODELS = (
     *[("linear_attn", 64, {"feature_dim": f}) for f in (2, 4, 8, 16)],
     ("h3", 64, {"h3_state_size": 16}),
     ("hyena", 64, {}),
+    ("lightning", 64, {"lightning_num_heads": 4}),
+    ("mamba2", 64, {"ssm_state_size": 8}),
+    ("rwkv", 64, {}),
     ("base_conv", 64, {}),
 )
 

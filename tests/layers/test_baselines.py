@@ -1,11 +1,11 @@
-"""The baseline mixers (Mamba, H3, Hyena) and the linear-attention feature-map ablations: causality, decode
+"""The baseline mixers (Mamba, H3, Hyena, RWKV) and the linear-attention feature-map ablations: causality, decode
 against the full forward, state sizes against hand counts, their ops against naive references, LM use."""
 import pytest
 import torch
 
 from based import BasedConfig, BasedForCausalLM
 from based.layers import (
-    FEATURE_MAP_ABLATIONS, H3, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LinearAttention, Mamba,
+    FEATURE_MAP_ABLATIONS, H3, RWKV, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LinearAttention, Mamba,
     SlidingWindowAttention,
 )
 from based.ops.linear_attn import linear_attn, naive_linear_attn
@@ -18,6 +18,7 @@ MIXERS = {
     "mamba": lambda: Mamba(D, d_state=8),
     "h3": lambda: H3(D, d_state=8),
     "hyena": lambda: Hyena(D, max_seq_len=64, filter_order=16),
+    "rwkv": lambda: RWKV(D, head_size=8),
     **{f"la_{fm}": (lambda fm=fm: FeatureMapLinearAttention(D, fm, feature_dim=FD, num_heads=H, max_seq_len=64))
        for fm in FEATURE_MAP_ABLATIONS},
 }
@@ -82,6 +83,7 @@ def test_state_sizes_match_the_fields_formulas():
     assert LinearAttention(1792, 16, 16, feature_map="full").state_size(L) == 16 * 112 * 273 + 16 * 273
     assert Mamba(D, d_state=8).state_size(L) == 2 * D * 8
     assert H3(D, d_state=8).state_size(L) == D * 8
+    assert RWKV(D, head_size=8).state_size(L) == (D // 8) * 8 * 8  # H dk dv
     assert Hyena(D).state_size(L) == D * L
     assert BaseConv(D, kernel_size=3).state_size(L) == 2 * D * 3  # d_inner = 2 * d_model channels
     widths = {"taylor": 15, "performer": 15, "cosformer": 8, "pos_elu": 4, "relu": 4}
@@ -131,7 +133,7 @@ def test_selective_scan_matches_its_recurrence():
 
 @pytest.mark.parametrize(
     "mixer_types, extra",
-    [(["mamba", "h3"], {}), (["hyena", "linear_attn"], {"feature_map": "performer"}),
+    [(["mamba", "h3"], {}), (["hyena", "linear_attn"], {"feature_map": "performer"}), (["rwkv", "base_conv"], {}),
      (["linear_attn", "base_conv"], {"feature_map": "cosformer"})],
 )
 def test_usable_in_the_language_model(mixer_types, extra, tmp_path):

@@ -13,6 +13,18 @@ PARAMS = {
     "transformer-debug": 196_020,
     "transformer-360m": 355_617_792,
     "transformer-1.3b": 1_342_607_616,
+    "lightning-debug": 197_184,
+    "lightning-360m": 362_953_728,
+    "lightning-1.3b": 1_361_864_448,
+    "mamba2-debug": 194_696,
+    "mamba2-360m": 360_916_224,
+    "mamba2-1.3b": 1_341_940_736,
+    "mamba2-hybrid-debug": 191_790,
+    "mamba2-hybrid-360m": 364_186_848,
+    "mamba2-hybrid-1.3b": 1_346_038_624,
+    "rwkv-debug": 199_232,
+    "rwkv-360m": 363_174_912,
+    "rwkv-1.3b": 1_362_380_544,
 }
 
 
@@ -38,6 +50,28 @@ def test_based_presets_match_their_names(name, target):
 @pytest.mark.parametrize("size", ["debug", "360m", "1.3b"])
 def test_transformer_baselines_match_based_size(size):
     assert abs(n_params(f"transformer-{size}") / n_params(size) - 1) < 0.05
+
+
+@pytest.mark.parametrize("size", ["debug", "360m", "1.3b"])
+def test_rwkv_presets_match_based_size(size):
+    assert abs(n_params(f"rwkv-{size}") / n_params(size) - 1) < 0.05
+    assert set(BasedConfig.from_preset(f"rwkv-{size}").mixer_types) == {"rwkv"}
+
+
+@pytest.mark.parametrize("family", ["lightning", "mamba2", "mamba2-hybrid"])
+@pytest.mark.parametrize("size", ["debug", "360m", "1.3b"])
+def test_decay_presets_match_based_size(family, size):
+    assert abs(n_params(f"{family}-{size}") / n_params(size) - 1) < 0.05
+
+
+@pytest.mark.parametrize("size, n_layer, attention", [("360m", 25, [3, 9, 15, 21]), ("1.3b", 33, [3, 9, 16, 23, 29])])
+def test_mamba2_hybrid_layout(size, n_layer, attention):
+    """Waleffe et al. (2024): 43% Mamba-2, 7% attention, 50% MLP layers -> mixers ~1/7 attention, spread."""
+    cfg = BasedConfig.from_preset(f"mamba2-hybrid-{size}")
+    assert cfg.n_layer == n_layer and set(cfg.mixer_types) == {"mamba2", "attention"}
+    assert [i for i, m in enumerate(cfg.mixer_types) if m == "attention"] == attention
+    assert 0.12 < len(attention) / n_layer < 0.17
+    assert (cfg.ssm_state_size, cfg.mamba2_headdim, cfg.ssm_expand) == (128, 64, 2)
 
 
 def test_reference_layouts():
@@ -71,10 +105,14 @@ def test_default_config_is_360m():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(mixer_types=["base_conv", "rwkv", "linear_attn", "base_conv"]), r"unknown mixer type\(s\) \['rwkv'\]"),
+        (dict(mixer_types=["base_conv", "xlstm", "linear_attn", "base_conv"]), r"unknown mixer type\(s\) \['xlstm'\]"),
         (dict(mixer_types=["base_conv", "h3", "linear_attn", "base_conv"], h3_state_size=7), "h3_state_size must be even"),
         (dict(n_layer=3), "mixer_types has 4 entries but n_layer=3"),
         (dict(d_model=66), "d_model=66 is not divisible by la_num_heads=4"),
+        (dict(mixer_types=["lightning"] * 4, lightning_num_heads=3), "not divisible by lightning_num_heads=3"),
+        (dict(mixer_types=["mamba2"] * 4, mamba2_headdim=48), "= 128 is not divisible by mamba2_headdim=48"),
+        (dict(lightning_num_heads=0), "lightning_num_heads must be a positive int, got 0"),
+        (dict(mixer_types=["rwkv"] * 4, rwkv_head_size=48), "rwkv_head_size=48 must divide d_model=64"),
         (dict(swa_num_heads=3), "swa_num_heads: d_model=64 is not divisible by num_heads=3"),
         (dict(swa_num_heads=64), r"swa_num_heads: head_dim = d_model / num_heads = 1 must be even"),
         (dict(feature_dim=0), "feature_dim must be a positive int, got 0"),
@@ -99,4 +137,5 @@ def test_divisibility_checked_only_for_mixers_in_use():
 
 
 def test_mixer_names():
-    assert MIXER_TYPES == ("base_conv", "linear_attn", "sliding_window", "attention", "mamba", "h3", "hyena")
+    assert MIXER_TYPES == ("base_conv", "linear_attn", "sliding_window", "attention", "mamba", "h3", "hyena",
+                           "lightning", "mamba2", "rwkv")

@@ -41,7 +41,7 @@ def test_model_layout():
 
 def test_figure2_sweep_settings():
     runs = figure2_runs()
-    assert len(runs) == len(FIGURE2_MODELS) * 4 == 34 * 4
+    assert len(runs) == len(FIGURE2_MODELS) * 4 == 55 * 4
     assert sorted({r.lr for r in runs}) == pytest.approx(np.logspace(-3, -1.5, 4))
     r = runs[0]
     assert [(t.seq_len, t.num_kv_pairs, t.num_examples) for t in r.train] == [
@@ -61,12 +61,13 @@ def test_quick_sweep_covers_the_tradeoff():
 def test_every_figure2_mixer_trains_and_the_sweep_resumes(tmp_path):
     runs = figure2_runs(scale=0.0005, epochs=1)
     first_of_each = list({r.mixer: r for r in reversed(runs)}.values())  # the smallest model of each mixer
-    assert {r.mixer for r in first_of_each} == {"linear_attn", "attention", "sliding_window", "mamba", "hyena", "h3"}
+    assert {r.mixer for r in first_of_each} == {"linear_attn", "attention", "sliding_window", "mamba", "hyena", "h3",
+                                                     "rwkv", "lightning", "mamba2"}
     rows = run_sweep(first_of_each, tmp_path, limit=4, progress=False)
     assert len(rows) == 4 and (tmp_path / "pareto.png").stat().st_size > 10_000
-    rows = run_sweep(first_of_each, tmp_path, progress=False)  # resumes: only the other two are trained
+    rows = run_sweep(first_of_each, tmp_path, progress=False)  # resumes: only the others are trained
     assert sorted(r["mixer"] for r in rows) == sorted(r.mixer for r in first_of_each)
-    assert len(read_results(tmp_path / "results.jsonl")) == 6
+    assert len(read_results(tmp_path / "results.jsonl")) == len(first_of_each)
     for row in rows:
         assert set(row["state_size"]) == {"64", "128", "256", "512", "1024"}
         assert set(row["accuracy"]) == {"T64_kv4", "T64_kv8", "T64_kv16", "T128_kv32", "T256_kv64", "T512_kv128",

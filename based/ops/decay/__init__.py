@@ -1,0 +1,57 @@
+"""Linear attention with a scalar decay per head and token: Lightning Attention (TransNormerLLM) and
+Mamba-2's SSD are both this op (see README.md in this folder for the maths).
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T,    o_t = scale * q_t^T S_t,    g_t <= 0
+
+Lightning Attention: g_t = -slope_h, a fixed rate per head. Mamba-2: g_t = dt_t A_h, with k = B, q = C and
+v = dt x. Layout [B, T, H, D] as the Taylor op; the state S [B, H, dk, dv] is fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .chunk import DEFAULT_CHUNK_SIZE, chunk_decay_linear_attn, segsum
+from .common import check_inputs, check_state, zero_state
+from .naive import naive_decay_linear_attn
+from .recurrent import decay_linear_attn_step
+
+
+def decay_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal linear attention with a scalar exponential decay per head and token, chunked (linear in T).
+
+    Args:
+        q, k: [B, T, H, dk]
+        v: [B, T, H, dv]
+        log_decay: g, [B, T, H] (per token, Mamba-2) or [H] (constant per head, Lightning), <= 0: the
+            state is multiplied by exp(g_t) before token t is added.
+        scale: o_t = scale * q_t^T S_t. 1 by default: neither TransNormerLLM nor Mamba-2 scales q.
+        chunk_size: tokens per chunk (intra-chunk masked matmul, inter-chunk state).
+        initial_state: S [B, H, dk, dv] (fp32) before the first token, e.g. an earlier call's final state.
+        output_final_state: also return S after the last token.
+    Returns:
+        o: [B, T, H, dv] in v's dtype, and the final state [B, H, dk, dv] (fp32) or None.
+    """
+    check_inputs(q, k, v, log_decay)
+    check_state(initial_state, q, v)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_decay_linear_attn(
+        q, k, v, log_decay, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size,
+    )
+
+
+__all__ = [
+    "decay_linear_attn", "decay_linear_attn_step", "chunk_decay_linear_attn", "naive_decay_linear_attn",
+    "segsum", "zero_state",
+]
