@@ -1,11 +1,13 @@
 """Training throughput: BASED against Transformer++ of the same size, in one run, on one GPU.
 
-    based bench train [--size 360m] [--seq-len 2048] [--batch-size 8] [--steps 10] [--warmup 3] [--out JSON]
+    based bench train [--size 360m] [--seq-len 2048] [--batch-size 8] [--steps 10] [--warmup 3] [--compile]
+                      [--out JSON]
 
 Each model takes the trainer's step (based.train): bf16 autocast, fp32 master weights, fused AdamW with
 the trainer's weight-decay groups, gradient clipping, loss over T tokens per sequence; random token ids
 stand in for data, which does not change the work. Timed over --steps steps after --warmup (kernel
-compilation and autotuning happen there) with CUDA synchronisation at both ends. MFU uses
+compilation and autotuning happen there; with --compile also torch.compile's, each block and the loss
+as `based train --compile` does) with CUDA synchronisation at both ends. MFU uses
 based.train.flops (6 N plus each mixer's work; causal attention counts half the score matrix) over the
 dense bf16 peak of the GPU.
 """
@@ -31,15 +33,36 @@ def _git_rev() -> str:
         return "unknown"
 
 
-def bench_preset(preset: str, seq_len: int, batch_size: int, steps: int, warmup: int, device: torch.device) -> dict:
+def _compile_stats() -> dict:
+    """Graphs Dynamo built and graph breaks it met since the counters were last cleared."""
+    from torch._dynamo.utils import counters
+
+    # A reason is several lines: what Dynamo met, then an explanation naming the function.
+    reasons = sorted({" ".join(line.strip() for line in r.splitlines()[:2])[:240] for r in counters["graph_break"]})
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "graph_break_reasons": reasons}
+
+
+def bench_preset(preset: str, seq_len: int, batch_size: int, steps: int, warmup: int, device: torch.device,
+                 compile: bool = False) -> dict:
     from based import BasedConfig, BasedForCausalLM
+    from based.train.distributed import compile_blocks
     from based.train.flops import flops_per_token, mixer_flops_per_token, peak_flops
-    from based.train.trainer import _loss, param_groups
+    from based.train.trainer import _loss, loss_function, param_groups
 
     torch.manual_seed(0)
+    if compile:  # this preset's graphs only, counted from zero
+        import torch._dynamo as dynamo
+        from torch._dynamo.utils import counters
+
+        dynamo.reset()
+        counters.clear()
     config = BasedConfig.from_preset(preset)
     model = BasedForCausalLM(config).to(device)
     n_params = model.num_parameters()
+    if compile:
+        compile_blocks(model)
+    loss_fn = loss_function(compile)
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=8e-4, betas=(0.9, 0.95), fused=cuda)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), device=device)
@@ -48,7 +71,7 @@ def bench_preset(preset: str, seq_len: int, batch_size: int, steps: int, warmup:
 
     def step() -> torch.Tensor:
         with autocast:
-            loss = _loss(model, x, y)
+            loss = _loss(model, x, y, loss_fn=loss_fn)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -78,8 +101,10 @@ def bench_preset(preset: str, seq_len: int, batch_size: int, steps: int, warmup:
         "flops_per_token": fpt, "mixer_flops_per_token": mixer_flops_per_token(config, seq_len),
         "tflops": round(fpt * tps / 1e12, 2), "mfu": None if peak is None else round(fpt * tps / peak, 4),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
-        "final_loss": round(loss.item(), 4),
+        "final_loss": round(loss.item(), 4), "compile": compile,
     }
+    if compile:
+        row.update(_compile_stats())
     del model, optimizer
     gc.collect()
     if cuda:
@@ -94,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block and the loss, as based train --compile does")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--git-rev", help="recorded in the JSON (default: git rev-parse HEAD, where git works)")
@@ -111,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Transformer++ first: it needs no kernel compilation, so a run cut short still has the baseline.
     for preset in (f"transformer-{args.size}", args.size):
-        row = bench_preset(preset, args.seq_len, args.batch_size, args.steps, args.warmup, device)
+        row = bench_preset(preset, args.seq_len, args.batch_size, args.steps, args.warmup, device, args.compile)
         result["results"].append(row)
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        compiled = f"  compiled: {row['graphs']} graphs, {row['graph_breaks']} breaks" if args.compile else ""
         print(f"{preset:>18}: {row['tokens_per_s']:>12,.0f} tokens/s  {row['step_ms']:>9.1f} ms/step  "
-              f"{row['tflops']:>7.1f} TFLOP/s  MFU {mfu}  peak {row['peak_memory_gib']} GiB", flush=True)
+              f"{row['tflops']:>7.1f} TFLOP/s  MFU {mfu}  peak {row['peak_memory_gib']} GiB  warm-up "
+              f"{row['warmup_s']} s{compiled}", flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -44,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--keep-checkpoints", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (under torchrun)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each block and the loss (the first step compiles; checkpoints are the "
+                        "same with or without it, so a run resumes either way)")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="fp32 on GPU")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: known GPUs)")

@@ -54,6 +54,11 @@ class RotaryEmbedding(nn.Module):
             angles = self._angles(token_positions(seqlen_offset, batch_size, seq_len, device))
             return angles.cos(), angles.sin()
         end = seqlen_offset + seq_len
+        if torch.compiler.is_compiling():
+            # A compiled block computes the angles in its fused rotation kernel; writing the host-side
+            # table from inside the graph would only add guards and recompiles.
+            angles = self._angles(torch.arange(seqlen_offset, end, device=device))
+            return angles.cos()[None], angles.sin()[None]
         table = self._table
         if table is None or table[0].shape[0] < end or table[0].device != torch.device(device):
             length = max(2048, 1 << (end - 1).bit_length())

@@ -14,7 +14,11 @@ from dataclasses import asdict, dataclass, fields
 # (lr 8e-4, 200 warm-up steps, T = 2048), with a per-step batch one GPU holds.
 SMALL_DEFAULTS = dict(seq_len=256, batch_size=16, max_steps=300, lr=3e-3, warmup=30, eval_every=50, save_every=100)
 LARGE_DEFAULTS = dict(seq_len=2048, batch_size=8, max_steps=1000, lr=8e-4, warmup=200, eval_every=200, save_every=500)
-SMALL_PRESETS = ("debug", "transformer-debug")
+
+
+def is_small_preset(name: str | None) -> bool:
+    """The debug presets (every mixer has one: debug, transformer-debug, rwkv-debug, ...) train small."""
+    return name is not None and (name == "debug" or name.endswith("-debug"))
 
 
 @dataclass
@@ -46,6 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     fsdp: bool = False
+    compile: bool = False  # torch.compile each block and the loss (based.train.distributed.compile_blocks)
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
     bf16: bool = True  # bf16 autocast on GPU (the CPU always trains in fp32)
     peak_flops: float | None = None  # for MFU; None: looked up from the GPU name
@@ -58,7 +63,7 @@ class TrainConfig:
         values = asdict(self)
         if values["preset"] is None and values["config"] is None:
             values["preset"] = "debug"
-        small = values["config"] is None and values["preset"] in SMALL_PRESETS
+        small = values["config"] is None and is_small_preset(values["preset"])
         defaults = SMALL_DEFAULTS if small else LARGE_DEFAULTS
         for name, value in defaults.items():
             if values[name] is None:

@@ -63,6 +63,33 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+# What --compile compiles with. BASED_COMPILE_BACKEND=aot_eager traces the same graphs and autograd
+# without generating code: to tell a tracing problem from an Inductor one, and for fast CPU tests.
+COMPILE_BACKEND = os.environ.get("BASED_COMPILE_BACKEND", "inductor")
+
+
+def compile_blocks(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """torch.compile each block in place (torchtitan's per-block compile), before DDP/FSDP wrap it.
+
+    Blocks of one mixer type share their compiled graphs (parameters are graph inputs), so compile
+    time does not grow with depth. `Module.compile` keeps the module tree, so state-dict keys carry no
+    `_orig_mod.`: checkpoints load with or without compile. Inside a block the Triton Taylor attention
+    and the FlexAttention block mask run eagerly between graphs (torch.compiler.disable in based.ops);
+    norms, SwiGLU, rotary, the short conv and the residuals are fused by Inductor. Shapes are static:
+    a new batch shape (e.g. validation's last batch) compiles once more.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    # Graphs per mixer type (split where a graph breaks) times grad modes and input shapes: past the
+    # default limit of 8 per code object Dynamo would run the rest eagerly, with only a warning.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    for block in model.transformer.layers:
+        block.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
+    return model
+
+
 def parallelize(model: nn.Module, info: DistInfo, fsdp: bool) -> nn.Module:
     """DDP, FSDP2 or the model itself (one process)."""
     if fsdp:

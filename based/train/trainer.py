@@ -31,6 +31,7 @@ from ..data.corpus import DataError, resolve_corpus
 from ..data.packed import WindowSampler, check_splits, num_windows, pack_corpus, windows
 from ..data.tokenizer import resolve_tokenizer, tokenizer_fingerprint, vocab_size
 from ..models import BasedConfig, BasedForCausalLM
+from . import distributed
 from .checkpoint import (
     CheckpointError,
     clean_partial,
@@ -40,7 +41,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, barrier, gradient_sync, parallelize, setup, teardown
+from .distributed import (
+    DistInfo, all_reduce_sum, barrier, compile_blocks, gradient_sync, parallelize, setup, teardown,
+)
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLog, plot_losses
 
@@ -91,12 +94,14 @@ def check_resumable(ckpt: Path, saved: dict, config: BasedConfig, trainer_state:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases and embeddings (with the tied LM head) are exempt."""
+    """Weight decay on matrices only: norms, biases, embeddings (with the tied LM head) and the SSM/decay
+    dynamics a mixer marks `_no_weight_decay` (Mamba's A_log, ...: decaying them erases memory) are exempt."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # tied weights come once
         if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+            exempt = id(p) in embeddings or getattr(p, "_no_weight_decay", False)
+            (decay if p.dim() >= 2 and not exempt else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -112,14 +117,27 @@ def lr_schedule(warmup: int, max_steps: int, min_ratio: float):
     return factor
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    logits = model(x).logits  # [B, T, V]
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32: logits [B, T, V], targets [B, T]. Compiled, the upcast, the softmax
+    and the loss are fused: no fp32 copy of the [B * T, V] logits is written."""
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+
+
+def loss_function(compile: bool, backend: str | None = None):
+    """cross_entropy, compiled when asked (for the trainer and the training benchmark)."""
+    if not compile:
+        return cross_entropy
+    return torch.compile(cross_entropy, backend=backend or distributed.COMPILE_BACKEND, dynamic=False)
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean",
+          loss_fn=cross_entropy) -> torch.Tensor:
+    return loss_fn(model(x).logits, y, reduction)  # logits [B, T, V]
 
 
 @torch.no_grad()
 def evaluate(model, val: np.ndarray, seq_len: int, local_bs: int, max_windows: int, info: DistInfo,
-             autocast) -> float:
+             autocast, loss_fn=cross_entropy) -> float:
     """Mean token loss over the first max_windows validation windows. Windows go round-robin to ranks and
     every rank runs the same number of batches (padding windows weigh 0), as FSDP's collectives need."""
     n = min(num_windows(val, seq_len), max_windows)
@@ -130,7 +148,7 @@ def evaluate(model, val: np.ndarray, seq_len: int, local_bs: int, max_windows: i
         real = torch.tensor([j < n for j in ids], dtype=torch.float64, device=info.device)
         x, y = windows(val, [j if j < n else 0 for j in ids], seq_len)
         with autocast:
-            loss = _loss(model, x.to(info.device), y.to(info.device), reduction="none").view(len(ids), -1)
+            loss = _loss(model, x.to(info.device), y.to(info.device), "none", loss_fn).view(len(ids), -1)
         total += torch.stack([(loss.double().sum(1) * real).sum(), real.sum() * seq_len])
     all_reduce_sum(total, info)
     return (total[0] / total[1]).item()
@@ -236,7 +254,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     np.random.seed(cfg.seed)
     model = BasedForCausalLM(config).to(info.device)
     n_params = model.num_parameters()
+    if cfg.compile:  # before DDP / FSDP wrap the blocks, as torchtitan does
+        compile_blocks(model)
     model = parallelize(model, info, cfg.fsdp)
+    loss_fn = loss_function(cfg.compile)
     cuda = info.device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=cuda)
@@ -283,7 +304,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             cursor += cfg.batch_size
             with gradient_sync(model, micro == K - 1):
                 with autocast:
-                    loss = _loss(model, x.to(info.device), y.to(info.device))
+                    loss = _loss(model, x.to(info.device), y.to(info.device), loss_fn=loss_fn)
                 (loss / K).backward()
             loss_sum += loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -314,7 +335,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_loss = evaluate(model, packed.val, T, local_bs, max(1, cfg.eval_tokens // T), info, autocast)
+            val_loss = evaluate(model, packed.val, T, local_bs, max(1, cfg.eval_tokens // T), info, autocast,
+                                loss_fn)
             if metrics:
                 metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
             if info.is_main:

@@ -30,6 +30,23 @@ def test_state_continues_the_sequence(split):
     torch.testing.assert_close(state, x[:, -3:].transpose(1, 2))
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_compiled_form_matches_conv1d(with_state):
+    """Compiled code takes the shifted-sum form (which Inductor fuses); values and gradients are conv1d's."""
+    x, w, b = torch.randn(2, 37, 6), torch.randn(6, 3), torch.randn(6)
+    state = torch.randn(2, 6, 3) if with_state else None
+    dy = torch.randn(2, 37, 6)
+
+    def run(fn):
+        xs = [t.clone().requires_grad_() for t in (x, w, b)]
+        y, final = fn(*xs, initial_state=state, output_final_state=True)
+        (y * dy).sum().backward()
+        return [y, final] + [t.grad for t in xs]
+
+    for got, want in zip(run(torch.compile(short_conv, backend="aot_eager")), run(short_conv)):
+        torch.testing.assert_close(got, want)
+
+
 def test_step_matches_full_conv():
     x, w, b = torch.randn(3, 9, 4), torch.randn(4, 3), torch.randn(4)
     y, _ = short_conv(x, w, b)

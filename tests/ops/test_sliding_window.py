@@ -23,6 +23,16 @@ def test_blocked_path_matches_naive(monkeypatch):
         assert rel_err(sliding_window_attn(q, k, v, W), naive_sliding_window_attn(q, k, v, W)) < 1e-5
 
 
+def test_flex_path_inside_compiled_code(monkeypatch):
+    """The FlexAttention branch as a compiled block takes it: flex_attention captured in the graph, the
+    block mask built eagerly. Forced on the CPU (forward only: CPU flex has no backward)."""
+    monkeypatch.setattr(swa, "_use_flex", lambda q, v, window_size: True)
+    q, k, v = _qkv(2, 256, 2, 16)
+    compiled = torch.compile(sliding_window_attn, backend="aot_eager")
+    with torch.no_grad():
+        assert rel_err(compiled(q, k, v, 37), naive_sliding_window_attn(q, k, v, 37)) < 1e-5
+
+
 def test_each_token_sees_exactly_window_size_tokens():
     T, W = 40, 6
     q = torch.zeros(1, T, 1, 4)  # uniform attention: output = mean of visible values

@@ -13,3 +13,15 @@ def test_bench_train_runs_both_models_on_cpu(tmp_path, capsys):
         assert row["tokens_per_s"] > 0 and row["mfu"] is None  # no known peak on the CPU
         assert row["flops_per_token"] > 6 * row["parameters"]
     assert result["based_over_transformer_tokens_per_s"] > 0 and "BASED / Transformer++" in capsys.readouterr().out
+
+
+def test_bench_train_compiled_on_cpu(tmp_path, monkeypatch):
+    import based.train.distributed as distributed
+
+    monkeypatch.setattr(distributed, "COMPILE_BACKEND", "aot_eager")  # the wiring, without Inductor's build
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--size", "debug", "--device", "cpu", "--seq-len", "32", "--batch-size", "2",
+                 "--steps", "1", "--warmup", "1", "--compile", "--out", str(out)]) == 0
+    for row in json.loads(out.read_text())["results"]:
+        assert row["compile"] and row["graphs"] >= 2  # a block type or more, and the loss
+        assert row["graph_breaks"] == 0  # on the CPU: no Triton op, no FlexAttention mask to run eagerly

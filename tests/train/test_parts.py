@@ -100,3 +100,28 @@ def test_metrics_resume_drops_rows_past_the_checkpoint(tmp_path):
     log.write({"step": 4, "loss": math.pi})
     log.close()
     assert read_metrics(path) == rows[:3] + [{"step": 4, "loss": math.pi}]
+
+
+@pytest.mark.parametrize("preset, exempt_names", [
+    ("mamba2-debug", ("A_log", "dt_bias", ".D")),
+    ("rwkv-debug", ("time_decay", "time_first")),
+])
+def test_ssm_dynamics_get_no_weight_decay(preset, exempt_names):
+    model = BasedForCausalLM(BasedConfig.from_preset(preset))
+    _, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    for part in exempt_names:
+        assert any(n.endswith(part) for n in exempt), (part, sorted(exempt))
+    mamba = BasedForCausalLM(BasedConfig.from_preset("debug", mixer_types=["mamba"] * 4))
+    _, no_decay = param_groups(mamba, 0.1)
+    assert any(p is mamba.transformer.layers[0].mixer.A_log for p in no_decay["params"])  # 2-D, still exempt
+
+
+@pytest.mark.parametrize("preset, small", [("debug", True), ("rwkv-debug", True), ("mamba2-hybrid-debug", True),
+                                           ("360m", False), ("lightning-1.3b", False)])
+def test_every_debug_preset_trains_small_by_default(preset, small, tmp_path):
+    from based.train.config import SMALL_DEFAULTS, TrainConfig
+
+    cfg = TrainConfig(out=tmp_path, preset=preset).resolved()
+    assert (cfg.seq_len == SMALL_DEFAULTS["seq_len"]) == small

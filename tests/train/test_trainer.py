@@ -172,8 +172,8 @@ def test_finished_run_resumes_to_nothing(short_run, small_corpus, small_tokenize
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, small_tokenizer, tmp_path, monkeypatch):
     real_loss, calls = trainer_mod._loss, []
 
-    def loss_nan_at_step_6(model, x, y, reduction="mean"):
-        loss = real_loss(model, x, y, reduction)
+    def loss_nan_at_step_6(model, x, y, reduction="mean", loss_fn=trainer_mod.cross_entropy):
+        loss = real_loss(model, x, y, reduction, loss_fn)
         if reduction == "mean":
             calls.append(1)
             if len(calls) == 6:

@@ -39,10 +39,31 @@ def short_conv(
         initial_state = x.new_zeros(B, C, K)
     elif tuple(initial_state.shape) != (B, C, K):
         raise ValueError(f"initial_state must be [B, C, K]=({B}, {C}, {K}), got {tuple(initial_state.shape)}")
-    padded = torch.cat([initial_state[..., 1:].to(x.dtype), xt], dim=-1)  # [B, C, K - 1 + T]
-    y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), bias, groups=C).transpose(1, 2)
+    if torch.compiler.is_compiling():
+        y = _shifted_sum(x, weight, bias, initial_state)
+    else:
+        padded = torch.cat([initial_state[..., 1:].to(x.dtype), xt], dim=-1)  # [B, C, K - 1 + T]
+        y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), bias, groups=C).transpose(1, 2)
     final = torch.cat([initial_state.to(x.dtype), xt], dim=-1)[..., -K:] if output_final_state else None
     return y, final
+
+
+def _shifted_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor):
+    """short_conv's y as K shifted multiply-adds in fp32, rounded once to x's dtype (as conv1d does).
+
+    The form for compiled code: Inductor fuses the shifts, the bias and the caller's gate into one
+    kernel (and the weight gradient into a few reductions), where a depthwise conv1d is an opaque
+    call of its own.
+    """
+    T, K = x.shape[1], weight.shape[1]
+    padded = torch.cat([initial_state[..., 1:].transpose(1, 2).float(), x.float()], dim=1)  # [B, K - 1 + T, C]
+    w = weight.float()
+    y = padded[:, :T] * w[:, 0]
+    for i in range(1, K):
+        y = y + padded[:, i : i + T] * w[:, i]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def short_conv_step(

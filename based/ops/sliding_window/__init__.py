@@ -55,6 +55,9 @@ def _flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Built eagerly and cached even when the caller is compiled: Dynamo would trace through lru_cache and
+# rebuild the mask inside every step's graph.
+@torch.compiler.disable
 @lru_cache(maxsize=64)
 def _flex_block_mask(T: int, window_size: int, device: torch.device):
     from torch.nn.attention.flex_attention import create_block_mask
@@ -95,7 +98,12 @@ def sliding_window_attn(q, k, v, window_size: int, scale: float | None = None) -
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     elif _use_flex(q, v, window_size):
         mask = _flex_block_mask(T, window_size, q.device)
-        o = _flex_attention()(qt, kt, vt, block_mask=mask, scale=scale)
+        if torch.compiler.is_compiling():  # inside a compiled block: captured and fused there
+            from torch.nn.attention.flex_attention import flex_attention
+
+            o = flex_attention(qt, kt, vt, block_mask=mask, scale=scale)
+        else:  # eager flex_attention is a slow reference; it runs only compiled
+            o = _flex_attention()(qt, kt, vt, block_mask=mask, scale=scale)
     elif T <= _FULL_MASK_MAX_T:
         mask = window_mask(T, T, window_size, q.device)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)

@@ -12,6 +12,10 @@ from .decode import triton_taylor_linear_attn_step
 from .layout import from_internal, to_internal
 
 
+# Left out of torch.compile graphs (a graph break where a compiled block calls it): the op is already
+# fused Triton kernels with its own backward, and its launch logic is host-side Python that Dynamo
+# need not trace. The compiled code before and after it stays compiled.
+@torch.compiler.disable
 def triton_taylor_linear_attn(
     q: torch.Tensor,
     k: torch.Tensor,
