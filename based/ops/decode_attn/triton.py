@@ -48,11 +48,14 @@ def _decode_attn_kernel(
 # A graph break where a compiled block calls it, as for the Taylor kernels: the launch is host-side Python.
 @torch.compiler.disable
 def triton_decode_attn(
-    q, k_cache, v_cache, last, scale: float | None = None, block_l: int | None = None, num_warps: int = 4,
-    num_stages: int | None = None,
+    q, k_cache, v_cache, last, scale: float | None = None, block_l: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> torch.Tensor:
     """Same contract as decode_attn. The caches' last two dims must be contiguous ([..., H, D] rows).
-    block_l (rows per iteration), num_warps and num_stages are tuning knobs (benchmarks/decode_attn.py --sweep)."""
+    block_l (rows per iteration), num_warps and num_stages are tuning knobs (benchmarks/decode_attn.py --sweep).
+    With thousands of programs, 16 rows a step on one warp keeps the most loads in flight per SM (H200, batch
+    2048 x 16 heads of 112, ring 128: 3.5 TB/s against 2.2 TB/s at 64 rows on 4 warps, SDPA 2.3 TB/s;
+    benchmarks/results/decode-attn-sweep-h200-2026-11-29.json); few programs keep 4 warps each busy."""
     B, H, D = q.shape
     L, DV = k_cache.shape[1], v_cache.shape[-1]
     if k_cache.stride()[2:] != (D, 1) or v_cache.stride()[2:] != (DV, 1):
@@ -60,7 +63,9 @@ def triton_decode_attn(
     q = q.contiguous()
     o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
     BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
-    BL = block_l or max(16, min(64, 8192 // max(BD, BDV)))
+    many = B * H >= 2048
+    BL = block_l or (16 if many else max(16, min(64, 8192 // max(BD, BDV))))
+    num_warps = num_warps or (1 if many else 4)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _decode_attn_kernel[(B, H)](
         q, k_cache, v_cache, last.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,

@@ -51,13 +51,14 @@ def _taylor_step_kernel(
 
 
 def triton_taylor_linear_attn_step(
-    q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=2
+    q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None
 ):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
     block_f (state rows per iteration) and num_warps are tuning knobs: on an H200, 2 warps and 64 rows
     reach 85-94% of the copy bandwidth from batch 256 up, against 66-80% with 4 warps
-    (benchmarks/results/taylor-decode-sweep-h200-2026-11-29.json)."""
+    (benchmarks/results/taylor-decode-sweep-h200-2026-11-29.json); below ~1024 programs 4 warps are
+    faster (batch 1: 0.017 ms against 0.037 ms with 2)."""
     B, H, D = q.shape
     DV = v.shape[-1]
     F = kv_state.shape[-2]
@@ -71,6 +72,7 @@ def triton_taylor_linear_attn_step(
     o = torch.empty_like(v)
     BV = triton.next_power_of_2(DV)
     BF = block_f or max(1, min(64, 4096 // BV))
+    num_warps = num_warps or (2 if B * H >= 1024 else 4)
     _taylor_step_kernel[(B * H,)](
         q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, num_warps=num_warps,
     )
