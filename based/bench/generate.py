@@ -1,13 +1,17 @@
 """Generation benchmark: BASED 1.3b against Transformer++ 1.3b (same engine) and Hugging Face generate.
 
     python -m based.bench.generate [--out PATH] [--time-limit 150] [--quick]
+    python -m based.bench.generate --skip transformer hf_llama --presets rwkv-1.3b mamba2-1.3b  # more engines
 
 One run does everything: a correctness smoke test on the GPU (CUDA-graph decode == eager decode == the
 CPU model), then random-weight 1.3b and transformer-1.3b in bf16 with a 512-token prompt and up to 1024
 new tokens, batch sizes 1 to the largest whose state fits, then LlamaForCausalLM.generate at the
 Transformer++ size (built from a LlamaConfig, random weights, nothing downloaded). Reported per point:
 tokens/s, latency per token (one decode step), peak memory, and achieved bandwidth against the copy
-roofline (weights + every sequence's state traffic per step).
+roofline (weights + every sequence's state traffic per step). `--presets` adds any preset (RWKV,
+Lightning, Mamba-2, ...) as an engine of its own, recorded under its name with the same rows and state
+sizes, its debug-size preset joining the smoke test; `--device cpu` runs all of it on the CPU in fp32
+(wall-clock timing, no profile), which only checks the wiring.
 
 How it is timed, so that one run fits a few minutes of GPU time:
 - decoding is greedy, the step captured in a CUDA graph (based.generation.Decoder); a step's cost does not
@@ -17,12 +21,15 @@ How it is timed, so that one run fits a few minutes of GPU time:
 - prompts are prefilled for at most --prefill-batch sequences and their state copied into the other
   slots: decode cost does not depend on what the state holds;
 - Hugging Face generate is timed over --hf-new-tokens tokens: decode tokens/s = B (n - 1) / (t_n - t_1).
-The time limit skips the remaining (largest) points; everything measured is written as it comes.
+The time limit skips the remaining (largest) points; everything measured is written as it comes. With
+--presets, the engines share the time left equally (each gets its part when it starts, unspent time
+passes to the next) and each times batch 1, then its largest batch, then the others.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import platform
@@ -33,24 +40,72 @@ from pathlib import Path
 import torch
 
 PROMPT, NEW_TOKENS = 512, 1024
-DEVICE = "cuda"
 
 
 class Clock:
-    def __init__(self, limit_s: float):
-        self.start, self.limit = time.perf_counter(), limit_s
+    """Seconds left of a time limit; a clock made by `share` also stops when its parent does."""
+
+    def __init__(self, limit_s: float, parent: Clock | None = None):
+        self.start, self.limit, self.parent = time.perf_counter(), limit_s, parent
 
     def left(self) -> float:
-        return self.limit - (time.perf_counter() - self.start)
+        own = self.limit - (time.perf_counter() - self.start)
+        return own if self.parent is None else min(own, self.parent.left())
+
+    def share(self, n: int, reserve_s: float) -> Clock:
+        """The clock of one of n sections still to run: an equal part of the time left beyond reserve_s
+        (checked against reserve_s like the parent, so the section stops when its part is spent)."""
+        return Clock(max(0.0, self.left() - reserve_s) / n + reserve_s, parent=self)
 
 
-def build(preset: str, dtype=torch.bfloat16):
+def build(preset: str, dtype=torch.bfloat16, device="cuda"):
     from based import BasedConfig, BasedForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device(device):
         model = BasedForCausalLM(BasedConfig.from_preset(preset))
     return model.to(dtype).eval()
+
+
+def debug_preset(preset: str) -> str:
+    """The debug size of a preset's family: rwkv-1.3b -> rwkv-debug, 1.3b -> debug."""
+    family = preset.rpartition("-")[0]
+    return f"{family}-debug" if family else "debug"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed_ms(device: torch.device, fn) -> float:
+    """Time of fn(): CUDA events around its kernels on the GPU, the wall clock on the CPU."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def measure_copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s): the roofline's bandwidth."""
+    if device.type == "cuda":
+        from .ops import copy_bandwidth
+
+        return copy_bandwidth(device)
+    nbytes, reps = 64 << 20, 5
+    x = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    return 2 * nbytes * reps / (time.perf_counter() - t) / 1e9
 
 
 def weights_bytes(model) -> int:
@@ -58,14 +113,15 @@ def weights_bytes(model) -> int:
 
 
 def state_traffic_bytes(model, seq_len: int, dtype) -> int:
-    """Bytes one sequence's decode step moves through its state: linear-attention and conv states are
-    read and written whole; attention reads its whole cache (ring or preallocated) and writes one row."""
-    from based.layers import BaseConv, LinearAttention
+    """Bytes one sequence's decode step moves through its state: recurrent states (linear attention,
+    convs, RWKV, Lightning, Mamba, Mamba-2) are read and written whole; attention reads its whole cache
+    (ring or preallocated) and writes one row."""
+    from based.layers import Attention
 
     total = 0
     for block in model.transformer.layers:
         nbytes = block.mixer.inference_state_bytes(seq_len, 1, dtype)
-        total += 2 * nbytes if isinstance(block.mixer, (LinearAttention, BaseConv)) else nbytes
+        total += nbytes if isinstance(block.mixer, Attention) else 2 * nbytes
     return total
 
 
@@ -105,32 +161,33 @@ def profile_step(decoder, steps: int = 3) -> dict:
 
 
 @torch.no_grad()
-def smoke() -> dict:
+def smoke(presets=("debug", "transformer-debug"), device="cuda") -> dict:
     """CUDA-graph decode == eager decode == CPU, and teacher-forced GPU steps == the CPU forward (fp32)."""
     from based.generation import InferenceState, SamplingParams, generate, prefill
 
+    device = torch.device(device)
     out = {}
-    for preset in ("debug", "transformer-debug"):
-        cpu = build(preset, torch.float32).cpu()
-        gpu = build(preset, torch.float32)
+    for preset in presets:
+        cpu = build(preset, torch.float32, "cpu")
+        gpu = build(preset, torch.float32, device)
         gpu.load_state_dict(cpu.state_dict())
         ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
         tokens_cpu = generate(cpu, ids, 40)
-        tokens_eager = generate(gpu, ids.to(DEVICE), 40, cuda_graph=False).cpu()
-        tokens_graph = generate(gpu, ids.to(DEVICE), 40, cuda_graph=DEVICE == "cuda").cpu()
+        tokens_eager = generate(gpu, ids.to(device), 40, cuda_graph=False).cpu()
+        tokens_graph = generate(gpu, ids.to(device), 40, cuda_graph=device.type == "cuda").cpu()
         seq = torch.cat([ids, tokens_cpu], 1)
         state = InferenceState.allocate(gpu, 2, max_seq_len=seq.shape[1])
-        logits = [prefill(gpu, state, seq[:, :10].to(DEVICE))]
+        logits = [prefill(gpu, state, seq[:, :10].to(device))]
         for t in range(10, seq.shape[1] - 1):
-            logits.append(gpu.step(seq[:, t].to(DEVICE), state.layers, state.seqlen_offset))
+            logits.append(gpu.step(seq[:, t].to(device), state.layers, state.seqlen_offset))
             state.seqlen_offset += 1
         ref = cpu(seq[:, :-1]).logits[:, 9:].transpose(0, 1)
         got = torch.stack(logits).cpu()
         params = SamplingParams(0.8, top_k=40, top_p=0.9)
         torch.manual_seed(1)
-        a = generate(gpu, ids.to(DEVICE), 40, sampling=params)
+        a = generate(gpu, ids.to(device), 40, sampling=params)
         torch.manual_seed(1)
-        b = generate(gpu, ids.to(DEVICE), 40, sampling=params)
+        b = generate(gpu, ids.to(device), 40, sampling=params)
         out[preset] = {
             "graph_equals_eager": bool(torch.equal(tokens_graph, tokens_eager)),
             "gpu_equals_cpu_greedy": bool(torch.equal(tokens_eager, tokens_cpu)),
@@ -142,73 +199,90 @@ def smoke() -> dict:
 
 
 @torch.no_grad()
-def bench_engine(preset: str, clock: Clock, args, copy_gbps: float) -> dict:
+def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_largest: bool = False) -> dict:
+    """One preset through based.generation.Decoder at each batch size; first_largest times batch 1, then
+    the largest batch, then the others (rows still sorted by batch), so a short time share keeps both ends."""
     from based.generation import Decoder
+    from based.generation.state import check_lengths, free_memory_bytes
 
-    model = build(preset)
-    dtype = torch.bfloat16
-    max_seq_len = PROMPT + NEW_TOKENS
+    if clock.left() < args.reserve_s:  # not even the model is built
+        return {"preset": preset, "rows": [], "skipped_batches": [], "skipped": "time limit reached before it"}
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(preset, dtype, device)
+    prompt_len, new_tokens = args.prompt_len, args.new_tokens
+    check_lengths(model, prompt_len, new_tokens)  # a full-attention layer's positional limit
+    max_seq_len = prompt_len + new_tokens
     per_seq = model.inference_state_bytes(max_seq_len, 1, dtype)
     traffic = state_traffic_bytes(model, max_seq_len, dtype)
     wbytes = weights_bytes(model)
+    cuda = device.type == "cuda"
     gc.collect()
-    torch.cuda.empty_cache()
-    free = torch.cuda.mem_get_info()[0]
+    if cuda:
+        torch.cuda.empty_cache()
+    free = free_memory_bytes(device)
     # Beside the state: logits (bf16, then fp32 for sampling) and a few activations per sequence.
     per_seq_total = per_seq + 8 * model.config.vocab_size + 64 * model.config.d_model
     largest = int((free - args.headroom_gb * 2**30) // per_seq_total)
+    if largest < 1:
+        raise MemoryError(f"{free / 2**30:.1f} GiB free on {device} holds no sequence of {preset} beside "
+                          f"--headroom-gb {args.headroom_gb}")
     batches = [b for b in (1, 4, 16, 64, 256, 1024, 4096) if b < largest] + [largest]
     if args.quick:
         batches = [b for b in (1, 64) if b <= largest]
     if args.batches:
         batches = list(dict.fromkeys(largest if b == "max" else min(int(b), largest) for b in args.batches))
+    if first_largest and len(batches) > 2:
+        ordered = sorted(batches)
+        batches = [ordered[0], ordered[-1], *ordered[1:-1]]
     result = {
         "preset": preset, "compiled": args.compile, "parameters": model.num_parameters(), "weights_bytes": wbytes,
-        "state_bytes_per_sequence": per_seq, "state_traffic_bytes_per_sequence_step": traffic,
-        "largest_batch_that_fits": largest, "rows": [], "skipped_batches": [],
+        "state_bytes_per_sequence": per_seq, "state_size": model.state_size(max_seq_len),
+        "state_traffic_bytes_per_sequence_step": traffic, "largest_batch_that_fits": largest,
+        "rows": [], "skipped_batches": [],
     }
-    prompt = torch.randint(0, model.config.vocab_size, (min(args.prefill_batch, largest), PROMPT), device=DEVICE)
+    prompt = torch.randint(0, model.config.vocab_size, (min(args.prefill_batch, largest), prompt_len), device=device)
     for B in batches:
         if clock.left() < args.reserve_s:
             result["skipped_batches"].append(B)
             continue
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         decoder = Decoder(model, B, max_seq_len=max_seq_len, compile=args.compile)
         n0 = min(B, prompt.shape[0])
-        torch.cuda.synchronize()
+        synchronize(device)
         t1 = time.perf_counter()
         decoder.add(prompt[:n0])
-        torch.cuda.synchronize()
+        synchronize(device)
         prefill_s = time.perf_counter() - t1
         fill_slots(decoder, n0)
-        out = torch.empty(B, NEW_TOKENS, dtype=torch.long, device=DEVICE)
+        out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
         for i in range(3):  # estimate a step, then time as many as fit
             out[:, i].copy_(decoder.step())
-        torch.cuda.synchronize()
+        synchronize(device)
         est = time.perf_counter()
         for i in range(3, 8):
             out[:, i].copy_(decoder.step())
-        torch.cuda.synchronize()
+        synchronize(device)
         est = (time.perf_counter() - est) / 5
-        steps = int(min(NEW_TOKENS - 16, max(20, args.point_seconds / est)))  # room for profiled steps
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(8, 8 + steps):
-            out[:, i].copy_(decoder.step())
-        end.record()
-        end.synchronize()
-        step_ms = start.elapsed_time(end) / steps
+        steps = int(min(new_tokens - 16, max(20, args.point_seconds / est)))  # room for profiled steps
+
+        def timed_steps():
+            for i in range(8, 8 + steps):
+                out[:, i].copy_(decoder.step())
+
+        step_ms = elapsed_ms(device, timed_steps) / steps
         step_bytes = wbytes + B * traffic
         row = {
             "batch": B, "steps_timed": steps, "step_ms": step_ms, "tokens_per_s": B / step_ms * 1e3,
             "latency_per_token_ms": step_ms, "prefill_sequences": n0, "prefill_s": prefill_s,
-            "setup_s": t1 - t0, "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30,
+            "setup_s": t1 - t0, "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "bytes_per_step": step_bytes, "achieved_GBps": step_bytes / step_ms / 1e6,
             "roofline_tokens_per_s": B * copy_gbps * 1e9 / step_bytes,
         }
         row["fraction_of_roofline"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
-        if B in (1, batches[-1]) and clock.left() > args.reserve_s:
+        if cuda and B in (1, max(batches)) and clock.left() > args.reserve_s:
             try:
                 row["profile"] = profile_step(decoder)
             except Exception as e:  # noqa: BLE001 - the profile is extra information
@@ -217,7 +291,10 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float) -> dict:
         print(preset, json.dumps(row), flush=True)
         del decoder, out
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
+    if first_largest:
+        result["rows"].sort(key=lambda r: r["batch"])
     if args.compile and clock.left() > args.reserve_s:
         # Fusion changes bf16 rounding: report how often greedy tokens agree rather than assert equality.
         from based.generation import generate
@@ -227,7 +304,8 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float) -> dict:
         result["compiled_vs_eager_greedy_token_agreement"] = float((eager == fused).float().mean())
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
 
 
@@ -246,63 +324,70 @@ def bench_hf(clock: Clock, args) -> dict:
         num_key_value_heads=ref.attn_num_heads, max_position_embeddings=ref.max_position_embeddings,
         rms_norm_eps=ref.rms_norm_eps, tie_word_embeddings=True,
     )
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    with torch.device(device):
         model = LlamaForCausalLM(config)
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
     n = args.hf_new_tokens
     result = {"transformers": transformers.__version__, "parameters": model.num_parameters(),
               "attn_implementation": model.config._attn_implementation,
               "new_tokens": n, "rows": [], "skipped_batches": []}
 
     def run(ids, new):
-        torch.cuda.synchronize()
+        synchronize(device)
         t = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, pad_token_id=0, eos_token_id=None)
-        torch.cuda.synchronize()
+        synchronize(device)
         return time.perf_counter() - t
 
-    run(torch.randint(0, ref.vocab_size, (1, 16), device=DEVICE), 2)  # warm-up
+    run(torch.randint(0, ref.vocab_size, (1, 16), device=device), 2)  # warm-up
     for B in (1, 16, 64, 128) if not args.quick else (1, 16):
         if clock.left() < args.reserve_s / 2:
             result["skipped_batches"].append(B)
             continue
-        torch.cuda.reset_peak_memory_stats()
-        ids = torch.randint(0, ref.vocab_size, (B, PROMPT), device=DEVICE)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ids = torch.randint(0, ref.vocab_size, (B, args.prompt_len), device=device)
         t1, tn = run(ids, 1), run(ids, n)
         row = {"batch": B, "prefill_plus_one_s": t1, f"generate_{n}_s": tn,
                "step_ms": (tn - t1) / (n - 1) * 1e3, "tokens_per_s": B * (n - 1) / (tn - t1),
-               "end_to_end_tokens_per_s": B * n / tn, "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30}
+               "end_to_end_tokens_per_s": B * n / tn,
+               "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
         result["rows"].append(row)
         print("hf_llama", json.dumps(row), flush=True)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
 
 
-ENGINES = ("based", "based_compiled", "transformer", "transformer_compiled", "hf_llama")
+def engines(result: dict) -> list[str]:
+    """Keys of the engine sections in run order: based, transformer, each --presets preset (each with
+    "_compiled" under --compile), hf_llama; failed or skipped sections have no rows."""
+    return [k for k, v in result.items() if isinstance(v, dict) and isinstance(v.get("rows"), list)]
 
 
 def summarize(result: dict) -> dict:
-    """Best tokens/s per model (eager or compiled step, whichever is faster), the ratios the issue asks
-    for, and BASED's batch-1 latency against the time to read its weights once."""
+    """Best tokens/s per model (eager or compiled step, whichever is faster), BASED's ratio to each other
+    model, and BASED's batch-1 latency against the time to read its weights once."""
     def rows(*keys):
         return [(k, r) for k in keys if isinstance(result.get(k), dict) for r in result[k].get("rows", [])]
 
     summary = {}
-    models = (("based", ("based", "based_compiled")), ("transformer", ("transformer", "transformer_compiled")),
-              ("hf_llama", ("hf_llama",)))
-    for model, keys in models:
-        found = rows(*keys)
+    models = dict.fromkeys(k.removesuffix("_compiled") for k in engines(result))
+    for model in models:
+        found = rows(model, f"{model}_compiled")
         if found:
             key, best = max(found, key=lambda kr: kr[1]["tokens_per_s"])
             summary[f"{model}_best_tokens_per_s"] = best["tokens_per_s"]
             summary[f"{model}_best_at"] = f"{key}, batch {best['batch']}"
     best = {k[: -len("_best_tokens_per_s")]: v for k, v in summary.items() if k.endswith("_best_tokens_per_s")}
-    for other in ("transformer", "hf_llama"):
-        if "based" in best and other in best:
+    for other in models:
+        if other != "based" and "based" in best and other in best:
             summary[f"based_over_{other}"] = best["based"] / best[other]
     ones = [(k, r) for k, r in rows("based", "based_compiled") if r["batch"] == 1]
     if ones:
@@ -315,18 +400,21 @@ def summarize(result: dict) -> dict:
 
 def table(result: dict) -> str:
     lines = ["| engine | batch | steps timed | tok/s | ms/token | peak GiB | GB/s | % roofline |", "|---" * 8 + "|"]
-    for key in ENGINES:
-        for r in (result.get(key) or {}).get("rows", []):
+    for key in engines(result):
+        for r in result[key]["rows"]:
             gbps = f"{r['achieved_GBps']:.0f}" if "achieved_GBps" in r else "-"
             frac = f"{100 * r['fraction_of_roofline']:.0f}" if "fraction_of_roofline" in r else "-"
-            steps = r.get("steps_timed", result.get(key, {}).get("new_tokens", 0) - 1)
+            peak = f"{r['peak_memory_GiB']:.1f}" if r.get("peak_memory_GiB") is not None else "-"
+            steps = r.get("steps_timed", result[key].get("new_tokens", 0) - 1)
             lines.append(f"| {key} | {r['batch']} | {steps} | {r['tokens_per_s']:.0f} | {r['step_ms']:.3f} | "
-                         f"{r['peak_memory_GiB']:.1f} | {gbps} | {frac} |")
+                         f"{peak} | {gbps} | {frac} |")
     lines.append(json.dumps(result.get("summary", {}), indent=1))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
+    from based.models.presets import PRESETS
+
     p = argparse.ArgumentParser(prog="based bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/generation-<gpu>-<date>.json)")
@@ -338,43 +426,69 @@ def main(argv=None) -> int:
     p.add_argument("--hf-new-tokens", type=int, default=24)
     p.add_argument("--git-rev", default=None, help="recorded revision (default: git rev-parse HEAD)")
     p.add_argument("--skip", nargs="*", default=[], choices=["smoke", "based", "transformer", "hf_llama"])
+    p.add_argument("--presets", nargs="*", default=[], metavar="PRESET",
+                   help="more engines, one per preset (e.g. rwkv-1.3b lightning-1.3b mamba2-1.3b "
+                        "mamba2-hybrid-1.3b), recorded under the preset's name; their debug presets join the smoke")
     p.add_argument("--quick", action="store_true", help="two batch sizes per engine")
-    p.add_argument("--batches", nargs="*", default=None, help="batch sizes of both engines ('max' = largest that fits)")
+    p.add_argument("--batches", nargs="*", default=None, help="batch sizes of every engine ('max' = largest that fits)")
+    p.add_argument("--prompt-len", type=int, default=PROMPT)
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode positions each point has room for")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (fp32, wall clock: checks the wiring only)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block's step (based.generation.engine.compiled_step); the engines' "
-                        "results are recorded as based_compiled / transformer_compiled")
+                        "results are recorded as based_compiled / transformer_compiled / <preset>_compiled")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("based bench generate needs a CUDA device", file=sys.stderr)
+    unknown = [name for name in args.presets if name not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    if args.prompt_len < 1 or args.new_tokens < 32:
+        p.error("--prompt-len must be >= 1 and --new-tokens >= 32 (8 warm-up, 20 timed and 3 profiled steps)")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("based bench generate needs a CUDA device (or --device cpu, to check the wiring)", file=sys.stderr)
         return 2
-    from .ops import _git_rev, copy_bandwidth
+    from .ops import _git_rev
 
     clock = Clock(args.time_limit)
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     out = args.out or Path("benchmarks/results") / f"generation-{gpu.split()[-1].lower()}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "date": date, "gpu": gpu, "git_revision": args.git_rev or _git_rev(), "torch": torch.__version__,
         "python": platform.python_version(),
-        "config": {"prompt_len": PROMPT, "new_tokens": NEW_TOKENS, "dtype": "bfloat16", "weights": "random",
-                   "decoding": "greedy", "engine": "based.generation.Decoder, step captured in a CUDA graph",
+        "config": {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                   "dtype": "bfloat16" if device.type == "cuda" else "float32", "weights": "random",
+                   "decoding": "greedy", "engine": "based.generation.Decoder, step captured in a CUDA graph"
+                   + ("" if device.type == "cuda" else " (on the GPU; eager here)"),
                    "timer": "CUDA events over steps_timed decode steps after prefill; HF: wall clock"},
     }
-    result["copy_GBps"] = copy_bandwidth()
+    if args.presets:
+        result["config"]["presets"] = args.presets
+    result["copy_GBps"] = measure_copy_bandwidth(device)
 
     def save():
         result["summary"] = summarize(result)
         out.write_text(json.dumps(result, indent=1) + "\n")
 
-    sections = [("smoke", smoke), ("based", lambda: bench_engine("1.3b", clock, args, result["copy_GBps"])),
-                ("transformer", lambda: bench_engine("transformer-1.3b", clock, args, result["copy_GBps"])),
-                ("hf_llama", lambda: bench_hf(clock, args))]
+    smoke_presets = list(dict.fromkeys(["debug", "transformer-debug", *map(debug_preset, args.presets)]))
+    engine_presets = [(name, preset) for name, preset in (("based", "1.3b"), ("transformer", "transformer-1.3b"))
+                      if name not in args.skip] + [(preset, preset) for preset in args.presets]
+
+    def run_engine(preset: str, engines_left: int) -> dict:
+        # With --presets the engines compete for the time: each gets an equal part of what is left when
+        # it starts (what one leaves unspent passes to the next).
+        engine_clock = clock.share(engines_left, args.reserve_s) if args.presets else clock
+        return bench_engine(preset, engine_clock, args, result["copy_GBps"], first_largest=bool(args.presets))
+
+    sections = [("smoke", lambda: smoke(smoke_presets, device))]
+    for i, (name, preset) in enumerate(engine_presets):
+        engines_left = len(engine_presets) - i
+        sections.append((name + "_compiled" * args.compile, functools.partial(run_engine, preset, engines_left)))
+    sections.append(("hf_llama", lambda: bench_hf(clock, args)))
     for name, fn in sections:
         if name in args.skip:
             continue
-        if args.compile and name in ("based", "transformer"):
-            name += "_compiled"
         try:
             result[name] = fn()
         except Exception as e:  # noqa: BLE001 - record the failure, keep the other sections

@@ -75,16 +75,16 @@ class LightningAttention(nn.Module):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.num_layers, self.layer_idx, self.eps, self.chunk_size = num_layers, layer_idx, eps, chunk_size
+        # 1 - l / (L - 1) + 1e-5 (TransNormerLLM), 1 without num_layers or layer_idx. Kept as a float, not
+        # derived from layer_idx in step: torch.compile guards on the ints it reads (one graph per layer)
+        # but turns a float that differs between calls into a graph input (one graph for every layer).
+        self.depth_scale = (
+            1.0 if num_layers is None or layer_idx is None or num_layers == 1
+            else 1 - layer_idx / (num_layers - 1) + 1e-5
+        )
         self.inner = num_heads * head_dim
         self.qkvu_proj = nn.Linear(d_model, 4 * self.inner, bias=False)
         self.out_proj = nn.Linear(self.inner, d_model, bias=False)
-
-    @property
-    def depth_scale(self) -> float:
-        """1 - l / (L - 1) + 1e-5 (TransNormerLLM), 1 without num_layers or layer_idx."""
-        if self.num_layers is None or self.layer_idx is None or self.num_layers == 1:
-            return 1.0
-        return 1 - self.layer_idx / (self.num_layers - 1) + 1e-5
 
     def log_decay(self, device=None) -> torch.Tensor:
         """log lambda_h = -slope_h, [H] fp32. A constant, computed rather than kept as a buffer: a Hugging

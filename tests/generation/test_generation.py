@@ -6,6 +6,9 @@ from based import BasedConfig, BasedForCausalLM
 from based.generation import Decoder, InferenceState, SamplingParams, generate, prefill, sample
 
 PRESETS = ["debug", "transformer-debug"]
+# The other fixed-state baselines (issue 8): their decode is tested in tests/layers, their compiled and
+# CUDA-graph decode here.
+MIXER_PRESETS = ["rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -270,8 +273,28 @@ def test_forward_without_cache_rejects_padding():
     assert model(ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3, 256)
 
 
+@pytest.mark.parametrize("name", MIXER_PRESETS)
+def test_compiled_step_makes_one_graph_per_mixer_type(name, monkeypatch):
+    """Blocks share a compiled graph whatever their depth: nothing a step reads may differ per layer as an
+    int (Lightning's depth-scaled decay rate is a float, which Dynamo turns into a graph input)."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))  # tracing only
+    torch._dynamo.reset()
+    counters.clear()
+    model = build(name)
+    ids = torch.tensor(prompts_of([10, 10]))
+    assert torch.equal(generate(model, ids, 12, compile=True), generate(model, ids, 12))
+    # One graph per mixer type, the logits, and one first graph specialised on a float before it is
+    # seen to vary; never one per layer.
+    assert counters["stats"]["unique_graphs"] <= len(set(model.config.mixer_types)) + 2
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + MIXER_PRESETS)
 def test_compiled_step_equals_eager(name):
     """torch.compile of each block's step (CPU inductor here: ~1 min of compiling) decodes the same tokens."""
     model = build(name)
@@ -281,7 +304,7 @@ def test_compiled_step_equals_eager(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + MIXER_PRESETS)
 def test_cuda_graph_decode_equals_eager(name):
     model = build(name).cuda()
     ids = torch.tensor(prompts_of([10, 10]), device="cuda")

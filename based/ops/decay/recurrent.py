@@ -33,7 +33,8 @@ def decay_linear_attn_step(
     if tuple(log_decay.shape) not in ((B, H), (H,)):
         raise ValueError(f"log_decay must be [B, H]=({B}, {H}) or [H]=({H},), got {tuple(log_decay.shape)}")
     decay = torch.exp(log_decay.float()).expand(B, H)
+    # addcmul_ broadcasts k [B, H, dk, 1] * v [B, H, 1, dv] into the state: no [B, H, dk, dv] temporary.
     state.mul_(decay[..., None, None].to(state.dtype))
-    state.add_(k.to(state.dtype).unsqueeze(-1) * v.to(state.dtype).unsqueeze(-2))
+    state.addcmul_(k.to(state.dtype).unsqueeze(-1), v.to(state.dtype).unsqueeze(-2))
     o = (q.to(state.dtype).unsqueeze(-2) @ state).squeeze(-2)
     return (scale * o).to(v.dtype)

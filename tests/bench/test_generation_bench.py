@@ -1,0 +1,86 @@
+"""`based bench generate` on the CPU (debug presets, fp32): the --presets engines, their state sizes, the
+smoke test of their debug presets, the summary, and the time limit shared between engines."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from based import BasedConfig, BasedForCausalLM
+from based.bench.generate import Clock, debug_preset, state_traffic_bytes, summarize
+from based.cli import main
+
+MIXER_PRESETS = ["rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
+RECORDED = Path(__file__).parents[2] / "benchmarks/results/generation-h200-2026-11-28.json"
+# A tiny run: prompt 16, room for 40 new tokens, batches 1 and 2, 20 timed steps per point.
+TINY = ["--device", "cpu", "--prompt-len", "16", "--new-tokens", "40", "--prefill-batch", "1",
+        "--point-seconds", "0.01", "--headroom-gb", "0", "--batches", "1", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_presets_are_engines_with_state_sizes_and_smoke(tmp_path):
+    out = tmp_path / "gen.json"
+    assert main(["bench", "generate", *TINY, "--skip", "based", "transformer", "hf_llama",
+                 "--presets", *MIXER_PRESETS, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["presets"] == MIXER_PRESETS and "based" not in result and "hf_llama" not in result
+    # The smoke test covers each preset's family at debug size, beside BASED's and Transformer++'s.
+    assert list(result["smoke"]) == ["debug", "transformer-debug", *MIXER_PRESETS]
+    for checks in result["smoke"].values():
+        assert checks["graph_equals_eager"] and checks["gpu_equals_cpu_greedy"]
+        assert checks["teacher_forced_logits_rel_err"] < 1e-5 and checks["seeded_sampling_reproducible"]
+    for preset in MIXER_PRESETS:
+        engine = result[preset]
+        with torch.device("meta"):
+            model = BasedForCausalLM(BasedConfig.from_preset(preset))
+        assert engine["state_bytes_per_sequence"] == model.inference_state_bytes(56, 1, torch.float32)
+        assert engine["state_size"] == model.state_size(56)
+        assert engine["state_traffic_bytes_per_sequence_step"] == state_traffic_bytes(model, 56, torch.float32)
+        assert [r["batch"] for r in engine["rows"]] == [1, 2] and engine["skipped_batches"] == []
+        for row in engine["rows"]:
+            assert row["steps_timed"] == 20 and row["tokens_per_s"] > 0 and row["peak_memory_GiB"] is None
+        best = max(r["tokens_per_s"] for r in engine["rows"])
+        assert result["summary"][f"{preset}_best_tokens_per_s"] == best
+
+
+def test_state_traffic_reads_and_writes_recurrent_states_reads_attention_caches():
+    with torch.device("meta"):
+        model = BasedForCausalLM(BasedConfig.from_preset("mamba2-hybrid-debug"))
+    mixers = [block.mixer for block in model.transformer.layers]
+    expected = sum((1 if type(m).__name__ == "Attention" else 2) * m.inference_state_bytes(64, 1) for m in mixers)
+    assert state_traffic_bytes(model, 64, None) == expected
+    assert {type(m).__name__ for m in mixers} == {"Attention", "Mamba2"}
+
+
+def test_summary_of_the_recorded_default_run_is_unchanged():
+    recorded = json.loads(RECORDED.read_text())
+    assert summarize(recorded) == recorded["summary"]
+
+
+def test_time_limit_is_shared_between_engines(tmp_path):
+    parent = Clock(100.0)
+    share = parent.share(4, reserve_s=20.0)
+    assert 39.0 < share.left() <= 40.0  # 20 s reserve + (100 - 20) / 4
+    assert Clock(30.0).share(1, reserve_s=20.0).left() <= 30.0
+    parent.limit = 0.0
+    assert share.left() <= 0.0  # the parent's limit still holds
+    # Out of time before an engine starts: it is recorded as skipped without building the model.
+    out = tmp_path / "gen.json"
+    assert main(["bench", "generate", *TINY, "--skip", "smoke", "based", "transformer", "hf_llama",
+                 "--presets", "rwkv-debug", "--time-limit", "0", "--out", str(out)]) == 0
+    engine = json.loads(out.read_text())["rwkv-debug"]
+    assert engine["rows"] == [] and "time limit" in engine["skipped"]
+
+
+def test_preset_names_and_debug_sizes():
+    assert [debug_preset(p) for p in ("1.3b", "transformer-360m", "rwkv-1.3b", "mamba2-hybrid-1.3b")] == [
+        "debug", "transformer-debug", "rwkv-debug", "mamba2-hybrid-debug"]
+    with pytest.raises(SystemExit):
+        main(["bench", "generate", "--device", "cpu", "--presets", "rwkv-7b"])
