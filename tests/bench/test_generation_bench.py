@@ -17,14 +17,6 @@ TINY = ["--device", "cpu", "--prompt-len", "16", "--new-tokens", "40", "--prefil
         "--point-seconds", "0.01", "--headroom-gb", "0", "--batches", "1", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_presets_are_engines_with_state_sizes_and_smoke(tmp_path):
     out = tmp_path / "gen.json"
     assert main(["bench", "generate", *TINY, "--skip", "based", "transformer", "hf_llama",

@@ -3,19 +3,10 @@ tokenizers load from disk, bad input exits with a message."""
 import sys
 
 import pytest
-import torch
 
 import based.commands.generate as command
 from based import BasedConfig, BasedForCausalLM
 from based.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: threads only add waiting (see tests/generation)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(capsys, monkeypatch, *args):

@@ -2,17 +2,6 @@
 import json
 
 import pytest
-import torch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models here run fastest on one thread, and far faster than on two when other processes
-    share the cores (OpenMP threads then wait for each other at every op); restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,19 +6,11 @@ from based import BasedConfig, BasedForCausalLM
 from based.generation import Decoder, InferenceState, SamplingParams, generate, prefill, sample
 
 PRESETS = ["debug", "transformer-debug"]
+# Every mixer family's decode path (rwkv, lightning, mamba2, and attention inside the Mamba-2 hybrid).
+DECODE_PRESETS = [*PRESETS, "rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
 # The other fixed-state baselines (issue 8): their decode is tested in tests/layers, their compiled and
 # CUDA-graph decode here.
 MIXER_PRESETS = ["rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, which only add waiting: on a busy 2-core machine one
-    # masked SDPA decode call took 16 ms with 2 threads and 0.02 ms with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name="debug", **overrides):
@@ -44,9 +36,12 @@ def prompts_of(lengths, seed=1):
 
 
 @torch.no_grad()
-def test_teacher_forced_decode_equals_parallel_forward(model):
-    """Left-padded prompts of different lengths, then token-by-token decoding over 4 windows: every
-    position's logits equal the parallel forward of that sequence alone (fp32)."""
+@pytest.mark.parametrize("name", DECODE_PRESETS)
+def test_teacher_forced_decode_equals_parallel_forward(name):
+    """Left-padded prompts of different lengths, then token-by-token decoding over 4 windows (and past
+    the chunks of the chunked mixers): every position's logits equal the parallel forward of that
+    sequence alone (fp32)."""
+    model = build(name)
     window = build("debug").config.window_size  # 16 (Transformer++ has none: the same lengths)
     total = 4 * window
     prompt_lens = [5, window + 3]

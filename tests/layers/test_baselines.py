@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from based import BasedConfig, BasedForCausalLM
+from based.generation import InferenceState, generate, prefill
 from based.layers import (
     FEATURE_MAP_ABLATIONS, H3, RWKV, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LinearAttention, Mamba,
     SlidingWindowAttention,
@@ -22,7 +23,7 @@ MIXERS = {
     **{f"la_{fm}": (lambda fm=fm: FeatureMapLinearAttention(D, fm, feature_dim=FD, num_heads=H, max_seq_len=64))
        for fm in FEATURE_MAP_ABLATIONS},
 }
-DECODES = [name for name in MIXERS if name != "hyena"]  # Hyena has no decode path yet (issue 8)
+DECODES = list(MIXERS)
 FFT = {"h3", "hyena"}  # long convolutions by FFT: earlier outputs move by float rounding only
 T = 23
 
@@ -130,6 +131,34 @@ def test_selective_scan_matches_its_recurrence():
                        for t in range(T_)], 1)
     assert rel_err(y, ref) < 1e-5 and rel_err(h, state) < 1e-5
 
+@torch.no_grad()
+def test_hyena_lm_decode_equals_its_forward():
+    """Through the LM: prefill of left-padded prompts (one offset per row), then teacher-forced steps, give
+    the logits of the full forward of each sequence alone; generate's greedy tokens follow them."""
+    config = BasedConfig.from_preset("debug", n_layer=2, mixer_types=["hyena", "base_conv"])
+    torch.manual_seed(0)
+    model = BasedForCausalLM(config).eval()
+    seqs = torch.randint(1, config.vocab_size, (2, 16))
+    lens = [3, 7]
+    ids = torch.stack([torch.cat([torch.zeros(7 - n, dtype=torch.long), s[:n]]) for s, n in zip(seqs, lens)])
+    mask = (torch.arange(7) >= torch.tensor([[7 - n] for n in lens])).long()
+    state = InferenceState.allocate(model, 2, max_seq_len=32)
+    logits = [[row] for row in prefill(model, state, ids, mask)]
+    for t in range(9):
+        out = model.step(torch.stack([s[n + t] for s, n in zip(seqs, lens)]), state.layers, state.seqlen_offset)
+        state.seqlen_offset += 1
+        for row in range(2):
+            logits[row].append(out[row])
+    for row, (s, n) in enumerate(zip(seqs, lens)):
+        torch.testing.assert_close(torch.stack(logits[row]), model(s[None, : n + 9]).logits[0, n - 1 :],
+                                   rtol=1e-5, atol=1e-5)
+    new = generate(model, ids, 5, attention_mask=mask)
+    for row, n in enumerate(lens):
+        seq = seqs[row, :n]
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq[None]).logits[0, -1].argmax().view(1)])
+        assert torch.equal(new[row], seq[n:])
+
 
 @pytest.mark.parametrize(
     "mixer_types, extra",
@@ -160,7 +189,8 @@ def test_usable_in_the_language_model(mixer_types, extra, tmp_path):
         (lambda: H3(D, d_state=7), "d_state must be a positive even number"),
         (lambda: Mamba(D, d_state=0), "d_state must be positive"),
         (lambda: Hyena(0), "d_model and max_seq_len must be positive"),
-        (lambda: Hyena(D).allocate_inference_cache(1), "issue 8"),
+        (lambda: Hyena(D).step(torch.zeros(1, D), Hyena(D).allocate_inference_cache(1, max_seq_len=4), 4),
+         "do not fit Hyena's history of 4 tokens"),
     ],
 )
 def test_bad_kwargs(build, match):

@@ -1,23 +1,14 @@
 """RWKV-5: the op's chunked form against its fp32 recurrence (outputs, final state, every gradient), the
-decode step, continuation, long strongly decaying sequences, input checks; the mixer's causality, decode
-against the full forward through the LM, state size, constructor checks and LM use with save/load."""
+decode step, continuation, long strongly decaying sequences, input checks; the mixer's causality, prefill
++ steps against the full forward (teacher-forced LM decode: tests/generation), state size, constructor checks and LM use with save/load."""
 import pytest
 import torch
 
 from based import BasedConfig, BasedForCausalLM
-from based.generation import InferenceState, generate, prefill
+from based.generation import generate
 from based.layers import RWKV
 from based.ops.rwkv import naive_rwkv5_attn, rwkv5_attn, rwkv5_step
 from tests.conftest import rel_err
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small ops: one thread avoids waiting on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def inputs(B=2, T=63, H=3, dk=5, dv=7, state=True):
@@ -165,29 +156,6 @@ def test_bad_constructor_args(kwargs, match):
 def lm():
     torch.manual_seed(0)
     return BasedForCausalLM(BasedConfig.from_preset("rwkv-debug")).eval()
-
-
-@torch.no_grad()
-def test_lm_teacher_forced_decode_equals_forward(lm):
-    """Left-padded prompts of 5 and 37 tokens, then one token per step: every position's logits equal the
-    parallel forward of that sequence alone."""
-    g = torch.Generator().manual_seed(2)
-    total, lens = 60, [5, 37]
-    seqs = [torch.randint(1, 256, (total,), generator=g).tolist() for _ in lens]
-    ids = torch.tensor([[0] * (max(lens) - n) + s[:n] for s, n in zip(seqs, lens)])
-    mask = torch.tensor([[0] * (max(lens) - n) + [1] * n for n in lens])
-    state = InferenceState.allocate(lm, 2, max_seq_len=total)
-    logits = [[row] for row in prefill(lm, state, ids, mask)]
-    for t in range(total - min(lens)):
-        step_ids = torch.tensor([s[min(n + t, total - 1)] for s, n in zip(seqs, lens)])
-        out = lm.step(step_ids, state.layers, state.seqlen_offset)
-        state.seqlen_offset += 1
-        for row, n in enumerate(lens):
-            if n + t < total:
-                logits[row].append(out[row])
-    for row, (s, n) in enumerate(zip(seqs, lens)):
-        full = lm(torch.tensor([s])).logits[0, n - 1 :]
-        torch.testing.assert_close(torch.stack(logits[row]), full, rtol=1e-4, atol=1e-4)
 
 
 def test_lm_generate_hf_generate_and_save_load(lm, tmp_path):

@@ -12,15 +12,6 @@ from based.mqar import (
 from based.mqar.sweeps import FIGURE2_MODELS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are small ops: one thread is ~10x faster than two on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attention_learns_mqar(seed):
     """The sanity check of the whole pipeline: attention solves a small MQAR task (320 steps, ~4 s)."""

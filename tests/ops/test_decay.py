@@ -9,14 +9,6 @@ from based.ops.decay import (
 from tests.conftest import rel_err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inputs(T, B=2, H=3, dk=5, dv=7, per_token=True, strength=1.0):
     q, k, v = torch.randn(B, T, H, dk), torch.randn(B, T, H, dk), torch.randn(B, T, H, dv)
     g = -strength * (torch.rand(B, T, H) if per_token else torch.rand(H))

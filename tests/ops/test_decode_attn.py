@@ -13,7 +13,6 @@ import pytest  # noqa: E402
 from based.ops.decode_attn import cached_positions, decode_attn, torch_decode_attn  # noqa: E402
 
 triton = pytest.importorskip("triton")
-torch.set_num_threads(1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
