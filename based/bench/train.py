@@ -1,7 +1,10 @@
 """Training throughput: BASED against Transformer++ of the same size, in one run, on one GPU.
 
     based bench train [--size 360m] [--seq-len 2048] [--batch-size 8] [--steps 10] [--warmup 3] [--compile]
-                      [--out JSON]
+                      [--presets rwkv-360m lightning-360m ...] [--out JSON]
+
+--presets adds any other presets (the issue-8 baselines) after the two, each reported the same way and
+as a ratio to BASED.
 
 Each model takes the trainer's step (based.train): bf16 autocast, fp32 master weights, fused AdamW with
 the trainer's weight-decay groups, gradient clipping, loss over T tokens per sequence; random token ids
@@ -121,10 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block and the loss, as based train --compile does")
+    p.add_argument("--presets", nargs="*", default=[], help="more presets to time after the two")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--git-rev", help="recorded in the JSON (default: git rev-parse HEAD, where git works)")
     args = p.parse_args(argv)
+    from based.models import PRESETS
+
+    unknown = [name for name in args.presets if name not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {unknown}: use names from {', '.join(PRESETS)}")
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": [],
     }
     # Transformer++ first: it needs no kernel compilation, so a run cut short still has the baseline.
-    for preset in (f"transformer-{args.size}", args.size):
+    for preset in (f"transformer-{args.size}", args.size, *args.presets):
         row = bench_preset(preset, args.seq_len, args.batch_size, args.steps, args.warmup, device, args.compile)
         result["results"].append(row)
         mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
@@ -148,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-    base, ours = result["results"]
+    base, ours, *others = result["results"]
     result["based_over_transformer_tokens_per_s"] = round(ours["tokens_per_s"] / base["tokens_per_s"], 3)
     print(f"BASED / Transformer++ tokens/s: {result['based_over_transformer_tokens_per_s']:.3f}")
+    for row in others:
+        result[f"based_over_{row['preset']}_tokens_per_s"] = round(ours["tokens_per_s"] / row["tokens_per_s"], 3)
+        print(f"BASED / {row['preset']} tokens/s: {ours['tokens_per_s'] / row['tokens_per_s']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

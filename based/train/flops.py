@@ -11,6 +11,9 @@ FLOPs per token = 6 N + sum over layers of the token-mixing work that no paramet
                           and the normaliser's two D_feat dot products (the recurrent form's work;
                           the chunked kernels do more, which MFU does not credit)
     BaseConv              6 * kernel_size * d_inner (the depthwise conv)
+    RWKV-5, Lightning     12 * d_model * head_dim: the matrix state's update and read-out, as for Taylor
+    Mamba, Mamba-2        12 * d_inner * d_state: the SSM state's update and read-out
+    H3, Hyena             0: FFT long convolutions, O(d log T), not credited (their MFU is a lower bound)
 MFU = FLOPs per token * tokens/s / (peak FLOP/s * GPUs), peak = dense bf16 tensor-core spec.
 """
 from __future__ import annotations
@@ -41,6 +44,12 @@ def mixer_flops_per_token(config, seq_len: int) -> float:
             total += 12 * config.la_num_heads * feats * (head_dim + 1)
         elif kind == "base_conv":
             total += 6 * config.conv_kernel_size * config.conv_expand * d
+        elif kind == "rwkv":
+            total += 12 * d * config.rwkv_head_size
+        elif kind == "lightning":
+            total += 12 * d * (d // config.lightning_num_heads)
+        elif kind in ("mamba", "mamba2"):
+            total += 12 * config.ssm_expand * d * config.ssm_state_size
     return total
 
 

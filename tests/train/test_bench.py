@@ -15,6 +15,27 @@ def test_bench_train_runs_both_models_on_cpu(tmp_path, capsys):
     assert result["based_over_transformer_tokens_per_s"] > 0 and "BASED / Transformer++" in capsys.readouterr().out
 
 
+def test_bench_train_more_presets(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    extra = ["rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
+    assert main(["bench", "train", "--size", "debug", "--device", "cpu", "--seq-len", "32", "--batch-size", "2",
+                 "--steps", "1", "--warmup", "1", "--presets", *extra, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["preset"] for r in result["results"]] == ["transformer-debug", "debug", *extra]
+    for row in result["results"][2:]:
+        assert row["tokens_per_s"] > 0 and row["mixer_flops_per_token"] > 0  # the state work is credited
+        assert result[f"based_over_{row['preset']}_tokens_per_s"] > 0
+    assert "BASED / mamba2-debug" in capsys.readouterr().out
+
+
+def test_bench_train_rejects_unknown_presets(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--device", "cpu", "--presets", "rwkv-7b"])
+    assert "unknown preset(s) ['rwkv-7b']" in capsys.readouterr().err
+
+
 def test_bench_train_compiled_on_cpu(tmp_path, monkeypatch):
     import based.train.distributed as distributed
 

@@ -29,6 +29,11 @@ def test_flops_per_token_terms():
     assert mixer_flops_per_token(based, T) == pytest.approx(expected)
     assert flops_per_token(based, T, 100) == 600 + mixer_flops_per_token(based, T)
     assert peak_flops(torch.device("cpu")) is None
+    # The state-update families: 12 x (state values per layer) per token.
+    for preset, per_layer in (("rwkv-360m", 12 * 1024 * 64), ("lightning-360m", 12 * 1024 * 64),
+                              ("mamba2-360m", 12 * 2048 * 128)):
+        cfg = BasedConfig.from_preset(preset)
+        assert mixer_flops_per_token(cfg, T) == cfg.n_layer * per_layer, preset
 
 
 def test_weight_decay_only_on_matrices():
