@@ -13,13 +13,16 @@ def register(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--quick", action="store_const", const="quick", dest="sweep",
                        help="the CPU sweep (<= 10 minutes on 2 cores); same as --sweep quick")
-    which.add_argument("--sweep", choices=("quick", "figure2"), help="which sweep")
+    which.add_argument("--sweep", choices=("quick", "figure2", "figure2-short"),
+                       help="which sweep (figure2-short: figure 2 cut to ~6 minutes of one H200 at --jobs 8)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, pareto.png)")
     p.add_argument("--device", default="cpu", help="cpu, cuda (every visible GPU when --jobs > 1) or cuda:N")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained in parallel, one process each (default: one per CPU core, at most 4, for "
                    "--quick; 1 otherwise)")
     p.add_argument("--limit", type=int, default=None, help="train at most this many new runs, then stop")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no new run after this many seconds (runs under way finish; rerun to go on)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every example count (smoke tests of the sweep machinery only)")
     p.add_argument("--epochs", type=int, default=None, help="override the sweep's epochs (smoke tests)")
@@ -35,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs is None:
         args.jobs = min(os.cpu_count() or 1, 4) if args.sweep == "quick" else 1
-    if args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0:
-        raise SystemExit("--jobs must be >= 1, --limit >= 0 and --scale > 0")
+    if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
+            or (args.time_limit is not None and args.time_limit < 0)):
+        raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0")
     if args.plot_only:
         rows = read_results(Path(args.out) / "results.jsonl")
         if not rows:
@@ -45,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     kwargs = {"scale": args.scale} | ({"epochs": args.epochs} if args.epochs else {})
     runs = SWEEPS[args.sweep](**kwargs)
-    rows = run_sweep(runs, args.out, device=args.device, jobs=args.jobs, limit=args.limit)
+    rows = run_sweep(runs, args.out, device=args.device, jobs=args.jobs, limit=args.limit, time_limit=args.time_limit)
     print(f"{len(rows)} of {len(runs)} runs of '{args.sweep}' in {args.out}/results.jsonl; plot: {args.out}/pareto.png")
     return 0

@@ -16,12 +16,13 @@ from ..layers.state import State, state_nbytes
 
 
 def full_attention_limit(model) -> int | None:
-    """max_position_embeddings if any layer is full (unwindowed) attention, whose KV cache and positions grow
-    with the context; None for models without such a limit (BASED: linear attention, windows, convs)."""
-    from ..layers import Attention
+    """max_position_embeddings if any layer's state grows with the context: full (unwindowed) attention's KV
+    cache, Hyena's history of long-conv inputs; None for models without such a limit (BASED: linear
+    attention, windows, convs)."""
+    from ..layers import Attention, Hyena
 
     for block in model.transformer.layers:
-        if isinstance(block.mixer, Attention) and block.mixer.window_size is None:
+        if isinstance(block.mixer, Hyena) or (isinstance(block.mixer, Attention) and block.mixer.window_size is None):
             return model.config.max_position_embeddings
     return None
 
@@ -38,12 +39,13 @@ def check_lengths(model, prompt_len: int, max_new_tokens: int = 0) -> None:
     if prompt_len > limit:
         raise ValueError(
             f"the prompt has {prompt_len} tokens, more than this model's max_position_embeddings={limit} "
-            f"(full attention): shorten the prompt"
+            f"(full attention or Hyena): shorten the prompt"
         )
     if prompt_len + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds this model's "
-            f"max_position_embeddings={limit} (full attention): lower max_new_tokens to at most {limit - prompt_len}"
+            f"max_position_embeddings={limit} (full attention or Hyena): lower max_new_tokens to at most "
+            f"{limit - prompt_len}"
         )
 
 
@@ -97,7 +99,8 @@ class InferenceState:
         Args:
             model: a BasedForCausalLM (anything with allocate_inference_cache and inference_state_bytes).
             dtype: dtype of the non-fp32 states (default the model's); linear-attention states stay fp32.
-            max_seq_len: longest context (prompt + new tokens); sizes full attention's KV cache only.
+            max_seq_len: longest context (prompt + new tokens); sizes full attention's KV cache and Hyena's
+                history only.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -184,7 +187,7 @@ def _too_big(hint: str, need: int, free: int | None, device, grows_with_context:
     free_text = "unknown" if free is None else f"{free / 2**30:.2f} GiB"
     fix = "lower the batch size (--batch-size)"
     if grows_with_context:
-        fix += " or the prompt + max_new_tokens length (full attention keeps keys and values for every token)"
+        fix += " or the prompt + max_new_tokens length (full attention and Hyena keep every token)"
     return (
         f"the decode state for {hint} needs {need / 2**30:.2f} GiB but {free_text} is free on {device}: {fix}"
     )

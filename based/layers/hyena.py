@@ -5,7 +5,9 @@
 
 The filter h[c, t] = MLP(z_t)[c] * exp(-alpha_c t / L) is a function of the position t (z_t: t/L and
 sin/cos bands; sine activations), so it is defined at any length and costs O(T log T) by FFT. Decoding
-needs every past input of the long conv: the state is d_model * L, the field's count for long convs.
+needs every past input of the long conv: the state is d_model * L, the field's count for long convs. A step
+writes the new input x1 * v at its position and takes the dot product of the filter with that history,
+O(d_model * L) per token.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import math
 import torch
 from torch import nn
 
-from ..ops import short_conv
+from ..ops import short_conv, short_conv_step
 from ..ops.long_conv import long_conv
-from .state import Offset, State
+from .state import Offset, State, carried_state, state_nbytes, token_positions
 
 
 class Sin(nn.Module):
@@ -87,7 +89,9 @@ class Hyena(nn.Module):
         super().__init__()
         if d_model <= 0 or max_seq_len <= 0:
             raise ValueError(f"d_model and max_seq_len must be positive, got {d_model}, {max_seq_len}")
-        self.d_model, self.layer_idx = d_model, layer_idx
+        self.d_model, self.max_seq_len, self.short_kernel_size, self.layer_idx = (
+            d_model, max_seq_len, short_kernel_size, layer_idx
+        )
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.short_filter = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel_size, groups=3 * d_model)
         self.filter = HyenaFilter(d_model, filter_order, max_seq_len=max_seq_len)
@@ -98,21 +102,76 @@ class Hyena(nn.Module):
         """The field's measure for a long conv: every past input, d_model * L."""
         return self.d_model * seq_len
 
-    def allocate_inference_cache(self, batch_size: int, dtype=None, device=None, max_seq_len: int | None = None):
-        raise NotImplementedError("Hyena has no decode path yet (issue 8); use forward on whole sequences")
+    def allocate_inference_cache(
+        self, batch_size: int, dtype=None, device=None, max_seq_len: int | None = None
+    ) -> State:
+        """(conv_state [B, 3 d_model, short_kernel_size] in dtype, history [B, d_model, max_seq_len] fp32):
+        the short conv's last inputs and every long-conv input x1 * v so far, by position. max_seq_len
+        (default the filter's max_seq_len) bounds the positions a sequence can reach, as a KV cache does."""
+        w = self.in_proj.weight
+        device = device or w.device
+        L = max_seq_len or self.max_seq_len
+        return (
+            torch.zeros(batch_size, 3 * self.d_model, self.short_kernel_size, dtype=dtype or w.dtype, device=device),
+            torch.zeros(batch_size, self.d_model, L, dtype=torch.float32, device=device),
+        )
 
     def inference_state_bytes(self, seq_len: int, batch_size: int = 1, dtype=None) -> int:
-        raise NotImplementedError("Hyena has no decode path yet (issue 8); see state_size for the field's count")
+        return state_nbytes(self.allocate_inference_cache(batch_size, dtype, "meta", max_seq_len=seq_len))
 
-    def step(self, x: torch.Tensor, state: State, seqlen_offset: Offset = 0) -> torch.Tensor:
-        raise NotImplementedError("Hyena has no decode path yet (issue 8)")
+    def _check_fits(self, state: State, seqlen_offset: Offset, T: int) -> None:
+        # Only int offsets are checked: reading a tensor offset back would stall a captured decode step.
+        L = state[1].shape[-1]
+        if isinstance(seqlen_offset, int) and seqlen_offset + T > L:
+            raise ValueError(
+                f"positions up to {seqlen_offset + T - 1} do not fit Hyena's history of {L} tokens "
+                f"(allocate_inference_cache max_seq_len)"
+            )
 
     def forward(self, x: torch.Tensor, state: State | None = None, seqlen_offset: Offset = 0) -> torch.Tensor:
-        """x [B, T, d_model] -> [B, T, d_model]."""
-        if state is not None:
-            raise NotImplementedError("Hyena has no decode path yet (issue 8): call it without a state")
-        u, _ = short_conv(self.in_proj(x), self.short_filter.weight.squeeze(1), self.short_filter.bias)
+        """x [B, T, d_model] -> [B, T, d_model]. With `state` (prefill), continues from it (empty at
+        seqlen_offset 0) and leaves the short-conv state and the inputs of these T positions in it."""
+        B, T, _ = x.shape
+        carried = None if state is None else carried_state(state, seqlen_offset)
+        u, conv_final = short_conv(
+            self.in_proj(x), self.short_filter.weight.squeeze(1), self.short_filter.bias,
+            initial_state=None if carried is None else carried[0], output_final_state=state is not None,
+        )
         x0, x1, v = u.split(self.d_model, dim=-1)
         v = (x1 * v).float()
-        y = long_conv(v, self.filter(x.shape[1])) + v * self.filter_bias.float()
+        if state is None:
+            y = long_conv(v, self.filter(T))
+        else:
+            self._check_fits(state, seqlen_offset, T)
+            # The long conv over the whole history; later positions (zeros or a previous occupant's) never
+            # reach an earlier output, the conv being causal.
+            pos = token_positions(seqlen_offset, B, T, x.device)  # [B, T]
+            history = torch.zeros_like(state[1]) if carried is None else carried[1].clone()
+            history.scatter_(2, pos.unsqueeze(1).expand(B, self.d_model, T), v.transpose(1, 2))
+            L = history.shape[-1]
+            y_all = long_conv(history.transpose(1, 2), self.filter(L))  # [B, L, d_model]
+            y = y_all.gather(1, pos.unsqueeze(-1).expand(B, T, self.d_model))
+            state[0].copy_(conv_final)
+            state[1].copy_(history)
+        y = y + v * self.filter_bias.float()
         return self.out_proj((x0.float() * y).to(x.dtype))
+
+    def step(self, x: torch.Tensor, state: State, seqlen_offset: Offset = 0) -> torch.Tensor:
+        """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model].
+
+        y_p = sum_{s <= p} h[p - s] v_s over the stored inputs v_0 .. v_p (no host sync, no branch on p).
+        """
+        B = x.shape[0]
+        self._check_fits(state, seqlen_offset, 1)
+        u = short_conv_step(self.in_proj(x.reshape(B, self.d_model)), state[0], self.short_filter.weight.squeeze(1),
+                            self.short_filter.bias)
+        x0, x1, v = u.split(self.d_model, dim=-1)
+        v = (x1 * v).float()  # [B, d_model]
+        history = state[1]  # [B, d_model, L]
+        L = history.shape[-1]
+        pos = token_positions(seqlen_offset, B, 1, x.device)  # [B, 1]
+        history.scatter_(2, pos.unsqueeze(1).expand(B, self.d_model, 1), v.unsqueeze(-1))
+        lag = pos - torch.arange(L, device=x.device)  # [B, L]: p - s
+        h = self.filter(L)[:, lag.clamp(min=0)] * (lag >= 0)  # [d_model, B, L]: h[p - s], 0 for s > p
+        y = torch.einsum("dbl,bdl->bd", h, history) + v * self.filter_bias.float()
+        return self.out_proj((x0.float() * y).to(x.dtype)).view_as(x)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,42 @@ def figure2_runs(scale: float = 1.0, epochs: int = 32) -> list[MQARRun]:
     ]
 
 
+# A GPU-sized figure 2 (one H200, --jobs 8, about 6 minutes; see docs/mqar.md for the estimate): the same
+# tasks, test sets, vocabulary, batch and schedule, a quarter of the training examples for 6 epochs (1062
+# steps, 4.7% of figure 2's 22.5k), the two middle learning rates, and the models that answer figure 2's
+# question (does Based beat Mamba, H3 and Hyena at equal state?) with each state-size range covered. Longest
+# runs first (estimated), so that the last ones to finish are short; the first lr for every model before
+# the second, so that a time cap cuts the second lr only.
+FIGURE2_SHORT_MODELS = (
+    ("h3", 256, {}),
+    ("mamba", 256, {"ssm_state_size": 16}),
+    ("rwkv", 128, {}),
+    ("h3", 128, {}),
+    ("mamba", 128, {"ssm_state_size": 16}),
+    ("mamba2", 128, {"ssm_state_size": 16}),
+    ("hyena", 128, {}),
+    ("mamba", 64, {"ssm_state_size": 16}),
+    ("linear_attn", 128, {"feature_dim": 16}),
+    ("lightning", 128, {"lightning_num_heads": 4}),
+    *[("sliding_window", 128, {"window_size": w}) for w in (16, 64, 256)],
+    ("h3", 64, {}),
+    ("hyena", 64, {}),
+    *[("linear_attn", 64, {"feature_dim": f}) for f in (8, 16, 24)],
+    ("attention", 64, {}),
+)
+FIGURE2_SHORT_LRS = (FIGURE2_LRS[2], FIGURE2_LRS[1])  # 1e-2 first: short runs favour the larger step
+
+
+def figure2_short_runs(scale: float = 1.0, epochs: int = 6) -> list[MQARRun]:
+    """FIGURE2_SHORT_MODELS at the two middle lrs of figure 2, trained on a quarter of its examples for
+    6 epochs, tested on its full test sets; `scale` multiplies every example count (smoke tests)."""
+    train, test = _tasks(FIGURE2_TRAIN, 0.25 * scale), _tasks(FIGURE2_TEST, scale)
+    return [
+        MQARRun(mixer, d, lr, kwargs, train=train, test=test, vocab_size=8192, epochs=epochs, batch_size=256)
+        for lr in FIGURE2_SHORT_LRS for mixer, d, kwargs in FIGURE2_SHORT_MODELS
+    ]
+
+
 # A CPU-sized version (2 cores, <= 10 minutes): T = 64, a 128-token vocabulary (fast to learn), one lr,
 # d_model 64 (Mamba 32: its scan materialises [B, T, 2d, N], 4x the cost). Mamba first, the longest run:
 # with --jobs 2 the short runs fill the other worker meanwhile.
@@ -72,7 +108,7 @@ def quick_runs(scale: float = 1.0, epochs: int = 4) -> list[MQARRun]:
     ]
 
 
-SWEEPS = {"quick": quick_runs, "figure2": figure2_runs}
+SWEEPS = {"quick": quick_runs, "figure2": figure2_runs, "figure2-short": figure2_short_runs}
 
 
 def read_results(path: str | Path) -> list[dict]:
@@ -101,10 +137,19 @@ def _devices(device: str, jobs: int) -> list[str]:
 
 def run_sweep(
     runs: list[MQARRun], out_dir: str | Path, device: str = "cpu", jobs: int = 1, limit: int | None = None,
-    progress: bool = True,
+    progress: bool = True, time_limit: float | None = None,
 ) -> list[dict]:
     """Train the runs not yet in out_dir/results.jsonl (at most `limit` of them), appending one row per
-    finished run, then redraw out_dir/pareto.png from every row. Returns all rows."""
+    finished run, then redraw out_dir/pareto.png from every row. Returns all rows.
+
+    time_limit: seconds after which no new run starts (runs already started, and with jobs > 1 the one
+    queued behind them, still finish). A run that raises is reported on stderr and left out of
+    results.jsonl, so a rerun tries it again; the others go on.
+    """
+    import sys
+    import time
+    import traceback
+
     from tqdm import tqdm
 
     from .plot import plot_pareto
@@ -115,16 +160,26 @@ def run_sweep(
     done = {row["run_id"] for row in read_results(results)}
     todo = [r for r in runs if r.run_id not in done][:limit]
     devices = _devices(device, jobs)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
 
     def record(row: dict) -> None:
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def failed(run: MQARRun, error: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        print(f"MQAR run {run.model_name} lr={run.lr:.3g} failed, not recorded:\n{tb}", file=sys.stderr)
+
     bar = tqdm(total=len(todo), desc=f"MQAR runs ({len(done)} done before)", disable=not progress)
     if jobs <= 1:
         for run in todo:
+            if deadline is not None and time.monotonic() > deadline:
+                break
             bar.set_postfix_str(run.model_name)
-            record(train_mqar(run, device))
+            try:
+                record(train_mqar(run, device))
+            except Exception as error:  # one broken mixer must not stop the sweep
+                failed(run, error)
             bar.update()
     else:
         # Processes rather than threads: the small ops of these models scale better one core each.
@@ -133,12 +188,26 @@ def run_sweep(
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = [pool.submit(train_mqar, run, devices[k % len(devices)]) for k, run in enumerate(todo)]
-            for future in as_completed(futures):
-                row = future.result()
-                record(row)
-                bar.set_postfix_str(row["model"])
-                bar.update()
+            futures = {pool.submit(train_mqar, run, devices[k % len(devices)]): run for k, run in enumerate(todo)}
+            pending = set(futures)
+            while pending:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                finished, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    if future.cancelled():
+                        continue
+                    try:
+                        row = future.result()
+                    except Exception as error:
+                        failed(futures[future], error)
+                    else:
+                        record(row)
+                        bar.set_postfix_str(row["model"])
+                    bar.update()
+                if deadline is not None and time.monotonic() > deadline:
+                    for future in pending:
+                        future.cancel()  # runs not yet handed to a worker
+                    deadline = None
     bar.close()
     rows = read_results(results)
     if rows:

@@ -105,29 +105,63 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def query_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels [N, T] with the same number Q of labelled positions per row (MQAR: one per key) ->
+    positions [N, Q] (ascending) and their labels [N, Q]."""
+    mask = labels != IGNORE_INDEX
+    counts = mask.sum(1)
+    if len(labels) and not bool((counts == counts[0]).all()):
+        raise ValueError("every example must have the same number of query positions")
+    positions = mask.nonzero()[:, 1].view(len(labels), -1)
+    return positions, labels.gather(1, positions)
+
+
+def _query_logits(model: MQARModel, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits [B, Q, vocab] at the query positions [B, Q] only: a gather of known size, so a training step
+    never waits for the device to count masked positions (a boolean mask would)."""
+    hidden = model.hidden(x)
+    return model.head(hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+
+
 @torch.no_grad()
 def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, device) -> float:
     """Fraction of query positions (labels != -100) where the argmax prediction is the value."""
     model.eval()
-    correct = total = 0
+    positions, targets = query_positions(labels)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(inputs), batch_size):
-        x, y = inputs[start : start + batch_size].to(device), labels[start : start + batch_size].to(device)
-        mask = y != IGNORE_INDEX
-        correct += (model.head(model.hidden(x)[mask]).argmax(-1) == y[mask]).sum().item()
-        total += mask.sum().item()
+        x, q, y = (t[start : start + batch_size].to(device) for t in (inputs, positions, targets))
+        correct += (_query_logits(model, x, q).argmax(-1) == y).sum()
     model.train()
-    return correct / max(total, 1)
+    return correct.item() / max(targets.numel(), 1)
 
 
 def train_mqar(run: MQARRun, device: str = "cpu") -> dict:
-    """Train run's model, test it on every test task; returns one results row (JSON-serialisable)."""
+    """Train run's model, test it on every test task; returns one results row (JSON-serialisable).
+
+    Weights, activations, scans and losses are fp32 on every device; on CUDA the matmuls run as TF32 (tensor
+    cores). No autocast: these models are launch-bound, and casts would add kernels, not save time.
+    """
+    tf32 = torch.device(device).type == "cuda"
+    previous = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        return {**_train_and_test(run, device), "tf32": tf32}
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _train_and_test(run: MQARRun, device: str) -> dict:
     start_time = time.perf_counter()
     torch.manual_seed(run.seed)
     model = MQARModel(run.config()).to(device)
-    train = [task_data(run, "train", i) for i in range(len(run.train))]
+    # Each task's inputs, query positions and values, moved to the device once.
+    train = [(x.to(device), *(t.to(device) for t in query_positions(y)))
+             for x, y in (task_data(run, "train", i) for i in range(len(run.train)))]
     g = torch.Generator().manual_seed(run.seed)
     # Batches never mix tasks (their lengths differ); the order of all batches is shuffled per epoch.
-    batches_per_epoch = [(i, b) for i, (x, _) in enumerate(train) for b in range(math.ceil(len(x) / run.batch_size))]
+    batches_per_epoch = [(i, b) for i, (x, *_) in enumerate(train) for b in range(math.ceil(len(x) / run.batch_size))]
     total_steps = run.epochs * len(batches_per_epoch)
     warmup = max(1, int(run.warmup_frac * total_steps))
     optimizer = torch.optim.AdamW(_param_groups(model, run.weight_decay), lr=run.lr)
@@ -136,18 +170,19 @@ def train_mqar(run: MQARRun, device: str = "cpu") -> dict:
     )
     loss = torch.tensor(float("nan"))
     for _ in range(run.epochs):
-        perms = [torch.randperm(len(x), generator=g) for x, _ in train]
+        perms = [torch.randperm(len(x), generator=g).to(device) for x, *_ in train]
         for j in torch.randperm(len(batches_per_epoch), generator=g).tolist():
             i, b = batches_per_epoch[j]
             idx = perms[i][b * run.batch_size : (b + 1) * run.batch_size]
-            x, y = train[i][0][idx].to(device), train[i][1][idx].to(device)
-            mask = y != IGNORE_INDEX
-            loss = F.cross_entropy(model.head(model.hidden(x)[mask]).float(), y[mask])
+            x, positions, targets = (t[idx] for t in train[i])
+            loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the steps were only queued: count the time they took
     train_seconds = time.perf_counter() - start_time
     accuracy = {
         task.name: evaluate(model, *task_data(run, "test", i), batch_size=run.batch_size, device=device)

@@ -6,10 +6,11 @@ import torch
 
 from based.cli import main
 from based.mqar import (
-    MQARModel, MQARRun, MQARTask, figure2_runs, frontier, mqar_config, plot_pareto, quick_runs, read_results,
-    run_sweep, train_mqar,
+    MQARModel, MQARRun, MQARTask, figure2_runs, figure2_short_runs, frontier, mqar_config, plot_pareto, quick_runs,
+    read_results, run_sweep, train_mqar,
 )
-from based.mqar.sweeps import FIGURE2_MODELS
+from based.mqar.sweeps import FIGURE2_LRS, FIGURE2_MODELS, FIGURE2_SHORT_MODELS
+from based.mqar.train import query_positions
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -41,6 +42,38 @@ def test_figure2_sweep_settings():
         (64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256)]
     assert (r.vocab_size, r.batch_size, r.epochs, r.weight_decay) == (8192, 256, 32, 0.1)
     assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_figure2_short_is_figure2_cut_down():
+    """Figure 2's models, tasks and test sets; a quarter of the training examples, 6 epochs, the 2 middle lrs,
+    every model at the first lr before any at the second (a time cap then cuts the second lr only)."""
+    runs, full = figure2_short_runs(), figure2_runs()[0]
+    assert len(runs) == 2 * len(FIGURE2_SHORT_MODELS) == 38
+    assert all((m, d, kw) in FIGURE2_MODELS for m, d, kw in FIGURE2_SHORT_MODELS)
+    assert {m for m, _, _ in FIGURE2_SHORT_MODELS} == {m for m, _, _ in FIGURE2_MODELS}
+    assert [r.lr for r in runs] == [FIGURE2_LRS[2]] * 19 + [FIGURE2_LRS[1]] * 19
+    r = runs[0]
+    assert r.test == full.test and [t.num_examples for t in r.train] == [25_000, 5_000, 5_000, 5_000, 5_000]
+    assert [(t.seq_len, t.num_kv_pairs) for t in r.train] == [(t.seq_len, t.num_kv_pairs) for t in full.train]
+    assert (r.vocab_size, r.batch_size, r.epochs, r.weight_decay) == (8192, 256, 6, 0.1)
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_query_positions():
+    labels = torch.tensor([[-100, 5, -100, 7], [3, -100, -100, 4]])
+    positions, values = query_positions(labels)
+    assert positions.tolist() == [[1, 3], [0, 3]] and values.tolist() == [[5, 7], [3, 4]]
+    with pytest.raises(ValueError, match="same number of query positions"):
+        query_positions(torch.tensor([[-100, 5], [3, 4]]))
+
+
+def test_sweep_time_limit_and_a_failing_run(tmp_path, capsys):
+    tiny = dict(train=(MQARTask(16, 2, 32),), test=(MQARTask(16, 2, 8),), vocab_size=32, epochs=1, batch_size=16)
+    runs = [MQARRun("no_such_mixer", 16, 1e-3, **tiny), MQARRun("attention", 16, 1e-3, **tiny)]
+    assert run_sweep(runs, tmp_path, progress=False, time_limit=0) == []  # past the limit: nothing starts
+    rows = run_sweep(runs, tmp_path, progress=False, time_limit=600)
+    assert [r["mixer"] for r in rows] == ["attention"]  # the broken run is reported, the next one trained
+    assert "no_such_mixer" in capsys.readouterr().err
 
 
 def test_quick_sweep_covers_the_tradeoff():
@@ -75,6 +108,9 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     rows = read_results(tmp_path / "results.jsonl")
     assert len(rows) == 2 and rows[0]["run_id"] != rows[1]["run_id"]
     assert main(["mqar", "--quick", "--plot-only", "--out", str(tmp_path)]) == 0
+    short = ["mqar", "--sweep", "figure2-short", "--scale", "0.002", "--epochs", "1", "--out", str(tmp_path)]
+    assert main([*short, "--limit", "1", "--time-limit", "600"]) == 0
+    assert len(read_results(tmp_path / "results.jsonl")) == 3
     with pytest.raises(SystemExit):
         main(["mqar", "--quick", "--jobs", "0", "--out", str(tmp_path)])
 
