@@ -1,4 +1,4 @@
-"""The baseline mixers (Mamba, H3, Hyena, RWKV) and the linear-attention feature-map ablations: causality, decode
+"""The baseline mixers (Mamba, H3, Hyena, RWKV, Lightning, Mamba-2) and the linear-attention feature-map ablations: causality, decode
 against the full forward, state sizes against hand counts, their ops against naive references, LM use."""
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 from based import BasedConfig, BasedForCausalLM
 from based.generation import InferenceState, generate, prefill
 from based.layers import (
-    FEATURE_MAP_ABLATIONS, H3, RWKV, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LinearAttention, Mamba,
-    SlidingWindowAttention,
+    FEATURE_MAP_ABLATIONS, H3, RWKV, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LightningAttention,
+    LinearAttention, Mamba, Mamba2, SlidingWindowAttention,
 )
 from based.ops.linear_attn import linear_attn, naive_linear_attn
 from based.ops.long_conv import long_conv, naive_long_conv
@@ -20,6 +20,10 @@ MIXERS = {
     "h3": lambda: H3(D, d_state=8),
     "hyena": lambda: Hyena(D, max_seq_len=64, filter_order=16),
     "rwkv": lambda: RWKV(D, head_size=8),
+    # Chunks of 8, so that T and the prefill below span full and partial chunks.
+    "lightning": lambda: LightningAttention(D, num_heads=4, num_layers=4, layer_idx=1, chunk_size=8),
+    "mamba2": lambda: Mamba2(D, d_state=8, headdim=16, chunk_size=8),
+    "mamba2_groups": lambda: Mamba2(D, d_state=8, headdim=8, ngroups=2, chunk_size=8),
     **{f"la_{fm}": (lambda fm=fm: FeatureMapLinearAttention(D, fm, feature_dim=FD, num_heads=H, max_seq_len=64))
        for fm in FEATURE_MAP_ABLATIONS},
 }
@@ -51,7 +55,7 @@ def test_shape_dtype_and_causality(mixer_name):
 @pytest.mark.parametrize("name", DECODES)
 def test_prefill_then_step_equals_forward(name):
     mixer = MIXERS[name]().eval()
-    B, prompt = 2, 5
+    B, prompt = 2, 13  # one full chunk of 8 and a partial one for the chunked mixers
     x = torch.randn(B, T, D)
     full = mixer(x)
     state = mixer.allocate_inference_cache(B, max_seq_len=64)
