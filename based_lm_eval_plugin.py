@@ -35,19 +35,26 @@ def _register_model(module) -> None:
 
 
 def _add_task_path(module) -> None:
+    import inspect
+
     manager = module.TaskManager
     if getattr(manager.__init__, "_based_tasks", False):
         return
     original = manager.__init__
+    signature = inspect.signature(original)
     tasks = _tasks_dir()
 
-    def __init__(self, *args, include_path=None, include_defaults: bool = True, **kwargs):
+    def __init__(*args, **kwargs):
+        # Bound as lm-eval's own signature binds them, so positional and keyword calls both work.
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments.get("include_path")
         # Only alongside lm-eval's default tasks: a caller that excludes them asked for an exact set.
-        if include_defaults:
-            paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
-            if not any(os.path.realpath(p) == os.path.realpath(tasks) for p in paths):
-                include_path = [tasks, *paths]  # the user's paths come later and override ours
-        original(self, *args, include_path=include_path, include_defaults=include_defaults, **kwargs)
+        if bound.arguments.get("include_defaults", True):
+            paths = [] if given is None else list(given) if isinstance(given, (list, tuple)) else [given]
+            if not any(os.path.realpath(str(p)) == os.path.realpath(tasks) for p in paths):
+                bound.arguments["include_path"] = [tasks, *paths]  # the user's paths come later and win
+        original(*bound.args, **bound.kwargs)
 
     __init__._based_tasks = True
     manager.__init__ = __init__

@@ -191,3 +191,23 @@ def test_the_plugin_can_be_switched_off():
     assert run.returncode != 0 and "no model for this name found" in run.stderr
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_plugin_keeps_task_manager_calls_as_lm_eval_defines_them(tmp_path):
+    """The wrapped TaskManager.__init__ takes positional and keyword arguments as the original does, puts
+    our task folder first next to lm-eval's defaults, and leaves an exact set (no defaults) alone."""
+    import types
+
+    import based_lm_eval_plugin as plugin
+
+    class Manager:  # lm-eval 0.4.13's signature
+        def __init__(self, verbosity=None, include_path=None, include_defaults=True, metadata=None):
+            self.include_path, self.include_defaults = include_path, include_defaults
+
+    plugin._add_task_path(types.SimpleNamespace(TaskManager=Manager))
+    ours = str(TASKS_DIR)
+    assert Manager(None, str(tmp_path)).include_path == [ours, str(tmp_path)]
+    assert Manager(include_path=[str(tmp_path)], metadata={}).include_path == [ours, str(tmp_path)]
+    assert Manager().include_path == [ours]
+    assert Manager(None, str(tmp_path), False).include_path == str(tmp_path)
+    assert Manager(None, [ours]).include_path == [ours]  # not added twice
