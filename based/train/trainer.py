@@ -93,15 +93,22 @@ def check_resumable(ckpt: Path, saved: dict, config: BasedConfig, trainer_state:
         raise CheckpointError(f"{ckpt} was trained with another tokenizer: pass that run's --data/--tokenizer")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases, embeddings (with the tied LM head) and the SSM/decay
-    dynamics a mixer marks `_no_weight_decay` (Mamba's A_log, ...: decaying them erases memory) are exempt."""
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters a mixer marks `_no_weight_decay` (Mamba's A_log, ...: decaying them erases
+    memory). Read before FSDP2 wraps the model: its sharded parameters do not carry the mark."""
+    return {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+
+def param_groups(model: nn.Module, weight_decay: float, exempt: set[str] | None = None) -> list[dict]:
+    """Weight decay on matrices only: norms, biases, embeddings (with the tied LM head) and the
+    parameters named in `exempt` (default: no_weight_decay_names of this model) are exempt."""
+    exempt = no_weight_decay_names(model) if exempt is None else exempt
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
-    for p in model.parameters():  # tied weights come once
+    for name, p in model.named_parameters():  # tied weights come once
         if p.requires_grad:
-            exempt = id(p) in embeddings or getattr(p, "_no_weight_decay", False)
-            (decay if p.dim() >= 2 and not exempt else no_decay).append(p)
+            skip = id(p) in embeddings or name.removeprefix("module.") in exempt  # "module.": DDP's wrapper
+            (decay if p.dim() >= 2 and not skip else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -256,10 +263,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     n_params = model.num_parameters()
     if cfg.compile:  # before DDP / FSDP wrap the blocks, as torchtitan does
         compile_blocks(model)
+    exempt = no_weight_decay_names(model)
     model = parallelize(model, info, cfg.fsdp)
     loss_fn = loss_function(cfg.compile)
     cuda = info.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, exempt), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
     start, cursor = 0, 0

@@ -11,7 +11,7 @@ from based.train.config import TrainConfig
 from based.train.distributed import DistInfo
 from based.train.flops import flops_per_token, mixer_flops_per_token, peak_flops
 from based.train.metrics import MetricsLog, read_metrics
-from based.train.trainer import lr_schedule, param_groups
+from based.train.trainer import lr_schedule, no_weight_decay_names, param_groups
 
 
 def test_flops_per_token_terms():
@@ -121,6 +121,16 @@ def test_ssm_dynamics_get_no_weight_decay(preset, exempt_names):
     mamba = BasedForCausalLM(BasedConfig.from_preset("debug", mixer_types=["mamba"] * 4))
     _, no_decay = param_groups(mamba, 0.1)
     assert any(p is mamba.transformer.layers[0].mixer.A_log for p in no_decay["params"])  # 2-D, still exempt
+    # FSDP2 replaces the parameters and drops the mark: the names read before wrapping still exempt them.
+    exempt = no_weight_decay_names(mamba)
+    for p in mamba.parameters():
+        p.__dict__.pop("_no_weight_decay", None)
+    wrapped = torch.nn.Module()
+    wrapped.module = mamba  # DDP's naming: "module." + the model's names
+    _, no_decay = param_groups(wrapped, 0.1, exempt)
+    assert any(p is mamba.transformer.layers[0].mixer.A_log for p in no_decay["params"])
+    _, no_decay = param_groups(wrapped, 0.1)
+    assert not any(p is mamba.transformer.layers[0].mixer.A_log for p in no_decay["params"])  # mark gone
 
 
 @pytest.mark.parametrize("preset, small", [("debug", True), ("rwkv-debug", True), ("mamba2-hybrid-debug", True),
