@@ -21,19 +21,13 @@ import datetime
 import gc
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-
-def _git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from .ops import _git_rev  # honours BASED_GIT_REV (GPU copies of the tree have no .git)
 
 
 def _compile_stats() -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_rwkv5_attn
-from .common import check_inputs, zero_state
+from ..decay.common import zero_state  # the same [B, H, dk, dv] fp32 matrix state
+from .common import check_inputs
 from .naive import naive_rwkv5_attn
 from .recurrent import rwkv5_step
 

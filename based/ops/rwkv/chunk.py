@@ -34,7 +34,7 @@ def _intra_scores(r: torch.Tensor, k: torch.Tensor, w_log: torch.Tensor) -> torc
     A = r.new_zeros(*r.shape[:-1], C)
     for lag in range(1, C):
         a = (r[..., lag:, :] * (k[..., :-lag, :] * torch.exp(lam * (lag - 1)))).sum(-1)  # A[t, t - lag]
-        A = A + torch.diag_embed(a, offset=-lag)
+        A.diagonal(offset=-lag, dim1=-2, dim2=-1).copy_(a)  # in place: no [.., C, C] temporaries per lag
     return A
 
 

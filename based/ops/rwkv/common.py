@@ -30,8 +30,3 @@ def check_decay(w_log: torch.Tensor, u: torch.Tensor, num_heads: int, head_k_dim
     for name, t in (("w_log", w_log), ("u", u)):
         if tuple(t.shape) != (num_heads, head_k_dim):
             raise ValueError(f"{name} must be [H, dk] = {(num_heads, head_k_dim)}, got {tuple(t.shape)}")
-
-
-def zero_state(batch_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, device=None) -> torch.Tensor:
-    """A fresh fp32 state S [B, H, dk, dv]."""
-    return torch.zeros(batch_size, num_heads, head_k_dim, head_v_dim, dtype=torch.float32, device=device)
