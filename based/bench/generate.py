@@ -114,14 +114,13 @@ def weights_bytes(model) -> int:
 
 def state_traffic_bytes(model, seq_len: int, dtype) -> int:
     """Bytes one sequence's decode step moves through its state: recurrent states (linear attention,
-    convs, RWKV, Lightning, Mamba, Mamba-2) are read and written whole; attention reads its whole cache
-    (ring or preallocated) and writes one row."""
-    from based.layers import Attention
-
+    convs, RWKV, Lightning, Mamba, Mamba-2) are read and written whole; caches (a mixer's `state_is_cache`:
+    attention's, ring or preallocated, and Hyena's history) are read whole and written one row or column,
+    counted as the read."""
     total = 0
     for block in model.transformer.layers:
         nbytes = block.mixer.inference_state_bytes(seq_len, 1, dtype)
-        total += nbytes if isinstance(block.mixer, Attention) else 2 * nbytes
+        total += nbytes if getattr(block.mixer, "state_is_cache", False) else 2 * nbytes
     return total
 
 

@@ -16,13 +16,11 @@ from ..layers.state import State, state_nbytes
 
 
 def full_attention_limit(model) -> int | None:
-    """max_position_embeddings if any layer's state grows with the context: full (unwindowed) attention's KV
-    cache, Hyena's history of long-conv inputs; None for models without such a limit (BASED: linear
-    attention, windows, convs)."""
-    from ..layers import Attention, Hyena
-
+    """max_position_embeddings if any layer's state grows with the context (its mixer's
+    `state_grows_with_context`: full attention's KV cache, Hyena's history of long-conv inputs); None for
+    models without such a limit (BASED: linear attention, windows, convs)."""
     for block in model.transformer.layers:
-        if isinstance(block.mixer, Hyena) or (isinstance(block.mixer, Attention) and block.mixer.window_size is None):
+        if getattr(block.mixer, "state_grows_with_context", False):
             return model.config.max_position_embeddings
     return None
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..ops.decode_attn import cached_positions, decode_attn
 from .rotary import RotaryEmbedding
-from .state import Offset, State, state_nbytes, token_positions
+from .state import Offset, State, check_fits, state_nbytes, token_positions
 
 
 def check_heads(d_model: int, num_heads: int) -> int:
@@ -39,6 +39,13 @@ class Attention(nn.Module):
     """
 
     window_size: int | None = None  # keys visible per query, self included; None = all
+    # The decode state is a cache of past tokens: a step reads all of it and writes only the new token's row.
+    state_is_cache = True
+
+    @property
+    def state_grows_with_context(self) -> bool:
+        """Whether the decode state holds every token (full attention), so that it bounds the context."""
+        return self.window_size is None
 
     def __init__(
         self,
@@ -126,13 +133,8 @@ class Attention(nn.Module):
         return q, k, v
 
     def _check_fits(self, state: State, seqlen_offset: Offset, T: int) -> None:
-        # Only int offsets are checked: reading a tensor offset back would stall a captured decode step.
-        L = state[0].shape[1]
-        if self.window_size is None and isinstance(seqlen_offset, int) and seqlen_offset + T > L:
-            raise ValueError(
-                f"positions up to {seqlen_offset + T - 1} do not fit the KV cache of {L} tokens "
-                f"(allocate_inference_cache max_seq_len)"
-            )
+        if self.window_size is None:  # a window's ring cache holds any position
+            check_fits(state[0].shape[1], seqlen_offset, T, "the KV cache")
 
     def _write(self, state: State, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         k_cache, v_cache = state

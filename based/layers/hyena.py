@@ -8,6 +8,13 @@ sin/cos bands; sine activations), so it is defined at any length and costs O(T l
 needs every past input of the long conv: the state is d_model * L, the field's count for long convs. A step
 writes the new input x1 * v at its position and takes the dot product of the filter with that history,
 O(d_model * L) per token.
+
+The step's weights over the history are a window of one fixed vector per channel,
+
+    y_p = sum_s hpad[L - 1 - p + s] v_s,    hpad = [h[L-1], ..., h[0], 0 (L - 1 times)],
+
+which gives h[p - s] at s <= p and 0 at s > p. hpad is cached between steps when no gradient is taken
+(`_decode_filter`), so a step costs one gather of the window and one dot product, not the filter's MLP.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from torch import nn
 
 from ..ops import short_conv, short_conv_step
 from ..ops.long_conv import long_conv
-from .state import Offset, State, carried_state, state_nbytes, token_positions
+from .state import Offset, State, carried_state, check_fits, state_nbytes, token_positions
 
 
 class Sin(nn.Module):
@@ -82,6 +89,11 @@ class Hyena(nn.Module):
         layer_idx: position in the model (bookkeeping only).
     """
 
+    # The decode state holds every past input (up to the allocated length) and a step reads all of it but
+    # writes one column: a cache, like attention's, that bounds the context.
+    state_is_cache = True
+    state_grows_with_context = True
+
     def __init__(
         self, d_model: int, max_seq_len: int = 2048, filter_order: int = 64, short_kernel_size: int = 3,
         layer_idx: int | None = None,
@@ -97,6 +109,8 @@ class Hyena(nn.Module):
         self.filter = HyenaFilter(d_model, filter_order, max_seq_len=max_seq_len)
         self.filter_bias = nn.Parameter(torch.randn(d_model))
         self.out_proj = nn.Linear(d_model, d_model)
+        self._decode_cache: tuple[tuple, torch.Tensor] | None = None  # (key, hpad): see _decode_filter
+        self._captured: list[torch.Tensor] = []  # cached hpads read by captured CUDA graphs
 
     def state_size(self, seq_len: int) -> int:
         """The field's measure for a long conv: every past input, d_model * L."""
@@ -120,19 +134,45 @@ class Hyena(nn.Module):
         return state_nbytes(self.allocate_inference_cache(batch_size, dtype, "meta", max_seq_len=seq_len))
 
     def _check_fits(self, state: State, seqlen_offset: Offset, T: int) -> None:
-        # Only int offsets are checked: reading a tensor offset back would stall a captured decode step.
-        L = state[1].shape[-1]
-        if isinstance(seqlen_offset, int) and seqlen_offset + T > L:
-            raise ValueError(
-                f"positions up to {seqlen_offset + T - 1} do not fit Hyena's history of {L} tokens "
-                f"(allocate_inference_cache max_seq_len)"
-            )
+        check_fits(state[1].shape[-1], seqlen_offset, T, "Hyena's history")
+
+    def _flipped_filter(self, L: int) -> torch.Tensor:
+        h = self.filter(L)  # [d_model, L]
+        return torch.cat([h.flip(-1), h.new_zeros(self.d_model, L - 1)], dim=-1)  # [d_model, 2L - 1]
+
+    def _decode_filter(self, L: int) -> torch.Tensor:
+        """hpad [d_model, 2L - 1] fp32 (module docstring), cached while no gradient flows to the filter.
+
+        The cache is keyed on L and on each filter parameter's identity, storage and version counter, so an
+        in-place update (optimizer step, load_state_dict, .to()) invalidates it. Not cached while compiling
+        (the compiled step computes it) nor while capturing a CUDA graph (kernels do not run then). A graph
+        captured on a cache hit reads that tensor (kept alive for it in `_captured`), so the filter as it was
+        at capture: recapture after changing the filter's parameters.
+        """
+        params = list(self.filter.parameters())
+        if (
+            torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+            or any(p.is_inference() for p in params)  # inference tensors keep no version counter
+        ):
+            return self._flipped_filter(L)
+        key = (L, tuple((id(p), p.data_ptr(), p._version) for p in params))
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if self._decode_cache is not None and self._decode_cache[0] == key:
+            hpad = self._decode_cache[1]
+            if capturing and not any(t is hpad for t in self._captured):
+                self._captured.append(hpad)
+            return hpad
+        hpad = self._flipped_filter(L)
+        if not capturing:
+            self._decode_cache = (key, hpad)
+        return hpad
 
     def forward(self, x: torch.Tensor, state: State | None = None, seqlen_offset: Offset = 0) -> torch.Tensor:
         """x [B, T, d_model] -> [B, T, d_model]. With `state` (prefill), continues from it (empty at
         seqlen_offset 0) and leaves the short-conv state and the inputs of these T positions in it."""
         B, T, _ = x.shape
-        carried = None if state is None else carried_state(state, seqlen_offset)
+        carried = None if state is None else carried_state(state[:1], seqlen_offset)
         u, conv_final = short_conv(
             self.in_proj(x), self.short_filter.weight.squeeze(1), self.short_filter.bias,
             initial_state=None if carried is None else carried[0], output_final_state=state is not None,
@@ -146,20 +186,24 @@ class Hyena(nn.Module):
             # The long conv over the whole history; later positions (zeros or a previous occupant's) never
             # reach an earlier output, the conv being causal.
             pos = token_positions(seqlen_offset, B, T, x.device)  # [B, T]
-            history = torch.zeros_like(state[1]) if carried is None else carried[1].clone()
+            history = state[1]  # [B, d_model, L], emptied in place where a sequence starts (as carried_state)
+            if isinstance(seqlen_offset, torch.Tensor):
+                history.mul_((seqlen_offset.reshape(-1, 1, 1) != 0).to(history.dtype))
+            elif seqlen_offset == 0:
+                history.zero_()
             history.scatter_(2, pos.unsqueeze(1).expand(B, self.d_model, T), v.transpose(1, 2))
             L = history.shape[-1]
             y_all = long_conv(history.transpose(1, 2), self.filter(L))  # [B, L, d_model]
             y = y_all.gather(1, pos.unsqueeze(-1).expand(B, T, self.d_model))
             state[0].copy_(conv_final)
-            state[1].copy_(history)
         y = y + v * self.filter_bias.float()
         return self.out_proj((x0.float() * y).to(x.dtype))
 
     def step(self, x: torch.Tensor, state: State, seqlen_offset: Offset = 0) -> torch.Tensor:
         """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model].
 
-        y_p = sum_{s <= p} h[p - s] v_s over the stored inputs v_0 .. v_p (no host sync, no branch on p).
+        y_p = sum_{s <= p} h[p - s] v_s over the stored inputs v_0 .. v_p (no host sync, no branch on p), as
+        the dot product of the history with the window of hpad at L - 1 - p (module docstring).
         """
         B = x.shape[0]
         self._check_fits(state, seqlen_offset, 1)
@@ -171,7 +215,7 @@ class Hyena(nn.Module):
         L = history.shape[-1]
         pos = token_positions(seqlen_offset, B, 1, x.device)  # [B, 1]
         history.scatter_(2, pos.unsqueeze(1).expand(B, self.d_model, 1), v.unsqueeze(-1))
-        lag = pos - torch.arange(L, device=x.device)  # [B, L]: p - s
-        h = self.filter(L)[:, lag.clamp(min=0)] * (lag >= 0)  # [d_model, B, L]: h[p - s], 0 for s > p
-        y = torch.einsum("dbl,bdl->bd", h, history) + v * self.filter_bias.float()
+        windows = self._decode_filter(L).unfold(1, L, 1).transpose(0, 1)  # [L, d_model, L], a view of hpad
+        h = windows[L - 1 - pos[:, 0]]  # [B, d_model, L]: h[p - s], 0 for s > p
+        y = torch.einsum("bdl,bdl->bd", h, history) + v * self.filter_bias.float()
         return self.out_proj((x0.float() * y).to(x.dtype)).view_as(x)

@@ -113,8 +113,7 @@ class LightningAttention(nn.Module):
 
     def _out(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """o [..., inner] -> out_proj(srms_norm(o) * u)."""
-        of = o.float()
-        o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps)).to(u.dtype)
+        o = F.rms_norm(o.float(), (self.inner,), eps=self.eps).to(u.dtype)
         return self.out_proj(o * u)
 
     def forward(self, x: torch.Tensor, state: State | None = None, seqlen_offset: Offset = 0) -> torch.Tensor:

@@ -42,7 +42,7 @@ class GatedRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         xf = (x.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        y = F.rms_norm(xf, (self.group_size,), eps=self.eps).flatten(-2)
         return (y * self.weight.float()).to(z.dtype)
 
 

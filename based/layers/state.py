@@ -35,3 +35,15 @@ def carried_state(state: State, seqlen_offset: Offset) -> State | None:
 
 def state_nbytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state)
+
+
+def check_fits(cache_len: int, seqlen_offset: Offset, T: int, what: str) -> None:
+    """Raises if T tokens from `seqlen_offset` reach past a preallocated state of `cache_len` positions.
+
+    Only int offsets are checked: reading a tensor offset back would stall a captured decode step.
+    """
+    if isinstance(seqlen_offset, int) and seqlen_offset + T > cache_len:
+        raise ValueError(
+            f"positions up to {seqlen_offset + T - 1} do not fit {what} of {cache_len} tokens "
+            f"(allocate_inference_cache max_seq_len)"
+        )

@@ -164,6 +164,36 @@ def test_hyena_lm_decode_equals_its_forward():
         assert torch.equal(new[row], seq[n:])
 
 
+def test_hyena_decode_filter_cache_follows_parameter_updates():
+    """Steps without gradient reuse a cached filter; an in-place update of any filter parameter (no_grad
+    add_, optimizer step) rebuilds it: each step equals one with the filter computed afresh."""
+    torch.manual_seed(0)
+    m = Hyena(D, max_seq_len=64, filter_order=16)
+    x = torch.randn(2, 5, D)
+    state = m.allocate_inference_cache(2, max_seq_len=16)
+    with torch.no_grad():
+        m(x, state)
+    offset = torch.tensor([5, 3])  # row 1 steps over a history that holds later inputs: they must not count
+
+    def step(cached: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(not cached):  # with gradient the filter is never cached
+            return m.step(x[:, 0], tuple(t.clone() for t in state), offset).detach()
+
+    y0 = step(cached=True)
+    assert m._decode_cache is not None and torch.equal(y0, step(cached=False))
+    hpad = m._decode_cache[1]
+    assert torch.equal(step(cached=True), y0) and m._decode_cache[1] is hpad  # reused
+    with torch.no_grad():
+        m.filter.mlp[1].freq.add_(1)
+    y1 = step(cached=True)
+    assert not torch.allclose(y1, y0) and torch.equal(y1, step(cached=False))
+    opt = torch.optim.SGD(m.filter.parameters(), lr=0.1)
+    m(x).square().sum().backward()
+    opt.step()
+    y2 = step(cached=True)
+    assert not torch.allclose(y2, y1) and torch.equal(y2, step(cached=False))
+
+
 @pytest.mark.parametrize(
     "mixer_types, extra",
     [(["mamba", "h3"], {}), (["hyena", "linear_attn"], {"feature_map": "performer"}), (["rwkv", "base_conv"], {}),

@@ -40,7 +40,7 @@ def short_conv(
     elif tuple(initial_state.shape) != (B, C, K):
         raise ValueError(f"initial_state must be [B, C, K]=({B}, {C}, {K}), got {tuple(initial_state.shape)}")
     if torch.compiler.is_compiling():
-        y = _shifted_sum(x, weight, bias, initial_state)
+        y = _shifted_sum(x, weight, bias, initial_state, torch.float32)
     else:
         padded = torch.cat([initial_state[..., 1:].to(x.dtype), xt], dim=-1)  # [B, C, K - 1 + T]
         y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), bias, groups=C).transpose(1, 2)
@@ -48,21 +48,23 @@ def short_conv(
     return y, final
 
 
-def _shifted_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor):
-    """short_conv's y as K shifted multiply-adds in fp32, rounded once to x's dtype (as conv1d does).
+def _shifted_sum(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial_state: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """short_conv's y as K shifted multiply-adds in `dtype`, rounded once to x's dtype (as conv1d does).
 
-    The form for compiled code: Inductor fuses the shifts, the bias and the caller's gate into one
+    The form for compiled code (fp32): Inductor fuses the shifts, the bias and the caller's gate into one
     kernel (and the weight gradient into a few reductions), where a depthwise conv1d is an opaque
-    call of its own.
+    call of its own. In fp64, the reference.
     """
     T, K = x.shape[1], weight.shape[1]
-    padded = torch.cat([initial_state[..., 1:].transpose(1, 2).float(), x.float()], dim=1)  # [B, K - 1 + T, C]
-    w = weight.float()
+    padded = torch.cat([initial_state[..., 1:].transpose(1, 2).to(dtype), x.to(dtype)], dim=1)  # [B, K - 1 + T, C]
+    w = weight.to(dtype)
     y = padded[:, :T] * w[:, 0]
     for i in range(1, K):
         y = y + padded[:, i : i + T] * w[:, i]
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(dtype)
     return y.to(x.dtype)
 
 
@@ -77,18 +79,10 @@ def short_conv_step(
 
 
 def naive_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 ground truth: the sum written out."""
+    """Ground truth: the sum written out, in fp64."""
     _check(x, weight)
     B, T, C = x.shape
-    K = weight.shape[1]
-    xf, wf = x.double(), weight.double()
-    y = torch.zeros(B, T, C, dtype=torch.float64, device=x.device)
-    for i in range(K):
-        shift = K - 1 - i
-        y[:, shift:] += wf[:, i] * xf[:, : T - shift]
-    if bias is not None:
-        y += bias.double()
-    return y.to(x.dtype)
+    return _shifted_sum(x, weight, bias, x.new_zeros(B, C, weight.shape[1]), torch.float64)
 
 
 __all__ = ["short_conv", "short_conv_step", "naive_short_conv"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import check_chunk_size
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_decay_linear_attn, segsum
 from .common import check_inputs, check_state, zero_state
 from .naive import naive_decay_linear_attn
@@ -43,8 +44,7 @@ def decay_linear_attn(
     """
     check_inputs(q, k, v, log_decay)
     check_state(initial_state, q, v)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     return chunk_decay_linear_attn(
         q, k, v, log_decay, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,

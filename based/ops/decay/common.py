@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from ..common import check_layout
+
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor) -> None:
     """q, k [B, T, H, dk], v [B, T, H, dv], log_decay [B, T, H] or [H]."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(t.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, T, H, dk], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B, T, H, dv] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-    if q.shape[1] == 0:
-        raise ValueError("sequence length T must be at least 1, got an empty sequence")
+    check_layout(q, k, v)
     if q.shape[-1] <= 0 or v.shape[-1] <= 0:
         raise ValueError(f"key dim and value dim must be positive, got dk={q.shape[-1]}, dv={v.shape[-1]}")
     B, T, H = q.shape[:3]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .chunk import DEFAULT_CHUNK_SIZE, chunk_rwkv5_attn
+from ..common import check_chunk_size
 from ..decay.common import zero_state  # the same [B, H, dk, dv] fp32 matrix state
+from .chunk import DEFAULT_CHUNK_SIZE, chunk_rwkv5_attn
 from .common import check_inputs
 from .naive import naive_rwkv5_attn
 from .recurrent import rwkv5_step
@@ -42,8 +43,7 @@ def rwkv5_attn(
         o [B, T, H, dv] in v's dtype, and the final state (fp32) or None.
     """
     check_inputs(r, k, v, w_log, u, initial_state)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     return chunk_rwkv5_attn(
         r, k, v, w_log, u, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
     )

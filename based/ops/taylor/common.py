@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import check_layout
 from .feature_map import check_feature_map, taylor_feature_dim
 
 # Guards the division only: the denominator sum_s (1 + a_s + a_s^2/2) is >= 1/2 per visible token.
@@ -13,17 +14,7 @@ State = tuple[torch.Tensor, torch.Tensor]
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str) -> None:
     check_feature_map(feature_map)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(t.shape)}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, T, H, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must be [B, T, H, dv] with B, T, H of q {tuple(q.shape[:3])}, got {tuple(v.shape)}"
-        )
-    if q.shape[1] == 0:
-        raise ValueError("sequence length T must be at least 1, got an empty sequence")
+    check_layout(q, k, v)
     if q.shape[-1] <= 0 or v.shape[-1] <= 0:
         raise ValueError(f"feature dim and head dim must be positive, got d={q.shape[-1]}, dv={v.shape[-1]}")
 

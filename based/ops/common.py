@@ -1,0 +1,31 @@
+"""Argument checks shared by the linear-attention ops (taylor, decay, rwkv), layout [B, T, H, D]."""
+from __future__ import annotations
+
+import torch
+
+
+def check_layout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: tuple[str, str, str] = ("q", "k", "v")
+) -> None:
+    """q, k [B, T, H, dk] of one shape, v [B, T, H, dv] with their B, T, H, and T >= 1.
+
+    Args:
+        names: the op's names of q, k, v (RWKV: r, k, v), used in the messages.
+    """
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D] (4 dims), got shape {tuple(t.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"{nq} and {nk} must have the same shape [B, T, H, dk], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{nv} must be [B, T, H, dv] with B, T, H of {nq} {tuple(q.shape[:3])}, got {tuple(v.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError("sequence length T must be at least 1, got an empty sequence")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
