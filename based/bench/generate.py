@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ..models.presets import debug_preset
+
 PROMPT, NEW_TOKENS = 512, 1024
 
 
@@ -65,12 +67,6 @@ def build(preset: str, dtype=torch.bfloat16, device="cuda"):
     with torch.device(device):
         model = BasedForCausalLM(BasedConfig.from_preset(preset))
     return model.to(dtype).eval()
-
-
-def debug_preset(preset: str) -> str:
-    """The debug size of a preset's family: rwkv-1.3b -> rwkv-debug, 1.3b -> debug."""
-    family = preset.rpartition("-")[0]
-    return f"{family}-debug" if family else "debug"
 
 
 def synchronize(device: torch.device) -> None:

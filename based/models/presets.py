@@ -125,3 +125,10 @@ PRESET_CONFIGS: dict[str, dict] = {
 }
 
 PRESETS: tuple[str, ...] = tuple(PRESET_CONFIGS)
+
+
+def debug_preset(preset: str) -> str:
+    """The debug size of a preset's family (names are FAMILY-SIZE, BASED's own have no family):
+    rwkv-1.3b -> rwkv-debug, mamba2-hybrid-360m -> mamba2-hybrid-debug, 1.3b -> debug."""
+    family = preset.rpartition("-")[0]
+    return f"{family}-debug" if family else "debug"

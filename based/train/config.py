@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..models.presets import debug_preset
+
 # Fields left None take these values. The small presets are tuned so the README's command trains on
 # the default corpus on two CPU cores in a few minutes; the large ones follow the BASED reference
 # (lr 8e-4, 200 warm-up steps, T = 2048), with a per-step batch one GPU holds.
@@ -18,7 +20,7 @@ LARGE_DEFAULTS = dict(seq_len=2048, batch_size=8, max_steps=1000, lr=8e-4, warmu
 
 def is_small_preset(name: str | None) -> bool:
     """The debug presets (every mixer has one: debug, transformer-debug, rwkv-debug, ...) train small."""
-    return name is not None and (name == "debug" or name.endswith("-debug"))
+    return name is not None and name == debug_preset(name)
 
 
 @dataclass

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from based import BasedConfig, BasedForCausalLM
-from based.bench.generate import Clock, debug_preset, state_traffic_bytes, summarize
+from based.bench.generate import Clock, state_traffic_bytes, summarize
+from based.models.presets import debug_preset
 from based.cli import main
 
 MIXER_PRESETS = ["rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
