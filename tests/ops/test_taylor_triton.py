@@ -4,6 +4,7 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny shapes (set before
 only this module's kernels are affected since nothing else in the CPU suite launches Triton). The
 `gpu` tests run the same checks at real sizes: pytest -m gpu tests/ops/test_taylor_triton.py
 """
+import functools
 import os
 
 import torch
@@ -27,6 +28,8 @@ from based.ops.taylor.triton import triton_taylor_linear_attn, triton_taylor_lin
 from tests.conftest import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Both Triton forms (triton/chunk.py and triton/chunkwise.py) are held to the same references.
+FORMS = pytest.mark.parametrize("form", ["fused", "chunkwise"])
 NAMES = ("o", "kv", "k_sum", "dq", "dk", "dv", "d_kv0", "d_ksum0")
 
 
@@ -65,6 +68,7 @@ def _compare(got, ref, tol, what=""):
         assert err < tol, f"{what} {name}: relative error {err:.2e} >= {tol}"
 
 
+@FORMS
 @pytest.mark.parametrize("feature_map", ["compact", "full"])
 @pytest.mark.parametrize(
     "B,T,H,d,dv,with_state",
@@ -75,24 +79,25 @@ def _compare(got, ref, tol, what=""):
         (1, 70, 2, 32, 32, True),  # d = 32: the quadratic rows split over programs
     ],
 )
-def test_chunk_matches_naive(B, T, H, d, dv, with_state, feature_map):
+def test_chunk_matches_naive(B, T, H, d, dv, with_state, feature_map, form):
     q, k = torch.randn(B, T, H, d), torch.randn(B, T, H, d)
     v = torch.randn(B, T, H, dv)
     state = _prior_state(B, H, d, dv, feature_map, "cpu") if with_state else None
     F = taylor_feature_dim(d, feature_map)
     grads = _grads(v.shape, B, H, F, dv, "cpu")
     ref = _run(naive_taylor_linear_attn, q, k, v, state, feature_map, grads)
-    got = _run(triton_taylor_linear_attn, *(t.to(DEVICE) for t in (q, k, v)),
+    got = _run(functools.partial(triton_taylor_linear_attn, form=form), *(t.to(DEVICE) for t in (q, k, v)),
                None if state is None else tuple(t.to(DEVICE) for t in state), feature_map,
                tuple(g.to(DEVICE) for g in grads))
     _compare([t.cpu() for t in got], ref, 1e-4)
 
 
+@FORMS
 @pytest.mark.parametrize("feature_map", ["compact", "full"])
-def test_varlen_matches_per_sequence(feature_map):
+def test_varlen_matches_per_sequence(feature_map, form):
     H, d, dv = 2, 16, 32
-    lens = [1, 63, 66]  # a single token, a partial chunk, a chunk boundary crossed
-    cu = torch.tensor([0, 1, 64, 130], dtype=torch.int32)
+    lens = [1, 63, 0, 66]  # a single token, a partial chunk, an empty sequence, a chunk boundary crossed
+    cu = torch.tensor([0, 1, 64, 64, 130], dtype=torch.int32)
     N, T = len(lens), sum(lens)
     q, k = torch.randn(1, T, H, d), torch.randn(1, T, H, d)
     v = torch.randn(1, T, H, dv)
@@ -105,8 +110,22 @@ def test_varlen_matches_per_sequence(feature_map):
                                   output_final_state=output_final_state, backend="torch", mode="parallel")
 
     ref = _run(per_sequence, q, k, v, state, feature_map, grads)
-    got = _run(triton_taylor_linear_attn, q, k, v, state, feature_map, grads, cu_seqlens=cu)
+    got = _run(functools.partial(triton_taylor_linear_attn, form=form), q, k, v, state, feature_map, grads,
+               cu_seqlens=cu)
     _compare(got, ref, 1e-4, "varlen")
+
+
+def test_form_choice():
+    """auto takes the chunkwise kernels up to head dim 128 and the fused ones above; a bad name says
+    which exist."""
+    from based.ops.taylor.triton import _pick_form
+
+    assert _pick_form("auto", 16, 64) == "chunkwise"
+    assert _pick_form("auto", 16, 256) == "fused"
+    with pytest.raises(ValueError, match="head dim <= 128"):
+        _pick_form("chunkwise", 16, 256)
+    with pytest.raises(ValueError, match="use one of"):
+        _pick_form("flash", 16, 64)
 
 
 def test_dispatch_and_state_interchange():
@@ -161,7 +180,7 @@ def test_decode_step_matches_torch(feature_map):
 gpu = pytest.mark.gpu
 
 
-def _fwd_bwd_vs_chunk_fp32(B, T, H, d, dv, dtype, feature_map, with_state, tol_o, tol_g):
+def _fwd_bwd_vs_chunk_fp32(B, T, H, d, dv, dtype, feature_map, with_state, tol_o, tol_g, form="auto"):
     dev = "cuda"
     q = torch.randn(B, T, H, d, device=dev).to(dtype)
     k = torch.randn(B, T, H, d, device=dev).to(dtype)
@@ -171,7 +190,7 @@ def _fwd_bwd_vs_chunk_fp32(B, T, H, d, dv, dtype, feature_map, with_state, tol_o
     grads = _grads(v.shape, B, H, F, dv, dev)
     # fp32 reference on the same (rounded) inputs; the chunked torch form is linear in T.
     ref = _run(chunk_taylor_linear_attn, q.float(), k.float(), v.float(), state, feature_map, grads)
-    got = _run(triton_taylor_linear_attn, q, k, v, state, feature_map, grads)
+    got = _run(functools.partial(triton_taylor_linear_attn, form=form), q, k, v, state, feature_map, grads)
     torch.cuda.synchronize()
     _compare(got[:3], ref[:3], tol_o, f"{dtype} T={T}")
     _compare(got[3:], ref[3:], tol_g, f"{dtype} T={T} grad")
@@ -188,26 +207,29 @@ def _fwd_bwd_vs_chunk_fp32(B, T, H, d, dv, dtype, feature_map, with_state, tol_o
         (2, 777, 3, 24, 96, torch.float32, "full"),
     ],
 )
-def test_gpu_matches_reference(B, T, H, d, dv, dtype, feature_map):
+@FORMS
+def test_gpu_matches_reference(B, T, H, d, dv, dtype, feature_map, form):
     tol = {torch.float32: (1e-4, 1e-3), torch.float16: (5e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}[dtype]
-    _fwd_bwd_vs_chunk_fp32(B, T, H, d, dv, dtype, feature_map, True, *tol)
+    _fwd_bwd_vs_chunk_fp32(B, T, H, d, dv, dtype, feature_map, True, *tol, form=form)
 
 
 @gpu
-def test_gpu_fp16_long_no_overflow():
+@FORMS
+def test_gpu_fp16_long_no_overflow(form):
     """T = 32k in fp16: the denominator and state reach ~1e5 > fp16 max, kept in fp32."""
     B, T, H, d, dv = 1, 32768, 2, 16, 64
     q = torch.randn(B, T, H, d, device="cuda", dtype=torch.float16)
     k = torch.randn(B, T, H, d, device="cuda", dtype=torch.float16)
     v = (torch.randn(B, T, H, dv, device="cuda") + 2.0).to(torch.float16)
-    o, (kv, ks) = triton_taylor_linear_attn(q, k, v, output_final_state=True)
+    o, (kv, ks) = triton_taylor_linear_attn(q, k, v, output_final_state=True, form=form)
     ref, (kv_ref, ks_ref) = chunk_taylor_linear_attn(q.float(), k.float(), v.float(), output_final_state=True)
     assert ks[..., 0].max().item() == T and torch.isfinite(o).all()
     assert rel_err(o, ref) < 5e-3 and rel_err(kv, kv_ref) < 5e-3 and rel_err(ks, ks_ref) < 1e-3
 
 
 @gpu
-def test_gpu_varlen():
+@FORMS
+def test_gpu_varlen(form):
     H, d, dv = 4, 16, 64
     lens = [1, 4097, 63, 2000, 8192]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -222,7 +244,8 @@ def test_gpu_varlen():
                                   output_final_state=output_final_state, backend="torch", mode="chunk")
 
     ref = _run(per_sequence, q.float(), k.float(), v.float(), state, "compact", grads)
-    got = _run(triton_taylor_linear_attn, q, k, v, state, "compact", grads, cu_seqlens=cu)
+    got = _run(functools.partial(triton_taylor_linear_attn, form=form), q, k, v, state, "compact", grads,
+               cu_seqlens=cu)
     _compare(got[:3], ref[:3], 1e-2, "varlen")
     _compare(got[3:], ref[3:], 2e-2, "varlen grad")
 

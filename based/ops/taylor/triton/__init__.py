@@ -4,12 +4,30 @@ Importing this package needs `triton`; based.ops.taylor guards the import and fa
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..common import DEFAULT_EPS, State
+from . import chunkwise
 from .chunk import TaylorChunkFunction
 from .decode import triton_taylor_linear_attn_step
 from .layout import from_internal, to_internal
+
+FORMS = ("auto", "fused", "chunkwise")
+# "fused": triton/chunk.py, one program walks a sequence with the whole state on chip;
+# "chunkwise": triton/chunkwise.py, states at chunk boundaries then every chunk in parallel.
+FORM = os.environ.get("BASED_TRITON_FORM", "auto")
+
+
+def _pick_form(form: str, d: int, dv: int) -> str:
+    if form not in FORMS:
+        raise ValueError(f"unknown Triton form {form!r}: use one of {FORMS}")
+    if form == "auto":
+        return "chunkwise" if chunkwise.supported(d, dv) else "fused"
+    if form == "chunkwise" and not chunkwise.supported(d, dv):
+        raise ValueError(f"the chunkwise Triton form needs head dim <= {chunkwise.CW_MAX_DV}, got {dv}: use form='fused'")
+    return form
 
 
 # Left out of torch.compile graphs (a graph break where a compiled block calls it): the op is already
@@ -26,6 +44,7 @@ def triton_taylor_linear_attn(
     initial_state: State | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    form: str | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Chunked causal Taylor linear attention; differentiable in q, k, v and initial_state.
 
@@ -47,9 +66,10 @@ def triton_taylor_linear_attn(
     hs0 = zs0 = None
     if initial_state is not None:
         hs0, zs0 = to_internal(initial_state, d, feature_map, scale)
-    o, _, hsT, zsT = TaylorChunkFunction.apply(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state)
+    form = _pick_form(FORM if form is None else form, d, v.shape[-1])
+    o, _, hsT, zsT = TaylorChunkFunction.apply(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state, form)
     final = from_internal(hsT, zsT, d, feature_map, scale) if output_final_state else None
     return o, final
 
 
-__all__ = ["triton_taylor_linear_attn", "triton_taylor_linear_attn_step"]
+__all__ = ["FORMS", "triton_taylor_linear_attn", "triton_taylor_linear_attn_step"]

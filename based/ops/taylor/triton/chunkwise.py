@@ -1,0 +1,391 @@
+"""Chunk-parallel Taylor linear attention in Triton: the state at every chunk boundary, then every chunk
+at once (the layout of fla's `chunk` kernels, where triton/chunk.py is the `fused_chunk` one).
+
+triton/chunk.py walks each sequence with the whole 273-row state in registers: one program per
+(sequence, head, value block), 255 registers and two programs per SM, latency-bound on its chain of
+small products (NOTES-kernels.md). Here the walk keeps only a [BF, BV] tile of state rows per program
+and does one product per chunk, and everything else runs with a program per chunk:
+
+    forward   h:  per (feature tile, value block, sequence): H_c = state before chunk c, stored (bf16
+                  for 16-bit inputs; fp32 accumulation in registers), z_c likewise in fp32
+              o:  per (chunk, head): o = (A V + phi(Q) H_c) / (rowsum A + phi(Q) z_c + eps)
+    backward  h:  recomputed as in the forward (not saved: it is NT x 288 x dv per head)
+              dh: per (feature tile, value block, sequence), walking back: dH_c = gradient reaching the
+                  keys of chunk c = dH_T + sum over later chunks of phi(Q)^T g (and dz with g')
+              dqkv: per (chunk, head): the intra-chunk terms and, per feature tile, dq from H_c, z_c and
+                  dk, dv from dH_c, dz_c.
+
+Feature r of the internal layout (layout.py: r = 0 constant, 1 + i linear, 1 + BK + i BK + j
+quadratic) is built on chip as x[a_r] * x[b_r] from two gathered loads of the [BT, d] tile (index -1
+stands for 1), so no [BT, d, d] broadcast or reshape is needed. The query side carries the kernel's
+coefficients (1, scale, scale^2 / 2); the key side stays raw, so H_c are the raw moments of layout.py
+and the initial and final states need no conversion beyond to_internal / from_internal.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunk import _dot_precision, _seq_bounds, _state_dtype
+from .layout import block_k, internal_dim
+
+# Launch parameters (module attributes so benchmarks/taylor_sweep.py can try variants).
+CW_CHUNK = int(os.environ.get("BASED_TRITON_CW_CHUNK", 64))
+CW_BF = int(os.environ.get("BASED_TRITON_CW_BF", 32))
+CW_WARPS = int(os.environ.get("BASED_TRITON_CW_WARPS", 4))
+CW_H_WARPS = int(os.environ.get("BASED_TRITON_CW_H_WARPS", 4))
+CW_BWD_WARPS = int(os.environ.get("BASED_TRITON_CW_BWD_WARPS", 4))
+CW_STAGES = int(os.environ.get("BASED_TRITON_CW_STAGES", 2))
+# One program per chunk keeps the whole value dim: dq and dk then need no partial sums over value
+# blocks. Above this the fused form (triton/chunk.py) is used.
+CW_MAX_DV = 128
+
+
+@triton.jit
+def _feat_index(r, BK: tl.constexpr, FI: tl.constexpr, scale):
+    """Internal feature rows r -> (a, b, coef): phi_r(x) = coef * x[a] * x[b], index -1 = 1; coef is
+    the kernel's weight (0 on padding rows r >= FI)."""
+    is_lin = (r >= 1) & (r < 1 + BK)
+    is_quad = (r >= 1 + BK) & (r < FI)
+    rq = tl.where(is_quad, r - 1 - BK, 0)
+    a = tl.where(is_lin, r - 1, tl.where(is_quad, rq // BK, -1))
+    b = tl.where(is_quad, rq % BK, -1)
+    coef = tl.where(r == 0, 1.0, tl.where(is_lin, scale, tl.where(is_quad, 0.5 * scale * scale, 0.0)))
+    return a, b, coef
+
+
+@triton.jit
+def _gather(x, p_row, m_t, a, D: tl.constexpr, TRANS: tl.constexpr):
+    """x[t, a_f] as fp32 [BT, BF] ([BF, BT] with TRANS); 1 where a_f < 0, 0 on padded dims and tokens."""
+    m_a = (a >= 0) & (a < D)
+    if TRANS:
+        val = tl.load(x + p_row[None, :] + a[:, None], mask=m_t[None, :] & m_a[:, None], other=0.0)
+        return tl.where((a < 0)[:, None] & m_t[None, :], 1.0, val.to(tl.float32))
+    val = tl.load(x + p_row[:, None] + a[None, :], mask=m_t[:, None] & m_a[None, :], other=0.0)
+    return tl.where((a < 0)[None, :] & m_t[:, None], 1.0, val.to(tl.float32))
+
+
+@triton.jit
+def _chunk_start(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(bos, L, c0): first token, length and first global chunk index of sequence i_n."""
+    bos, L = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, L, c0
+
+
+@triton.jit
+def _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Global chunk i_c -> (bos, L, i_t): its sequence's first token and length, and its index there."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1)
+    else:
+        NT = tl.cdiv(T, BT)
+        i_n = i_c // NT
+        i_t = i_c % NT
+    bos, L = _seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    return bos, L, i_t
+
+
+@triton.jit
+def _cw_fwd_h_kernel(
+    k, v, hs0, zs0, hsT, zsT, h, z, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr,
+    USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr,
+):
+    i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L, c0 = _chunk_start(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    r = i_f * BF + tl.arange(0, BF)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_r, m_v = r < FI, o_v < DV
+    a, b, _ = _feat_index(r, BK, FI, 1.0)
+
+    b_h = tl.zeros([BF, BV], dtype=tl.float32)
+    b_z = tl.zeros([BF], dtype=tl.float32)
+    if USE_INITIAL:
+        b_h += tl.load(hs0 + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :],
+                       mask=m_r[:, None] & m_v[None, :], other=0.0)
+        b_z += tl.load(zs0 + i_nh.to(tl.int64) * FI + r, mask=m_r, other=0.0)
+    for i_t in range(0, tl.cdiv(L, BT)):
+        p_c = (c0 + i_t) * H + i_h  # this chunk's snapshot: the state before its first token
+        tl.store(h + (p_c * FP + r[:, None]) * DV + o_v[None, :], b_h.to(SDT), mask=m_v[None, :])
+        if i_v == 0:
+            tl.store(z + p_c * FP + r, b_z)
+        m_t = i_t * BT + o_t < L
+        rows = bos + i_t * BT + o_t
+        p_row = rows * (H * D) + i_h * D
+        b_kt = _gather(k, p_row, m_t, a, D, True) * _gather(k, p_row, m_t, b, D, True)  # [BF, BT] raw
+        b_kt = tl.where(m_r[:, None], b_kt, 0.0)
+        b_v = tl.load(v + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_h += tl.dot(b_kt.to(b_v.dtype), b_v, input_precision=PREC)
+        b_z += tl.sum(b_kt, 1)
+    if STORE_FINAL:
+        tl.store(hsT + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], b_h,
+                 mask=m_r[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(zsT + i_nh.to(tl.int64) * FI + r, b_z, mask=m_r)
+
+
+@triton.jit
+def _cw_fwd_o_kernel(
+    q, k, v, o, den, h, z, cu_seqlens, chunk_indices, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr, NF: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    m_t = i_t * BT + o_t < L
+    rows = bos + i_t * BT + o_t
+    p_row = rows * (H * D) + i_h * D
+    m_tk = m_t[:, None] & (o_k < D)[None, :]
+    b_q = tl.load(q + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
+    b_v = tl.load(v + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+
+    # intra-chunk: A = tril(1 + s + s^2/2), s = scale Q K^T
+    b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_a = tl.where((o_t[:, None] >= o_t[None, :]) & m_t[None, :], 1.0 + b_s + 0.5 * b_s * b_s, 0.0)
+    b_o = tl.dot(b_a.to(b_v.dtype), b_v, input_precision=PREC)
+    b_d = tl.sum(b_a, 1)
+    # inter-chunk: phi(Q) H_c and phi(Q) z_c, one feature tile at a time
+    p_c = i_c.to(tl.int64) * H + i_h
+    for i_f in range(NF):
+        r = i_f * BF + tl.arange(0, BF)
+        a, b, coef = _feat_index(r, BK, FI, scale)
+        b_qf = _gather(q, p_row, m_t, a, D, False) * _gather(q, p_row, m_t, b, D, False) * coef[None, :]
+        b_h = tl.load(h + (p_c * FP + r[:, None]) * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
+        b_o += tl.dot(b_qf.to(SDT), b_h, input_precision=PREC)
+        b_d += tl.sum(b_qf * tl.load(z + p_c * FP + r)[None, :], 1)
+    p_o = o + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+    tl.store(p_o, (b_o / (b_d + eps)[:, None]).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    tl.store(den + rows * H + i_h, b_d, mask=m_t)
+
+
+@triton.jit
+def _cw_bwd_dh_kernel(
+    q, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr,
+    USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr,
+):
+    i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, L, c0 = _chunk_start(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    r = i_f * BF + tl.arange(0, BF)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_r, m_v = r < FI, o_v < DV
+    a, b, coef = _feat_index(r, BK, FI, scale)
+
+    b_dh = tl.zeros([BF, BV], dtype=tl.float32)
+    b_dz = tl.zeros([BF], dtype=tl.float32)
+    if USE_FINAL_GRAD:
+        b_dh += tl.load(dhsT + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :],
+                        mask=m_r[:, None] & m_v[None, :], other=0.0)
+        b_dz += tl.load(dzsT + i_nh.to(tl.int64) * FI + r, mask=m_r, other=0.0)
+    NT = tl.cdiv(L, BT)
+    for j in range(0, NT):
+        i_t = NT - 1 - j
+        p_c = (c0 + i_t) * H + i_h  # the gradient that reaches the keys of chunk i_t (later queries)
+        tl.store(dh + (p_c * FP + r[:, None]) * DV + o_v[None, :], b_dh.to(SDT), mask=m_v[None, :])
+        if i_v == 0:
+            tl.store(dz + p_c * FP + r, b_dz)
+        m_t = i_t * BT + o_t < L
+        rows = bos + i_t * BT + o_t
+        p_row = rows * (H * D) + i_h * D
+        b_qt = _gather(q, p_row, m_t, a, D, True) * _gather(q, p_row, m_t, b, D, True) * coef[:, None]
+        b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.0)
+        b_g = tl.load(do + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32) / (b_den + eps)[:, None]
+        b_dh += tl.dot(b_qt.to(SDT), b_g.to(SDT), input_precision=PREC)
+        b_dz += tl.sum(b_qt * tl.load(dd + rows * H + i_h, mask=m_t, other=0.0)[None, :], 1)
+    if STORE_INITIAL_GRAD:
+        tl.store(dhs0 + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], b_dh,
+                 mask=m_r[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(dzs0 + i_nh.to(tl.int64) * FI + r, b_dz, mask=m_r)
+
+
+@triton.jit
+def _cw_bwd_dqkv_kernel(
+    q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr, NF: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    m_t = i_t * BT + o_t < L
+    rows = bos + i_t * BT + o_t
+    p_row = rows * (H * D) + i_h * D
+    m_tk = m_t[:, None] & (o_k < D)[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_vv = rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
+    b_q = tl.load(q + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
+    b_v = tl.load(v + p_vv, mask=m_tv, other=0.0)
+    b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.0)
+    b_g = tl.load(do + p_vv, mask=m_tv, other=0.0).to(tl.float32) / (b_den + eps)[:, None]  # dL/dnum
+    b_dd = tl.load(dd + rows * H + i_h, mask=m_t, other=0.0)  # dL/dden
+
+    # intra-chunk: dA = g v^T + g' (dA/ds = 1 + s), dv = A^T g
+    m_a = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_a = tl.where(m_a, 1.0 + b_s + 0.5 * b_s * b_s, 0.0)
+    b_vf = b_v.to(tl.float32)
+    b_da = tl.dot(b_g, tl.trans(b_vf), input_precision=PREC) + b_dd[:, None]
+    b_ds = tl.where(m_a, b_da * (1.0 + b_s), 0.0)
+    b_dq = scale * tl.dot(b_ds, b_k.to(tl.float32), input_precision=PREC)
+    b_dk = scale * tl.dot(tl.trans(b_ds), b_q.to(tl.float32), input_precision=PREC)
+    b_dv = tl.dot(tl.trans(b_a), b_g, input_precision=PREC)
+
+    # inter-chunk, per feature tile: dphi(Q) = coef (g H_c^T + g' z_c), dphi(K) = V dH_c^T + dz_c,
+    # dV += phi(K) dH_c; a feature x[a] x[b] sends dphi x[b] to column a and dphi x[a] to column b,
+    # summed over the tile by selection products (exact: one-hot matrices).
+    b_gs = b_g.to(SDT)
+    b_vs = b_v.to(SDT)
+    p_c = i_c.to(tl.int64) * H + i_h
+    for i_f in range(NF):
+        r = i_f * BF + tl.arange(0, BF)
+        a, b, coef = _feat_index(r, BK, FI, scale)
+        e_a = (a[:, None] == o_k[None, :]).to(tl.float32)  # [BF, BK]
+        e_b = (b[:, None] == o_k[None, :]).to(tl.float32)
+        p_hh = (p_c * FP + r[:, None]) * DV + o_v[None, :]
+        b_h = tl.load(h + p_hh, mask=m_v[None, :], other=0.0)
+        b_dh = tl.load(dh + p_hh, mask=m_v[None, :], other=0.0)
+        b_z = tl.load(z + p_c * FP + r)
+        b_dz = tl.load(dz + p_c * FP + r)
+
+        b_qa = _gather(q, p_row, m_t, a, D, False)
+        b_qb = _gather(q, p_row, m_t, b, D, False)
+        b_dqf = (tl.dot(b_gs, tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]) * coef[None, :]
+        b_dq += tl.dot(b_dqf * b_qb, e_a, input_precision=PREC) + tl.dot(b_dqf * b_qa, e_b, input_precision=PREC)
+
+        b_ka = _gather(k, p_row, m_t, a, D, False)
+        b_kb = _gather(k, p_row, m_t, b, D, False)
+        b_kf = tl.where((r < FI)[None, :], b_ka * b_kb, 0.0)
+        b_dv += tl.dot(b_kf.to(SDT), b_dh, input_precision=PREC)
+        b_dkf = tl.dot(b_vs, tl.trans(b_dh), input_precision=PREC) + b_dz[None, :]
+        b_dk += tl.dot(b_dkf * b_kb, e_a, input_precision=PREC) + tl.dot(b_dkf * b_ka, e_b, input_precision=PREC)
+
+    p_qk = p_row[:, None] + o_k[None, :]
+    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dv + p_vv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+def supported(d: int, dv: int) -> bool:
+    return triton.next_power_of_2(dv) <= CW_MAX_DV
+
+
+def _layout(q, v, cu_seqlens):
+    """Shapes and the chunk bookkeeping: (N, T, H, D, DV, NC, chunk_offsets, chunk_indices)."""
+    B, T, H, D = q.shape
+    DV = v.shape[-1]
+    BT = CW_CHUNK
+    if cu_seqlens is None:
+        NT = triton.cdiv(T, BT)
+        return B, T, H, D, DV, B * NT, None, None
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nc = (lens + BT - 1) // BT
+    chunk_offsets = torch.cumsum(nc, 0) - nc
+    NC = int(nc.sum().item())
+    seq = torch.repeat_interleave(torch.arange(len(nc), device=q.device), nc)
+    within = torch.arange(NC, device=q.device) - chunk_offsets[seq]
+    chunk_indices = torch.stack([seq, within], 1).to(torch.int32).contiguous()
+    return len(nc), 0, H, D, DV, NC, chunk_offsets.to(torch.int32), chunk_indices
+
+
+def _sizes(D, DV):
+    BK = block_k(D)
+    FI = internal_dim(D)
+    NF = triton.cdiv(FI, CW_BF)
+    return BK, FI, NF, NF * CW_BF, max(16, triton.next_power_of_2(DV))
+
+
+def _snapshot_dtype(dtype):
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state):
+    N, T, H, D, DV, NC, chunk_offsets, _ = lay
+    BK, FI, NF, FP, BV = _sizes(D, DV)
+    BV = min(BV, 64)
+    h = k.new_empty(NC, H, FP, DV, dtype=_snapshot_dtype(k.dtype))
+    z = k.new_empty(NC, H, FP, dtype=torch.float32)
+    hsT = k.new_empty(N, H, FI, DV, dtype=torch.float32) if output_final_state else None
+    zsT = k.new_empty(N, H, FI, dtype=torch.float32) if output_final_state else None
+    _cw_fwd_h_kernel[(NF, triton.cdiv(DV, BV), N * H)](
+        k, v, hs0, zs0, hsT, zsT, h, z, cu_seqlens, chunk_offsets, T,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP,
+        USE_INITIAL=hs0 is not None, STORE_FINAL=output_final_state, IS_VARLEN=cu_seqlens is not None,
+        PREC=_dot_precision(k.dtype), SDT=_state_dtype(k.dtype), num_warps=CW_H_WARPS, num_stages=CW_STAGES,
+    )
+    return h, z, hsT, zsT
+
+
+def taylor_chunkwise_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state):
+    lay = _layout(q, v, cu_seqlens)
+    N, T, H, D, DV, NC, _, chunk_indices = lay
+    BK, FI, NF, FP, BV = _sizes(D, DV)
+    h, z, hsT, zsT = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state)
+    o = torch.empty_like(v)
+    den = q.new_empty(q.shape[:3], dtype=torch.float32)
+    _cw_fwd_o_kernel[(NC, H)](
+        q, k, v, o, den, h, z, cu_seqlens, chunk_indices, scale, eps, T,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP, NF=NF,
+        IS_VARLEN=cu_seqlens is not None, PREC=_dot_precision(q.dtype), SDT=_state_dtype(q.dtype),
+        num_warps=CW_WARPS, num_stages=CW_STAGES,
+    )
+    return o, den, hsT, zsT
+
+
+def taylor_chunkwise_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, scale, eps):
+    lay = _layout(q, v, cu_seqlens)
+    N, T, H, D, DV, NC, chunk_offsets, chunk_indices = lay
+    BK, FI, NF, FP, BV = _sizes(D, DV)
+    prec, sdt = _dot_precision(q.dtype), _state_dtype(q.dtype)
+    varlen = cu_seqlens is not None
+    # g'_t = d loss / d den_t = -(dO_t . o_t) / (den_t + eps)
+    dd = -(do.float() * o.float()).sum(-1) / (den + eps)
+    h, z, _, _ = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, False)
+    dh = torch.empty_like(h)
+    dz = torch.empty_like(z)
+    store_init = hs0 is not None
+    dhs0 = q.new_empty(N, H, FI, DV, dtype=torch.float32) if store_init else None
+    dzs0 = q.new_empty(N, H, FI, dtype=torch.float32) if store_init else None
+    BVH = min(BV, 64)
+    _cw_bwd_dh_kernel[(NF, triton.cdiv(DV, BVH), N * H)](
+        q, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BVH, FI=FI, FP=FP,
+        USE_FINAL_GRAD=dhsT is not None, STORE_INITIAL_GRAD=store_init, IS_VARLEN=varlen,
+        PREC=prec, SDT=sdt, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _cw_bwd_dqkv_kernel[(NC, H)](
+        q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP, NF=NF,
+        IS_VARLEN=varlen, PREC=prec, SDT=sdt, num_warps=CW_BWD_WARPS, num_stages=CW_STAGES,
+    )
+    return dq, dk, dv, dhs0, dzs0
