@@ -43,7 +43,10 @@ def _methods():
     """name -> f(q, k, v) -> o, all on [B, T, H, D] bf16 (SDPA gets head dim 64 for q and k)."""
     from based.ops.taylor.triton import triton_taylor_linear_attn
 
-    methods = {"based_triton": lambda q, k, v: triton_taylor_linear_attn(q, k, v)[0]}
+    methods = {
+        "based_triton": lambda q, k, v: triton_taylor_linear_attn(q, k, v)[0],  # form auto: chunkwise here
+        "based_triton_fused": lambda q, k, v: triton_taylor_linear_attn(q, k, v, form="fused")[0],
+    }
     try:
         from fla.ops.based import fused_chunk_based, parallel_based
 
