@@ -2,7 +2,8 @@
 
     python benchmarks/taylor_cw_sweep.py [--lengths 2048 4096 8192] [--out FILE.jsonl]
 
-Each variant (chunk, feature tile, warps of the output / state / backward kernels, stages) is first
+Each variant (chunk, feature tile, warps of the output / state / backward kernels, stages, gathered
+or selected features) is first
 checked against the fp32 chunked PyTorch form on a small bf16 problem (output and gradients), then
 timed forward and forward+backward at B=8, H=16, d=16, dv=64, bf16 (the `based bench ops` shape) at
 each length. Then the best variant's time is split by kernel at the longest length. One JSON line per
@@ -18,19 +19,19 @@ from based.ops.taylor import chunk_taylor_linear_attn
 from based.ops.taylor.triton import chunkwise as CW
 from based.ops.taylor.triton import triton_taylor_linear_attn
 
-VARIANTS = [  # CW_CHUNK, CW_BF, CW_WARPS (output), CW_H_WARPS (state walks), CW_BWD_WARPS, CW_STAGES
-    (64, 32, 4, 4, 4, 2),
-    (64, 64, 4, 4, 4, 2),
-    (64, 32, 4, 4, 8, 2),
-    (64, 32, 8, 4, 8, 2),
-    (64, 16, 4, 2, 4, 2),
-    (64, 32, 4, 2, 4, 3),
-    (128, 32, 8, 4, 8, 2),
-    (128, 64, 8, 4, 8, 2),
-    (128, 32, 4, 4, 8, 2),
-    (32, 32, 4, 4, 4, 2),
+VARIANTS = [  # CW_CHUNK, CW_BF, CW_WARPS (output), CW_H_WARPS (state walks), CW_BWD_WARPS, CW_STAGES, CW_GATHER
+    (64, 32, 4, 4, 4, 2, 0),
+    (64, 32, 4, 4, 4, 2, 1),
+    (64, 64, 4, 4, 4, 2, 0),
+    (64, 32, 8, 4, 8, 2, 0),
+    (64, 16, 4, 4, 4, 2, 0),
+    (64, 32, 4, 2, 4, 3, 0),
+    (128, 32, 8, 4, 8, 2, 0),
+    (128, 64, 8, 8, 8, 2, 0),
+    (32, 32, 4, 4, 4, 2, 0),
+    (32, 64, 4, 4, 4, 2, 0),
 ]
-NAMES = ("CW_CHUNK", "CW_BF", "CW_WARPS", "CW_H_WARPS", "CW_BWD_WARPS", "CW_STAGES")
+NAMES = ("CW_CHUNK", "CW_BF", "CW_WARPS", "CW_H_WARPS", "CW_BWD_WARPS", "CW_STAGES", "CW_GATHER")
 
 
 def rel(a, b):
@@ -59,9 +60,9 @@ def _inputs(T, B=8, H=16):
     return q, k, v, torch.randn_like(v)
 
 
-def time_variant(T):
+def time_variant(T, form="chunkwise"):
     q, k, v, do = _inputs(T)
-    f = lambda: triton_taylor_linear_attn(q, k, v, form="chunkwise")[0]  # noqa: E731
+    f = lambda: triton_taylor_linear_attn(q, k, v, form=form)[0]  # noqa: E731
     return _ms(f), _ms(lambda: torch.autograd.grad(f(), (q, k, v), do))
 
 
@@ -76,7 +77,6 @@ def breakdown(T):
     out["fwd_total_ms"] = _ms(lambda: CW.taylor_chunkwise_fwd(q, k, v, None, None, None, scale, eps, False))
     out["fwd_o_ms"] = out["fwd_total_ms"] - out["fwd_h_ms"]
     out["bwd_total_ms"] = _ms(lambda: CW.taylor_chunkwise_bwd(q, k, v, o, den, do, None, None, None, None, None, scale, eps))
-    out["dd_ms"] = _ms(lambda: -(do.float() * o.float()).sum(-1) / (den + eps))
     return out
 
 
@@ -93,6 +93,9 @@ def main():
         if sink:
             sink.write(json.dumps(row) + "\n")
 
+    for T in args.lengths:  # the other form, for reference in the same run
+        fwd, fb = time_variant(T, "fused")
+        emit({"fused": True, "T": T, "fwd_ms": fwd, "fwd_bwd_ms": fb})
     for variant in VARIANTS:
         for name, val in zip(NAMES, variant):
             setattr(CW, name, val)

@@ -39,6 +39,8 @@ CW_WARPS = int(os.environ.get("BASED_TRITON_CW_WARPS", 4))
 CW_H_WARPS = int(os.environ.get("BASED_TRITON_CW_H_WARPS", 4))
 CW_BWD_WARPS = int(os.environ.get("BASED_TRITON_CW_BWD_WARPS", 4))
 CW_STAGES = int(os.environ.get("BASED_TRITON_CW_STAGES", 2))
+# Features from gathered loads (1) or from selection products on tensor cores (0).
+CW_GATHER = bool(int(os.environ.get("BASED_TRITON_CW_GATHER", 0)))
 # One program per chunk keeps the whole value dim: dq and dk then need no partial sums over value
 # blocks. Above this the fused form (triton/chunk.py) is used.
 CW_MAX_DV = 128
@@ -58,14 +60,27 @@ def _feat_index(r, BK: tl.constexpr, FI: tl.constexpr, scale):
 
 
 @triton.jit
-def _gather(x, p_row, m_t, a, D: tl.constexpr, TRANS: tl.constexpr):
-    """x[t, a_f] as fp32 [BT, BF] ([BF, BT] with TRANS); 1 where a_f < 0, 0 on padded dims and tokens."""
-    m_a = (a >= 0) & (a < D)
-    if TRANS:
-        val = tl.load(x + p_row[None, :] + a[:, None], mask=m_t[None, :] & m_a[:, None], other=0.0)
-        return tl.where((a < 0)[:, None] & m_t[None, :], 1.0, val.to(tl.float32))
-    val = tl.load(x + p_row[:, None] + a[None, :], mask=m_t[:, None] & m_a[None, :], other=0.0)
-    return tl.where((a < 0)[None, :] & m_t[:, None], 1.0, val.to(tl.float32))
+def _pick(b_x, x, p_row, m_t, a, o_k, D: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr):
+    """x[t, a_f] as fp32 [BT, BF], 1 where a_f < 0 (0 on padded dims; 1 on padded tokens for a_f < 0).
+    GATHER: a second load of the [BT, d] tile from L1/L2 with per-element indices; else a product of
+    the loaded tile b_x [BT, BK] with the one-hot [BK, BF] selection matrix (exact on tensor cores)."""
+    if GATHER:
+        m_a = (a >= 0) & (a < D)
+        val = tl.load(x + p_row[:, None] + a[None, :], mask=m_t[:, None] & m_a[None, :], other=0.0).to(tl.float32)
+    else:
+        val = tl.dot(b_x, (o_k[:, None] == a[None, :]).to(b_x.dtype), input_precision=PREC)
+    return val + (a < 0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _pick_t(b_x, x, p_row, m_t, a, o_k, D: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr):
+    """_pick transposed, [BF, BT], built in that layout."""
+    if GATHER:
+        m_a = (a >= 0) & (a < D)
+        val = tl.load(x + p_row[None, :] + a[:, None], mask=m_t[None, :] & m_a[:, None], other=0.0).to(tl.float32)
+    else:
+        val = tl.dot((a[:, None] == o_k[None, :]).to(b_x.dtype), tl.trans(b_x), input_precision=PREC)
+    return val + (a < 0).to(tl.float32)[:, None]
 
 
 @triton.jit
@@ -94,45 +109,83 @@ def _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT: tl.constexpr, IS_VARLEN: tl
 
 
 @triton.jit
+def _tile(x, bos, L, i_h, i_t, H: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, col0):
+    """(pointers, mask) of tokens [i_t BT, +BT) x columns [col0, +BW) of head i_h in a packed [TT, H, W]
+    tensor whose sequence starts at token bos and has L tokens. A scalar int64 base and int32 offsets."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_w = col0 + tl.arange(0, BW)
+    p = x + (bos * H + i_h) * W + o_t[:, None] * (H * W) + o_w[None, :]
+    if BW == W:
+        m = (o_t < L)[:, None]
+    else:
+        m = (o_t < L)[:, None] & (o_w < W)[None, :]
+    return p, m
+
+
+@triton.jit
+def _load_tile(x, bos, L, i_h, i_t, H: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr, col0):
+    p, m = _tile(x, bos, L, i_h, i_t, H, W, BT, BW, col0)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_tile(x, val, bos, L, i_h, i_t, H: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BW: tl.constexpr):
+    p, m = _tile(x, bos, L, i_h, i_t, H, W, BT, BW, 0)
+    tl.store(p, val.to(x.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _state_ptr(x, p_c, r, o_v, FP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """(pointers, mask) of feature rows r x values o_v of snapshot p_c of an [NC, H, FP, DV] tensor."""
+    p = x + p_c * FP * DV + r[:, None] * DV + o_v[None, :]
+    if BV == DV:
+        m = (r >= 0)[:, None]
+    else:
+        m = (o_v < DV)[None, :] & (r >= 0)[:, None]
+    return p, m
+
+
+@triton.jit
 def _cw_fwd_h_kernel(
     k, v, hs0, zs0, hsT, zsT, h, z, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr,
     USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr, SDT: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
 ):
     i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, c0 = _chunk_start(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
     r = i_f * BF + tl.arange(0, BF)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_r, m_v = r < FI, o_v < DV
+    m_r = r < FI
+    m_rv = m_r[:, None] & (o_v < DV)[None, :]
     a, b, _ = _feat_index(r, BK, FI, 1.0)
 
     b_h = tl.zeros([BF, BV], dtype=tl.float32)
     b_z = tl.zeros([BF], dtype=tl.float32)
     if USE_INITIAL:
-        b_h += tl.load(hs0 + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :],
-                       mask=m_r[:, None] & m_v[None, :], other=0.0)
+        b_h += tl.load(hs0 + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], mask=m_rv, other=0.0)
         b_z += tl.load(zs0 + i_nh.to(tl.int64) * FI + r, mask=m_r, other=0.0)
     for i_t in range(0, tl.cdiv(L, BT)):
         p_c = (c0 + i_t) * H + i_h  # this chunk's snapshot: the state before its first token
-        tl.store(h + (p_c * FP + r[:, None]) * DV + o_v[None, :], b_h.to(SDT), mask=m_v[None, :])
+        p_h, m_h = _state_ptr(h, p_c, r, o_v, FP, DV, BV)
+        tl.store(p_h, b_h.to(SDT), mask=m_h)
         if i_v == 0:
             tl.store(z + p_c * FP + r, b_z)
         m_t = i_t * BT + o_t < L
-        rows = bos + i_t * BT + o_t
-        p_row = rows * (H * D) + i_h * D
-        b_kt = _gather(k, p_row, m_t, a, D, True) * _gather(k, p_row, m_t, b, D, True)  # [BF, BT] raw
-        b_kt = tl.where(m_r[:, None], b_kt, 0.0)
-        b_v = tl.load(v + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
-                      mask=m_t[:, None] & m_v[None, :], other=0.0)
+        p_row = (bos + i_t * BT + o_t) * (H * D) + i_h * D
+        b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
+        b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, i_v * BV)
+        # raw features phi_r(k) (no coefficients), [BF, BT]; padded tokens and rows give 0
+        b_kt = _pick_t(b_k, k, p_row, m_t, a, o_k, D, PREC, GATHER) * _pick_t(b_k, k, p_row, m_t, b, o_k, D, PREC, GATHER)
+        b_kt = tl.where(m_r[:, None] & m_t[None, :], b_kt, 0.0)
         b_h += tl.dot(b_kt.to(b_v.dtype), b_v, input_precision=PREC)
         b_z += tl.sum(b_kt, 1)
     if STORE_FINAL:
-        tl.store(hsT + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], b_h,
-                 mask=m_r[:, None] & m_v[None, :])
+        tl.store(hsT + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], b_h, mask=m_rv)
         if i_v == 0:
             tl.store(zsT + i_nh.to(tl.int64) * FI + r, b_z, mask=m_r)
 
@@ -142,21 +195,18 @@ def _cw_fwd_o_kernel(
     q, k, v, o, den, h, z, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr, NF: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    m_v = o_v < DV
     m_t = i_t * BT + o_t < L
-    rows = bos + i_t * BT + o_t
-    p_row = rows * (H * D) + i_h * D
-    m_tk = m_t[:, None] & (o_k < D)[None, :]
-    b_q = tl.load(q + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
-    b_v = tl.load(v + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    p_row = (bos + i_t * BT + o_t) * (H * D) + i_h * D
+    b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
+    b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
+    b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
 
     # intra-chunk: A = tril(1 + s + s^2/2), s = scale Q K^T
     b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
@@ -168,59 +218,64 @@ def _cw_fwd_o_kernel(
     for i_f in range(NF):
         r = i_f * BF + tl.arange(0, BF)
         a, b, coef = _feat_index(r, BK, FI, scale)
-        b_qf = _gather(q, p_row, m_t, a, D, False) * _gather(q, p_row, m_t, b, D, False) * coef[None, :]
-        b_h = tl.load(h + (p_c * FP + r[:, None]) * DV + o_v[None, :], mask=m_v[None, :], other=0.0)
-        b_o += tl.dot(b_qf.to(SDT), b_h, input_precision=PREC)
+        b_qf = (_pick(b_q, q, p_row, m_t, a, o_k, D, PREC, GATHER) * _pick(b_q, q, p_row, m_t, b, o_k, D, PREC, GATHER)
+                * coef[None, :])
+        p_h, m_h = _state_ptr(h, p_c, r, o_v, FP, DV, BV)
+        b_o += tl.dot(b_qf.to(SDT), tl.load(p_h, mask=m_h, other=0.0), input_precision=PREC)
         b_d += tl.sum(b_qf * tl.load(z + p_c * FP + r)[None, :], 1)
-    p_o = o + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
-    tl.store(p_o, (b_o / (b_d + eps)[:, None]).to(p_o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-    tl.store(den + rows * H + i_h, b_d, mask=m_t)
+    _store_tile(o, b_o / (b_d + eps)[:, None], bos, L, i_h, i_t, H, DV, BT, BV)
+    tl.store(den + (bos + i_t * BT + o_t) * H + i_h, b_d, mask=m_t)
 
 
 @triton.jit
 def _cw_bwd_dh_kernel(
-    q, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
+    q, o, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr,
     USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr, SDT: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
 ):
-    i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # BV covers the whole value dim: g' = dd = -(dO . o) / (den + eps) needs whole rows (tile 0 stores it).
+    i_f, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, L, c0 = _chunk_start(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
     r = i_f * BF + tl.arange(0, BF)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_r, m_v = r < FI, o_v < DV
+    m_r = r < FI
+    m_rv = m_r[:, None] & (o_v < DV)[None, :]
     a, b, coef = _feat_index(r, BK, FI, scale)
 
     b_dh = tl.zeros([BF, BV], dtype=tl.float32)
     b_dz = tl.zeros([BF], dtype=tl.float32)
     if USE_FINAL_GRAD:
-        b_dh += tl.load(dhsT + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :],
-                        mask=m_r[:, None] & m_v[None, :], other=0.0)
+        b_dh += tl.load(dhsT + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], mask=m_rv, other=0.0)
         b_dz += tl.load(dzsT + i_nh.to(tl.int64) * FI + r, mask=m_r, other=0.0)
     NT = tl.cdiv(L, BT)
     for j in range(0, NT):
         i_t = NT - 1 - j
         p_c = (c0 + i_t) * H + i_h  # the gradient that reaches the keys of chunk i_t (later queries)
-        tl.store(dh + (p_c * FP + r[:, None]) * DV + o_v[None, :], b_dh.to(SDT), mask=m_v[None, :])
-        if i_v == 0:
-            tl.store(dz + p_c * FP + r, b_dz)
+        p_h, m_h = _state_ptr(dh, p_c, r, o_v, FP, DV, BV)
+        tl.store(p_h, b_dh.to(SDT), mask=m_h)
+        tl.store(dz + p_c * FP + r, b_dz)
         m_t = i_t * BT + o_t < L
-        rows = bos + i_t * BT + o_t
-        p_row = rows * (H * D) + i_h * D
-        b_qt = _gather(q, p_row, m_t, a, D, True) * _gather(q, p_row, m_t, b, D, True) * coef[:, None]
-        b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.0)
-        b_g = tl.load(do + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
-                      mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32) / (b_den + eps)[:, None]
-        b_dh += tl.dot(b_qt.to(SDT), b_g.to(SDT), input_precision=PREC)
-        b_dz += tl.sum(b_qt * tl.load(dd + rows * H + i_h, mask=m_t, other=0.0)[None, :], 1)
+        p_tok = (bos + i_t * BT + o_t) * H + i_h
+        p_row = p_tok * D
+        b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
+        b_do = _load_tile(do, bos, L, i_h, i_t, H, DV, BT, BV, 0).to(tl.float32)
+        b_o = _load_tile(o, bos, L, i_h, i_t, H, DV, BT, BV, 0).to(tl.float32)
+        b_rden = 1.0 / (tl.load(den + p_tok, mask=m_t, other=1.0) + eps)
+        b_dd = -tl.sum(b_do * b_o, 1) * b_rden
+        if i_f == 0:
+            tl.store(dd + p_tok, b_dd, mask=m_t)
+        b_qt = (_pick_t(b_q, q, p_row, m_t, a, o_k, D, PREC, GATHER) * _pick_t(b_q, q, p_row, m_t, b, o_k, D, PREC, GATHER)
+                * coef[:, None])
+        b_dh += tl.dot(b_qt.to(SDT), (b_do * b_rden[:, None]).to(SDT), input_precision=PREC)
+        b_dz += tl.sum(b_qt * b_dd[None, :], 1)
     if STORE_INITIAL_GRAD:
-        tl.store(dhs0 + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], b_dh,
-                 mask=m_r[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(dzs0 + i_nh.to(tl.int64) * FI + r, b_dz, mask=m_r)
+        tl.store(dhs0 + (i_nh.to(tl.int64) * FI + r[:, None]) * DV + o_v[None, :], b_dh, mask=m_rv)
+        tl.store(dzs0 + i_nh.to(tl.int64) * FI + r, b_dz, mask=m_r)
 
 
 @triton.jit
@@ -228,26 +283,22 @@ def _cw_bwd_dqkv_kernel(
     q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr, NF: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    m_v = o_v < DV
     m_t = i_t * BT + o_t < L
-    rows = bos + i_t * BT + o_t
-    p_row = rows * (H * D) + i_h * D
-    m_tk = m_t[:, None] & (o_k < D)[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_vv = rows[:, None] * (H * DV) + i_h * DV + o_v[None, :]
-    b_q = tl.load(q + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_row[:, None] + o_k[None, :], mask=m_tk, other=0.0)
-    b_v = tl.load(v + p_vv, mask=m_tv, other=0.0)
-    b_den = tl.load(den + rows * H + i_h, mask=m_t, other=1.0)
-    b_g = tl.load(do + p_vv, mask=m_tv, other=0.0).to(tl.float32) / (b_den + eps)[:, None]  # dL/dnum
-    b_dd = tl.load(dd + rows * H + i_h, mask=m_t, other=0.0)  # dL/dden
+    p_tok = (bos + i_t * BT + o_t) * H + i_h
+    p_row = p_tok * D
+    b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
+    b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
+    b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
+    b_rden = 1.0 / (tl.load(den + p_tok, mask=m_t, other=1.0) + eps)
+    b_g = _load_tile(do, bos, L, i_h, i_t, H, DV, BT, BV, 0).to(tl.float32) * b_rden[:, None]  # dL/dnum
+    b_dd = tl.load(dd + p_tok, mask=m_t, other=0.0)  # dL/dden
 
     # intra-chunk: dA = g v^T + g' (dA/ds = 1 + s), dv = A^T g
     m_a = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
@@ -271,28 +322,28 @@ def _cw_bwd_dqkv_kernel(
         a, b, coef = _feat_index(r, BK, FI, scale)
         e_a = (a[:, None] == o_k[None, :]).to(tl.float32)  # [BF, BK]
         e_b = (b[:, None] == o_k[None, :]).to(tl.float32)
-        p_hh = (p_c * FP + r[:, None]) * DV + o_v[None, :]
-        b_h = tl.load(h + p_hh, mask=m_v[None, :], other=0.0)
-        b_dh = tl.load(dh + p_hh, mask=m_v[None, :], other=0.0)
+        p_h, m_h = _state_ptr(h, p_c, r, o_v, FP, DV, BV)
+        b_h = tl.load(p_h, mask=m_h, other=0.0)
+        p_dh, _ = _state_ptr(dh, p_c, r, o_v, FP, DV, BV)
+        b_dh = tl.load(p_dh, mask=m_h, other=0.0)
         b_z = tl.load(z + p_c * FP + r)
         b_dz = tl.load(dz + p_c * FP + r)
 
-        b_qa = _gather(q, p_row, m_t, a, D, False)
-        b_qb = _gather(q, p_row, m_t, b, D, False)
+        b_qa = _pick(b_q, q, p_row, m_t, a, o_k, D, PREC, GATHER)
+        b_qb = _pick(b_q, q, p_row, m_t, b, o_k, D, PREC, GATHER)
         b_dqf = (tl.dot(b_gs, tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]) * coef[None, :]
         b_dq += tl.dot(b_dqf * b_qb, e_a, input_precision=PREC) + tl.dot(b_dqf * b_qa, e_b, input_precision=PREC)
 
-        b_ka = _gather(k, p_row, m_t, a, D, False)
-        b_kb = _gather(k, p_row, m_t, b, D, False)
+        b_ka = _pick(b_k, k, p_row, m_t, a, o_k, D, PREC, GATHER)
+        b_kb = _pick(b_k, k, p_row, m_t, b, o_k, D, PREC, GATHER)
         b_kf = tl.where((r < FI)[None, :], b_ka * b_kb, 0.0)
         b_dv += tl.dot(b_kf.to(SDT), b_dh, input_precision=PREC)
         b_dkf = tl.dot(b_vs, tl.trans(b_dh), input_precision=PREC) + b_dz[None, :]
         b_dk += tl.dot(b_dkf * b_kb, e_a, input_precision=PREC) + tl.dot(b_dkf * b_ka, e_b, input_precision=PREC)
 
-    p_qk = p_row[:, None] + o_k[None, :]
-    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
-    tl.store(dv + p_vv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+    _store_tile(dq, b_dq, bos, L, i_h, i_t, H, D, BT, BK)
+    _store_tile(dk, b_dk, bos, L, i_h, i_t, H, D, BT, BK)
+    _store_tile(dv, b_dv, bos, L, i_h, i_t, H, DV, BT, BV)
 
 
 def supported(d: int, dv: int) -> bool:
@@ -340,7 +391,7 @@ def _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state):
         k, v, hs0, zs0, hsT, zsT, h, z, cu_seqlens, chunk_offsets, T,
         H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP,
         USE_INITIAL=hs0 is not None, STORE_FINAL=output_final_state, IS_VARLEN=cu_seqlens is not None,
-        PREC=_dot_precision(k.dtype), SDT=_state_dtype(k.dtype), num_warps=CW_H_WARPS, num_stages=CW_STAGES,
+        PREC=_dot_precision(k.dtype), SDT=_state_dtype(k.dtype), GATHER=CW_GATHER, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
     )
     return h, z, hsT, zsT
 
@@ -356,7 +407,7 @@ def taylor_chunkwise_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final
         q, k, v, o, den, h, z, cu_seqlens, chunk_indices, scale, eps, T,
         H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP, NF=NF,
         IS_VARLEN=cu_seqlens is not None, PREC=_dot_precision(q.dtype), SDT=_state_dtype(q.dtype),
-        num_warps=CW_WARPS, num_stages=CW_STAGES,
+        GATHER=CW_GATHER, num_warps=CW_WARPS, num_stages=CW_STAGES,
     )
     return o, den, hsT, zsT
 
@@ -367,25 +418,23 @@ def taylor_chunkwise_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, 
     BK, FI, NF, FP, BV = _sizes(D, DV)
     prec, sdt = _dot_precision(q.dtype), _state_dtype(q.dtype)
     varlen = cu_seqlens is not None
-    # g'_t = d loss / d den_t = -(dO_t . o_t) / (den_t + eps)
-    dd = -(do.float() * o.float()).sum(-1) / (den + eps)
     h, z, _, _ = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, False)
     dh = torch.empty_like(h)
     dz = torch.empty_like(z)
+    dd = torch.empty_like(den)  # g'_t = d loss / d den_t = -(dO_t . o_t) / (den_t + eps), written by dh
     store_init = hs0 is not None
     dhs0 = q.new_empty(N, H, FI, DV, dtype=torch.float32) if store_init else None
     dzs0 = q.new_empty(N, H, FI, dtype=torch.float32) if store_init else None
-    BVH = min(BV, 64)
-    _cw_bwd_dh_kernel[(NF, triton.cdiv(DV, BVH), N * H)](
-        q, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
-        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BVH, FI=FI, FP=FP,
+    _cw_bwd_dh_kernel[(NF, N * H)](
+        q, o, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP,
         USE_FINAL_GRAD=dhsT is not None, STORE_INITIAL_GRAD=store_init, IS_VARLEN=varlen,
-        PREC=prec, SDT=sdt, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
+        PREC=prec, SDT=sdt, GATHER=CW_GATHER, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _cw_bwd_dqkv_kernel[(NC, H)](
         q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
         H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP, NF=NF,
-        IS_VARLEN=varlen, PREC=prec, SDT=sdt, num_warps=CW_BWD_WARPS, num_stages=CW_STAGES,
+        IS_VARLEN=varlen, PREC=prec, SDT=sdt, GATHER=CW_GATHER, num_warps=CW_BWD_WARPS, num_stages=CW_STAGES,
     )
     return dq, dk, dv, dhs0, dzs0
