@@ -2,12 +2,13 @@
 
     python benchmarks/taylor_cw_sweep.py [--lengths 2048 4096 8192] [--out FILE.jsonl]
 
-Each variant (chunk, feature tile, warps of the output / state / backward kernels, stages, gathered
-or selected features) is first
+Each variant (overrides of the launch settings: feature tiles, warps, stages, value block of the
+state walk, one or two backward launches) is first
 checked against the fp32 chunked PyTorch form on a small bf16 problem (output and gradients), then
 timed forward and forward+backward at B=8, H=16, d=16, dv=64, bf16 (the `based bench ops` shape) at
-each length. Then the best variant's time is split by kernel at the longest length. One JSON line per
-result; the best settings are printed as BASED_TRITON_CW_* exports.
+each length; the fused form (triton/chunk.py) is timed first for reference. The best forward and the
+best backward variant are combined and their time split by kernel at the longest length. One JSON line
+per result; the chosen settings are printed as BASED_TRITON_CW_* exports.
 """
 import argparse
 import json
@@ -19,19 +20,22 @@ from based.ops.taylor import chunk_taylor_linear_attn
 from based.ops.taylor.triton import chunkwise as CW
 from based.ops.taylor.triton import triton_taylor_linear_attn
 
-VARIANTS = [  # CW_CHUNK, CW_BF, CW_WARPS (output), CW_H_WARPS (state walks), CW_BWD_WARPS, CW_STAGES, CW_GATHER
-    (64, 32, 4, 4, 4, 2, 0),
-    (64, 32, 4, 4, 4, 2, 1),
-    (64, 64, 4, 4, 4, 2, 0),
-    (64, 32, 8, 4, 8, 2, 0),
-    (64, 16, 4, 4, 4, 2, 0),
-    (64, 32, 4, 2, 4, 3, 0),
-    (128, 32, 8, 4, 8, 2, 0),
-    (128, 64, 8, 8, 8, 2, 0),
-    (32, 32, 4, 4, 4, 2, 0),
-    (32, 64, 4, 4, 4, 2, 0),
+# Overrides of the module defaults (chunkwise.py); chunks of 32 and 128 and gathered features lost to
+# the defaults in the 2026-11-29 sweep (NOTES-kernels.md).
+VARIANTS = [
+    {},
+    {"CW_BWD_SPLIT": True},
+    {"CW_BWD_BF": 32, "CW_BWD_SPLIT": True},
+    {"CW_BWD_BF": 32},
+    {"CW_BWD_WARPS": 8, "CW_BWD_SPLIT": True},
+    {"CW_H_BV": 32},
+    {"CW_H_WARPS": 8},
+    {"CW_WARPS": 8},
+    {"CW_STAGES": 3},
+    {"CW_BF": 32, "CW_H_BV": 32},
 ]
-NAMES = ("CW_CHUNK", "CW_BF", "CW_WARPS", "CW_H_WARPS", "CW_BWD_WARPS", "CW_STAGES", "CW_GATHER")
+KNOBS = ("CW_CHUNK", "CW_BF", "CW_BWD_BF", "CW_WARPS", "CW_H_WARPS", "CW_BWD_WARPS", "CW_STAGES", "CW_H_BV",
+         "CW_BWD_SPLIT")
 
 
 def rel(a, b):
@@ -73,7 +77,7 @@ def breakdown(T):
     scale, eps = 0.25, 1e-6
     lay = CW._layout(q, v, None)
     o, den, _, _ = CW.taylor_chunkwise_fwd(q, k, v, None, None, None, scale, eps, False)
-    out = {"T": T, "fwd_h_ms": _ms(lambda: CW._fwd_h(k, v, None, None, None, lay, False))}
+    out = {"T": T, "fwd_h_ms": _ms(lambda: CW._fwd_h(k, v, None, None, None, lay, False, CW.CW_BF))}
     out["fwd_total_ms"] = _ms(lambda: CW.taylor_chunkwise_fwd(q, k, v, None, None, None, scale, eps, False))
     out["fwd_o_ms"] = out["fwd_total_ms"] - out["fwd_h_ms"]
     out["bwd_total_ms"] = _ms(lambda: CW.taylor_chunkwise_bwd(q, k, v, o, den, do, None, None, None, None, None, scale, eps))
@@ -86,7 +90,6 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     sink = open(args.out, "w") if args.out else None
-    best = None
 
     def emit(row):
         print(json.dumps(row), flush=True)
@@ -96,28 +99,37 @@ def main():
     for T in args.lengths:  # the other form, for reference in the same run
         fwd, fb = time_variant(T, "fused")
         emit({"fused": True, "T": T, "fwd_ms": fwd, "fwd_bwd_ms": fb})
+    defaults = {n: getattr(CW, n) for n in KNOBS}
+    best_f = best_b = None
     for variant in VARIANTS:
-        for name, val in zip(NAMES, variant):
+        for name, val in {**defaults, **variant}.items():
             setattr(CW, name, val)
-        row = {"variant": dict(zip(NAMES, variant))}
+        row = {"variant": variant}
         try:
             row["err"] = check()
-            total = 0.0
+            f_sum = b_sum = 0.0
             for T in args.lengths:
                 fwd, fb = time_variant(T)
                 row[f"fwd_ms_{T}"], row[f"fwd_bwd_ms_{T}"] = fwd, fb
-                total += fb / T
-            if best is None or total < best[0]:
-                best = (total, variant)
+                f_sum, b_sum = f_sum + fwd / T, b_sum + (fb - fwd) / T
+            if best_f is None or f_sum < best_f[0]:
+                best_f = (f_sum, variant)
+            if best_b is None or b_sum < best_b[0]:
+                best_b = (b_sum, variant)
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
             row["error"] = repr(e)[:300]
         emit(row)
-    if best is None:
+    if best_f is None:
         return 1
-    for name, val in zip(NAMES, best[1]):
+    for name, val in defaults.items():
         setattr(CW, name, val)
-    emit({"best": dict(zip(NAMES, best[1])), "breakdown": breakdown(max(args.lengths))})
-    print(" ".join(f"BASED_TRITON_{n}={v}" for n, v in zip(NAMES, best[1])))
+    for variant in (best_f[1], best_b[1]):
+        for name, val in variant.items():
+            setattr(CW, name, val)
+    chosen = {n: getattr(CW, n) for n in KNOBS}
+    emit({"best_forward": best_f[1], "best_backward": best_b[1], "chosen": chosen,
+          "breakdown": breakdown(max(args.lengths))})
+    print(" ".join(f"BASED_TRITON_{n}={int(v)}" for n, v in chosen.items()))
     return 0
 
 

@@ -34,13 +34,14 @@ from .layout import block_k, internal_dim
 
 # Launch parameters (module attributes so benchmarks/taylor_sweep.py can try variants).
 CW_CHUNK = int(os.environ.get("BASED_TRITON_CW_CHUNK", 64))
-CW_BF = int(os.environ.get("BASED_TRITON_CW_BF", 32))
+CW_BF = int(os.environ.get("BASED_TRITON_CW_BF", 64))  # feature rows per tile, forward
+CW_BWD_BF = int(os.environ.get("BASED_TRITON_CW_BWD_BF", 64))  # the same for the backward's kernels
 CW_WARPS = int(os.environ.get("BASED_TRITON_CW_WARPS", 4))
 CW_H_WARPS = int(os.environ.get("BASED_TRITON_CW_H_WARPS", 4))
 CW_BWD_WARPS = int(os.environ.get("BASED_TRITON_CW_BWD_WARPS", 4))
 CW_STAGES = int(os.environ.get("BASED_TRITON_CW_STAGES", 2))
-# Features from gathered loads (1) or from selection products on tensor cores (0).
-CW_GATHER = bool(int(os.environ.get("BASED_TRITON_CW_GATHER", 0)))
+CW_H_BV = int(os.environ.get("BASED_TRITON_CW_H_BV", 64))  # value block of the forward state walk
+CW_BWD_SPLIT = bool(int(os.environ.get("BASED_TRITON_CW_BWD_SPLIT", 0)))  # dq and dk/dv in two launches
 # One program per chunk keeps the whole value dim: dq and dk then need no partial sums over value
 # blocks. Above this the fused form (triton/chunk.py) is used.
 CW_MAX_DV = 128
@@ -60,26 +61,18 @@ def _feat_index(r, BK: tl.constexpr, FI: tl.constexpr, scale):
 
 
 @triton.jit
-def _pick(b_x, x, p_row, m_t, a, o_k, D: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr):
-    """x[t, a_f] as fp32 [BT, BF], 1 where a_f < 0 (0 on padded dims; 1 on padded tokens for a_f < 0).
-    GATHER: a second load of the [BT, d] tile from L1/L2 with per-element indices; else a product of
-    the loaded tile b_x [BT, BK] with the one-hot [BK, BF] selection matrix (exact on tensor cores)."""
-    if GATHER:
-        m_a = (a >= 0) & (a < D)
-        val = tl.load(x + p_row[:, None] + a[None, :], mask=m_t[:, None] & m_a[None, :], other=0.0).to(tl.float32)
-    else:
-        val = tl.dot(b_x, (o_k[:, None] == a[None, :]).to(b_x.dtype), input_precision=PREC)
+def _pick(b_x, a, o_k, PREC: tl.constexpr):
+    """x[t, a_f] as fp32 [BT, BF] from the loaded tile b_x [BT, BK], 1 where a_f < 0 (also on padded
+    tokens), 0 on padded dims: a product with the one-hot [BK, BF] selection matrix, exact on tensor
+    cores. (Gathering x[t, a_f] with per-element loads instead was 3.3x slower: NOTES-kernels.md.)"""
+    val = tl.dot(b_x, (o_k[:, None] == a[None, :]).to(b_x.dtype), input_precision=PREC)
     return val + (a < 0).to(tl.float32)[None, :]
 
 
 @triton.jit
-def _pick_t(b_x, x, p_row, m_t, a, o_k, D: tl.constexpr, PREC: tl.constexpr, GATHER: tl.constexpr):
+def _pick_t(b_x, a, o_k, PREC: tl.constexpr):
     """_pick transposed, [BF, BT], built in that layout."""
-    if GATHER:
-        m_a = (a >= 0) & (a < D)
-        val = tl.load(x + p_row[None, :] + a[:, None], mask=m_t[None, :] & m_a[:, None], other=0.0).to(tl.float32)
-    else:
-        val = tl.dot((a[:, None] == o_k[None, :]).to(b_x.dtype), tl.trans(b_x), input_precision=PREC)
+    val = tl.dot((a[:, None] == o_k[None, :]).to(b_x.dtype), tl.trans(b_x), input_precision=PREC)
     return val + (a < 0).to(tl.float32)[:, None]
 
 
@@ -151,7 +144,7 @@ def _cw_fwd_h_kernel(
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr,
     USE_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr,
 ):
     i_f, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -176,11 +169,10 @@ def _cw_fwd_h_kernel(
         if i_v == 0:
             tl.store(z + p_c * FP + r, b_z)
         m_t = i_t * BT + o_t < L
-        p_row = (bos + i_t * BT + o_t) * (H * D) + i_h * D
         b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
         b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, i_v * BV)
         # raw features phi_r(k) (no coefficients), [BF, BT]; padded tokens and rows give 0
-        b_kt = _pick_t(b_k, k, p_row, m_t, a, o_k, D, PREC, GATHER) * _pick_t(b_k, k, p_row, m_t, b, o_k, D, PREC, GATHER)
+        b_kt = _pick_t(b_k, a, o_k, PREC) * _pick_t(b_k, b, o_k, PREC)
         b_kt = tl.where(m_r[:, None] & m_t[None, :], b_kt, 0.0)
         b_h += tl.dot(b_kt.to(b_v.dtype), b_v, input_precision=PREC)
         b_z += tl.sum(b_kt, 1)
@@ -195,7 +187,7 @@ def _cw_fwd_o_kernel(
     q, k, v, o, den, h, z, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr, NF: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
@@ -203,7 +195,6 @@ def _cw_fwd_o_kernel(
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_t = i_t * BT + o_t < L
-    p_row = (bos + i_t * BT + o_t) * (H * D) + i_h * D
     b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
     b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
     b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
@@ -218,7 +209,7 @@ def _cw_fwd_o_kernel(
     for i_f in range(NF):
         r = i_f * BF + tl.arange(0, BF)
         a, b, coef = _feat_index(r, BK, FI, scale)
-        b_qf = (_pick(b_q, q, p_row, m_t, a, o_k, D, PREC, GATHER) * _pick(b_q, q, p_row, m_t, b, o_k, D, PREC, GATHER)
+        b_qf = (_pick(b_q, a, o_k, PREC) * _pick(b_q, b, o_k, PREC)
                 * coef[None, :])
         p_h, m_h = _state_ptr(h, p_c, r, o_v, FP, DV, BV)
         b_o += tl.dot(b_qf.to(SDT), tl.load(p_h, mask=m_h, other=0.0), input_precision=PREC)
@@ -233,7 +224,7 @@ def _cw_bwd_dh_kernel(
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr,
     USE_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
+    PREC: tl.constexpr, SDT: tl.constexpr,
 ):
     # BV covers the whole value dim: g' = dd = -(dO . o) / (den + eps) needs whole rows (tile 0 stores it).
     i_f, i_nh = tl.program_id(0), tl.program_id(1)
@@ -261,7 +252,6 @@ def _cw_bwd_dh_kernel(
         tl.store(dz + p_c * FP + r, b_dz)
         m_t = i_t * BT + o_t < L
         p_tok = (bos + i_t * BT + o_t) * H + i_h
-        p_row = p_tok * D
         b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
         b_do = _load_tile(do, bos, L, i_h, i_t, H, DV, BT, BV, 0).to(tl.float32)
         b_o = _load_tile(o, bos, L, i_h, i_t, H, DV, BT, BV, 0).to(tl.float32)
@@ -269,7 +259,7 @@ def _cw_bwd_dh_kernel(
         b_dd = -tl.sum(b_do * b_o, 1) * b_rden
         if i_f == 0:
             tl.store(dd + p_tok, b_dd, mask=m_t)
-        b_qt = (_pick_t(b_q, q, p_row, m_t, a, o_k, D, PREC, GATHER) * _pick_t(b_q, q, p_row, m_t, b, o_k, D, PREC, GATHER)
+        b_qt = (_pick_t(b_q, a, o_k, PREC) * _pick_t(b_q, b, o_k, PREC)
                 * coef[:, None])
         b_dh += tl.dot(b_qt.to(SDT), (b_do * b_rden[:, None]).to(SDT), input_precision=PREC)
         b_dz += tl.sum(b_qt * b_dd[None, :], 1)
@@ -283,8 +273,9 @@ def _cw_bwd_dqkv_kernel(
     q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BF: tl.constexpr, BV: tl.constexpr, FI: tl.constexpr, FP: tl.constexpr, NF: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr, GATHER: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr, DO_DQ: tl.constexpr, DO_DKV: tl.constexpr,
 ):
+    # DO_DQ / DO_DKV: one launch for both, or two launches of fewer registers (CW_BWD_SPLIT).
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -292,7 +283,6 @@ def _cw_bwd_dqkv_kernel(
     o_v = tl.arange(0, BV)
     m_t = i_t * BT + o_t < L
     p_tok = (bos + i_t * BT + o_t) * H + i_h
-    p_row = p_tok * D
     b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
     b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
     b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
@@ -303,47 +293,46 @@ def _cw_bwd_dqkv_kernel(
     # intra-chunk: dA = g v^T + g' (dA/ds = 1 + s), dv = A^T g
     m_a = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
     b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
-    b_a = tl.where(m_a, 1.0 + b_s + 0.5 * b_s * b_s, 0.0)
-    b_vf = b_v.to(tl.float32)
-    b_da = tl.dot(b_g, tl.trans(b_vf), input_precision=PREC) + b_dd[:, None]
+    b_da = tl.dot(b_g, tl.trans(b_v.to(tl.float32)), input_precision=PREC) + b_dd[:, None]
     b_ds = tl.where(m_a, b_da * (1.0 + b_s), 0.0)
-    b_dq = scale * tl.dot(b_ds, b_k.to(tl.float32), input_precision=PREC)
-    b_dk = scale * tl.dot(tl.trans(b_ds), b_q.to(tl.float32), input_precision=PREC)
-    b_dv = tl.dot(tl.trans(b_a), b_g, input_precision=PREC)
-
+    p_c = i_c.to(tl.int64) * H + i_h
     # inter-chunk, per feature tile: dphi(Q) = coef (g H_c^T + g' z_c), dphi(K) = V dH_c^T + dz_c,
     # dV += phi(K) dH_c; a feature x[a] x[b] sends dphi x[b] to column a and dphi x[a] to column b,
     # summed over the tile by selection products (exact: one-hot matrices).
-    b_gs = b_g.to(SDT)
-    b_vs = b_v.to(SDT)
-    p_c = i_c.to(tl.int64) * H + i_h
-    for i_f in range(NF):
-        r = i_f * BF + tl.arange(0, BF)
-        a, b, coef = _feat_index(r, BK, FI, scale)
-        e_a = (a[:, None] == o_k[None, :]).to(tl.float32)  # [BF, BK]
-        e_b = (b[:, None] == o_k[None, :]).to(tl.float32)
-        p_h, m_h = _state_ptr(h, p_c, r, o_v, FP, DV, BV)
-        b_h = tl.load(p_h, mask=m_h, other=0.0)
-        p_dh, _ = _state_ptr(dh, p_c, r, o_v, FP, DV, BV)
-        b_dh = tl.load(p_dh, mask=m_h, other=0.0)
-        b_z = tl.load(z + p_c * FP + r)
-        b_dz = tl.load(dz + p_c * FP + r)
-
-        b_qa = _pick(b_q, q, p_row, m_t, a, o_k, D, PREC, GATHER)
-        b_qb = _pick(b_q, q, p_row, m_t, b, o_k, D, PREC, GATHER)
-        b_dqf = (tl.dot(b_gs, tl.trans(b_h), input_precision=PREC) + b_dd[:, None] * b_z[None, :]) * coef[None, :]
-        b_dq += tl.dot(b_dqf * b_qb, e_a, input_precision=PREC) + tl.dot(b_dqf * b_qa, e_b, input_precision=PREC)
-
-        b_ka = _pick(b_k, k, p_row, m_t, a, o_k, D, PREC, GATHER)
-        b_kb = _pick(b_k, k, p_row, m_t, b, o_k, D, PREC, GATHER)
-        b_kf = tl.where((r < FI)[None, :], b_ka * b_kb, 0.0)
-        b_dv += tl.dot(b_kf.to(SDT), b_dh, input_precision=PREC)
-        b_dkf = tl.dot(b_vs, tl.trans(b_dh), input_precision=PREC) + b_dz[None, :]
-        b_dk += tl.dot(b_dkf * b_kb, e_a, input_precision=PREC) + tl.dot(b_dkf * b_ka, e_b, input_precision=PREC)
-
-    _store_tile(dq, b_dq, bos, L, i_h, i_t, H, D, BT, BK)
-    _store_tile(dk, b_dk, bos, L, i_h, i_t, H, D, BT, BK)
-    _store_tile(dv, b_dv, bos, L, i_h, i_t, H, DV, BT, BV)
+    if DO_DQ:
+        b_dq = scale * tl.dot(b_ds, b_k.to(tl.float32), input_precision=PREC)
+        b_gs = b_g.to(SDT)
+        for i_f in range(NF):
+            r = i_f * BF + tl.arange(0, BF)
+            a, b, coef = _feat_index(r, BK, FI, scale)
+            p_h, m_h = _state_ptr(h, p_c, r, o_v, FP, DV, BV)
+            b_dqf = tl.dot(b_gs, tl.trans(tl.load(p_h, mask=m_h, other=0.0)), input_precision=PREC)
+            b_dqf = (b_dqf + b_dd[:, None] * tl.load(z + p_c * FP + r)[None, :]) * coef[None, :]
+            e_a = (a[:, None] == o_k[None, :]).to(tl.float32)  # [BF, BK]
+            e_b = (b[:, None] == o_k[None, :]).to(tl.float32)
+            b_dq += tl.dot(b_dqf * _pick(b_q, b, o_k, PREC), e_a, input_precision=PREC)
+            b_dq += tl.dot(b_dqf * _pick(b_q, a, o_k, PREC), e_b, input_precision=PREC)
+        _store_tile(dq, b_dq, bos, L, i_h, i_t, H, D, BT, BK)
+    if DO_DKV:
+        b_a = tl.where(m_a, 1.0 + b_s + 0.5 * b_s * b_s, 0.0)
+        b_dk = scale * tl.dot(tl.trans(b_ds), b_q.to(tl.float32), input_precision=PREC)
+        b_dv = tl.dot(tl.trans(b_a), b_g, input_precision=PREC)
+        b_vs = b_v.to(SDT)
+        for i_f in range(NF):
+            r = i_f * BF + tl.arange(0, BF)
+            a, b, coef = _feat_index(r, BK, FI, scale)
+            p_dh, m_h = _state_ptr(dh, p_c, r, o_v, FP, DV, BV)
+            b_dh = tl.load(p_dh, mask=m_h, other=0.0)
+            b_ka = _pick(b_k, a, o_k, PREC)
+            b_kb = _pick(b_k, b, o_k, PREC)
+            b_kf = tl.where((r < FI)[None, :], b_ka * b_kb, 0.0)
+            b_dv += tl.dot(b_kf.to(SDT), b_dh, input_precision=PREC)
+            b_dkf = tl.dot(b_vs, tl.trans(b_dh), input_precision=PREC) + tl.load(dz + p_c * FP + r)[None, :]
+            e_a = (a[:, None] == o_k[None, :]).to(tl.float32)
+            e_b = (b[:, None] == o_k[None, :]).to(tl.float32)
+            b_dk += tl.dot(b_dkf * b_kb, e_a, input_precision=PREC) + tl.dot(b_dkf * b_ka, e_b, input_precision=PREC)
+        _store_tile(dk, b_dk, bos, L, i_h, i_t, H, D, BT, BK)
+        _store_tile(dv, b_dv, bos, L, i_h, i_t, H, DV, BT, BV)
 
 
 def supported(d: int, dv: int) -> bool:
@@ -368,30 +357,30 @@ def _layout(q, v, cu_seqlens):
     return len(nc), 0, H, D, DV, NC, chunk_offsets.to(torch.int32), chunk_indices
 
 
-def _sizes(D, DV):
+def _sizes(D, DV, BF):
     BK = block_k(D)
     FI = internal_dim(D)
-    NF = triton.cdiv(FI, CW_BF)
-    return BK, FI, NF, NF * CW_BF, max(16, triton.next_power_of_2(DV))
+    NF = triton.cdiv(FI, BF)
+    return BK, FI, NF, NF * BF, max(16, triton.next_power_of_2(DV))
 
 
 def _snapshot_dtype(dtype):
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state):
+def _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state, BF):
     N, T, H, D, DV, NC, chunk_offsets, _ = lay
-    BK, FI, NF, FP, BV = _sizes(D, DV)
-    BV = min(BV, 64)
+    BK, FI, NF, FP, BV = _sizes(D, DV, BF)
+    BV = min(BV, CW_H_BV)
     h = k.new_empty(NC, H, FP, DV, dtype=_snapshot_dtype(k.dtype))
     z = k.new_empty(NC, H, FP, dtype=torch.float32)
     hsT = k.new_empty(N, H, FI, DV, dtype=torch.float32) if output_final_state else None
     zsT = k.new_empty(N, H, FI, dtype=torch.float32) if output_final_state else None
     _cw_fwd_h_kernel[(NF, triton.cdiv(DV, BV), N * H)](
         k, v, hs0, zs0, hsT, zsT, h, z, cu_seqlens, chunk_offsets, T,
-        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=BF, BV=BV, FI=FI, FP=FP,
         USE_INITIAL=hs0 is not None, STORE_FINAL=output_final_state, IS_VARLEN=cu_seqlens is not None,
-        PREC=_dot_precision(k.dtype), SDT=_state_dtype(k.dtype), GATHER=CW_GATHER, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
+        PREC=_dot_precision(k.dtype), SDT=_state_dtype(k.dtype), num_warps=CW_H_WARPS, num_stages=CW_STAGES,
     )
     return h, z, hsT, zsT
 
@@ -399,15 +388,15 @@ def _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state):
 def taylor_chunkwise_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state):
     lay = _layout(q, v, cu_seqlens)
     N, T, H, D, DV, NC, _, chunk_indices = lay
-    BK, FI, NF, FP, BV = _sizes(D, DV)
-    h, z, hsT, zsT = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state)
+    BK, FI, NF, FP, BV = _sizes(D, DV, CW_BF)
+    h, z, hsT, zsT = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, output_final_state, CW_BF)
     o = torch.empty_like(v)
     den = q.new_empty(q.shape[:3], dtype=torch.float32)
     _cw_fwd_o_kernel[(NC, H)](
         q, k, v, o, den, h, z, cu_seqlens, chunk_indices, scale, eps, T,
         H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP, NF=NF,
         IS_VARLEN=cu_seqlens is not None, PREC=_dot_precision(q.dtype), SDT=_state_dtype(q.dtype),
-        GATHER=CW_GATHER, num_warps=CW_WARPS, num_stages=CW_STAGES,
+        num_warps=CW_WARPS, num_stages=CW_STAGES,
     )
     return o, den, hsT, zsT
 
@@ -415,10 +404,11 @@ def taylor_chunkwise_fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final
 def taylor_chunkwise_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, scale, eps):
     lay = _layout(q, v, cu_seqlens)
     N, T, H, D, DV, NC, chunk_offsets, chunk_indices = lay
-    BK, FI, NF, FP, BV = _sizes(D, DV)
+    BF = CW_BWD_BF
+    BK, FI, NF, FP, BV = _sizes(D, DV, BF)
     prec, sdt = _dot_precision(q.dtype), _state_dtype(q.dtype)
     varlen = cu_seqlens is not None
-    h, z, _, _ = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, False)
+    h, z, _, _ = _fwd_h(k, v, hs0, zs0, cu_seqlens, lay, False, BF)
     dh = torch.empty_like(h)
     dz = torch.empty_like(z)
     dd = torch.empty_like(den)  # g'_t = d loss / d den_t = -(dO_t . o_t) / (den_t + eps), written by dh
@@ -427,14 +417,17 @@ def taylor_chunkwise_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, 
     dzs0 = q.new_empty(N, H, FI, dtype=torch.float32) if store_init else None
     _cw_bwd_dh_kernel[(NF, N * H)](
         q, o, do, den, dd, dhsT, dzsT, dhs0, dzs0, dh, dz, cu_seqlens, chunk_offsets, scale, eps, T,
-        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP,
+        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=BF, BV=BV, FI=FI, FP=FP,
         USE_FINAL_GRAD=dhsT is not None, STORE_INITIAL_GRAD=store_init, IS_VARLEN=varlen,
-        PREC=prec, SDT=sdt, GATHER=CW_GATHER, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
+        PREC=prec, SDT=sdt, num_warps=CW_H_WARPS, num_stages=CW_STAGES,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _cw_bwd_dqkv_kernel[(NC, H)](
-        q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
-        H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=CW_BF, BV=BV, FI=FI, FP=FP, NF=NF,
-        IS_VARLEN=varlen, PREC=prec, SDT=sdt, GATHER=CW_GATHER, num_warps=CW_BWD_WARPS, num_stages=CW_STAGES,
-    )
+    parts = ((True, False), (False, True)) if CW_BWD_SPLIT else ((True, True),)
+    for do_dq, do_dkv in parts:
+        _cw_bwd_dqkv_kernel[(NC, H)](
+            q, k, v, do, den, dd, h, z, dh, dz, dq, dk, dv, cu_seqlens, chunk_indices, scale, eps, T,
+            H=H, D=D, DV=DV, BT=CW_CHUNK, BK=BK, BF=BF, BV=BV, FI=FI, FP=FP, NF=NF,
+            IS_VARLEN=varlen, PREC=prec, SDT=sdt, DO_DQ=do_dq, DO_DKV=do_dkv,
+            num_warps=CW_BWD_WARPS, num_stages=CW_STAGES,
+        )
     return dq, dk, dv, dhs0, dzs0
