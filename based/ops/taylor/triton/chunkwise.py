@@ -32,16 +32,17 @@ import triton.language as tl
 from .chunk import _dot_precision, _seq_bounds, _state_dtype
 from .layout import block_k, internal_dim
 
-# Launch parameters (module attributes so benchmarks/taylor_sweep.py can try variants).
+# Launch parameters (module attributes so benchmarks/taylor_cw_sweep.py can try variants). Defaults: the
+# fastest of that sweep on an H200 (d=16, dv=64, bf16, T=2048..8192; NOTES-kernels.md, v4).
 CW_CHUNK = int(os.environ.get("BASED_TRITON_CW_CHUNK", 64))
 CW_BF = int(os.environ.get("BASED_TRITON_CW_BF", 64))  # feature rows per tile, forward
 CW_BWD_BF = int(os.environ.get("BASED_TRITON_CW_BWD_BF", 64))  # the same for the backward's kernels
 CW_WARPS = int(os.environ.get("BASED_TRITON_CW_WARPS", 4))
 CW_H_WARPS = int(os.environ.get("BASED_TRITON_CW_H_WARPS", 4))
 CW_BWD_WARPS = int(os.environ.get("BASED_TRITON_CW_BWD_WARPS", 4))
-CW_STAGES = int(os.environ.get("BASED_TRITON_CW_STAGES", 2))
+CW_STAGES = int(os.environ.get("BASED_TRITON_CW_STAGES", 3))
 CW_H_BV = int(os.environ.get("BASED_TRITON_CW_H_BV", 64))  # value block of the forward state walk
-CW_BWD_SPLIT = bool(int(os.environ.get("BASED_TRITON_CW_BWD_SPLIT", 0)))  # dq and dk/dv in two launches
+CW_BWD_SPLIT = bool(int(os.environ.get("BASED_TRITON_CW_BWD_SPLIT", 1)))  # dq and dk/dv in two launches
 # One program per chunk keeps the whole value dim: dq and dk then need no partial sums over value
 # blocks. Above this the fused form (triton/chunk.py) is used.
 CW_MAX_DV = 128

@@ -56,7 +56,7 @@ def triton_taylor_linear_attn_step(
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
     block_f (state rows per iteration) and num_warps are tuning knobs: on an H200, 2 warps and 64 rows
-    reach 85-94% of the copy bandwidth from batch 256 up, against 66-80% with 4 warps
+    reach 85-94% of the copy bandwidth from batch 256 up (dv 64 and 112), against 66-80% with 4 warps
     (benchmarks/results/taylor-decode-sweep-h200-2026-11-29.json); below ~1024 programs 4 warps are
     faster (batch 1: 0.017 ms against 0.037 ms with 2)."""
     B, H, D = q.shape
@@ -71,7 +71,9 @@ def triton_taylor_linear_attn_step(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(v)
     BV = triton.next_power_of_2(DV)
-    BF = block_f or max(1, min(64, 4096 // BV))
+    # 64 rows for value blocks up to 128 (dv = 112 in the 1.3b preset: 91% of copy at batch 8798 against
+    # 76% with 32 rows; results/taylor-decode-sweep-dv112-h200-2026-11-29.json)
+    BF = block_f or max(1, min(64, 8192 // BV))
     num_warps = num_warps or (2 if B * H >= 1024 else 4)
     _taylor_step_kernel[(B * H,)](
         q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, num_warps=num_warps,
