@@ -77,3 +77,22 @@ def test_preset_names_and_debug_sizes():
         "debug", "transformer-debug", "rwkv-debug", "mamba2-hybrid-debug"]
     with pytest.raises(SystemExit):
         main(["bench", "generate", "--device", "cpu", "--presets", "rwkv-7b"])
+
+
+def test_growing_caches_are_timed_mid_generation(tmp_path):
+    """A full-attention step reads every cached row, so its engine is timed around the middle of the new
+    tokens (the average cost) and its roofline counts the rows cached there; BASED's fixed state is
+    timed right after the prompt."""
+    out = tmp_path / "gen.json"
+    assert main(["bench", "generate", *TINY, "--skip", "smoke", "based", "transformer", "hf_llama",
+                 "--presets", "debug", "transformer-debug", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for preset, first in (("debug", 16 + 8), ("transformer-debug", 16 + 40 // 2 - 20 // 2)):
+        engine = result[preset]
+        with torch.device("meta"):
+            model = BasedForCausalLM(BasedConfig.from_preset(preset))
+        middle = first + 20 // 2
+        for row in engine["rows"]:
+            assert row["steps_timed"] == 20 and row["first_timed_position"] == first
+            assert row["bytes_per_step"] == engine["weights_bytes"] + row["batch"] * state_traffic_bytes(
+                model, middle if preset.startswith("transformer") else 56, torch.float32)
