@@ -1,6 +1,7 @@
 """Registers and spills of the Taylor kernels for sm_90a, without a GPU.
 
     python benchmarks/taylor_regs.py [fwd|dq|dkv|all] [KEY=VALUE ...]   (e.g. BT=64 BV=32 WARPS=4)
+    python benchmarks/taylor_regs.py [cw_h|cw_o|cw_dh|cw_dq|cw_dkv|cw] [BT=64 BF=64 WARPS=4]   (chunkwise form)
 
 Compiles each kernel's PTX here with triton.compile for GPUTarget("cuda", 90, 64) (d=16, dv=64, bf16,
 the benchmark's shape; BT/BV/WARPS apply to whichever kernel is named) and runs ptxas -v on it: the
@@ -21,13 +22,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from based.ops.taylor.triton import chunk  # noqa: E402
+from based.ops.taylor.triton import chunk, chunkwise  # noqa: E402
 
 # CUDA 13.4; the plain ptxas beside it is 12.9 and rejects Triton 3.9's PTX version.
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 FLOATS = {"scale", "eps"}
 INTS = {"T", "TT"}
-BF16 = {"q", "k", "v", "o", "do", "dv_out"}
+BF16 = {"q", "k", "v", "o", "do", "dv_out", "dq", "dk", "dv", "h", "dh"}  # h, dh: chunkwise bf16 snapshots
+I32 = {"cu_seqlens", "chunk_offsets", "chunk_indices"}
 
 
 def regs(fn, consts: dict, warps: int, stages: int = 2) -> str:
@@ -39,13 +41,16 @@ def regs(fn, consts: dict, warps: int, stages: int = 2) -> str:
             sig[name] = "fp32"
         elif name in INTS:
             sig[name] = "i32"
-        elif name == "cu_seqlens":
+        elif name in I32:
             sig[name] = "*i32"
         elif name in BF16:
             sig[name] = "*bf16"
         else:
             sig[name] = "*fp32"
-    src = ASTSource(fn, sig, constexprs={k: v for k, v in consts.items()})
+    # Triton's JIT marks pointer arguments 16-byte aligned (tt.divisibility); without the hint the PTX
+    # loads contiguous tiles element by element and the register count is not the GPU build's.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={k: v for k, v in consts.items()}, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ck.asm["ptx"])
@@ -72,6 +77,23 @@ def main():
     stages = int(kv.get("STAGES", 2))
     import triton.language as tl
 
+    if which.startswith("cw"):
+        bf = int(kv.get("BF", 64))
+        bt = int(kv.get("BT", 64))
+        cw = dict(H=16, D=16, DV=64, BT=bt, BK=16, BF=bf, BV=64, FI=273, FP=triton.cdiv(273, bf) * bf,
+                  IS_VARLEN=False, PREC="tf32", SDT=tl.bfloat16)
+        nf = dict(NF=triton.cdiv(273, bf))
+        kernels = {
+            "cw_h": (chunkwise._cw_fwd_h_kernel, dict(cw, USE_INITIAL=False, STORE_FINAL=False)),
+            "cw_o": (chunkwise._cw_fwd_o_kernel, dict(cw, **nf)),
+            "cw_dh": (chunkwise._cw_bwd_dh_kernel, dict(cw, USE_FINAL_GRAD=False, STORE_INITIAL_GRAD=False)),
+            "cw_dq": (chunkwise._cw_bwd_dqkv_kernel, dict(cw, **nf, DO_DQ=True, DO_DKV=False)),
+            "cw_dkv": (chunkwise._cw_bwd_dqkv_kernel, dict(cw, **nf, DO_DQ=False, DO_DKV=True)),
+        }
+        for name, (fn, consts) in kernels.items():
+            if which in ("cw", name):
+                print(name, regs(fn, consts, warps, int(kv.get("STAGES", 3))))
+        return
     base = dict(H=16, D=16, DV=64, BT=bt, BK=16, BI=16, BV=bv, NK=1, IS_VARLEN=False, PREC="tf32")
     if which in ("fwd", "all"):
         fwd = dict(base, USE_INITIAL=False, STORE_FINAL=False, SDT=tl.bfloat16)
