@@ -1,4 +1,4 @@
-"""Kernel variants of the Triton Taylor linear attention, checked and timed in one process (GPU).
+"""Kernel variants of the fused Triton form (triton/chunk.py), checked and timed in one process (GPU).
 
     python benchmarks/taylor_sweep.py [T [ENV_FILE]]
 
@@ -42,7 +42,7 @@ def check():
     q, k = (torch.randn(2, 1000, 4, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn(2, 1000, 4, 64, device="cuda")
-    o = triton_taylor_linear_attn(q, k, v)[0]
+    o = triton_taylor_linear_attn(q, k, v, form="fused")[0]
     g = torch.autograd.grad(o.float(), (q, k, v), do)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = chunk_taylor_linear_attn(qf, kf, vf)[0]
@@ -56,7 +56,7 @@ def main():
     q, k = (torch.randn(B, T, H, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     v = torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn_like(v)
-    f = lambda: triton_taylor_linear_attn(q, k, v)[0]  # noqa: E731
+    f = lambda: triton_taylor_linear_attn(q, k, v, form="fused")[0]  # noqa: E731
     fb = lambda: torch.autograd.grad(f(), (q, k, v), do)  # noqa: E731
     best = {}
     for chunk, bv, warps, stages, tile in FWD_VARIANTS:
