@@ -77,6 +77,7 @@ def _compare(got, ref, tol, what=""):
         (2, 63, 2, 16, 64, True),  # odd length, two value blocks
         (1, 130, 1, 8, 16, False),  # three chunks, last one partial; d padded to 16
         (1, 70, 2, 32, 32, True),  # d = 32: the quadratic rows split over programs
+        (1, 70, 1, 16, 24, True),  # dv not a power of two (the 1.3b preset has 112): masked value lanes
     ],
 )
 def test_chunk_matches_naive(B, T, H, d, dv, with_state, feature_map, form):
@@ -116,12 +117,19 @@ def test_varlen_matches_per_sequence(feature_map, form):
 
 
 def test_form_choice():
-    """auto takes the chunkwise kernels up to head dim 128 and the fused ones above; a bad name says
-    which exist."""
-    from based.ops.taylor.triton import _pick_form
+    """auto takes the chunkwise kernels up to head dim 128 and while their per-chunk states fit the
+    budget (a 1M-token prefill would need ~11 GB), the fused ones otherwise; a bad name says which exist."""
+    from based.ops.taylor.triton import _pick_form, chunkwise
 
-    assert _pick_form("auto", 16, 64) == "chunkwise"
-    assert _pick_form("auto", 16, 256) == "fused"
+    chunks = chunkwise.num_chunks(8, 8192)
+    assert chunks == 8 * 8192 // chunkwise.CW_CHUNK
+    assert chunkwise.num_chunks(1, 130, num_seqs=3) == 3 + 3  # each sequence may end in a partial chunk
+    assert _pick_form("auto", 16, 64, chunks, 16) == "chunkwise"
+    assert _pick_form("auto", 16, 256, chunks, 16) == "fused"
+    long = chunkwise.num_chunks(1, 1 << 20)
+    assert chunkwise.state_bytes(long, 16, 16, 64) > chunkwise.CW_MAX_STATE_BYTES
+    assert _pick_form("auto", 16, 64, long, 16) == "fused"
+    assert _pick_form("chunkwise", 16, 64, long, 16) == "chunkwise"  # asked for by name: kept
     with pytest.raises(ValueError, match="head dim <= 128"):
         _pick_form("chunkwise", 16, 256)
     with pytest.raises(ValueError, match="use one of"):

@@ -20,11 +20,14 @@ FORMS = ("auto", "fused", "chunkwise")
 FORM = os.environ.get("BASED_TRITON_FORM", "auto")
 
 
-def _pick_form(form: str, d: int, dv: int) -> str:
+def _pick_form(form: str, d: int, dv: int, chunks: int = 0, heads: int = 1) -> str:
+    """auto: chunkwise where supported and its per-chunk states (`chunks` chunks of `heads` heads)
+    stay within CW_MAX_STATE_BYTES, else fused, which needs no memory beyond its inputs."""
     if form not in FORMS:
         raise ValueError(f"unknown Triton form {form!r}: use one of {FORMS}")
     if form == "auto":
-        return "chunkwise" if chunkwise.supported(d, dv) else "fused"
+        fits = chunkwise.state_bytes(chunks, heads, d, dv) <= chunkwise.CW_MAX_STATE_BYTES
+        return "chunkwise" if chunkwise.supported(d, dv) and fits else "fused"
     if form == "chunkwise" and not chunkwise.supported(d, dv):
         raise ValueError(f"the chunkwise Triton form needs head dim <= {chunkwise.CW_MAX_DV}, got {dv}: use form='fused'")
     return form
@@ -66,7 +69,8 @@ def triton_taylor_linear_attn(
     hs0 = zs0 = None
     if initial_state is not None:
         hs0, zs0 = to_internal(initial_state, d, feature_map, scale)
-    form = _pick_form(FORM if form is None else form, d, v.shape[-1])
+    chunks = chunkwise.num_chunks(q.shape[0], q.shape[1], None if cu_seqlens is None else cu_seqlens.numel() - 1)
+    form = _pick_form(FORM if form is None else form, d, v.shape[-1], chunks, q.shape[2])
     o, _, hsT, zsT = TaylorChunkFunction.apply(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state, form)
     final = from_internal(hsT, zsT, d, feature_map, scale) if output_final_state else None
     return o, final

@@ -46,6 +46,9 @@ CW_BWD_SPLIT = bool(int(os.environ.get("BASED_TRITON_CW_BWD_SPLIT", 1)))  # dq a
 # One program per chunk keeps the whole value dim: dq and dk then need no partial sums over value
 # blocks. Above this the fused form (triton/chunk.py) is used.
 CW_MAX_DV = 128
+# form="auto" takes the fused form where the per-chunk states would pass this (long prefills: 1M tokens of
+# 16 heads at dv=64 is ~11 GB of them); the fused form needs no memory beyond its inputs.
+CW_MAX_STATE_BYTES = int(os.environ.get("BASED_TRITON_CW_MAX_STATE_BYTES", 4 << 30))
 
 
 @triton.jit
@@ -338,6 +341,21 @@ def _cw_bwd_dqkv_kernel(
 
 def supported(d: int, dv: int) -> bool:
     return triton.next_power_of_2(dv) <= CW_MAX_DV
+
+
+def num_chunks(batch: int, T: int, num_seqs: int | None = None) -> int:
+    """Chunks of a call: batch x ceil(T / chunk), or with packed sequences (num_seqs of them along T,
+    batch 1) at most ceil(T / chunk) + num_seqs."""
+    if num_seqs is None:
+        return batch * triton.cdiv(T, CW_CHUNK)
+    return triton.cdiv(T, CW_CHUNK) + num_seqs
+
+
+def state_bytes(chunks: int, heads: int, d: int, dv: int) -> int:
+    """Bytes of the per-chunk states (16-bit H_c and fp32 z_c) of one call; the backward holds twice
+    this (H and dH)."""
+    FP = _sizes(d, dv, CW_BF)[3]
+    return chunks * heads * FP * (2 * dv + 4)
 
 
 def _layout(q, v, cu_seqlens):
