@@ -16,9 +16,9 @@ import json
 import torch
 import triton
 
-from based.ops.taylor import chunk_taylor_linear_attn
 from based.ops.taylor.triton import chunkwise as CW
 from based.ops.taylor.triton import triton_taylor_linear_attn
+from taylor_sweep import check  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 # Overrides of the module defaults (chunkwise.py); chunks of 32 and 128 and gathered features lost to
 # the defaults in the 2026-11-29 sweep (NOTES-kernels.md).
@@ -36,22 +36,6 @@ VARIANTS = [
 ]
 KNOBS = ("CW_CHUNK", "CW_BF", "CW_BWD_BF", "CW_WARPS", "CW_H_WARPS", "CW_BWD_WARPS", "CW_STAGES", "CW_H_BV",
          "CW_BWD_SPLIT")
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def check():
-    q, k = (torch.randn(2, 1000, 4, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    v = torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(2, 1000, 4, 64, device="cuda")
-    o = triton_taylor_linear_attn(q, k, v, form="chunkwise")[0]
-    g = torch.autograd.grad(o.float(), (q, k, v), do)
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = chunk_taylor_linear_attn(qf, kf, vf)[0]
-    gr = torch.autograd.grad(ref, (qf, kf, vf), do)
-    return {"o": rel(o, ref), "dq": rel(g[0], gr[0]), "dk": rel(g[1], gr[1]), "dv": rel(g[2], gr[2])}
 
 
 def _ms(fn):
@@ -106,7 +90,7 @@ def main():
             setattr(CW, name, val)
         row = {"variant": variant}
         try:
-            row["err"] = check()
+            row["err"] = check("chunkwise")
             f_sum = b_sum = 0.0
             for T in args.lengths:
                 fwd, fb = time_variant(T)

@@ -38,11 +38,12 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check():
+def check(form="fused"):
+    """Relative errors of output and gradients against the fp32 chunked form (bf16, B=2, T=1000, H=4)."""
     q, k = (torch.randn(2, 1000, 4, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     do = torch.randn(2, 1000, 4, 64, device="cuda")
-    o = triton_taylor_linear_attn(q, k, v, form="fused")[0]
+    o = triton_taylor_linear_attn(q, k, v, form=form)[0]
     g = torch.autograd.grad(o.float(), (q, k, v), do)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = chunk_taylor_linear_attn(qf, kf, vf)[0]
