@@ -132,6 +132,17 @@ def _store_tile(x, val, bos, L, i_h, i_t, H: tl.constexpr, W: tl.constexpr, BT: 
 
 
 @triton.jit
+def _chunk_qkv(q, k, v, cu_seqlens, chunk_indices, i_c, i_h, T, H: tl.constexpr, D: tl.constexpr,
+               DV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The q, k, v tiles of global chunk i_c, head i_h, with its sequence's bos, L and chunk index."""
+    bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
+    b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
+    b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
+    return bos, L, i_t, b_q, b_k, b_v
+
+
+@triton.jit
 def _state_ptr(x, p_c, r, o_v, FP: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
     """(pointers, mask) of feature rows r x values o_v of snapshot p_c of an [NC, H, FP, DV] tensor."""
     p = x + p_c * FP * DV + r[:, None] * DV + o_v[None, :]
@@ -194,14 +205,12 @@ def _cw_fwd_o_kernel(
     IS_VARLEN: tl.constexpr, PREC: tl.constexpr, SDT: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    bos, L, i_t, b_q, b_k, b_v = _chunk_qkv(q, k, v, cu_seqlens, chunk_indices, i_c, i_h, T, H, D, DV, BT, BK, BV,
+                                            IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_t = i_t * BT + o_t < L
-    b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
-    b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
-    b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
 
     # intra-chunk: A = tril(1 + s + s^2/2), s = scale Q K^T
     b_s = scale * tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
@@ -281,15 +290,13 @@ def _cw_bwd_dqkv_kernel(
 ):
     # DO_DQ / DO_DKV: one launch for both, or two launches of fewer registers (CW_BWD_SPLIT).
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    bos, L, i_t = _chunk_of(cu_seqlens, chunk_indices, i_c, T, BT, IS_VARLEN)
+    bos, L, i_t, b_q, b_k, b_v = _chunk_qkv(q, k, v, cu_seqlens, chunk_indices, i_c, i_h, T, H, D, DV, BT, BK, BV,
+                                            IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_t = i_t * BT + o_t < L
     p_tok = (bos + i_t * BT + o_t) * H + i_h
-    b_q = _load_tile(q, bos, L, i_h, i_t, H, D, BT, BK, 0)
-    b_k = _load_tile(k, bos, L, i_h, i_t, H, D, BT, BK, 0)
-    b_v = _load_tile(v, bos, L, i_h, i_t, H, DV, BT, BV, 0)
     b_rden = 1.0 / (tl.load(den + p_tok, mask=m_t, other=1.0) + eps)
     b_g = _load_tile(do, bos, L, i_h, i_t, H, DV, BT, BV, 0).to(tl.float32) * b_rden[:, None]  # dL/dnum
     b_dd = tl.load(dd + p_tok, mask=m_t, other=0.0)  # dL/dden
