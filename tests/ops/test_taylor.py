@@ -175,3 +175,22 @@ def test_scale_argument_changes_the_kernel():
     o2, _ = naive_taylor_linear_attn(q, k, v, scale=0.1)
     o3, _ = taylor_linear_attn(q, k, v)
     assert rel_err(o1, o2) < 1e-5 and not torch.allclose(o1, o3)
+
+
+def test_a_failed_triton_import_is_tried_once(monkeypatch):
+    """On a CUDA machine without Triton every layer asks on every step: the import is tried once."""
+    import sys
+    import types
+
+    import based.ops.taylor
+    from based.ops.taylor import common
+
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    common._triton_imports.cache_clear()
+    monkeypatch.delattr(based.ops.taylor, "triton", raising=False)  # as if never imported
+    monkeypatch.setitem(sys.modules, "based.ops.taylor.triton", None)  # import raises ImportError
+    assert not common.triton_available(cuda_like)
+    monkeypatch.delitem(sys.modules, "based.ops.taylor.triton")
+    assert not common.triton_available(cuda_like)  # not tried again
+    common._triton_imports.cache_clear()
+    assert not common.triton_available(torch.zeros(1))  # a CPU tensor never takes the kernels

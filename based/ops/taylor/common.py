@@ -1,6 +1,8 @@
 """Input checks and state handling shared by every form of Taylor linear attention."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..common import check_layout
@@ -37,8 +39,13 @@ def check_state(state: State | None, q: torch.Tensor, v: torch.Tensor, feature_m
 
 def triton_available(x: torch.Tensor) -> bool:
     """True when x is on CUDA and the Triton kernels import (triton installed)."""
-    if not x.is_cuda:
-        return False
+    return x.is_cuda and _triton_imports()
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    # Cached: a failed import is not kept in sys.modules, so each call would try it again (a decode
+    # step calls this once per layer).
     try:
         from . import triton as _  # noqa: F401
     except ImportError:
