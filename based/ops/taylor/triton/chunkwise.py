@@ -3,23 +3,25 @@ at once (the layout of fla's `chunk` kernels, where triton/chunk.py is the `fuse
 
 triton/chunk.py walks each sequence with the whole 273-row state in registers: one program per
 (sequence, head, value block), 255 registers and two programs per SM, latency-bound on its chain of
-small products (NOTES-kernels.md). Here the walk keeps only a [BF, BV] tile of state rows per program
-and does one product per chunk, and everything else runs with a program per chunk:
+small products (NOTES-kernels.md). Here the walks keep only a [BF, BV] tile of state rows per program
+and do one product per chunk, and everything else runs with a program per chunk:
 
     forward   h:  per (feature tile, value block, sequence): H_c = state before chunk c, stored (bf16
                   for 16-bit inputs; fp32 accumulation in registers), z_c likewise in fp32
               o:  per (chunk, head): o = (A V + phi(Q) H_c) / (rowsum A + phi(Q) z_c + eps)
-    backward  h:  recomputed as in the forward (not saved: it is NT x 288 x dv per head)
-              dh: per (feature tile, value block, sequence), walking back: dH_c = gradient reaching the
-                  keys of chunk c = dH_T + sum over later chunks of phi(Q)^T g (and dz with g')
-              dqkv: per (chunk, head): the intra-chunk terms and, per feature tile, dq from H_c, z_c and
-                  dk, dv from dH_c, dz_c.
+    backward  h:  recomputed as in the forward (not saved: it is NC x FP x dv per head)
+              dh: per (feature tile, sequence), walking back: dH_c = gradient reaching the keys of chunk
+                  c = dH_T + sum over later chunks of phi(Q)^T g, dz_c the same with g' (computed here
+                  from dO and o, and stored for the next launch)
+              dq, dk/dv: per (chunk, head), the intra-chunk terms and, per feature tile, dq from H_c, z_c
+                  and dk, dv from dH_c, dz_c (two launches, or one with CW_BWD_SPLIT off).
 
 Feature r of the internal layout (layout.py: r = 0 constant, 1 + i linear, 1 + BK + i BK + j
-quadratic) is built on chip as x[a_r] * x[b_r] from two gathered loads of the [BT, d] tile (index -1
-stands for 1), so no [BT, d, d] broadcast or reshape is needed. The query side carries the kernel's
-coefficients (1, scale, scale^2 / 2); the key side stays raw, so H_c are the raw moments of layout.py
-and the initial and final states need no conversion beyond to_internal / from_internal.
+quadratic) is phi_r(x) = x[a_r] x[b_r] (index -1 standing for 1), built on chip from the loaded
+[BT, d] tile by two products with one-hot selection matrices (exact on tensor cores) and an
+elementwise product: no [BT, d, d] broadcast or reshape, no per-element gathers. The query side carries
+the kernel's coefficients (1, scale, scale^2 / 2); the key side stays raw, so H_c are the raw moments
+of layout.py and the initial and final states need no conversion beyond to_internal / from_internal.
 """
 from __future__ import annotations
 
