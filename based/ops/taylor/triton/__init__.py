@@ -10,7 +10,7 @@ import torch
 
 from ..common import DEFAULT_EPS, State
 from . import chunkwise
-from .chunk import TaylorChunkFunction
+from .autograd import TaylorChunkFunction
 from .decode import triton_taylor_linear_attn_step
 from .layout import from_internal, to_internal
 

@@ -470,35 +470,3 @@ def taylor_chunk_bwd(q, k, v, o, den, do, hs0, zs0, dhsT, dzsT, cu_seqlens, scal
     dk = dk_part.sum(0)[..., :D].view(k.shape).to(k.dtype)
     dv = dv[0] if NK == 1 else dv.sum(0).to(v.dtype)
     return dq, dk, dv, dhs0, dzs0
-
-
-class TaylorChunkFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state, form="fused"):
-        fwd = taylor_chunk_fwd
-        if form == "chunkwise":
-            from .chunkwise import taylor_chunkwise_fwd as fwd
-        o, den, hsT, zsT = fwd(q, k, v, hs0, zs0, cu_seqlens, scale, eps, output_final_state)
-        ctx.save_for_backward(q, k, v, o, den, hs0, zs0, cu_seqlens)
-        ctx.scale, ctx.eps, ctx.form = scale, eps, form
-        ctx.mark_non_differentiable(den)
-        ctx.set_materialize_grads(False)
-        return o, den, hsT, zsT
-
-    @staticmethod
-    def backward(ctx, do, dden, dhsT, dzsT):
-        q, k, v, o, den, hs0, zs0, cu_seqlens = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do
-        if dhsT is not None and dzsT is None:
-            dzsT = torch.zeros(dhsT.shape[:-1], dtype=torch.float32, device=dhsT.device)
-        if dzsT is not None and dhsT is None:
-            dhsT = torch.zeros(*dzsT.shape, v.shape[-1], dtype=torch.float32, device=dzsT.device)
-        dhsT = None if dhsT is None else dhsT.contiguous()
-        dzsT = None if dzsT is None else dzsT.contiguous()
-        bwd = taylor_chunk_bwd
-        if ctx.form == "chunkwise":
-            from .chunkwise import taylor_chunkwise_bwd as bwd
-        dq, dk, dv, dhs0, dzs0 = bwd(
-            q, k, v, o, den, do.contiguous(), hs0, zs0, dhsT, dzsT, cu_seqlens, ctx.scale, ctx.eps
-        )
-        return dq, dk, dv, dhs0, dzs0, None, None, None, None, None
