@@ -130,6 +130,10 @@ def test_form_choice():
     assert chunkwise.state_bytes(long, 16, 16, 64) > chunkwise.CW_MAX_STATE_BYTES
     assert _pick_form("auto", 16, 64, long, 16) == "fused"
     assert _pick_form("chunkwise", 16, 64, long, 16) == "chunkwise"  # asked for by name: kept
+    # ... unless a sequence is too long for the kernels' int32 offsets: a clear error, not a wrong result
+    q = torch.empty(1, 1 << 22, 16, 16, device="meta")
+    with pytest.raises(ValueError, match="too long for the chunkwise.*form='fused'"):
+        chunkwise._layout(q, torch.empty(1, 1 << 22, 16, 64, device="meta"), None)
     with pytest.raises(ValueError, match="head dim <= 128"):
         _pick_form("chunkwise", 16, 256)
     with pytest.raises(ValueError, match="use one of"):

@@ -367,15 +367,24 @@ def state_bytes(chunks: int, heads: int, d: int, dv: int) -> int:
     return chunks * heads * FP * (2 * dv + 4)
 
 
+def _check_offsets(longest: int, H: int, D: int, DV: int) -> None:
+    # Token offsets within a sequence are int32 in the kernels (sequence starts are int64).
+    if longest * H * max(D, DV) >= 2**31:
+        raise ValueError(f"a sequence of {longest} tokens x {H} heads x {max(D, DV)} is too long for the chunkwise "
+                         "Triton form (int32 offsets within a sequence): use form='fused'")
+
+
 def _layout(q, v, cu_seqlens):
     """Shapes and the chunk bookkeeping: (N, T, H, D, DV, NC, chunk_offsets, chunk_indices)."""
     B, T, H, D = q.shape
     DV = v.shape[-1]
     BT = CW_CHUNK
     if cu_seqlens is None:
+        _check_offsets(T, H, D, DV)
         NT = triton.cdiv(T, BT)
         return B, T, H, D, DV, B * NT, None, None
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    _check_offsets(int(lens.max().item()) if lens.numel() else 0, H, D, DV)
     nc = (lens + BT - 1) // BT
     chunk_offsets = torch.cumsum(nc, 0) - nc
     NC = int(nc.sum().item())
