@@ -383,11 +383,11 @@ def _layout(q, v, cu_seqlens):
         _check_offsets(T, H, D, DV)
         NT = triton.cdiv(T, BT)
         return B, T, H, D, DV, B * NT, None, None
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    _check_offsets(int(lens.max().item()) if lens.numel() else 0, H, D, DV)
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # N >= 1 (the op checks cu_seqlens)
     nc = (lens + BT - 1) // BT
+    longest, NC = torch.stack([lens.max(), nc.sum()]).tolist()  # one host sync for both
+    _check_offsets(longest, H, D, DV)
     chunk_offsets = torch.cumsum(nc, 0) - nc
-    NC = int(nc.sum().item())
     seq = torch.repeat_interleave(torch.arange(len(nc), device=q.device), nc)
     within = torch.arange(NC, device=q.device) - chunk_offsets[seq]
     chunk_indices = torch.stack([seq, within], 1).to(torch.int32).contiguous()
