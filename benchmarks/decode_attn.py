@@ -48,10 +48,11 @@ def sweep(batch=2048, L=128, H=16, D=112):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
-    p.add_argument("--sweep", action="store_true", help="time kernel settings at batch 2048, window 128")
+    p.add_argument("--sweep", action="store_true", help="time kernel settings at --batch, window 128")
+    p.add_argument("--batch", type=int, default=2048, help="sweep batch (the 1.3b preset's largest is ~8,900)")
     a = p.parse_args()
     if a.sweep:
-        rows = sweep()
+        rows = sweep(a.batch)
         print(json.dumps(min(rows, key=lambda r: r["ms"])))
         if a.out:
             with open(a.out, "w") as f:

@@ -134,7 +134,7 @@ def fill_slots(decoder, n: int) -> None:
 
 
 @torch.no_grad()
-def profile_step(decoder, steps: int = 3) -> dict:
+def profile_step(decoder, steps: int = 3, top: int = 8) -> dict:
     """Kernels of eager decode steps (the graph replays the same ones): how many, their summed time, the
     costliest. Summed kernel time well under the graph's step time means gaps between small kernels."""
     from torch.autograd import DeviceType
@@ -151,7 +151,7 @@ def profile_step(decoder, steps: int = 3) -> dict:
             count += 1
             us = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
             by_name[e.name] = by_name.get(e.name, 0.0) + us
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
     return {
         "kernels_per_step": count / steps, "kernel_time_per_step_ms": sum(by_name.values()) / steps / 1e3,
         "top_kernels_ms_per_step": {name[:90]: us / steps / 1e3 for name, us in top},
@@ -287,7 +287,7 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         row["fraction_of_roofline"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
         if cuda and B in (1, max(batches)) and clock.left() > args.reserve_s:
             try:
-                row["profile"] = profile_step(decoder)
+                row["profile"] = profile_step(decoder, top=args.profile_top)
             except Exception as e:  # noqa: BLE001 - the profile is extra information
                 row["profile"] = {"error": repr(e)}
         result["rows"].append(row)
@@ -437,6 +437,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=PROMPT)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode positions each point has room for")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (fp32, wall clock: checks the wiring only)")
+    p.add_argument("--profile-top", type=int, default=8, help="kernels listed in each profiled row (batch 1 and the largest)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block's step (based.generation.engine.compiled_step); the engines' "
                         "results are recorded as based_compiled / transformer_compiled / <preset>_compiled")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import short_conv, short_conv_step
+from ..ops import conv_state_zeros, short_conv, short_conv_step
 from .state import Offset, State, carried_state, state_nbytes
 
 
@@ -51,8 +51,7 @@ class BaseConv(nn.Module):
     ) -> State:
         """(conv_state [B, d_inner, kernel_size],), newest input last."""
         w = self.conv.weight
-        shape = (batch_size, self.d_inner, self.kernel_size)
-        return (torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device),)
+        return (conv_state_zeros(batch_size, self.d_inner, self.kernel_size, dtype or w.dtype, device or w.device),)
 
     def inference_state_bytes(self, seq_len: int, batch_size: int = 1, dtype=None) -> int:
         return state_nbytes(self.allocate_inference_cache(batch_size, dtype, "meta", max_seq_len=seq_len))
@@ -74,5 +73,5 @@ class BaseConv(nn.Module):
         """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model]."""
         B = x.shape[0]
         u1, u2 = self.in_proj(x.reshape(B, self.d_model)).split(self.d_inner, dim=-1)
-        y = short_conv_step(u1, state[0], self.conv.weight.squeeze(1), self.conv.bias)
-        return self.out_proj(F.silu(y).to(u2.dtype) * u2).view_as(x)
+        y = short_conv_step(u1, state[0], self.conv.weight.squeeze(1), self.conv.bias, activation="silu", gate=u2)
+        return self.out_proj(y.to(u2.dtype)).view_as(x)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import short_conv, short_conv_step
+from ..ops import conv_state_zeros, short_conv, short_conv_step
 from ..ops.long_conv import long_conv
 from .state import Offset, State, carried_state, state_nbytes
 
@@ -63,7 +63,7 @@ class H3(nn.Module):
         w = self.q_proj.weight
         device = device or w.device
         return (
-            torch.zeros(batch_size, self.d_model, self.d_state, dtype=dtype or w.dtype, device=device),
+            conv_state_zeros(batch_size, self.d_model, self.d_state, dtype or w.dtype, device),
             torch.zeros(batch_size, self.d_model, self.d_state // 2, 2, dtype=torch.float32, device=device),
         )
 

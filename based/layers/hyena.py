@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops import short_conv, short_conv_step
+from ..ops import conv_state_zeros, short_conv, short_conv_step
 from ..ops.long_conv import long_conv
 from .state import Offset, State, carried_state, check_fits, state_nbytes, token_positions
 
@@ -126,7 +126,7 @@ class Hyena(nn.Module):
         device = device or w.device
         L = max_seq_len or self.max_seq_len
         return (
-            torch.zeros(batch_size, 3 * self.d_model, self.short_kernel_size, dtype=dtype or w.dtype, device=device),
+            conv_state_zeros(batch_size, 3 * self.d_model, self.short_kernel_size, dtype or w.dtype, device),
             torch.zeros(batch_size, self.d_model, L, dtype=torch.float32, device=device),
         )
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import short_conv, short_conv_step
+from ..ops import conv_state_zeros, short_conv, short_conv_step
 from ..ops.ssm import selective_scan, selective_scan_step
 from .state import Offset, State, carried_state, state_nbytes
 
@@ -77,7 +77,7 @@ class Mamba(nn.Module):
         w = self.in_proj.weight
         device = device or w.device
         return (
-            torch.zeros(batch_size, self.d_inner, self.d_conv, dtype=dtype or w.dtype, device=device),
+            conv_state_zeros(batch_size, self.d_inner, self.d_conv, dtype or w.dtype, device),
             torch.zeros(batch_size, self.d_inner, self.d_state, dtype=torch.float32, device=device),
         )
 
@@ -114,7 +114,7 @@ class Mamba(nn.Module):
         """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model]."""
         Bsz = x.shape[0]
         xs, z = self.in_proj(x.reshape(Bsz, self.d_model)).split(self.d_inner, dim=-1)
-        xs = F.silu(short_conv_step(xs, state[0], self.conv1d.weight.squeeze(1), self.conv1d.bias).to(z.dtype))
+        xs = short_conv_step(xs, state[0], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu").to(z.dtype)
         delta, B, C = self._ssm_inputs(xs)
         y = selective_scan_step(xs, delta, -torch.exp(self.A_log.float()), B, C, self.D, state[1])
         return self.out_proj(y * F.silu(z)).view_as(x)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import short_conv, short_conv_step
+from ..ops import conv_state_zeros, short_conv, short_conv_step
 from ..ops.decay import decay_linear_attn, decay_linear_attn_step
 from .norm import RMSNorm
 from .state import Offset, State, carried_state, state_nbytes
@@ -122,7 +122,7 @@ class Mamba2(nn.Module):
         w = self.in_proj.weight
         device = device or w.device
         return (
-            torch.zeros(batch_size, self.conv_dim, self.d_conv, dtype=dtype or w.dtype, device=device),
+            conv_state_zeros(batch_size, self.conv_dim, self.d_conv, dtype or w.dtype, device),
             torch.zeros(batch_size, self.nheads, self.d_state, self.headdim, dtype=torch.float32, device=device),
         )
 
@@ -189,8 +189,8 @@ class Mamba2(nn.Module):
         """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model]."""
         Bsz = x.shape[0]
         z, xBC, dt = self._split(self.in_proj(x.reshape(Bsz, self.d_model)))
-        xBC = short_conv_step(xBC, state[0], self.conv1d.weight.squeeze(1), self.conv1d.bias).to(z.dtype)
-        xs, B, C, dt, log_decay = self._ssm_inputs(F.silu(xBC), dt)
+        xBC = short_conv_step(xBC, state[0], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        xs, B, C, dt, log_decay = self._ssm_inputs(xBC.to(z.dtype), dt)
         y = decay_linear_attn_step(C, B, xs * dt.unsqueeze(-1), log_decay, state[1])
         y = y + xs * self.D.unsqueeze(-1)
         return self.out_proj(self.norm(y.reshape(Bsz, self.d_inner).to(z.dtype), z)).view_as(x)

@@ -1,5 +1,5 @@
 """Token-mixing operators, layout [B, T, H, D]. Pure PyTorch everywhere; fused Triton kernels on GPU."""
-from .conv import naive_short_conv, short_conv, short_conv_step
+from .conv import conv_state_zeros, naive_short_conv, short_conv, short_conv_step
 from .sliding_window import naive_sliding_window_attn, sliding_window_attn
 from .taylor import (
     FEATURE_MAPS,
@@ -19,5 +19,5 @@ __all__ = [
     "naive_taylor_linear_attn", "parallel_taylor_linear_attn", "chunk_taylor_linear_attn",
     "recurrent_taylor_linear_attn", "zero_state",
     "sliding_window_attn", "naive_sliding_window_attn",
-    "short_conv", "short_conv_step", "naive_short_conv",
+    "short_conv", "short_conv_step", "naive_short_conv", "conv_state_zeros",
 ]

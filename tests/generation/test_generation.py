@@ -325,3 +325,4 @@ def test_hyena_cuda_graph_decode_equals_eager():
     eager = generate(model, ids, 40, cuda_graph=False)
     assert torch.equal(generate(model, ids, 40, cuda_graph=True), eager)
     assert torch.equal(eager.cpu(), generate(build(name, **overrides), ids.cpu(), 40))
+

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from based.ops import naive_short_conv, short_conv, short_conv_step
+from based.ops import conv_state_zeros, naive_short_conv, short_conv, short_conv_step
 
 
 @pytest.mark.parametrize("T,K", [(1, 3), (63, 3), (500, 4), (2, 5)])
@@ -62,3 +62,76 @@ def test_bad_shapes():
         short_conv(torch.randn(3, 4), torch.randn(4, 3))
     with pytest.raises(ValueError, match="initial_state must be"):
         short_conv(torch.randn(1, 3, 4), torch.randn(4, 3), initial_state=torch.zeros(1, 4, 2))
+
+
+def _conv_states(B, C, K):
+    """The same zero state stored channel-major ([B, C, K] contiguous) and tap-major (conv_state_zeros)."""
+    return {"channel-major": torch.zeros(B, C, K), "tap-major": conv_state_zeros(B, C, K)}
+
+
+@pytest.mark.parametrize("layout", ["channel-major", "tap-major"])
+@pytest.mark.parametrize("activation, gated", [(None, False), ("silu", False), ("silu", True)])
+def test_step_matches_full_conv_in_either_layout(layout, activation, gated):
+    torch.manual_seed(0)
+    B, T, C, K = 3, 9, 4, 3
+    x, w, b, g = torch.randn(B, T, C), torch.randn(C, K), torch.randn(C), torch.randn(B, T, C)
+    y, final = short_conv(x, w, b, output_final_state=True)
+    if activation == "silu":
+        y = torch.nn.functional.silu(y)
+    if gated:
+        y = y * g
+    state = _conv_states(B, C, K)[layout]
+    steps = torch.stack(
+        [short_conv_step(x[:, t], state, w, b, activation=activation, gate=g[:, t] if gated else None) for t in range(T)],
+        1,
+    )
+    torch.testing.assert_close(steps, y)
+    torch.testing.assert_close(state, final)
+
+
+def test_tap_major_state_stores_taps_as_rows():
+    state = conv_state_zeros(2, 5, 3)
+    assert state.shape == (2, 5, 3) and state.transpose(1, 2).is_contiguous()
+    short_conv_step(torch.arange(10.0).view(2, 5), state, torch.ones(5, 3))
+    assert torch.equal(state[..., -1], torch.arange(10.0).view(2, 5))  # newest last, as before
+
+
+@pytest.mark.parametrize("K, C, B, dtype, rows", [
+    (3, 40, 3, torch.float32, None), (4, 1100, 2, torch.bfloat16, None), (2, 8, 10, torch.float32, 4),
+])
+def test_triton_step_matches_torch(K, C, B, dtype, rows, monkeypatch):
+    """The Triton pass (interpreted without CUDA): non-power-of-two channels, several channel blocks, the
+    multi-row programs of large batches (rows=4: the last program has 2); x and gate as strided column
+    slices of one projection."""
+    pytest.importorskip("triton")
+    torch.manual_seed(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w, b = torch.randn(C, K, device=device), torch.randn(C, device=device)
+    xg = torch.randn(B, 2 * C, device=device, dtype=dtype)
+    x, g = xg.split(C, dim=-1)
+    states = {backend: conv_state_zeros(B, C, K, dtype, device) for backend in ("torch", "triton")}
+    start = torch.randn(B, C, K)
+    if rows:
+        from based.ops.conv import triton as conv_triton
+
+        launch = conv_triton.triton_short_conv_step
+        monkeypatch.setattr(conv_triton, "triton_short_conv_step", lambda *a: launch(*a, rows=rows))
+    out = {}
+    for backend, s in states.items():
+        s.copy_(start)
+        out[backend] = short_conv_step(x, s, w, b, activation="silu", gate=g, backend=backend)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out["triton"], out["torch"], **tol)
+    assert torch.equal(states["triton"], states["torch"])  # the shift moves values, it does not round them
+    for backend, s in states.items():  # no bias, no activation, no gate
+        out[backend] = short_conv_step(x, s, w, None, backend=backend)
+    torch.testing.assert_close(out["triton"], out["torch"], **tol)
+    assert torch.equal(states["triton"], states["torch"])
+
+
+def test_step_bad_arguments():
+    state = torch.zeros(1, 4, 3)
+    with pytest.raises(ValueError, match="activation must be"):
+        short_conv_step(torch.zeros(1, 4), state, torch.ones(4, 3), activation="gelu")
+    with pytest.raises(ValueError, match="tap-major conv_state"):
+        short_conv_step(torch.zeros(1, 4), state, torch.ones(4, 3), backend="triton")

@@ -17,8 +17,10 @@ def _decode_attn_kernel(
     s_kb, s_kl, s_vb, s_vl,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
+    # Heads fastest: programs running side by side read neighbouring slices of the same cache rows, so
+    # DRAM bursts that straddle two heads' slices (112 bf16 = 224 bytes) are used by both.
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
     o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
     m_d, m_dv = o_d < D, o_dv < DV
     b_q = tl.load(q + (i_b * H + i_h) * D + o_d, mask=m_d, other=0.0).to(tl.float32) * scale
@@ -67,7 +69,7 @@ def triton_decode_attn(
     BL = block_l or (16 if many else max(16, min(64, 8192 // max(BD, BDV))))
     num_warps = num_warps or (1 if many else 4)
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    _decode_attn_kernel[(B, H)](
+    _decode_attn_kernel[(B * H,)](
         q, k_cache, v_cache, last.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         H=H, D=D, DV=DV, BD=BD, BDV=BDV, BL=BL, num_warps=num_warps, **extra,
