@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode_attn import cached_positions, decode_attn
+from ..ops.decode_attn import cached_positions, decode_attn_step
 from .rotary import RotaryEmbedding
 from .state import Offset, State, check_fits, state_nbytes, token_positions
 
@@ -120,10 +120,10 @@ class Attention(nn.Module):
         """
         B = x.shape[0]
         self._check_fits(state, seqlen_offset, 1)
-        pos = token_positions(seqlen_offset, B, 1, x.device)  # [B, 1]
-        q, k, v = self._qkv(x.reshape(B, 1, self.d_model), pos[:, 0])
-        self._write(state, k, v, pos)
-        o = decode_attn(q[:, 0], state[0], state[1], pos[:, 0])
+        pos = token_positions(seqlen_offset, B, 1, x.device)[:, 0]
+        q, k, v = self.Wqkv(x.reshape(B, self.d_model)).view(B, 3, self.num_heads, self.head_dim).unbind(1)
+        # Rotary, the cache write and the attention in one op (one Triton kernel on CUDA).
+        o = decode_attn_step(q, k, v, state[0], state[1], pos, self.rotary.cached_inv_freq(x.device))
         return self.out_proj(o.reshape(B, self.d_model)).view_as(x)
 
     def _qkv(self, x: torch.Tensor, seqlen_offset: Offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

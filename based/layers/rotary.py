@@ -8,16 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.rotary import apply_rotary
 from .state import Offset, token_positions
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, H, D] by angles whose cos, sin are [B or 1, T, D/2]; math in fp32."""
-    half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+__all__ = ["RotaryEmbedding", "apply_rotary"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -38,10 +32,18 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary dim must be a positive even number, got {dim}")
         self.dim, self.base = dim, float(base)
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inv_freq: torch.Tensor | None = None
 
     def inv_freq(self, device) -> torch.Tensor:
         exponent = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
         return self.base**-exponent
+
+    def cached_inv_freq(self, device) -> torch.Tensor:
+        """inv_freq, computed once per device: a decode step reads it every token."""
+        device = torch.device(device)
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = self.inv_freq(device)
+        return self._inv_freq
 
     def _angles(self, positions: torch.Tensor) -> torch.Tensor:
         return positions.float().unsqueeze(-1) * self.inv_freq(positions.device)

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from based.ops.decode_attn import cached_positions, decode_attn, torch_decode_attn  # noqa: E402
+from based.ops.decode_attn import cached_positions, decode_attn, decode_attn_step, torch_decode_attn  # noqa: E402
 
 triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,3 +111,61 @@ def test_kernel_at_real_sizes(L, H, D):
     last = torch.randint(0, 3 * L, (B,), device="cuda")
     ref = torch_decode_attn(q.float(), k.float(), v.float(), last)
     torch.testing.assert_close(decode_attn(q, k, v, last).float(), ref, atol=1e-2, rtol=1e-2)
+
+
+def _rotate(x, positions, inv_freq):
+    """Rotate-half rotary of x [B, H, D] at positions [B], in fp64 (the reference)."""
+    angles = positions.double().view(-1, 1, 1) * inv_freq.double()
+    x1, x2 = x.double().chunk(2, dim=-1)
+    return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], -1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rotary", [True, False])
+@pytest.mark.parametrize("L, positions", [(5, [0, 3, 4, 11]), (40, [0, 1, 17, 39])])
+def test_step_rotates_writes_and_attends(backend, rotary, L, positions):
+    """decode_attn_step = rotary at each position, k and v written into row position % L, attention over
+    the written rows; q, k, v are strided views of one fused projection as in Attention.step."""
+    torch.manual_seed(3)
+    B, H, D = len(positions), 3, 12  # head dim not a power of two (halves of 6)
+    qkv = torch.randn(B, 3, H, D, device=DEVICE)
+    q, k, v = qkv.unbind(1)
+    k_cache, v_cache = torch.randn(B, L, H, D, device=DEVICE), torch.randn(B, L, H, D, device=DEVICE)
+    pos = torch.tensor(positions, device=DEVICE)
+    inv_freq = 10000.0 ** -(torch.arange(0, D, 2, device=DEVICE, dtype=torch.float32) / D) if rotary else None
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    qr, kr = (_rotate(t, pos, inv_freq).float() for t in (q, k)) if rotary else (q, k)
+    want_k[torch.arange(B), pos % L], want_v[torch.arange(B), pos % L] = kr, v
+    want = explicit(qr, want_k, want_v, pos).float()
+    out = decode_attn_step(q, k, v, k_cache, v_cache, pos, inv_freq, backend=backend)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache, want_k, atol=1e-5, rtol=1e-5)
+    assert torch.equal(v_cache, want_v)
+
+
+def test_step_bad_arguments():
+    q, cache, pos = torch.zeros(2, 3, 4), torch.zeros(2, 5, 3, 4), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="k must be"):
+        decode_attn_step(q, torch.zeros(2, 3, 6), q, cache, cache, pos)
+    with pytest.raises(ValueError, match="even head dim"):
+        odd = torch.zeros(2, 3, 5)
+        decode_attn_step(odd, odd, odd, torch.zeros(2, 5, 3, 5), torch.zeros(2, 5, 3, 5), pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("L, H, D", [(128, 16, 112), (4096, 16, 64)])
+def test_step_kernel_at_real_sizes_in_bf16(L, H, D):
+    torch.manual_seed(0)
+    B = 256
+    qkv = torch.randn(B, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    caches = [torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    pos = torch.randint(0, 3 * L, (B,), device="cuda")
+    inv_freq = 10000.0 ** -(torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D)
+    ref_caches = [c.clone() for c in caches]
+    ref = decode_attn_step(q, k, v, *ref_caches, pos, inv_freq, backend="torch")
+    out = decode_attn_step(q, k, v, *caches, pos, inv_freq, backend="triton")
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    for c, r in zip(caches, ref_caches):
+        torch.testing.assert_close(c.float(), r.float(), atol=1e-2, rtol=1e-2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..rotary import apply_rotary
 from ..taylor.common import triton_available
 
 
@@ -77,4 +78,50 @@ def decode_attn(q, k_cache, v_cache, last, scale: float | None = None, backend: 
     return triton_decode_attn(q, k_cache, v_cache, last, scale)
 
 
-__all__ = ["decode_attn", "torch_decode_attn", "cached_positions"]
+def decode_attn_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A whole attention decode step: rotate the new token's q and k at `positions` (rotary, when
+    inv_freq is given), write k and v into ring row positions % L, then decode_attn.
+
+    Args:
+        q, k: [B, H, D] before rotary (D even); v: [B, H, Dv].
+        k_cache, v_cache: [B, L, H, D] and [B, L, H, Dv], updated in place.
+        positions: LongTensor [B], each sequence's position of the new token.
+        inv_freq: [D/2] fp32 rotary frequencies (RotaryEmbedding.inv_freq), or None for no rotary.
+        backend: "auto" (one Triton kernel on CUDA where decode_attn would take Triton), "triton", "torch".
+    Returns:
+        [B, H, Dv] in q's dtype.
+    """
+    _check(q, k_cache, v_cache, positions)
+    if k.shape != q.shape or v.shape[:2] != q.shape[:2] or v.shape[-1] != v_cache.shape[-1]:
+        raise ValueError(f"k must be [B, H, D] like q {tuple(q.shape)} and v [B, H, Dv], got {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"decode_attn_step needs an even head dim (rotate-half pairs), got {q.shape[-1]}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    B, L, H = k_cache.shape[:3]
+    if backend == "triton" or (backend == "auto" and triton_available(q) and _triton_wins(B, L, H)):
+        from .triton import triton_decode_attn_step
+
+        return triton_decode_attn_step(q, k, v, k_cache, v_cache, positions, inv_freq, scale)
+    if inv_freq is not None:
+        angles = positions.float().view(B, 1, 1) * inv_freq  # [B, 1, D/2]
+        cos, sin = angles.cos(), angles.sin()
+        q, k = apply_rotary(q.unsqueeze(1), cos, sin)[:, 0], apply_rotary(k.unsqueeze(1), cos, sin)[:, 0]
+    batch = torch.arange(B, device=q.device)
+    rows = torch.remainder(positions, L)
+    k_cache[batch, rows] = k.to(k_cache.dtype)
+    v_cache[batch, rows] = v.to(v_cache.dtype)
+    return decode_attn(q, k_cache, v_cache, positions, scale, backend="torch" if backend == "torch" else "auto")
+
+
+__all__ = ["decode_attn", "decode_attn_step", "torch_decode_attn", "cached_positions"]

@@ -75,3 +75,91 @@ def triton_decode_attn(
         H=H, D=D, DV=DV, BD=BD, BDV=BDV, BL=BL, num_warps=num_warps, **extra,
     )
     return o
+
+
+@triton.jit
+def _decode_attn_step_kernel(
+    q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, pos, o, scale, L,
+    s_kb, s_kl, s_vb, s_vl,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+    ROTARY: tl.constexpr,
+):
+    """decode_attn with the new token's work folded in: rotate q and k at their position (rotate-half
+    pairs (i, i + D/2), math in fp32 rounded to the input dtype as apply_rotary does), write k and v into
+    ring row pos % L, then the online softmax of _decode_attn_kernel over the written rows. Head dims are
+    handled as two halves so that the rotation needs no shuffle."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    HALF: tl.constexpr = D // 2
+    o_h, o_dv = tl.arange(0, BH), tl.arange(0, BDV)
+    m_h, m_dv = o_h < HALF, o_dv < DV
+    b_pos = tl.load(pos + i_b)
+    p_q, p_k = q + i_b * s_q + i_h * D, k + i_b * s_k + i_h * D
+    b_q1 = tl.load(p_q + o_h, mask=m_h, other=0.0)
+    b_q2 = tl.load(p_q + HALF + o_h, mask=m_h, other=0.0)
+    b_k1 = tl.load(p_k + o_h, mask=m_h, other=0.0)
+    b_k2 = tl.load(p_k + HALF + o_h, mask=m_h, other=0.0)
+    b_v = tl.load(v + i_b * s_v + i_h * DV + o_dv, mask=m_dv, other=0.0)
+    if ROTARY:
+        b_ang = b_pos.to(tl.float32) * tl.load(inv_freq + o_h, mask=m_h, other=0.0)
+        b_cos, b_sin = tl.cos(b_ang), tl.sin(b_ang)
+        q1, q2, k1, k2 = b_q1.to(tl.float32), b_q2.to(tl.float32), b_k1.to(tl.float32), b_k2.to(tl.float32)
+        b_q1 = (q1 * b_cos - q2 * b_sin).to(b_q1.dtype)
+        b_q2 = (q2 * b_cos + q1 * b_sin).to(b_q2.dtype)
+        b_k1 = (k1 * b_cos - k2 * b_sin).to(b_k1.dtype)
+        b_k2 = (k2 * b_cos + k1 * b_sin).to(b_k2.dtype)
+    row = b_pos % L
+    p_kc = k_cache + i_b * s_kb + i_h * D
+    p_vc = v_cache + i_b * s_vb + i_h * DV
+    tl.store(p_kc + row * s_kl + o_h, b_k1.to(k_cache.dtype.element_ty), mask=m_h)
+    tl.store(p_kc + row * s_kl + HALF + o_h, b_k2.to(k_cache.dtype.element_ty), mask=m_h)
+    tl.store(p_vc + row * s_vl + o_dv, b_v.to(v_cache.dtype.element_ty), mask=m_dv)
+    tl.debug_barrier()  # the row just written is read back below, possibly by other threads
+    b_q1 = b_q1.to(tl.float32) * scale
+    b_q2 = b_q2.to(tl.float32) * scale
+    n_rows = tl.minimum(b_pos + 1, L)  # rows >= pos + 1 are unwritten until the ring wraps
+    b_m = tl.full([], float("-inf"), tl.float32)
+    b_l = tl.zeros([], tl.float32)
+    b_acc = tl.zeros([BDV], tl.float32)
+    for r0 in range(0, n_rows, BL):
+        o_r = r0 + tl.arange(0, BL)
+        m_r = o_r < n_rows
+        m_k = m_r[:, None] & m_h[None, :]
+        b_k1 = tl.load(p_kc + o_r[:, None] * s_kl + o_h[None, :], mask=m_k, other=0.0)
+        b_k2 = tl.load(p_kc + o_r[:, None] * s_kl + HALF + o_h[None, :], mask=m_k, other=0.0)
+        b_s = tl.sum(b_k1.to(tl.float32) * b_q1[None, :], 1) + tl.sum(b_k2.to(tl.float32) * b_q2[None, :], 1)
+        b_s = tl.where(m_r, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
+        b_p = tl.exp(b_s - b_m_new)
+        alpha = tl.exp(b_m - b_m_new)
+        b_vt = tl.load(p_vc + o_r[:, None] * s_vl + o_dv[None, :], mask=m_r[:, None] & m_dv[None, :], other=0.0)
+        b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_vt.to(tl.float32), 0)
+        b_l = b_l * alpha + tl.sum(b_p, 0)
+        b_m = b_m_new
+    tl.store(o + i_bh * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
+
+
+@torch.compiler.disable
+def triton_decode_attn_step(
+    q, k, v, k_cache, v_cache, positions, inv_freq=None, scale: float | None = None,
+    block_l: int | None = None, num_warps: int | None = None,
+) -> torch.Tensor:
+    """Same contract as decode_attn_step. q, k [B, H, D] and v [B, H, Dv] may be strided views (e.g. of
+    one fused projection) whose last two dims are contiguous; the caches' [H, D] rows must be contiguous."""
+    B, H, D = q.shape
+    L, DV = k_cache.shape[1], v_cache.shape[-1]
+    if k_cache.stride()[2:] != (D, 1) or v_cache.stride()[2:] != (DV, 1):
+        raise ValueError("decode_attn_step: each cache row [H, D] must be contiguous (allocate_inference_cache layout)")
+    q, k, v = (t if t.stride()[1:] == (t.shape[-1], 1) else t.contiguous() for t in (q, k, v))
+    o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
+    BH, BDV = triton.next_power_of_2(D // 2), triton.next_power_of_2(DV)
+    many = B * H >= 2048  # as in triton_decode_attn
+    BL = block_l or (16 if many else max(16, min(64, 8192 // max(2 * BH, BDV))))
+    rotary = inv_freq is not None
+    _decode_attn_step_kernel[(B * H,)](
+        q, k, v, q.stride(0), k.stride(0), v.stride(0), inv_freq.contiguous() if rotary else q, k_cache, v_cache,
+        positions.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        H=H, D=D, DV=DV, BH=BH, BDV=BDV, BL=BL, ROTARY=rotary, num_warps=num_warps or (1 if many else 4),
+    )
+    return o
