@@ -23,6 +23,7 @@ def main():
     p.add_argument("--warps", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--heads", type=int, default=H)
     p.add_argument("--dv", type=int, default=DV, help="value head dim (the 1.3b preset has 112)")
+    p.add_argument("--cache-hints", type=int, nargs="*", default=[0], help="1: evict-first loads, streaming stores")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     H_, DV_ = a.heads, a.dv
@@ -39,12 +40,14 @@ def main():
         best = None
         for bf in a.block_f:
             for w in a.warps:
-                ms = _bench(lambda: triton_taylor_linear_attn_step(q, k, v, kv, ks, block_f=bf, num_warps=w))
-                row = {"batch": batch, "block_f": bf, "num_warps": w, "step_ms": ms, "GBps": nbytes / ms / 1e6,
-                       "of_copy": nbytes / ms / 1e6 / copy}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                best = row if best is None or ms < best["step_ms"] else best
+                for hints in a.cache_hints:
+                    ms = _bench(lambda: triton_taylor_linear_attn_step(
+                        q, k, v, kv, ks, block_f=bf, num_warps=w, cache_hints=bool(hints)))
+                    row = {"batch": batch, "block_f": bf, "num_warps": w, "cache_hints": bool(hints), "step_ms": ms,
+                           "GBps": nbytes / ms / 1e6, "of_copy": nbytes / ms / 1e6 / copy}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    best = row if best is None or ms < best["step_ms"] else best
         default_ms = _bench(lambda: triton_taylor_linear_attn_step(q, k, v, kv, ks))
         del kv, ks
         torch.cuda.empty_cache()

@@ -125,9 +125,9 @@ def _decode_attn_step_kernel(
         o_r = r0 + tl.arange(0, BL)
         m_r = o_r < n_rows
         m_k = m_r[:, None] & m_h[None, :]
-        b_k1 = tl.load(p_kc + o_r[:, None] * s_kl + o_h[None, :], mask=m_k, other=0.0)
-        b_k2 = tl.load(p_kc + o_r[:, None] * s_kl + HALF + o_h[None, :], mask=m_k, other=0.0)
-        b_s = tl.sum(b_k1.to(tl.float32) * b_q1[None, :], 1) + tl.sum(b_k2.to(tl.float32) * b_q2[None, :], 1)
+        b_kt1 = tl.load(p_kc + o_r[:, None] * s_kl + o_h[None, :], mask=m_k, other=0.0)
+        b_kt2 = tl.load(p_kc + o_r[:, None] * s_kl + HALF + o_h[None, :], mask=m_k, other=0.0)
+        b_s = tl.sum(b_kt1.to(tl.float32) * b_q1[None, :], 1) + tl.sum(b_kt2.to(tl.float32) * b_q2[None, :], 1)
         b_s = tl.where(m_r, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
         b_p = tl.exp(b_s - b_m_new)

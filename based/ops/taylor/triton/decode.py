@@ -17,6 +17,7 @@ from .layout import feature_tables
 def _taylor_step_kernel(
     q, k, v, kv, ks, o, fa, fb, fc, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     i_bh = tl.program_id(0).to(tl.int64)
     o_v = tl.arange(0, BV)
@@ -40,8 +41,12 @@ def _taylor_step_kernel(
             * tl.load(p_k + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)
         p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
         m_s = m_f[:, None] & m_v[None, :]
-        b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]  # [BF, BV]
-        tl.store(p_s, b_s, mask=m_s)
+        if EVICT:  # the state is streamed: nothing of it is read again this step
+            b_s = tl.load(p_s, mask=m_s, other=0.0, eviction_policy="evict_first") + b_fk[:, None] * b_v[None, :]
+            tl.store(p_s, b_s, mask=m_s, cache_modifier=".cs")
+        else:
+            b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]  # [BF, BV]
+            tl.store(p_s, b_s, mask=m_s)
         b_num += tl.sum(b_fq[:, None] * b_s, 0)
         b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0) + b_fk
         tl.store(p_ks + o_f, b_z, mask=m_f)
@@ -51,7 +56,8 @@ def _taylor_step_kernel(
 
 
 def triton_taylor_linear_attn_step(
-    q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None
+    q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None,
+    cache_hints=False,
 ):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
@@ -76,6 +82,7 @@ def triton_taylor_linear_attn_step(
     BF = block_f or max(1, min(64, 8192 // BV))
     num_warps = num_warps or (2 if B * H >= 1024 else 4)
     _taylor_step_kernel[(B * H,)](
-        q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, num_warps=num_warps,
+        q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, EVICT=cache_hints,
+        num_warps=num_warps,
     )
     return o
