@@ -134,9 +134,7 @@ class Decoder:
     ):
         self.model = model
         self.sampling = sampling or SamplingParams()
-        # Compiled greedy decoding takes the argmax inside the head's graph (the step returns tokens).
-        self._step_gives_tokens = compile and self.sampling.greedy
-        self._model_step = compiled_step(model, greedy=self._step_gives_tokens) if compile else model.step
+        self._model_step = compiled_step(model) if compile else model.step
         self.state = InferenceState.allocate(model, batch_size, dtype, model.device, max_seq_len)
         device = self.state.device
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -188,9 +186,9 @@ class Decoder:
         return self.tokens
 
     def _step(self) -> None:
-        out = self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset)
+        logits = self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset)
         self.state.seqlen_offset.add_(1)
-        next_tokens = out if self._step_gives_tokens else sample(out, self.sampling)
+        next_tokens = sample(logits, self.sampling)
         if self.eos is not None:
             next_tokens = torch.where(self.finished, self.pad_token_id, next_tokens)
             self.finished |= torch.isin(next_tokens, self.eos)
@@ -214,13 +212,9 @@ class Decoder:
         self.finished.zero_()
 
 
-def compiled_step(model, greedy: bool = False):
+def compiled_step(model):
     """model.step with each block compiled by torch.compile (its norms, residuals, SwiGLU, rotary and
     conv shifts fused into a few kernels; the matmuls stay cuBLAS), for ~40 eager kernels a block.
-    With greedy=True it returns the argmax tokens [B] instead of the logits: the argmax then runs in the
-    head's graph, one read of the logits (as one Triton reduction over the lm_head's padded output, where
-    argmax of the sliced [B, vocab] view outside took a strided copy and a slow reduction: 1.2 ms of a
-    93 ms step at batch 8,916).
 
     Blocks of one mixer type share one compiled graph (modules are graph inputs), so compile time does
     not grow with depth. The linear-attention step stays outside the compiler: it is already one fused
@@ -259,8 +253,7 @@ def compiled_step(model, greedy: bool = False):
 
     @torch.compile
     def head(x, delta):
-        logits = model._logits(model.transformer.ln_f(x if delta is None else x + delta))
-        return logits.argmax(-1) if greedy else logits
+        return model._logits(model.transformer.ln_f(x if delta is None else x + delta))
 
     def step(input_ids, state, seqlen_offset):
         # BasedForCausalLM.step over the compiled blocks.

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.argmax import argmax_rows
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,7 +50,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         ids [B] (long)
     """
     if params.greedy:
-        return logits.argmax(-1)
+        return argmax_rows(logits)  # a Triton pass over the logits at large batch on CUDA
     logits = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
