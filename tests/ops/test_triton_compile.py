@@ -21,7 +21,7 @@ KERNELS = {
         "based.ops.decode_attn.triton", "_decode_attn_step_kernel",
         dict(q=BF16, k=BF16, v=BF16, s_q="i64", s_k="i64", s_v="i64", inv_freq=F32, k_cache=BF16, v_cache=BF16,
              pos=I64, o=BF16, **ATTN),
-        dict(H=16, D=112, DV=112, BD=128, BDV=128, BL=16, ROTARY=True), 1),
+        dict(H=16, D=112, DV=112, BH=64, BDV=128, BL=16, ROTARY=True), 1),
     "attention": (
         "based.ops.decode_attn.triton", "_decode_attn_kernel",
         dict(q=BF16, k=BF16, v=BF16, last=I64, o=BF16, **ATTN),

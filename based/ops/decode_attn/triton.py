@@ -81,52 +81,53 @@ def triton_decode_attn(
 def _decode_attn_step_kernel(
     q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, pos, o, scale, L,
     s_kb, s_kl, s_vb, s_vl,
-    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
     ROTARY: tl.constexpr,
 ):
     """decode_attn with the new token's work folded in: rotate q and k at their position (rotate-half
     pairs (i, i + D/2), math in fp32 rounded to the input dtype as apply_rotary does), write k and v into
-    ring row pos % L, and attend. The new token seeds the online softmax from registers and its ring row
-    is skipped in the walk over the others, so nothing written here is read back (no barrier), and the
-    walk is _decode_attn_kernel's over full-width rows."""
+    ring row pos % L, then the online softmax of _decode_attn_kernel over the written rows. Head dims are
+    handled as two halves so that the rotation needs no shuffle."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     HALF: tl.constexpr = D // 2
-    o_d, o_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    m_d, m_dv = o_d < D, o_dv < DV
+    o_h, o_dv = tl.arange(0, BH), tl.arange(0, BDV)
+    m_h, m_dv = o_h < HALF, o_dv < DV
     b_pos = tl.load(pos + i_b)
     p_q, p_k = q + i_b * s_q + i_h * D, k + i_b * s_k + i_h * D
-    b_q = tl.load(p_q + o_d, mask=m_d, other=0.0)
-    b_k = tl.load(p_k + o_d, mask=m_d, other=0.0)
-    b_v = tl.load(v + i_b * s_v + i_h * DV + o_dv, mask=m_dv, other=0.0).to(v_cache.dtype.element_ty)
+    b_q1 = tl.load(p_q + o_h, mask=m_h, other=0.0)
+    b_q2 = tl.load(p_q + HALF + o_h, mask=m_h, other=0.0)
+    b_k1 = tl.load(p_k + o_h, mask=m_h, other=0.0)
+    b_k2 = tl.load(p_k + HALF + o_h, mask=m_h, other=0.0)
+    b_v = tl.load(v + i_b * s_v + i_h * DV + o_dv, mask=m_dv, other=0.0)
     if ROTARY:
-        # x'[i] = x[i] cos - x[i + D/2] sin and x'[i + D/2] = x[i + D/2] cos + x[i] sin, as full vectors:
-        # each lane also loads its partner element (once per program) instead of shuffling halves.
-        first = o_d < HALF
-        o_pair = tl.where(first, o_d + HALF, o_d - HALF)
-        o_freq = tl.where(first, o_d, o_d - HALF)
-        b_ang = b_pos.to(tl.float32) * tl.load(inv_freq + o_freq, mask=m_d, other=0.0)
-        b_cos, b_sin = tl.cos(b_ang), tl.where(first, -tl.sin(b_ang), tl.sin(b_ang))
-        q_pair = tl.load(p_q + o_pair, mask=m_d, other=0.0).to(tl.float32)
-        k_pair = tl.load(p_k + o_pair, mask=m_d, other=0.0).to(tl.float32)
-        b_q = (b_q.to(tl.float32) * b_cos + q_pair * b_sin).to(b_q.dtype)
-        b_k = (b_k.to(tl.float32) * b_cos + k_pair * b_sin).to(b_k.dtype)
-    b_k = b_k.to(k_cache.dtype.element_ty)  # attended as stored
+        b_ang = b_pos.to(tl.float32) * tl.load(inv_freq + o_h, mask=m_h, other=0.0)
+        b_cos, b_sin = tl.cos(b_ang), tl.sin(b_ang)
+        q1, q2, k1, k2 = b_q1.to(tl.float32), b_q2.to(tl.float32), b_k1.to(tl.float32), b_k2.to(tl.float32)
+        b_q1 = (q1 * b_cos - q2 * b_sin).to(b_q1.dtype)
+        b_q2 = (q2 * b_cos + q1 * b_sin).to(b_q2.dtype)
+        b_k1 = (k1 * b_cos - k2 * b_sin).to(b_k1.dtype)
+        b_k2 = (k2 * b_cos + k1 * b_sin).to(b_k2.dtype)
     row = b_pos % L
     p_kc = k_cache + i_b * s_kb + i_h * D
     p_vc = v_cache + i_b * s_vb + i_h * DV
-    tl.store(p_kc + row * s_kl + o_d, b_k, mask=m_d)
-    tl.store(p_vc + row * s_vl + o_dv, b_v, mask=m_dv)
-    b_q = b_q.to(tl.float32) * scale
-    b_m = tl.sum(b_k.to(tl.float32) * b_q, 0)  # the new token's score: the softmax starts from it
-    b_l = tl.full([], 1.0, tl.float32)
-    b_acc = b_v.to(tl.float32)
+    tl.store(p_kc + row * s_kl + o_h, b_k1.to(k_cache.dtype.element_ty), mask=m_h)
+    tl.store(p_kc + row * s_kl + HALF + o_h, b_k2.to(k_cache.dtype.element_ty), mask=m_h)
+    tl.store(p_vc + row * s_vl + o_dv, b_v.to(v_cache.dtype.element_ty), mask=m_dv)
+    tl.debug_barrier()  # the row just written is read back below, possibly by other threads
+    b_q1 = b_q1.to(tl.float32) * scale
+    b_q2 = b_q2.to(tl.float32) * scale
     n_rows = tl.minimum(b_pos + 1, L)  # rows >= pos + 1 are unwritten until the ring wraps
+    b_m = tl.full([], float("-inf"), tl.float32)
+    b_l = tl.zeros([], tl.float32)
+    b_acc = tl.zeros([BDV], tl.float32)
     for r0 in range(0, n_rows, BL):
         o_r = r0 + tl.arange(0, BL)
-        m_r = (o_r < n_rows) & (o_r != row)
-        b_kt = tl.load(p_kc + o_r[:, None] * s_kl + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
-        b_s = tl.sum(b_kt.to(tl.float32) * b_q[None, :], 1)
+        m_r = o_r < n_rows
+        m_k = m_r[:, None] & m_h[None, :]
+        b_kt1 = tl.load(p_kc + o_r[:, None] * s_kl + o_h[None, :], mask=m_k, other=0.0)
+        b_kt2 = tl.load(p_kc + o_r[:, None] * s_kl + HALF + o_h[None, :], mask=m_k, other=0.0)
+        b_s = tl.sum(b_kt1.to(tl.float32) * b_q1[None, :], 1) + tl.sum(b_kt2.to(tl.float32) * b_q2[None, :], 1)
         b_s = tl.where(m_r, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
         b_p = tl.exp(b_s - b_m_new)
@@ -151,14 +152,14 @@ def triton_decode_attn_step(
         raise ValueError("decode_attn_step: each cache row [H, D] must be contiguous (allocate_inference_cache layout)")
     q, k, v = (t if t.stride()[1:] == (t.shape[-1], 1) else t.contiguous() for t in (q, k, v))
     o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
-    BD, BDV = triton.next_power_of_2(D), triton.next_power_of_2(DV)
+    BH, BDV = triton.next_power_of_2(D // 2), triton.next_power_of_2(DV)
     many = B * H >= 2048  # as in triton_decode_attn
-    BL = block_l or (16 if many else max(16, min(64, 8192 // max(BD, BDV))))
+    BL = block_l or (16 if many else max(16, min(64, 8192 // max(2 * BH, BDV))))
     rotary = inv_freq is not None
     _decode_attn_step_kernel[(B * H,)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), inv_freq.contiguous() if rotary else q, k_cache, v_cache,
         positions.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        H=H, D=D, DV=DV, BD=BD, BDV=BDV, BL=BL, ROTARY=rotary, num_warps=num_warps or (1 if many else 4),
+        H=H, D=D, DV=DV, BH=BH, BDV=BDV, BL=BL, ROTARY=rotary, num_warps=num_warps or (1 if many else 4),
     )
     return o
