@@ -1,5 +1,7 @@
 """Token-mixing operators, layout [B, T, H, D]. Pure PyTorch everywhere; fused Triton kernels on GPU."""
+from .argmax import argmax_rows
 from .conv import conv_state_zeros, naive_short_conv, short_conv, short_conv_step
+from .decode_attn import decode_attn, decode_attn_step
 from .sliding_window import naive_sliding_window_attn, sliding_window_attn
 from .taylor import (
     FEATURE_MAPS,
@@ -20,4 +22,5 @@ __all__ = [
     "recurrent_taylor_linear_attn", "zero_state",
     "sliding_window_attn", "naive_sliding_window_attn",
     "short_conv", "short_conv_step", "naive_short_conv", "conv_state_zeros",
+    "decode_attn", "decode_attn_step", "argmax_rows",
 ]
