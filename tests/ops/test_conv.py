@@ -82,8 +82,8 @@ def test_step_matches_full_conv_in_either_layout(layout, activation, gated):
         y = y * g
     state = _conv_states(B, C, K)[layout]
     steps = torch.stack(
-        [short_conv_step(x[:, t], state, w, b, activation=activation, gate=g[:, t] if gated else None) for t in range(T)],
-        1,
+        [short_conv_step(x[:, t], state, w, b, activation=activation, gate=g[:, t] if gated else None)
+         for t in range(T)], 1,
     )
     torch.testing.assert_close(steps, y)
     torch.testing.assert_close(state, final)

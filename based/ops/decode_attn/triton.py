@@ -12,6 +12,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc):
+    """Fold a block of scores b_s [BL] (rows m_r are real) into the running max b_m, normaliser b_l and
+    output b_acc [BDV]; the block's values are loaded here from p_vt [BL, BDV], once the weights are known."""
+    b_s = tl.where(m_r, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
+    b_p = tl.exp(b_s - b_m_new)
+    alpha = tl.exp(b_m - b_m_new)
+    b_vt = tl.load(p_vt, mask=m_r[:, None] & m_dv[None, :], other=0.0)
+    b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_vt.to(tl.float32), 0)
+    b_l = b_l * alpha + tl.sum(b_p, 0)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
 def _decode_attn_kernel(
     q, k, v, last, o, scale, L,
     s_kb, s_kl, s_vb, s_vl,
@@ -36,14 +50,8 @@ def _decode_attn_kernel(
         m_r = o_r < n_rows
         b_k = tl.load(p_k + o_r[:, None] * s_kl + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
         b_s = tl.sum(b_k.to(tl.float32) * b_q[None, :], 1)  # [BL]
-        b_s = tl.where(m_r, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
-        b_p = tl.exp(b_s - b_m_new)
-        alpha = tl.exp(b_m - b_m_new)
-        b_v = tl.load(p_v + o_r[:, None] * s_vl + o_dv[None, :], mask=m_r[:, None] & m_dv[None, :], other=0.0)
-        b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_v.to(tl.float32), 0)
-        b_l = b_l * alpha + tl.sum(b_p, 0)
-        b_m = b_m_new
+        p_vt = p_v + o_r[:, None] * s_vl + o_dv[None, :]
+        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc)
     tl.store(o + (i_b * H + i_h) * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
 
 
@@ -128,14 +136,8 @@ def _decode_attn_step_kernel(
         b_kt1 = tl.load(p_kc + o_r[:, None] * s_kl + o_h[None, :], mask=m_k, other=0.0)
         b_kt2 = tl.load(p_kc + o_r[:, None] * s_kl + HALF + o_h[None, :], mask=m_k, other=0.0)
         b_s = tl.sum(b_kt1.to(tl.float32) * b_q1[None, :], 1) + tl.sum(b_kt2.to(tl.float32) * b_q2[None, :], 1)
-        b_s = tl.where(m_r, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
-        b_p = tl.exp(b_s - b_m_new)
-        alpha = tl.exp(b_m - b_m_new)
-        b_vt = tl.load(p_vc + o_r[:, None] * s_vl + o_dv[None, :], mask=m_r[:, None] & m_dv[None, :], other=0.0)
-        b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_vt.to(tl.float32), 0)
-        b_l = b_l * alpha + tl.sum(b_p, 0)
-        b_m = b_m_new
+        p_vt = p_vc + o_r[:, None] * s_vl + o_dv[None, :]
+        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc)
     tl.store(o + i_bh * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
 
 
