@@ -60,7 +60,8 @@ def main():
             row["launched_by"][launchers(e)] += 1
     table = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])
     total = sum(r["ms"] for _, r in table)
-    print(f"{a.preset} batch {a.batch} compile={a.compile}: {len(table)} kernel names, {total:.3f} ms of kernels per step")
+    print(f"{a.preset} batch {a.batch} compile={a.compile}: {len(table)} kernel names, "
+          f"{total:.3f} ms of kernels per step")
     for name, r in table[: a.top]:
         top_launcher = max(r["launched_by"].items(), key=lambda kv: kv[1])[0]
         print(f"{r['ms']:9.3f} ms {r['count']:6.0f}x  {name[:70]:70s}  {top_launcher[:160]}")

@@ -51,7 +51,8 @@ def main():
         default_ms = _bench(lambda: triton_taylor_linear_attn_step(q, k, v, kv, ks))
         del kv, ks
         torch.cuda.empty_cache()
-        summary[batch] = {"best": best, "default_step_ms": default_ms, "default_of_copy": nbytes / default_ms / 1e6 / copy}
+        summary[batch] = {"best": best, "default_step_ms": default_ms,
+                          "default_of_copy": nbytes / default_ms / 1e6 / copy}
     result = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
         "git_revision": _git_rev(),

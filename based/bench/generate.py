@@ -437,7 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=PROMPT)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode positions each point has room for")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (fp32, wall clock: checks the wiring only)")
-    p.add_argument("--profile-top", type=int, default=8, help="kernels listed in each profiled row (batch 1 and the largest)")
+    p.add_argument("--profile-top", type=int, default=8,
+                   help="kernels listed in each profiled row (batch 1 and the largest)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block's step (based.generation.engine.compiled_step); the engines' "
                         "results are recorded as based_compiled / transformer_compiled / <preset>_compiled")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.decode_attn import cached_positions, decode_attn_step
+from ..ops.decode_attn import cached_positions, decode_attn_step, ring_write
 from .rotary import RotaryEmbedding
 from .state import Offset, State, check_fits, state_nbytes, token_positions
 
@@ -105,7 +105,7 @@ class Attention(nn.Module):
             positions = token_positions(seqlen_offset, B, T, x.device)
             fresh = not isinstance(seqlen_offset, torch.Tensor) and seqlen_offset == 0
             o = self._attend(q, k, v) if fresh else self._attend_cached(q, k, v, state, positions)
-            self._write(state, k, v, positions)
+            ring_write(*state, k, v, positions)
         return self.out_proj(o.reshape(B, T, self.d_model))
 
     def step(self, x: torch.Tensor, state: State, seqlen_offset: Offset) -> torch.Tensor:
@@ -135,16 +135,6 @@ class Attention(nn.Module):
     def _check_fits(self, state: State, seqlen_offset: Offset, T: int) -> None:
         if self.window_size is None:  # a window's ring cache holds any position
             check_fits(state[0].shape[1], seqlen_offset, T, "the KV cache")
-
-    def _write(self, state: State, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        k_cache, v_cache = state
-        L = k_cache.shape[1]
-        # Only the last L tokens survive; writing more would put two tokens in one row in no set order.
-        k, v, positions = k[:, -L:], v[:, -L:], positions[:, -L:]
-        batch = torch.arange(k.shape[0], device=k.device).unsqueeze(-1)
-        rows = torch.remainder(positions, L)
-        k_cache[batch, rows] = k.to(k_cache.dtype)
-        v_cache[batch, rows] = v.to(v_cache.dtype)
 
     def _attend_cached(self, q, k, v, state: State, positions: torch.Tensor) -> torch.Tensor:
         """Queries at `positions` [B, T] over the cached earlier tokens plus the new ones."""

@@ -114,7 +114,8 @@ class Mamba(nn.Module):
         """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model]."""
         Bsz = x.shape[0]
         xs, z = self.in_proj(x.reshape(Bsz, self.d_model)).split(self.d_inner, dim=-1)
-        xs = short_conv_step(xs, state[0], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu").to(z.dtype)
+        xs = short_conv_step(xs, state[0], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        xs = xs.to(z.dtype)
         delta, B, C = self._ssm_inputs(xs)
         y = selective_scan_step(xs, delta, -torch.exp(self.A_log.float()), B, C, self.D, state[1])
         return self.out_proj(y * F.silu(z)).view_as(x)

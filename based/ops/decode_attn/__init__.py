@@ -78,6 +78,21 @@ def decode_attn(q, k_cache, v_cache, last, scale: float | None = None, backend: 
     return triton_decode_attn(q, k_cache, v_cache, last, scale)
 
 
+def ring_write(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """Write keys and values [B, T, H, D] at positions [B, T] into ring rows position % L, in place.
+
+    Only the last L tokens are written: more would put two tokens in one row in no set order.
+    """
+    L = k_cache.shape[1]
+    k, v, positions = k[:, -L:], v[:, -L:], positions[:, -L:]
+    batch = torch.arange(k.shape[0], device=k.device).unsqueeze(-1)
+    rows = torch.remainder(positions, L)
+    k_cache[batch, rows] = k.to(k_cache.dtype)
+    v_cache[batch, rows] = v.to(v_cache.dtype)
+
+
 def decode_attn_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,7 +118,9 @@ def decode_attn_step(
     """
     _check(q, k_cache, v_cache, positions)
     if k.shape != q.shape or v.shape[:2] != q.shape[:2] or v.shape[-1] != v_cache.shape[-1]:
-        raise ValueError(f"k must be [B, H, D] like q {tuple(q.shape)} and v [B, H, Dv], got {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"k must be [B, H, D] like q {tuple(q.shape)} and v [B, H, Dv], got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[-1] % 2:
         raise ValueError(f"decode_attn_step needs an even head dim (rotate-half pairs), got {q.shape[-1]}")
     if backend not in ("auto", "triton", "torch"):
@@ -117,11 +134,8 @@ def decode_attn_step(
         angles = positions.float().view(B, 1, 1) * inv_freq  # [B, 1, D/2]
         cos, sin = angles.cos(), angles.sin()
         q, k = apply_rotary(q.unsqueeze(1), cos, sin)[:, 0], apply_rotary(k.unsqueeze(1), cos, sin)[:, 0]
-    batch = torch.arange(B, device=q.device)
-    rows = torch.remainder(positions, L)
-    k_cache[batch, rows] = k.to(k_cache.dtype)
-    v_cache[batch, rows] = v.to(v_cache.dtype)
+    ring_write(k_cache, v_cache, k.unsqueeze(1), v.unsqueeze(1), positions.unsqueeze(1))
     return decode_attn(q, k_cache, v_cache, positions, scale, backend="torch" if backend == "torch" else "auto")
 
 
-__all__ = ["decode_attn", "decode_attn_step", "torch_decode_attn", "cached_positions"]
+__all__ = ["decode_attn", "decode_attn_step", "ring_write", "torch_decode_attn", "cached_positions"]
