@@ -1,4 +1,5 @@
-"""Argument checks shared by the linear-attention ops (taylor, decay, rwkv), layout [B, T, H, D]."""
+"""Argument checks shared by the ops: the linear-attention layout [B, T, H, D] (taylor, decay, rwkv) and the
+backend switch of the ops with a Triton kernel."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,9 @@ def check_layout(
 def check_chunk_size(chunk_size: int) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def check_backend(backend: str) -> None:
+    """An op's backend: "auto" (its Triton kernel where that applies, else PyTorch), "triton" or "torch"."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")

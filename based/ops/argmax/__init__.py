@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import check_backend
 from ..taylor.common import triton_available
 
 TRITON_MIN_ROWS = 256  # one program per row: fewer rows leave the GPU idle, where torch.argmax splits rows
@@ -21,8 +22,7 @@ def argmax_rows(logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     if backend == "triton" or (backend == "auto" and logits.shape[0] >= TRITON_MIN_ROWS and triton_available(logits)):
         from .triton import triton_argmax_rows
 

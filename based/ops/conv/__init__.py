@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import check_backend
 from ..taylor.common import triton_available as _triton_available
 
 
@@ -99,8 +100,7 @@ def short_conv_step(
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     taps = conv_state.transpose(1, 2)  # [B, K, C]: contiguous rows when stored tap-major
     fits = taps.is_contiguous() and x.stride(-1) == 1 and (gate is None or gate.stride(-1) == 1)
     if backend == "triton" and not fits:

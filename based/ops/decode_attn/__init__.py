@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import check_backend
 from ..rotary import apply_rotary
 from ..taylor.common import triton_available
 
@@ -68,8 +69,7 @@ def decode_attn(q, k_cache, v_cache, last, scale: float | None = None, backend: 
         [B, H, Dv] in q's dtype.
     """
     _check(q, k_cache, v_cache, last)
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     use_triton = backend == "triton" or (backend == "auto" and triton_available(q) and _triton_wins(*k_cache.shape[:3]))
     if not use_triton:
         return torch_decode_attn(q, k_cache, v_cache, last, scale)
@@ -123,8 +123,7 @@ def decode_attn_step(
         )
     if q.shape[-1] % 2:
         raise ValueError(f"decode_attn_step needs an even head dim (rotate-half pairs), got {q.shape[-1]}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     B, L, H = k_cache.shape[:3]
     if backend == "triton" or (backend == "auto" and triton_available(q) and _triton_wins(B, L, H)):
         from .triton import triton_decode_attn_step
