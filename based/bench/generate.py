@@ -197,6 +197,9 @@ def smoke(presets=("debug", "transformer-debug"), device="cuda") -> dict:
 
 
 @torch.no_grad()
+FUSED = {"auto": None, "on": True, "off": False}  # --fused -> Decoder(fused=)
+
+
 def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_largest: bool = False) -> dict:
     """One preset through based.generation.Decoder at each batch size; first_largest times batch 1, then
     the largest batch, then the others (rows still sorted by batch), so a short time share keeps both ends."""
@@ -248,7 +251,7 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        decoder = Decoder(model, B, max_seq_len=max_seq_len, compile=args.compile)
+        decoder = Decoder(model, B, max_seq_len=max_seq_len, compile=args.compile, fused=FUSED[args.fused])
         n0 = min(B, prompt.shape[0])
         synchronize(device)
         t1 = time.perf_counter()
@@ -277,7 +280,7 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         step_ms = elapsed_ms(device, timed_steps) / steps
         step_bytes = wbytes + B * (state_traffic_bytes(model, prompt_len + start + steps // 2, dtype) if grows else traffic)
         row = {
-            "batch": B, "steps_timed": steps, "first_timed_position": prompt_len + start,
+            "batch": B, "step": decoder.step_kind, "steps_timed": steps, "first_timed_position": prompt_len + start,
             "step_ms": step_ms, "tokens_per_s": B / step_ms * 1e3,
             "latency_per_token_ms": step_ms, "prefill_sequences": n0, "prefill_s": prefill_s,
             "setup_s": t1 - t0, "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -303,8 +306,14 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         from based.generation import generate
 
         ids = prompt[:2, :64]
-        eager, fused = generate(model, ids, 32), generate(model, ids, 32, compile=True)
-        result["compiled_vs_eager_greedy_token_agreement"] = float((eager == fused).float().mean())
+        eager, compiled = generate(model, ids, 32, fused=False), generate(model, ids, 32, compile=True, fused=False)
+        result["compiled_vs_eager_greedy_token_agreement"] = float((eager == compiled).float().mean())
+    if cuda and args.fused != "off" and clock.left() > args.reserve_s:
+        from based.generation import generate
+
+        ids = prompt[:2, :64]
+        eager, fused = generate(model, ids, 32, fused=False), generate(model, ids, 32, fused=True)
+        result["fused_vs_eager_greedy_token_agreement"] = float((eager == fused).float().mean())
     del model
     gc.collect()
     if cuda:
@@ -442,6 +451,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block's step (based.generation.engine.compiled_step); the engines' "
                         "results are recorded as based_compiled / transformer_compiled / <preset>_compiled")
+    p.add_argument("--fused", choices=list(FUSED), default="auto",
+                   help="the small-batch step of based.generation.fused: auto (on CUDA up to FUSED_MAX_BATCH "
+                        "slots), on (every batch up to its MAX_ROWS) or off; each row records its step")
     args = p.parse_args(argv)
     unknown = [name for name in args.presets if name not in PRESETS]
     if unknown:

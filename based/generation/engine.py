@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .fused import FUSED_MAX_BATCH, MAX_ROWS, fused_step
 from .sampling import SamplingParams, sample
 from .state import InferenceState, check_lengths, full_attention_limit
 
@@ -118,6 +119,9 @@ class Decoder:
         cuda_graph: capture the step in a CUDA graph (default: when the model is on CUDA).
         compile: fuse each block's step with torch.compile (see `compiled_step`); the first steps of each
             new batch size then compile (tens of seconds).
+        fused: use the small-batch step of based.generation.fused (every projection one Triton kernel with
+            its norm, residual, SwiGLU or short conv); default on CUDA up to FUSED_MAX_BATCH slots, where it
+            is faster than `compile`, which it then replaces.
     """
 
     def __init__(
@@ -131,10 +135,16 @@ class Decoder:
         dtype: torch.dtype | None = None,
         cuda_graph: bool | None = None,
         compile: bool = False,
+        fused: bool | None = None,
     ):
         self.model = model
         self.sampling = sampling or SamplingParams()
-        self._model_step = compiled_step(model) if compile else model.step
+        if fused is None:
+            fused = model.device.type == "cuda" and batch_size <= FUSED_MAX_BATCH
+        if fused and batch_size > MAX_ROWS:
+            raise ValueError(f"the fused step serves at most {MAX_ROWS} slots, got batch_size={batch_size}")
+        self.step_kind = "fused" if fused else "compiled" if compile else "eager"
+        self._model_step = fused_step(model) if fused else compiled_step(model) if compile else model.step
         self.state = InferenceState.allocate(model, batch_size, dtype, model.device, max_seq_len)
         device = self.state.device
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -278,6 +288,7 @@ def stream(
     pad_token_id: int | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    fused: bool | None = None,
     chunk: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Generate after prompts, yielding the new tokens as blocks [B, <= chunk] on the model's device.
@@ -289,7 +300,7 @@ def stream(
     Args:
         input_ids: [B, T] prompts, left-padded if attention_mask is given.
         max_new_tokens: tokens to generate per row (>= 0).
-        sampling, eos_token_id, pad_token_id, cuda_graph, compile: as for Decoder.
+        sampling, eos_token_id, pad_token_id, cuda_graph, compile, fused: as for Decoder.
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
@@ -302,6 +313,7 @@ def stream(
     decoder = Decoder(
         model, B, max_seq_len=T + max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, cuda_graph=cuda_graph, compile=compile,
+        fused=fused,
     )
     block = torch.empty(B, chunk, dtype=torch.long, device=decoder.state.device)
     block[:, 0] = decoder.add(input_ids, attention_mask)

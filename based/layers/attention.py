@@ -119,12 +119,19 @@ class Attention(nn.Module):
             same shape as x.
         """
         B = x.shape[0]
+        o = self.step_attend(self.Wqkv(x.reshape(B, self.d_model)), state, seqlen_offset)
+        return self.out_proj(o).view_as(x)
+
+    def step_attend(self, qkv: torch.Tensor, state: State, seqlen_offset: Offset) -> torch.Tensor:
+        """The step between the projections: Wqkv's output [B, 3 * d_model] -> attention output [B, d_model]
+        (what out_proj takes); rotary, the cache write and the attention in one op (one Triton kernel on
+        CUDA)."""
+        B = qkv.shape[0]
         self._check_fits(state, seqlen_offset, 1)
-        pos = token_positions(seqlen_offset, B, 1, x.device)[:, 0]
-        q, k, v = self.Wqkv(x.reshape(B, self.d_model)).view(B, 3, self.num_heads, self.head_dim).unbind(1)
-        # Rotary, the cache write and the attention in one op (one Triton kernel on CUDA).
-        o = decode_attn_step(q, k, v, state[0], state[1], pos, self.rotary.cached_inv_freq(x.device))
-        return self.out_proj(o.reshape(B, self.d_model)).view_as(x)
+        pos = token_positions(seqlen_offset, B, 1, qkv.device)[:, 0]
+        q, k, v = qkv.view(B, 3, self.num_heads, self.head_dim).unbind(1)
+        o = decode_attn_step(q, k, v, state[0], state[1], pos, self.rotary.cached_inv_freq(qkv.device))
+        return o.reshape(B, self.d_model)
 
     def _qkv(self, x: torch.Tensor, seqlen_offset: Offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape

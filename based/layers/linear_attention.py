@@ -106,6 +106,14 @@ class LinearAttention(nn.Module):
         """Decode one token per sequence; updates `state` in place. The position is not needed: the
         state carries everything. x: [B, d_model] or [B, 1, d_model] -> same shape."""
         B = x.shape[0]
-        q, k, v = self._qkv(x.reshape(B, self.d_model))
+        y = self.step_attend(*self._qkv(x.reshape(B, self.d_model)), state)
+        return self.out_proj(y).view_as(x)
+
+    def step_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State) -> torch.Tensor:
+        """The step between the projections: proj_q/k/v's outputs ([B, H * feature_dim] twice, [B, H * head_dim],
+        or those viewed per head) -> [B, H * head_dim] (what out_proj takes), the state updated in place."""
+        B = q.shape[0]
+        q, k = (t.view(B, self.num_heads, self.feature_dim) for t in (q, k))
+        v = v.view(B, self.num_heads, self.head_dim)
         y = taylor_linear_attn_step(q, k, v, *state, feature_map=self.feature_map, eps=self.eps)
-        return self.out_proj(y.reshape(B, -1)).view_as(x)
+        return y.reshape(B, -1)

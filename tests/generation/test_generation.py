@@ -4,6 +4,7 @@ import torch
 
 from based import BasedConfig, BasedForCausalLM
 from based.generation import Decoder, InferenceState, SamplingParams, generate, prefill, sample
+from based.generation.fused import MAX_ROWS, fused_step
 
 PRESETS = ["debug", "transformer-debug"]
 # Every mixer family's decode path (rwkv, lightning, mamba2, and attention inside the Mamba-2 hybrid).
@@ -303,9 +304,10 @@ def test_compiled_step_equals_eager(name):
 def test_cuda_graph_decode_equals_eager(name):
     model = build(name).cuda()
     ids = torch.tensor(prompts_of([10, 10]), device="cuda")
-    eager = generate(model, ids, 40, cuda_graph=False)
-    assert torch.equal(generate(model, ids, 40, cuda_graph=True), eager)
-    assert torch.equal(generate(model, ids, 40, cuda_graph=True, compile=True), eager)
+    eager = generate(model, ids, 40, cuda_graph=False, fused=False)
+    assert torch.equal(generate(model, ids, 40, cuda_graph=True, fused=False), eager)
+    assert torch.equal(generate(model, ids, 40, cuda_graph=True, compile=True, fused=False), eager)
+    assert torch.equal(generate(model, ids, 40, cuda_graph=True, fused=True), eager)  # the default at batch 2
     assert torch.equal(eager.cpu(), generate(build(name), ids.cpu(), 40))
     params = SamplingParams(0.8, top_k=40, top_p=0.9)
     torch.manual_seed(1)
@@ -326,3 +328,38 @@ def test_hyena_cuda_graph_decode_equals_eager():
     assert torch.equal(generate(model, ids, 40, cuda_graph=True), eager)
     assert torch.equal(eager.cpu(), generate(build(name, **overrides), ids.cpu(), 40))
 
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", DECODE_PRESETS)
+def test_fused_step_equals_model_step(name):
+    """based.generation.fused_step: in its PyTorch form it is the layers' own arithmetic (equal logits); its
+    Triton kernels (interpreted without CUDA) agree to fp32 rounding. Six steps, states carried."""
+    model = build(name)
+    ids = torch.tensor(prompts_of([14, 14], seed=3))
+    logits = {}
+    for kind in ("eager", "torch", "triton"):
+        if kind == "triton" and name not in PRESETS + ["rwkv-debug"]:
+            continue  # the interpreter is slow; the other mixers take the same fallback as RWKV
+        state = InferenceState.allocate(model, 2, max_seq_len=32)
+        prefill(model, state, ids[:, :8])
+        step = model.step if kind == "eager" else fused_step(model, backend=kind)
+        out = []
+        for t in range(8, 14):
+            out.append(step(ids[:, t], state.layers, state.seqlen_offset))
+            state.seqlen_offset += 1
+        logits[kind] = torch.stack(out)
+    assert torch.equal(logits["torch"], logits["eager"])
+    if "triton" in logits:
+        torch.testing.assert_close(logits["triton"], logits["eager"], rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_fused_choice_and_limit():
+    model = build()
+    ids = torch.tensor(prompts_of([6, 6]))
+    assert Decoder(model, 2).step_kind == "eager"  # CPU: the fused step only on request
+    assert Decoder(model, 2, fused=True).step_kind == "fused"
+    assert Decoder(model, 2, compile=True, fused=False).step_kind == "compiled"
+    assert torch.equal(generate(model, ids, 12, fused=True), generate(model, ids, 12))
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} slots"):
+        Decoder(model, MAX_ROWS + 1, fused=True)

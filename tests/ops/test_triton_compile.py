@@ -35,6 +35,19 @@ KERNELS = {
         dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, fa="*i32", fb="*i32", fc=F32, eps="fp32"),
         dict(D=16, DV=112, F=153, BF=64, BV=128, EVICT=False), 2),
 }
+GLU = dict(x=BF16, s_x="i64", nw=BF16, w=BF16, b=BF16, y=BF16, s_y="i64", state=BF16, s_sb="i64", s_sk="i64",
+           cw=BF16, cb=BF16, K="i32", H="i32", eps="fp32")
+KERNELS["fused projection, norm and residual"] = (
+    "based.ops.gemv.triton", "_norm_linear_kernel",
+    dict(x=BF16, s_x="i64", nw=BF16, w0=BF16, w1=BF16, w2=BF16, b0=BF16, b1=BF16, b2=BF16, res=BF16, s_r="i64",
+         y=BF16, s_y="i64", K="i32", N0="i32", N1="i32", N2="i32", eps="fp32"),
+    dict(BN=4, BK=4096, NORM=True, HAS_BIAS=True, HAS_RES=True), 8)
+KERNELS["fused SwiGLU projection"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
+                                      dict(BN=4, BK=2048, NORM=True, HAS_BIAS=False, CONV=False, TAPS=1,
+                                           HAS_CB=False), 8)
+KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
+                                                 dict(BN=4, BK=2048, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3,
+                                                      HAS_CB=True), 8)
 KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict(x=BF16, s_x="i64", out=I64, N="i32"),
                           dict(BLOCK=2048), 8)
 KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (

@@ -1,0 +1,83 @@
+"""The decode step for small batches: each projection one kernel with its neighbours fused in.
+
+At batch 1 the step reads every weight once (2.7 GB for the 1.3b preset) and does little else, so its
+time is the weights' read time plus a cost per kernel. The eager and compiled steps read the weights
+through cuBLAS GEMVs at ~60% of the bandwidth and launch 374 kernels or more; here every projection is one
+based.ops.gemv kernel that also applies the RMSNorm before it and the bias, residual add, SwiGLU or BaseConv
+step after it, so a block is four kernels (BaseConv, then SwiGLU) or five (linear or sliding-window
+attention, whose own step kernel sits between its projections).
+
+    BaseConv block:  norm_glu(norm1, in_proj, short conv, gate) -> norm_linear(out_proj, + x)
+    SwiGLU:          norm_glu(norm2, fc1, up * silu(gate))      -> norm_linear(fc2, + x)
+
+Mixers without a fused form here (Mamba, RWKV, ...) run their own step between the fused MLPs.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layers import Attention, BaseConv, LinearAttention
+from ..ops.gemv import MAX_ROWS, norm_glu, norm_linear
+
+FUSED_MAX_BATCH = 8  # slots up to which Decoder picks this step on CUDA by default (measured, docs/generation.md)
+
+
+def fused_step(model, backend: str = "auto"):
+    """model.step (input_ids [B], per-layer states, seqlen_offset -> logits [B, vocab]) built from
+    based.ops.gemv; backend as theirs ("torch" gives the eager layers' own arithmetic, for tests). B must
+    be at most based.ops.gemv.MAX_ROWS for the kernels to apply."""
+    transformer = model.transformer
+    blocks = [_block_step(block, backend) for block in transformer.layers]
+    ln_f, lm_head, vocab = transformer.ln_f, model.lm_head, model.config.vocab_size
+
+    def step(input_ids: torch.Tensor, state, seqlen_offset) -> torch.Tensor:
+        x = transformer.embeddings(input_ids.reshape(-1))
+        for block_step, s in zip(blocks, state):
+            x = block_step(x, s, seqlen_offset)
+        logits = norm_linear(x, lm_head.weight, lm_head.bias, ln_f.weight, ln_f.eps, backend=backend)
+        return logits[:, :vocab]
+
+    return step
+
+
+def _block_step(block, backend: str):
+    """x -> the block's output, x + mixer(norm1(x)) then + mlp(norm2(x)), from fused projections."""
+    mixer, norm1, norm2, mlp = block.mixer, block.norm1, block.norm2, block.mlp
+
+    def project_in(x, weight, bias):
+        return norm_linear(x, weight, bias, norm1.weight, norm1.eps, backend=backend)
+
+    def project_out(h, x):
+        return norm_linear(h, mixer.out_proj.weight, mixer.out_proj.bias, residual=x, backend=backend)
+
+    if isinstance(mixer, BaseConv):
+        def mix(x, state, seqlen_offset):
+            h = norm_glu(
+                x, mixer.in_proj.weight, mixer.in_proj.bias, norm1.weight, norm1.eps, conv_state=state[0],
+                conv_weight=mixer.conv.weight.squeeze(1), conv_bias=mixer.conv.bias, backend=backend,
+            )
+            return project_out(h, x)
+    elif isinstance(mixer, LinearAttention):
+        projections = (mixer.proj_q, mixer.proj_k, mixer.proj_v)
+        sizes = [p.out_features for p in projections]
+
+        def mix(x, state, seqlen_offset):
+            qkv = project_in(x, [p.weight for p in projections], [p.bias for p in projections])
+            return project_out(mixer.step_attend(*qkv.split(sizes, dim=-1), state), x)
+    elif isinstance(mixer, Attention):  # sliding-window attention too
+        def mix(x, state, seqlen_offset):
+            qkv = project_in(x, mixer.Wqkv.weight, mixer.Wqkv.bias)
+            return project_out(mixer.step_attend(qkv, state, seqlen_offset), x)
+    else:
+        def mix(x, state, seqlen_offset):
+            return x + mixer.step(norm1(x), state, seqlen_offset)
+
+    def block_step(x, state, seqlen_offset):
+        x = mix(x, state, seqlen_offset)
+        h = norm_glu(x, mlp.fc1.weight, mlp.fc1.bias, norm2.weight, norm2.eps, backend=backend)
+        return norm_linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x, backend=backend)
+
+    return block_step
+
+
+__all__ = ["fused_step", "FUSED_MAX_BATCH", "MAX_ROWS"]

@@ -1,0 +1,156 @@
+"""Small-batch projections of a decode step, each with its neighbours fused in: RMSNorm before, and after it
+the bias, the residual add, SwiGLU, or BaseConv's short conv and gate.
+
+At batch 1 a decode step is memory-bound on its weights (2.7 GB for the 1.3b preset: 0.63 ms at the H200's
+copy rate), and cuBLAS's GEMVs read them at about 60% of the bandwidth, with one more kernel for every norm,
+add and activation between them (374 kernels a token). Here every output row of a weight is read once,
+whole, by a program that also normalises the input row itself (it is a few KB, read from L2 by each
+program), so a block of the model is four or five kernels.
+
+    norm_linear: y = [residual +] norm(x) @ W.T [+ bias]                  (W may be several, same K)
+    norm_glu:    [a, b] = norm(x) @ W.T [+ bias];  y = a * silu(b)         (SwiGLU's fc1)
+                                               or y = silu(conv(a)) * b    (BaseConv's in_proj, one step)
+
+norm(x) is RMSNorm with weight norm_weight (skipped when None), rounded to x's dtype; the projections
+accumulate in fp32 and round where the eager layers round (after the projection, after the add), so the
+PyTorch form here is exactly the layers' code and the kernels agree with it to the last rounding.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..common import check_backend
+from ..conv import short_conv_step
+from ..taylor.common import triton_available
+
+MAX_ROWS = 16  # rows of x past which the kernels (one weight pass per 16 rows at most) lose to cuBLAS
+
+
+def _weights(weight, bias) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    weights = (weight,) if isinstance(weight, torch.Tensor) else tuple(weight)
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"norm_linear takes one to three weights, got {len(weights)}")
+    if bias is None:
+        biases = (None,) * len(weights)
+    else:
+        biases = (bias,) if isinstance(bias, torch.Tensor) else tuple(bias)
+    if len(biases) != len(weights):
+        raise ValueError(f"{len(weights)} weights need as many biases (or None), got {len(biases)}")
+    return weights, biases
+
+
+def _check(x: torch.Tensor, weights, biases, norm_weight, residual=None, n_out=None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [rows, K], got shape {tuple(x.shape)}")
+    K = x.shape[1]
+    for w, b in zip(weights, biases):
+        if w.dim() != 2 or w.shape[1] != K:
+            raise ValueError(f"each weight must be [N, K={K}], got shape {tuple(w.shape)}")
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"bias must be [N={w.shape[0]}], got shape {tuple(b.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (K,):
+        raise ValueError(f"norm_weight must be [K={K}], got shape {tuple(norm_weight.shape)}")
+    if residual is not None and tuple(residual.shape) != (x.shape[0], n_out):
+        raise ValueError(f"residual must be [rows, N]=({x.shape[0]}, {n_out}), got shape {tuple(residual.shape)}")
+
+
+def _use_triton(backend: str, x: torch.Tensor, weights) -> bool:
+    check_backend(backend)
+    fits = x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and all(w.is_contiguous() for w in weights)
+    if backend == "triton" and not fits:
+        raise ValueError(
+            f"the Triton projections need at most {MAX_ROWS} rows of x with contiguous rows and contiguous "
+            f"weights, got x {tuple(x.shape)} with strides {x.stride()}"
+        )
+    return backend == "triton" or (backend == "auto" and fits and triton_available(x))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm as based.layers.RMSNorm computes it (fp32, rounded to x's dtype); identity when weight is None."""
+    if weight is None:
+        return x
+    return F.rms_norm(x.float(), weight.shape, weight.float(), eps).to(x.dtype)
+
+
+def norm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | Sequence[torch.Tensor],
+    bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """[residual +] rms_norm(x) @ W.T [+ bias], for x [rows, K] and W [N, K] (nn.Linear's layout).
+
+    Args:
+        weight: one matrix, or up to three with the same K whose outputs are concatenated (separate q, k, v
+            projections read in one launch).
+        bias: one per weight, or None.
+        norm_weight: RMSNorm's weight [K], or None for no norm.
+        residual: [rows, sum N] added after the projection is rounded, as `x + layer(x)` does.
+        backend: "auto" (Triton on CUDA up to MAX_ROWS rows, else PyTorch), "triton" or "torch".
+    Returns:
+        [rows, sum N] in x's dtype.
+    """
+    weights, biases = _weights(weight, bias)
+    n_out = sum(w.shape[0] for w in weights)
+    _check(x, weights, biases, norm_weight, residual, n_out)
+    if _use_triton(backend, x, weights):
+        from .triton import triton_norm_linear
+
+        return triton_norm_linear(x, weights, biases, norm_weight, eps, residual)
+    h = rms_norm(x, norm_weight, eps)
+    y = torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1) if len(weights) > 1 else F.linear(
+        h, weights[0], biases[0]
+    )
+    return y if residual is None else residual + y
+
+
+def norm_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    conv_state: torch.Tensor | None = None,
+    conv_weight: torch.Tensor | None = None,
+    conv_bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A gated projection: [a, b] = rms_norm(x) @ W.T [+ bias], W [2H, K], then
+
+    - without conv_state: a * silu(b), SwiGLU (a = up, b = gate, based.layers.SwiGLU's fc1 layout);
+    - with conv_state [rows, H, taps] (conv_state_zeros): silu(conv(a)) * b, one decode step of BaseConv, where
+      a is shifted into conv_state in place and conv_weight [H, taps] / conv_bias [H] are the short conv's.
+
+    Returns [rows, H] in x's dtype. backend as for norm_linear.
+    """
+    if weight.dim() != 2 or weight.shape[0] % 2:
+        raise ValueError(f"weight must be [2H, K] (two halves a, b), got shape {tuple(weight.shape)}")
+    _check(x, (weight,), (bias,), norm_weight)
+    H = weight.shape[0] // 2
+    if conv_state is not None:
+        if conv_weight is None or conv_weight.dim() != 2 or conv_weight.shape[0] != H:
+            raise ValueError(f"conv_weight must be [H={H}, taps] with a conv_state, got "
+                             f"{None if conv_weight is None else tuple(conv_weight.shape)}")
+        if tuple(conv_state.shape) != (x.shape[0], H, conv_weight.shape[1]):
+            raise ValueError(f"conv_state must be [rows, H, taps]=({x.shape[0]}, {H}, {conv_weight.shape[1]}), "
+                             f"got {tuple(conv_state.shape)}")
+    tap_major = conv_state is None or conv_state.transpose(1, 2).is_contiguous()
+    if backend == "triton" and not tap_major:
+        raise ValueError("the Triton norm_glu needs a tap-major conv_state: allocate it with conv_state_zeros")
+    if tap_major and _use_triton(backend, x, (weight,)):
+        from .triton import triton_norm_glu
+
+        return triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias)
+    a, b = F.linear(rms_norm(x, norm_weight, eps), weight, bias).chunk(2, dim=-1)
+    if conv_state is None:
+        return a * F.silu(b)
+    return short_conv_step(a, conv_state, conv_weight, conv_bias, activation="silu", gate=b, backend="torch")
+
+
+__all__ = ["norm_linear", "norm_glu", "rms_norm", "MAX_ROWS"]

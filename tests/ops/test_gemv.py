@@ -1,0 +1,141 @@
+"""based.ops.gemv: the small-batch fused projections, Triton (interpreted without CUDA) against the PyTorch form,
+which is the layers' own arithmetic, and both against an fp64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from based.ops import conv_state_zeros
+from based.ops.gemv import MAX_ROWS, norm_glu, norm_linear
+from tests.conftest import rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference_linear(x, weights, biases, nw, eps, residual):
+    """fp64: [residual +] rmsnorm(x) @ W.T + b, no intermediate rounding."""
+    h = x.double()
+    if nw is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * nw.double()
+    y = torch.cat([h @ w.double().t() + (0 if b is None else b.double()) for w, b in zip(weights, biases)], -1)
+    return y if residual is None else residual.double() + y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "M,K,Ns,bias,norm,res",
+    [
+        (1, 40, [5], False, False, False),  # plain, K not a power of two, N not a multiple of the block
+        (3, 64, [8, 6, 13], True, True, False),  # three weights (q, k, v), their biases, the norm
+        (2, 33, [7, 9], True, True, True),  # two weights and the residual add
+        (1, 4100, [3], False, True, True),  # K over one 4096-wide chunk: the chunk loops
+    ],
+)
+def test_norm_linear_matches_reference(dtype, M, K, Ns, bias, norm, res):
+    x = torch.randn(M, K, dtype=dtype)
+    weights = [torch.randn(n, K, dtype=dtype) / K**0.5 for n in Ns]
+    biases = [torch.randn(n, dtype=dtype) if bias else None for n in Ns]
+    nw = torch.randn(K, dtype=dtype) if norm else None
+    residual = torch.randn(M, sum(Ns), dtype=dtype) if res else None
+    w = weights if len(Ns) > 1 else weights[0]
+    b = (biases if len(Ns) > 1 else biases[0]) if bias else None
+    ref = reference_linear(x, weights, biases, nw, 1e-5, residual)
+    eager = norm_linear(x, w, b, nw, 1e-5, residual, backend="torch")
+    fused = norm_linear(x.to(DEVICE), [t.to(DEVICE) for t in weights] if len(Ns) > 1 else w.to(DEVICE),
+                        None if b is None else [t.to(DEVICE) for t in b] if len(Ns) > 1 else b.to(DEVICE),
+                        None if nw is None else nw.to(DEVICE), 1e-5,
+                        None if residual is None else residual.to(DEVICE), backend="triton").cpu()
+    assert fused.shape == eager.shape == (M, sum(Ns)) and fused.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the norm, output and add apart
+    assert rel_err(eager, ref) < tol and rel_err(fused, ref) < tol
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_linear_with_some_biases_missing():
+    x, ws = torch.randn(2, 16), [torch.randn(4, 16), torch.randn(3, 16)]
+    biases = [None, torch.randn(3)]
+    expected = torch.cat([x @ ws[0].t(), x @ ws[1].t() + biases[1]], -1)
+    for backend in ("torch", "triton"):
+        got = norm_linear(x.to(DEVICE), [w.to(DEVICE) for w in ws], [None, biases[1].to(DEVICE)], backend=backend)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def reference_glu(x, w, b, nw, eps, conv_state=None, cw=None, cb=None):
+    a, g = reference_linear(x, [w], [b], nw, eps, None).chunk(2, -1)
+    if conv_state is None:
+        return a * F.silu(g), None
+    taps = torch.cat([conv_state.double()[..., 1:], a.unsqueeze(-1)], -1)  # [M, H, taps], newest last
+    y = (taps * cw.double()).sum(-1) + (0 if cb is None else cb.double())
+    return F.silu(y) * g, taps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K,H,conv,bias", [(1, 24, 5, False, False), (3, 40, 9, False, True),
+                                             (1, 24, 5, True, True), (2, 40, 11, True, False)])
+def test_norm_glu_swiglu_and_conv_step(dtype, M, K, H, conv, bias):
+    """SwiGLU's a * silu(b), and BaseConv's silu(conv(a)) * b with a shifted into the tap-major state."""
+    taps = 3
+    x = torch.randn(M, K, dtype=dtype)
+    w = torch.randn(2 * H, K, dtype=dtype) / K**0.5
+    b = torch.randn(2 * H, dtype=dtype) if bias else None
+    nw = torch.randn(K, dtype=dtype)
+    state = conv_state_zeros(M, H, taps, dtype)
+    state.copy_(torch.randn(M, H, taps, dtype=dtype))
+    cw, cb = torch.randn(H, taps, dtype=dtype), torch.randn(H, dtype=dtype) if bias else None
+    ref, ref_taps = reference_glu(x, w, b, nw, 1e-5, state if conv else None, cw, cb)
+    conv_args = {}
+    results = {}
+    for backend, device in (("torch", "cpu"), ("triton", DEVICE)):
+        s = conv_state_zeros(M, H, taps, dtype, device)
+        s.copy_(state)
+        if conv:
+            conv_args = dict(conv_state=s, conv_weight=cw.to(device), conv_bias=None if cb is None else cb.to(device))
+        out = norm_glu(x.to(device), w.to(device), None if b is None else b.to(device), nw.to(device), 1e-5,
+                       **conv_args, backend=backend)
+        results[backend] = out.cpu(), s.cpu()
+        assert out.shape == (M, H) and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for out, s in results.values():
+        assert rel_err(out, ref) < tol
+        if conv:
+            assert rel_err(s, ref_taps) < tol
+        else:
+            assert torch.equal(s, state)  # no conv: the state is not touched
+    if dtype == torch.float32:
+        torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_x_may_be_strided():
+    x = torch.randn(3, 50)[:, 2:42]  # row stride 50
+    w, nw = torch.randn(6, 40), torch.randn(40)
+    torch.testing.assert_close(
+        norm_linear(x.to(DEVICE), w.to(DEVICE), norm_weight=nw.to(DEVICE), backend="triton").cpu(),
+        norm_linear(x, w, norm_weight=nw, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_name_the_fix():
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"x must be \[rows, K\]"):
+        norm_linear(torch.randn(8), w)
+    with pytest.raises(ValueError, match=r"each weight must be \[N, K=8\]"):
+        norm_linear(x, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="one to three weights"):
+        norm_linear(x, [w] * 4)
+    with pytest.raises(ValueError, match=r"2 weights need as many biases"):
+        norm_linear(x, [w, w], [None])
+    with pytest.raises(ValueError, match=r"norm_weight must be \[K=8\]"):
+        norm_linear(x, w, norm_weight=torch.ones(7))
+    with pytest.raises(ValueError, match=r"residual must be \[rows, N\]=\(2, 4\)"):
+        norm_linear(x, w, residual=torch.randn(2, 5))
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        norm_linear(torch.randn(MAX_ROWS + 1, 8), w, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        norm_linear(x, w, backend="cuda")
+    with pytest.raises(ValueError, match=r"two halves"):
+        norm_glu(x, torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"conv_weight must be \[H=2, taps\]"):
+        norm_glu(x, w, conv_state=conv_state_zeros(2, 2, 3))
+    with pytest.raises(ValueError, match=r"conv_state must be \[rows, H, taps\]=\(2, 2, 3\)"):
+        norm_glu(x, w, conv_state=torch.zeros(2, 3, 3), conv_weight=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="tap-major"):
+        norm_glu(x, w, conv_state=torch.zeros(2, 2, 3), conv_weight=torch.randn(2, 3), backend="triton")
