@@ -44,7 +44,8 @@ def cases(M: int, dtype=torch.bfloat16, device="cuda"):
         res = t(M, sum(n for n, _ in shapes)) if residual else None
         n = nw if norm else None
         return {
-            "fused": lambda block_n, warps: kernels.triton_norm_linear(x, ws, bs, n, 1e-5, res, block_n, warps),
+            "fused": lambda block_n, warps, per_sm: kernels.triton_norm_linear(x, ws, bs, n, 1e-5, res, block_n, warps,
+                                                                               per_sm),
             "eager": lambda: norm_linear(x, ws if len(ws) > 1 else ws[0], bs if len(ws) > 1 else bs[0], n, 1e-5,
                                          res, backend="torch"),
             "cublas": lambda: [F.linear(x, w) for w in ws],
@@ -55,7 +56,8 @@ def cases(M: int, dtype=torch.bfloat16, device="cuda"):
         state = conv_state_zeros(M, INNER, 3, dtype, device) if conv else None
         cw, cb = (t(INNER, 3), t(INNER)) if conv else (None, None)
         return {
-            "fused": lambda block_n, warps: kernels.triton_norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, block_n, warps),
+            "fused": lambda block_n, warps, per_sm: kernels.triton_norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, block_n,
+                                                                            warps, per_sm),
             "eager": lambda: norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, backend="torch"),
             "cublas": lambda: F.linear(x_d, w),
             "stateful": conv,  # each call shifts the conv state: two calls do not see the same inputs
@@ -102,28 +104,30 @@ def graph_us(calls, replays: int = 20) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=[1], help="rows of x (decode batch)")
-    p.add_argument("--sweep", action="store_true", help="time every block_n in 1 2 4 8 16 with 4 and 8 warps")
+    p.add_argument("--sweep", action="store_true",
+                   help="at the fewest rows, time every block_n in 1 2 4 8 x 4 or 8 warps x 2, 4 or 8 programs per SM")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--git-rev", default=None)
     args = p.parse_args(argv)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rev = args.git_rev or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "git_revision": rev,
-              "torch": torch.__version__, "dtype": "bfloat16", "default_block_n": kernels.BLOCK_N, "rows": []}
+              "torch": torch.__version__, "dtype": "bfloat16", "default_block_n": kernels.BLOCK_N,
+              "default_programs_per_sm": kernels.PROGRAMS_PER_SM, "rows": []}
     for M in args.rows:
         for name, (wbytes, build) in cases(M).items():
             copies = [build() for _ in range(max(2, -(-4 * l2 // wbytes)))]
             row = {"case": name, "rows_of_x": M, "weight_bytes": wbytes}
-            configs = [(kernels.BLOCK_N, None)]
-            if args.sweep:
-                configs += [(bn, w) for bn in (1, 2, 4, 8, 16) for w in (4, 8)]
-            for bn, w in configs:
+            configs = [(kernels.BLOCK_N, None, None)]
+            if args.sweep and M == min(args.rows):
+                configs += [(bn, w, p) for bn in (1, 2, 4, 8) for w in (4, 8) for p in (2, 4, 8)]
+            for bn, w, per_sm in configs:
+                key = "fused" if w is None else f"fused bn{bn} w{w} p{per_sm}"
                 try:
-                    us = graph_us([functools.partial(c["fused"], bn, w) for c in copies])
+                    us = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
-                    row[f"fused bn{bn} w{w}"] = repr(e)[:200]
+                    row[key] = repr(e)[:200]
                     continue
-                key = "fused" if w is None else f"fused bn{bn} w{w}"
                 row[key] = {"us": us, "GBps": wbytes / us / 1e3}
             for kind in ("eager", "cublas"):
                 us = graph_us([c[kind] for c in copies])
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
             # Agreement with the layers' arithmetic, for the record (bf16: a rounding or two apart).
             c = copies[0]
             if not c.get("stateful"):
-                a, b = c["fused"](kernels.BLOCK_N, None), c["eager"]()
+                a, b = c["fused"](kernels.BLOCK_N, None, None), c["eager"]()
                 row["rel_err_vs_eager"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
             result["rows"].append(row)
             print(json.dumps(row), flush=True)

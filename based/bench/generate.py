@@ -196,10 +196,10 @@ def smoke(presets=("debug", "transformer-debug"), device="cuda") -> dict:
     return out
 
 
-@torch.no_grad()
 FUSED = {"auto": None, "on": True, "off": False}  # --fused -> Decoder(fused=)
 
 
+@torch.no_grad()
 def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_largest: bool = False) -> dict:
     """One preset through based.generation.Decoder at each batch size; first_largest times batch 1, then
     the largest batch, then the others (rows still sorted by batch), so a short time share keeps both ends."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from based.ops import conv_state_zeros
-from based.ops.gemv import MAX_ROWS, norm_glu, norm_linear
+from based.ops.gemv import MAX_K, MAX_ROWS, norm_glu, norm_linear
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,7 +27,7 @@ def reference_linear(x, weights, biases, nw, eps, residual):
         (1, 40, [5], False, False, False),  # plain, K not a power of two, N not a multiple of the block
         (3, 64, [8, 6, 13], True, True, False),  # three weights (q, k, v), their biases, the norm
         (2, 33, [7, 9], True, True, True),  # two weights and the residual add
-        (1, 4100, [3], False, True, True),  # K over one 4096-wide chunk: the chunk loops
+        (1, 4100, [3], False, True, True),  # K past 4096: an 8192-wide row, 16 warps
     ],
 )
 def test_norm_linear_matches_reference(dtype, M, K, Ns, bias, norm, res):
@@ -129,6 +129,8 @@ def test_bad_arguments_name_the_fix():
         norm_linear(x, w, residual=torch.randn(2, 5))
     with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
         norm_linear(torch.randn(MAX_ROWS + 1, 8), w, backend="triton")
+    with pytest.raises(ValueError, match=f"K <= {MAX_K}"):
+        norm_linear(torch.randn(1, MAX_K + 1), torch.randn(2, MAX_K + 1), backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         norm_linear(x, w, backend="cuda")
     with pytest.raises(ValueError, match=r"two halves"):

@@ -27,6 +27,7 @@ from ..conv import short_conv_step
 from ..taylor.common import triton_available
 
 MAX_ROWS = 16  # rows of x past which the kernels (one weight pass per 16 rows at most) lose to cuBLAS
+MAX_K = 16384  # inputs per row: the kernels hold a whole weight row per block (see triton.py)
 
 
 def _weights(weight, bias) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
@@ -59,11 +60,12 @@ def _check(x: torch.Tensor, weights, biases, norm_weight, residual=None, n_out=N
 
 def _use_triton(backend: str, x: torch.Tensor, weights) -> bool:
     check_backend(backend)
-    fits = x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and all(w.is_contiguous() for w in weights)
+    fits = (x.shape[0] <= MAX_ROWS and x.shape[1] <= MAX_K and x.stride(-1) == 1
+            and all(w.is_contiguous() for w in weights))
     if backend == "triton" and not fits:
         raise ValueError(
-            f"the Triton projections need at most {MAX_ROWS} rows of x with contiguous rows and contiguous "
-            f"weights, got x {tuple(x.shape)} with strides {x.stride()}"
+            f"the Triton projections need at most {MAX_ROWS} rows of x, K <= {MAX_K}, contiguous rows and "
+            f"contiguous weights, got x {tuple(x.shape)} with strides {x.stride()}"
         )
     return backend == "triton" or (backend == "auto" and fits and triton_available(x))
 

@@ -1,46 +1,58 @@
 """Triton kernels of norm_linear and norm_glu.
 
-Grid (rows of x, blocks of BN outputs), rows fastest: the programs of one weight block run together and
-read it from HBM once (the other rows hit L2). A program loads its BN x K weight rows in BK-wide chunks
-(K <= 4096 is one chunk, so every load of the program is in flight at once), multiplies by the
-normalised input chunk in fp32 and reduces once at the end.
+Persistent and prefetching: a few programs per SM (grid (programs, rows of x)) each walk the weight in
+blocks of BN output rows, a whole row (K <= MAX_K) per block. Each program issues its first block's load
+before it normalises its row of x, and the next block's load before it reduces the current one, so two
+blocks are in flight while it computes; one-block-per-program grids waited on every load in turn (fc1 of
+the 1.3b preset at 1.8 TB/s, its LM head at 1.9 TB/s). The normalised row stays in registers, computed once
+per program.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rstd(p_x, K, eps, BK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the row at p_x."""
-    o = tl.arange(0, BK)
-    ss = tl.zeros([BK], tl.float32)
-    for k0 in range(0, K, BK):
-        b_x = tl.load(p_x + k0 + o, mask=k0 + o < K, other=0.0).to(tl.float32)
-        ss += b_x * b_x
-    return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+MAX_K = 16384  # a weight row per block, at most 64 values per thread: 16 warps x 32 threads x 64 / 2 rows
 
 
 @triton.jit
-def _project(p_x, nw, w, rows, row_mask, K, rstd, BR: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
-    """fp32 [BR]: the weight rows `rows` of w [*, K] times the row at p_x, normalised (RMSNorm with weight
-    nw and factor rstd, rounded to x's dtype as the norm layer's output is) under NORM."""
-    o = tl.arange(0, BK)
-    p_w = w + rows.to(tl.int64)[:, None] * K
-    acc = tl.zeros([BR, BK], tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + o
-        b_x = tl.load(p_x + cols, mask=cols < K, other=0.0)
-        if NORM:
-            b_nw = tl.load(nw + cols, mask=cols < K, other=0.0).to(tl.float32)
-            b_x = (b_x.to(tl.float32) * rstd * b_nw).to(p_x.dtype.element_ty)
-        b_w = tl.load(p_w + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
-        acc += b_w.to(tl.float32) * b_x.to(tl.float32)[None, :]
-    return tl.sum(acc, 1)
+def _normed_row(p_x, nw, K, eps, BK: tl.constexpr, NORM: tl.constexpr):
+    """The row at p_x [BK] (K real), under NORM RMSNorm-ed with weight nw and rounded to x's dtype as the norm
+    layer's output is."""
+    cols = tl.arange(0, BK)
+    b_x = tl.load(p_x + cols, mask=cols < K, other=0.0)
+    if NORM:
+        f = b_x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(f * f, 0) / K + eps)
+        b_nw = tl.load(nw + cols, mask=cols < K, other=0.0).to(tl.float32)
+        b_x = (f * rstd * b_nw).to(p_x.dtype.element_ty)
+    return b_x
+
+
+@triton.jit
+def _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN: tl.constexpr):
+    """Block blk of the concatenated outputs of up to three weights -> (weight, bias, its rows, the block's
+    first row in it, its first output column). Blocks past the end get no rows (their loads are masked)."""
+    nb0 = tl.cdiv(N0, BN)
+    nb1 = tl.cdiv(N1, BN)
+    zero = blk * 0  # values that both branches assign must be tensors, not constants
+    w, b, n, row0, col0 = w0, b0, zero + N0, blk * BN, zero
+    if blk >= nb0:
+        w, b, n, row0, col0 = w1, b1, zero + N1, (blk - nb0) * BN, zero + N0
+    if blk >= nb0 + nb1:
+        w, b, n, row0, col0 = w2, b2, zero + N2, (blk - nb0 - nb1) * BN, zero + N0 + N1
+    return w, b, n, row0, col0
+
+
+@triton.jit
+def _load_rows(w, rows, mask, K, BK: tl.constexpr):
+    cols = tl.arange(0, BK)
+    p = w + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    return tl.load(p, mask=mask[:, None] & (cols < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -48,31 +60,37 @@ def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
 ):
-    i_m = tl.program_id(0).to(tl.int64)
-    i_n = tl.program_id(1)
-    # Which of the (up to three) weights this block belongs to (N1 = N2 = 0 when there is one).
-    nb0 = tl.cdiv(N0, BN)
-    nb1 = tl.cdiv(N1, BN)
-    zero = i_n * 0  # scalars that both branches assign must be tensors, not constants
-    w, b, n, blk, col0 = w0, b0, zero + N0, i_n, zero
-    if i_n >= nb0:
-        w, b, n, blk, col0 = w1, b1, zero + N1, i_n - nb0, zero + N0
-    if i_n >= nb0 + nb1:
-        w, b, n, blk, col0 = w2, b2, zero + N2, i_n - nb0 - nb1, zero + N0 + N1
-    p_x = x + i_m * s_x
-    rstd = 1.0
-    if NORM:
-        rstd = _rstd(p_x, K, eps, BK)
-    rows = blk * BN + tl.arange(0, BN)
-    mask = rows < n
-    acc = _project(p_x, nw, w, rows, mask, K, rstd, BN, BK, NORM)
-    if HAS_BIAS:
-        acc += tl.load(b + rows, mask=mask, other=0.0).to(tl.float32)
-    out = acc.to(y.dtype.element_ty)  # rounded as F.linear's output
-    if HAS_RES:
-        r = tl.load(res + i_m * s_r + col0 + rows, mask=mask, other=0.0)
-        out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
-    tl.store(y + i_m * s_y + col0 + rows, out, mask=mask)
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    i_m = tl.program_id(1).to(tl.int64)
+    n_blocks = tl.cdiv(N0, BN) + tl.cdiv(N1, BN) + tl.cdiv(N2, BN)
+    o = tl.arange(0, BN)
+    w, b, n, row0, col0 = _segment(pid, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
+    b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight while the row is normalised
+    b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
+    for blk in range(pid, n_blocks, G):
+        w, b, n, row0, col0 = _segment(blk + G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
+        b_next = _load_rows(w, row0 + o, row0 + o < n, K, BK)
+        w, b, n, row0, col0 = _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
+        rows = row0 + o
+        mask = rows < n
+        acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
+        if HAS_BIAS:
+            acc += tl.load(b + rows, mask=mask, other=0.0).to(tl.float32)
+        out = acc.to(y.dtype.element_ty)  # rounded as F.linear's output
+        if HAS_RES:
+            r = tl.load(res + i_m * s_r + col0 + rows, mask=mask, other=0.0)
+            out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
+        tl.store(y + i_m * s_y + col0 + rows, out, mask=mask)
+        b_w = b_next
+
+
+@triton.jit
+def _glu_rows(blk, H, BN: tl.constexpr):
+    """The a and b weight rows of block blk's channels, interleaved (a0 b0 a1 b1 ...), and their mask."""
+    r = tl.arange(0, 2 * BN)
+    ch = blk * BN + r // 2
+    return (r % 2) * H + ch, ch < H
 
 
 @triton.jit
@@ -81,63 +99,74 @@ def _norm_glu_kernel(
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
     TAPS: tl.constexpr, HAS_CB: tl.constexpr,
 ):
-    i_m = tl.program_id(0).to(tl.int64)
-    i_n = tl.program_id(1)
-    # The a and b rows of each channel interleaved, so one pass reads both and a split separates them.
-    r = tl.arange(0, 2 * BN)
-    rows = (r % 2) * H + i_n * BN + r // 2
-    p_x = x + i_m * s_x
-    rstd = 1.0
-    if NORM:
-        rstd = _rstd(p_x, K, eps, BK)
-    mask = i_n * BN + r // 2 < H
-    acc = _project(p_x, nw, w, rows, mask, K, rstd, 2 * BN, BK, NORM)
-    if HAS_BIAS:
-        acc += tl.load(b + rows, mask=mask, other=0.0).to(tl.float32)
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    i_m = tl.program_id(1).to(tl.int64)
+    n_blocks = tl.cdiv(H, BN)
     dtype = y.dtype.element_ty
-    a, g = tl.split(tl.reshape(acc.to(dtype), [BN, 2]))  # rounded as F.linear's output
-    a = a.to(tl.float32)
-    g = g.to(tl.float32)
-    c = i_n * BN + tl.arange(0, BN)
-    cm = c < H
-    if CONV:
-        # BaseConv's step (as short_conv_step): shift a into the tap-major state, conv, silu, gate by b.
-        p_s = state + i_m * s_sb + c
-        a = a.to(state.dtype.element_ty)
-        conv = a.to(tl.float32) * tl.load(cw + c * TAPS + TAPS - 1, mask=cm, other=0.0).to(tl.float32)
-        for j in tl.static_range(TAPS - 1):
-            tap = tl.load(p_s + (j + 1) * s_sk, mask=cm, other=0.0)
-            conv += tap.to(tl.float32) * tl.load(cw + c * TAPS + j, mask=cm, other=0.0).to(tl.float32)
-            # Tap j + 1 moves to j. Every thread's read of tap j (the step before) precedes every write
-            # of it: threads holding copies of a channel must not read a tap already shifted.
-            tl.debug_barrier()
-            tl.store(p_s + j * s_sk, tap, mask=cm)
-        tl.store(p_s + (TAPS - 1) * s_sk, a, mask=cm)
-        if HAS_CB:
-            conv += tl.load(cb + c, mask=cm, other=0.0).to(tl.float32)
-        out = conv * tl.sigmoid(conv) * g
-    else:
-        # SwiGLU: up * silu(gate), silu rounded as F.silu's output.
-        out = a * (g * tl.sigmoid(g)).to(dtype).to(tl.float32)
-    tl.store(y + i_m * s_y + c, out.to(dtype), mask=cm)
+    rows, mask = _glu_rows(pid, H, BN)
+    b_w = _load_rows(w, rows, mask, K, BK)  # in flight while the row is normalised
+    b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
+    for blk in range(pid, n_blocks, G):
+        rows, mask = _glu_rows(blk + G, H, BN)
+        b_next = _load_rows(w, rows, mask, K, BK)
+        rows, mask = _glu_rows(blk, H, BN)
+        acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
+        if HAS_BIAS:
+            acc += tl.load(b + rows, mask=mask, other=0.0).to(tl.float32)
+        a, g = tl.split(tl.reshape(acc.to(dtype), [BN, 2]))  # rounded as F.linear's output
+        a = a.to(tl.float32)
+        g = g.to(tl.float32)
+        c = blk * BN + tl.arange(0, BN)
+        cm = c < H
+        if CONV:
+            # BaseConv's step (as short_conv_step): shift a into the tap-major state, conv, silu, gate by b.
+            p_s = state + i_m * s_sb + c
+            a = a.to(state.dtype.element_ty)
+            conv = a.to(tl.float32) * tl.load(cw + c * TAPS + TAPS - 1, mask=cm, other=0.0).to(tl.float32)
+            for j in tl.static_range(TAPS - 1):
+                tap = tl.load(p_s + (j + 1) * s_sk, mask=cm, other=0.0)
+                conv += tap.to(tl.float32) * tl.load(cw + c * TAPS + j, mask=cm, other=0.0).to(tl.float32)
+                # Tap j + 1 moves to j. Every thread's read of tap j (the step before) precedes every write
+                # of it: threads holding copies of a channel must not read a tap already shifted.
+                tl.debug_barrier()
+                tl.store(p_s + j * s_sk, tap, mask=cm)
+            tl.store(p_s + (TAPS - 1) * s_sk, a, mask=cm)
+            if HAS_CB:
+                conv += tl.load(cb + c, mask=cm, other=0.0).to(tl.float32)
+            out = conv * tl.sigmoid(conv) * g
+        else:
+            # SwiGLU: up * silu(gate), silu rounded as F.silu's output.
+            out = a * (g * tl.sigmoid(g)).to(dtype).to(tl.float32)
+        tl.store(y + i_m * s_y + c, out.to(dtype), mask=cm)
+        b_w = b_next
 
 
-def _blocks(K: int) -> int:
-    return min(triton.next_power_of_2(K), 4096)
+# Weight rows per block (norm_glu: channels, each an a and a b row) and programs per SM; measured, see
+# benchmarks/NOTES-kernels.md. The interpreter (CPU tests) runs programs one after another at milliseconds
+# each: there, fewer and larger blocks.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK_N = 32 if INTERPRETED else 4
+PROGRAMS_PER_SM = 4
 
 
-def _warps(rows: int, BK: int) -> int:
-    # About 64 weight values per thread: a program's whole tile in flight, without spilling.
-    return max(1, min(16, rows * BK // 2048))
+@functools.cache
+def _sm_count(device_index) -> int:
+    if INTERPRETED or not torch.cuda.is_available():
+        return 2
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# Weight rows per program (norm_glu: channels, each an a and a b row); measured, see NOTES-kernels. The
-# interpreter (CPU tests) runs programs one after another at milliseconds each: fewer, larger ones there.
-BLOCK_N = 32 if os.environ.get("TRITON_INTERPRET") == "1" else 4
+def _config(rows: int, K: int, n_blocks: int, device, block_n, num_warps, per_sm):
+    BK = triton.next_power_of_2(K)
+    warps = num_warps or max(1, min(16, rows * BK // 2048))  # ~64 weight values per thread
+    programs = min(n_blocks, (per_sm or PROGRAMS_PER_SM) * _sm_count(device.index))
+    return BK, warps, max(1, programs)
 
 
 @torch.compiler.disable
-def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n: int = BLOCK_N, num_warps=None):
+def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n: int = BLOCK_N, num_warps=None,
+                       per_sm=None):
     M, K = x.shape
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
@@ -149,21 +178,21 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n: 
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    BK = _blocks(K)
-    grid = (M, sum(triton.cdiv(n, block_n) for n in Ns))
-    _norm_linear_kernel[grid](
+    BK, warps, programs = _config(block_n, K, sum(triton.cdiv(n, block_n) for n in Ns), x.device, block_n,
+                                  num_warps, per_sm)
+    _norm_linear_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
         out, out.stride(0), K, *(Ns + [0] * pad), eps,
         BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-        HAS_RES=residual is not None, num_warps=num_warps or _warps(block_n, BK),
+        HAS_RES=residual is not None, num_warps=warps,
     )
     return out
 
 
 @torch.compiler.disable
 def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias,
-                    block_n: int = BLOCK_N, num_warps=None):
+                    block_n: int = BLOCK_N, num_warps=None, per_sm=None):
     M, K = x.shape
     H = weight.shape[0] // 2
     out = x.new_empty(M, H)
@@ -172,13 +201,12 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     conv = conv_state is not None
     taps = conv_state.transpose(1, 2) if conv else None  # [rows, taps, H], contiguous rows
     cw = conv_weight.contiguous() if conv else x
-    BK = _blocks(K)
-    _norm_glu_kernel[(M, triton.cdiv(H, block_n))](
+    BK, warps, programs = _config(2 * block_n, K, triton.cdiv(H, block_n), x.device, block_n, num_warps, per_sm)
+    _norm_glu_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
         out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
         cw, conv_bias if conv and conv_bias is not None else x, K, H, eps,
         BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
-        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
-        num_warps=num_warps or _warps(2 * block_n, BK),
+        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None, num_warps=warps,
     )
     return out
