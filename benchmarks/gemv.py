@@ -6,7 +6,8 @@ Each case calls its op on copies of its weights that together pass 4x the L2, al
 graph (a Triton launch from Python costs more than these kernels), so every weight byte comes from HBM and
 each call pays the launch cost a decode step's graph pays. Per case and rows of x: microseconds per call
 and weight GB/s of
-- fused: the Triton kernel (with --sweep, each block_n x num_warps; the default marked),
+- fused: the Triton kernel, its default configuration with and without programmatic dependent launch, and
+  under --sweep each block_n x num_warps x programs per SM,
 - eager: the ops' PyTorch form, i.e. the layers' arithmetic (cuBLAS plus the norm / add / activation kernels),
 - cublas: the projection alone (F.linear), no norm or epilogue.
 Prints one JSON object (and writes it to --out) with the date, GPU and git revision.
@@ -112,19 +113,24 @@ def main(argv=None) -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     rev = args.git_rev or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "git_revision": rev,
-              "torch": torch.__version__, "dtype": "bfloat16", "default_block_n": kernels.BLOCK_N,
-              "default_programs_per_sm": kernels.PROGRAMS_PER_SM, "rows": []}
+              "torch": torch.__version__, "dtype": "bfloat16", "block_values": kernels.BLOCK_VALUES,
+              "warps_per_sm": kernels.WARPS_PER_SM, "pdl_supported": kernels.pdl_supported(), "rows": []}
     for M in args.rows:
         for name, (wbytes, build) in cases(M).items():
             copies = [build() for _ in range(max(2, -(-4 * l2 // wbytes)))]
             row = {"case": name, "rows_of_x": M, "weight_bytes": wbytes}
-            configs = [(kernels.BLOCK_N, None, None)]
+            configs = [(None, None, None)]
             if args.sweep and M == min(args.rows):
                 configs += [(bn, w, p) for bn in (1, 2, 4, 8) for w in (4, 8) for p in (2, 4, 8)]
             for bn, w, per_sm in configs:
                 key = "fused" if w is None else f"fused bn{bn} w{w} p{per_sm}"
                 try:
                     us = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
+                    if w is None and kernels.pdl_supported():  # the default, also without PDL
+                        kernels.PDL = False
+                        no_pdl = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
+                        kernels.PDL = True
+                        row["fused without PDL"] = {"us": no_pdl, "GBps": wbytes / no_pdl / 1e3}
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
                     row[key] = repr(e)[:200]
                     continue
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
             # Agreement with the layers' arithmetic, for the record (bf16: a rounding or two apart).
             c = copies[0]
             if not c.get("stateful"):
-                a, b = c["fused"](kernels.BLOCK_N, None, None), c["eager"]()
+                a, b = c["fused"](None, None, None), c["eager"]()
                 row["rel_err_vs_eager"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
             result["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -120,8 +120,8 @@ class Decoder:
         compile: fuse each block's step with torch.compile (see `compiled_step`); the first steps of each
             new batch size then compile (tens of seconds).
         fused: use the small-batch step of based.generation.fused (every projection one Triton kernel with
-            its norm, residual, SwiGLU or short conv); default on CUDA up to FUSED_MAX_BATCH slots, where it
-            is faster than `compile`, which it then replaces.
+            its norm, residual, SwiGLU or short conv); default on CUDA at batch 1 (FUSED_MAX_BATCH), where it is
+            faster than `compile`, which it then replaces.
     """
 
     def __init__(

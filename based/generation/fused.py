@@ -19,7 +19,7 @@ import torch
 from ..layers import Attention, BaseConv, LinearAttention
 from ..ops.gemv import MAX_ROWS, norm_glu, norm_linear
 
-FUSED_MAX_BATCH = 8  # slots up to which Decoder picks this step on CUDA by default (measured, docs/generation.md)
+FUSED_MAX_BATCH = 1  # slots up to which Decoder picks this step on CUDA by default (measured, docs/generation.md)
 
 
 def fused_step(model, backend: str = "auto"):

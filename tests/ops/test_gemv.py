@@ -141,3 +141,29 @@ def test_bad_arguments_name_the_fix():
         norm_glu(x, w, conv_state=torch.zeros(2, 3, 3), conv_weight=torch.randn(2, 3))
     with pytest.raises(ValueError, match="tap-major"):
         norm_glu(x, w, conv_state=torch.zeros(2, 2, 3), conv_weight=torch.randn(2, 3), backend="triton")
+
+
+@pytest.mark.parametrize("block_n,per_sm", [(1, 1), (2, 1), (4, 2)])
+def test_programs_walk_many_blocks(block_n, per_sm):
+    """Few programs each walking many blocks (the persistent loop and its one-block-ahead prefetch), blocks
+    of one weight ending mid-program and the next weight's starting, the conv state's taps prefetched."""
+    from based.ops.gemv.triton import triton_norm_glu, triton_norm_linear
+
+    M, K = 2, 24
+    x, nw = torch.randn(M, K), torch.randn(K)
+    ws = [torch.randn(n, K) for n in (7, 5, 9)]
+    res = torch.randn(M, 21)
+    got = triton_norm_linear(x.to(DEVICE), [w.to(DEVICE) for w in ws], [None] * 3, nw.to(DEVICE), 1e-5,
+                             res.to(DEVICE), block_n=block_n, per_sm=per_sm)
+    torch.testing.assert_close(got.cpu(), norm_linear(x, ws, None, nw, 1e-5, res, backend="torch"))
+    H = 11
+    w, cw, cb = torch.randn(2 * H, K), torch.randn(H, 3), torch.randn(H)
+    states = [conv_state_zeros(M, H, 3, device=d) for d in ("cpu", DEVICE)]
+    for s in states:
+        s.copy_(torch.arange(M * H * 3, dtype=torch.float32).view(M, H, 3))
+    for _ in range(2):  # two steps: the second reads what the first shifted in
+        got = triton_norm_glu(x.to(DEVICE), w.to(DEVICE), None, nw.to(DEVICE), 1e-5, states[1], cw.to(DEVICE),
+                              cb.to(DEVICE), block_n=block_n, per_sm=per_sm)
+        ref = norm_glu(x, w, None, nw, 1e-5, states[0], cw, cb, backend="torch")
+        torch.testing.assert_close(got.cpu(), ref)
+        torch.testing.assert_close(states[1].cpu(), states[0])

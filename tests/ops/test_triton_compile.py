@@ -41,15 +41,15 @@ KERNELS["fused projection, norm and residual"] = (
     "based.ops.gemv.triton", "_norm_linear_kernel",
     dict(x=BF16, s_x="i64", nw=BF16, w0=BF16, w1=BF16, w2=BF16, b0=BF16, b1=BF16, b2=BF16, res=BF16, s_r="i64",
          y=BF16, s_y="i64", K="i32", N0="i32", N1="i32", N2="i32", eps="fp32"),
-    dict(BN=4, BK=4096, NORM=True, HAS_BIAS=True, HAS_RES=True), 8)
+    dict(BN=2, BK=4096, NORM=True, HAS_BIAS=True, HAS_RES=True, PDL=True), 8)
 KERNELS["fused projection, no norm"] = KERNELS["fused projection, norm and residual"][:3] + (
-    dict(BN=2, BK=2048, NORM=False, HAS_BIAS=False, HAS_RES=False), 4)
+    dict(BN=4, BK=2048, NORM=False, HAS_BIAS=False, HAS_RES=False, PDL=False), 8)
 KERNELS["fused SwiGLU projection"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
-                                      dict(BN=4, BK=2048, NORM=True, HAS_BIAS=False, CONV=False, TAPS=1,
-                                           HAS_CB=False), 8)
+                                      dict(BN=2, BK=2048, NORM=True, HAS_BIAS=False, CONV=False, TAPS=1,
+                                           HAS_CB=False, PDL=True), 8)
 KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
-                                                 dict(BN=4, BK=2048, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3,
-                                                      HAS_CB=True), 8)
+                                                 dict(BN=2, BK=2048, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3,
+                                                      HAS_CB=True, PDL=True), 8)
 KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict(x=BF16, s_x="i64", out=I64, N="i32"),
                           dict(BLOCK=2048), 8)
 KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (

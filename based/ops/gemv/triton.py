@@ -56,9 +56,20 @@ def _load_rows(w, rows, mask, K, BK: tl.constexpr):
 
 
 @triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Launched with programmatic dependent launch (PDL), a kernel starts while the one before it finishes:
+    everything before this reads only weights; here it waits for the previous kernel's writes, then lets
+    the next kernel start its own weight loads."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -67,6 +78,7 @@ def _norm_linear_kernel(
     o = tl.arange(0, BN)
     w, b, n, row0, col0 = _segment(pid, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
     b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight while the row is normalised
+    _wait_for_inputs(PDL)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
     for blk in range(pid, n_blocks, G):
         w, b, n, row0, col0 = _segment(blk + G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
@@ -94,22 +106,42 @@ def _glu_rows(blk, H, BN: tl.constexpr):
 
 
 @triton.jit
+def _conv_operands(p_s, s_sk, cw, blk, H, BN: tl.constexpr, TAPS: tl.constexpr, TP: tl.constexpr):
+    """Block blk's conv inputs: the state's taps 1 .. TAPS-1 [BN, TP] (the ones that stay, at their column),
+    the weights they meet after the shift [BN, TP] and the weight of the new input [BN]."""
+    c = blk * BN + tl.arange(0, BN)
+    j = tl.arange(0, TP)
+    mask = (c < H)[:, None] & (j >= 1)[None, :] & (j < TAPS)[None, :]
+    old = tl.load(p_s + c[:, None] + j[None, :] * s_sk, mask=mask, other=0.0)
+    w_old = tl.load(cw + c[:, None] * TAPS + j[None, :] - 1, mask=mask, other=0.0)
+    w_new = tl.load(cw + c * TAPS + TAPS - 1, mask=c < H, other=0.0)
+    return old, w_old, w_new
+
+
+@triton.jit
 def _norm_glu_kernel(
     x, s_x, nw, w, b, y, s_y, state, s_sb, s_sk, cw, cb, K, H, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
-    TAPS: tl.constexpr, HAS_CB: tl.constexpr,
+    TAPS: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     i_m = tl.program_id(1).to(tl.int64)
     n_blocks = tl.cdiv(H, BN)
     dtype = y.dtype.element_ty
+    TP: tl.constexpr = triton.next_power_of_2(TAPS)
     rows, mask = _glu_rows(pid, H, BN)
     b_w = _load_rows(w, rows, mask, K, BK)  # in flight while the row is normalised
+    _wait_for_inputs(PDL)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
+    p_s = state + i_m * s_sb
+    if CONV:  # the conv state and weights are prefetched with the weight rows, a block ahead
+        old, w_old, w_new = _conv_operands(p_s, s_sk, cw, pid, H, BN, TAPS, TP)
     for blk in range(pid, n_blocks, G):
         rows, mask = _glu_rows(blk + G, H, BN)
         b_next = _load_rows(w, rows, mask, K, BK)
+        if CONV:
+            old_next, w_old_next, w_new_next = _conv_operands(p_s, s_sk, cw, blk + G, H, BN, TAPS, TP)
         rows, mask = _glu_rows(blk, H, BN)
         acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
         if HAS_BIAS:
@@ -121,20 +153,19 @@ def _norm_glu_kernel(
         cm = c < H
         if CONV:
             # BaseConv's step (as short_conv_step): shift a into the tap-major state, conv, silu, gate by b.
-            p_s = state + i_m * s_sb + c
             a = a.to(state.dtype.element_ty)
-            conv = a.to(tl.float32) * tl.load(cw + c * TAPS + TAPS - 1, mask=cm, other=0.0).to(tl.float32)
-            for j in tl.static_range(TAPS - 1):
-                tap = tl.load(p_s + (j + 1) * s_sk, mask=cm, other=0.0)
-                conv += tap.to(tl.float32) * tl.load(cw + c * TAPS + j, mask=cm, other=0.0).to(tl.float32)
-                # Tap j + 1 moves to j. Every thread's read of tap j (the step before) precedes every write
-                # of it: threads holding copies of a channel must not read a tap already shifted.
-                tl.debug_barrier()
-                tl.store(p_s + j * s_sk, tap, mask=cm)
-            tl.store(p_s + (TAPS - 1) * s_sk, a, mask=cm)
+            conv = tl.sum(old.to(tl.float32) * w_old.to(tl.float32), 1) + a.to(tl.float32) * w_new.to(tl.float32)
             if HAS_CB:
                 conv += tl.load(cb + c, mask=cm, other=0.0).to(tl.float32)
+            # Taps 1 .. TAPS-1 move down one and a goes last. Every thread's read of these taps (a block
+            # ago) precedes every write: threads holding copies of a channel must not read a shifted tap.
+            tl.debug_barrier()
+            j = tl.arange(0, TP)
+            tl.store(p_s + c[:, None] + (j[None, :] - 1) * s_sk, old,
+                     mask=cm[:, None] & (j >= 1)[None, :] & (j < TAPS)[None, :])
+            tl.store(p_s + c + (TAPS - 1) * s_sk, a, mask=cm)
             out = conv * tl.sigmoid(conv) * g
+            old, w_old, w_new = old_next, w_old_next, w_new_next
         else:
             # SwiGLU: up * silu(gate), silu rounded as F.silu's output.
             out = a * (g * tl.sigmoid(g)).to(dtype).to(tl.float32)
@@ -142,12 +173,13 @@ def _norm_glu_kernel(
         b_w = b_next
 
 
-# Weight rows per block (norm_glu: channels, each an a and a b row) and programs per SM; measured, see
-# benchmarks/NOTES-kernels.md. The interpreter (CPU tests) runs programs one after another at milliseconds
-# each: there, fewer and larger blocks.
+# Block size, warps and programs per SM: measured (benchmarks/gemv.py --sweep, NOTES-kernels.md), best near
+# 8192 weight values per block, 32 per thread (8 warps) and 32 warps per SM (4 programs). The interpreter
+# (CPU tests) runs programs one after another at milliseconds each: there, fewer and larger blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_N = 32 if INTERPRETED else 4
-PROGRAMS_PER_SM = 4
+BLOCK_VALUES = 2**15 if INTERPRETED else 8192
+WARPS_PER_SM = 32
+PDL = True  # launch with programmatic dependent launch where supported (benchmarks/gemv.py --pdl toggles it)
 
 
 @functools.cache
@@ -157,16 +189,31 @@ def _sm_count(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _config(rows: int, K: int, n_blocks: int, device, block_n, num_warps, per_sm):
+@functools.cache
+def pdl_supported() -> bool:
+    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch with it."""
+    if INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm):
+    """(BN, BK, warps, programs, launch options); pair = 2 when each output takes two weight rows (norm_glu)."""
     BK = triton.next_power_of_2(K)
-    warps = num_warps or max(1, min(16, rows * BK // 2048))  # ~64 weight values per thread
-    programs = min(n_blocks, (per_sm or PROGRAMS_PER_SM) * _sm_count(device.index))
-    return BK, warps, max(1, programs)
+    block_n = block_n or max(1, BLOCK_VALUES // (pair * BK))
+    warps = num_warps or max(1, min(16, pair * block_n * BK // 1024))
+    per_sm = per_sm or max(1, WARPS_PER_SM // warps)
+    programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * _sm_count(device.index)))
+    launch = {"launch_pdl": True} if PDL and pdl_supported() else {}
+    return block_n, BK, warps, programs, launch
 
 
 @torch.compiler.disable
-def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n: int = BLOCK_N, num_warps=None,
-                       per_sm=None):
+def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None):
     M, K = x.shape
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
@@ -178,21 +225,20 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n: 
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    BK, warps, programs = _config(block_n, K, sum(triton.cdiv(n, block_n) for n in Ns), x.device, block_n,
-                                  num_warps, per_sm)
+    block_n, BK, warps, programs, launch = _config(1, K, sum(Ns), x.device, block_n, num_warps, per_sm)
     _norm_linear_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
         out, out.stride(0), K, *(Ns + [0] * pad), eps,
         BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-        HAS_RES=residual is not None, num_warps=warps,
+        HAS_RES=residual is not None, PDL=bool(launch), num_warps=warps, **launch,
     )
     return out
 
 
 @torch.compiler.disable
 def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias,
-                    block_n: int = BLOCK_N, num_warps=None, per_sm=None):
+                    block_n=None, num_warps=None, per_sm=None):
     M, K = x.shape
     H = weight.shape[0] // 2
     out = x.new_empty(M, H)
@@ -201,12 +247,13 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     conv = conv_state is not None
     taps = conv_state.transpose(1, 2) if conv else None  # [rows, taps, H], contiguous rows
     cw = conv_weight.contiguous() if conv else x
-    BK, warps, programs = _config(2 * block_n, K, triton.cdiv(H, block_n), x.device, block_n, num_warps, per_sm)
+    block_n, BK, warps, programs, launch = _config(2, K, H, x.device, block_n, num_warps, per_sm)
     _norm_glu_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
         out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
         cw, conv_bias if conv and conv_bias is not None else x, K, H, eps,
         BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
-        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None, num_warps=warps,
+        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None, PDL=bool(launch),
+        num_warps=warps, **launch,
     )
     return out
