@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from based.ops import conv_state_zeros
 from based.ops.gemv import norm_glu, norm_linear
+from based.ops import launch
 from based.ops.gemv import triton as kernels
 
 D, INNER, VOCAB, HEADS, FEAT = 1792, 3584, 50304, 16, 16  # the 1.3b preset (lm head rows padded to 64)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
     rev = args.git_rev or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "git_revision": rev,
               "torch": torch.__version__, "dtype": "bfloat16", "block_values": kernels.BLOCK_VALUES,
-              "warps_per_sm": kernels.WARPS_PER_SM, "pdl_supported": kernels.pdl_supported(), "rows": []}
+              "warps_per_sm": kernels.WARPS_PER_SM, "pdl_supported": launch.pdl_supported(), "rows": []}
     for M in args.rows:
         for name, (wbytes, build) in cases(M).items():
             copies = [build() for _ in range(max(2, -(-4 * l2 // wbytes)))]
@@ -126,10 +127,10 @@ def main(argv=None) -> int:
                 key = "fused" if w is None else f"fused bn{bn} w{w} p{per_sm}"
                 try:
                     us = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
-                    if w is None and kernels.pdl_supported():  # the default, also without PDL
-                        kernels.PDL = False
+                    if w is None and launch.pdl_supported():  # the default, also without PDL
+                        launch.ENABLED = False
                         no_pdl = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
-                        kernels.PDL = True
+                        launch.ENABLED = True
                         row["fused without PDL"] = {"us": no_pdl, "GBps": wbytes / no_pdl / 1e3}
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
                     row[key] = repr(e)[:200]

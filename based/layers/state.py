@@ -15,13 +15,15 @@ State = tuple[torch.Tensor, ...]
 
 
 def token_positions(seqlen_offset: Offset, batch_size: int, seq_len: int, device) -> torch.Tensor:
-    """Positions [B, T] (long) of T new tokens that start at `seqlen_offset`."""
-    steps = torch.arange(seq_len, device=device)
+    """Positions [B, T] (long) of T new tokens that start at `seqlen_offset` (for one token and a long
+    offset tensor, a view of it: a decode step then launches no kernel for its positions)."""
     if isinstance(seqlen_offset, torch.Tensor):
         start = seqlen_offset.to(device=device, dtype=torch.long).reshape(-1, 1)
+        if seq_len == 1:
+            return start.expand(batch_size, 1)
     else:
         start = torch.full((1, 1), int(seqlen_offset), device=device, dtype=torch.long)
-    return (start + steps).expand(batch_size, seq_len)
+    return (start + torch.arange(seq_len, device=device)).expand(batch_size, seq_len)
 
 
 def carried_state(state: State, seqlen_offset: Offset) -> State | None:

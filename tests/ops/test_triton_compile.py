@@ -21,7 +21,7 @@ KERNELS = {
         "based.ops.decode_attn.triton", "_decode_attn_step_kernel",
         dict(q=BF16, k=BF16, v=BF16, s_q="i64", s_k="i64", s_v="i64", inv_freq=F32, k_cache=BF16, v_cache=BF16,
              pos=I64, o=BF16, **ATTN),
-        dict(H=16, D=112, DV=112, BH=64, BDV=128, BL=16, ROTARY=True), 1),
+        dict(H=16, D=112, DV=112, BH=64, BDV=128, BL=16, ROTARY=True, PDL=True), 1),
     "attention": (
         "based.ops.decode_attn.triton", "_decode_attn_kernel",
         dict(q=BF16, k=BF16, v=BF16, last=I64, o=BF16, **ATTN),
@@ -33,7 +33,7 @@ KERNELS = {
     "taylor step": (
         "based.ops.taylor.triton.decode", "_taylor_step_kernel",
         dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, fa="*i32", fb="*i32", fc=F32, eps="fp32"),
-        dict(D=16, DV=112, F=153, BF=64, BV=128, EVICT=False), 2),
+        dict(D=16, DV=112, F=153, BF=64, BV=128, EVICT=False, PDL=True), 2),
 }
 GLU = dict(x=BF16, s_x="i64", nw=BF16, w=BF16, b=BF16, y=BF16, s_y="i64", state=BF16, s_sb="i64", s_sk="i64",
            cw=BF16, cb=BF16, K="i32", H="i32", eps="fp32")
@@ -53,8 +53,9 @@ KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm
 KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict(x=BF16, s_x="i64", out=I64, N="i32"),
                           dict(BLOCK=2048), 8)
 KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
-    {**KERNELS["attention step, rotary"][3], "ROTARY": False}, 1)
-KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + ({**KERNELS["taylor step"][3], "EVICT": True}, 2)
+    {**KERNELS["attention step, rotary"][3], "ROTARY": False, "PDL": False}, 1)
+KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + (
+    {**KERNELS["taylor step"][3], "EVICT": True, "PDL": False}, 2)
 
 
 def compile_all() -> dict:

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import pdl_options, wait_for_inputs
+
 
 @triton.jit
 def _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc):
@@ -90,12 +92,13 @@ def _decode_attn_step_kernel(
     q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, pos, o, scale, L,
     s_kb, s_kl, s_vb, s_vl,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
-    ROTARY: tl.constexpr,
+    ROTARY: tl.constexpr, PDL: tl.constexpr,
 ):
     """decode_attn with the new token's work folded in: rotate q and k at their position (rotate-half
     pairs (i, i + D/2), math in fp32 rounded to the input dtype as apply_rotary does), write k and v into
     ring row pos % L, then the online softmax of _decode_attn_kernel over the written rows. Head dims are
     handled as two halves so that the rotation needs no shuffle."""
+    wait_for_inputs(PDL)
     i_bh = tl.program_id(0).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     HALF: tl.constexpr = D // 2
@@ -158,10 +161,12 @@ def triton_decode_attn_step(
     many = B * H >= 2048  # as in triton_decode_attn
     BL = block_l or (16 if many else max(16, min(64, 8192 // max(2 * BH, BDV))))
     rotary = inv_freq is not None
+    launch = pdl_options(q.device, B * H)  # batch 1: the next kernel loads its weights during this one
     _decode_attn_step_kernel[(B * H,)](
         q, k, v, q.stride(0), k.stride(0), v.stride(0), inv_freq.contiguous() if rotary else q, k_cache, v_cache,
         positions.to(torch.int64).contiguous(), o, D**-0.5 if scale is None else scale, L,
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        H=H, D=D, DV=DV, BH=BH, BDV=BDV, BL=BL, ROTARY=rotary, num_warps=num_warps or (1 if many else 4),
+        H=H, D=D, DV=DV, BH=BH, BDV=BDV, BL=BL, ROTARY=rotary, PDL=bool(launch),
+        num_warps=num_warps or (1 if many else 4), **launch,
     )
     return o

@@ -9,12 +9,13 @@ per program.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..launch import pdl_options, sm_count, wait_for_inputs
 
 MAX_K = 16384  # a weight row per block, at most 64 values per thread: 16 warps x 32 threads x 64 / 2 rows
 
@@ -56,13 +57,12 @@ def _load_rows(w, rows, mask, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _wait_for_inputs(PDL: tl.constexpr):
-    """Launched with programmatic dependent launch (PDL), a kernel starts while the one before it finishes:
-    everything before this reads only weights; here it waits for the previous kernel's writes, then lets
-    the next kernel start its own weight loads."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _load_vec(p, rows, mask, BN: tl.constexpr, LOAD: tl.constexpr):
+    """p[rows] as fp32 [BN] (zeros where masked, or everywhere without LOAD)."""
+    if LOAD:
+        return tl.load(p + rows, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BN], tl.float32)
 
 
 @triton.jit
@@ -78,23 +78,25 @@ def _norm_linear_kernel(
     o = tl.arange(0, BN)
     w, b, n, row0, col0 = _segment(pid, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
     b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight while the row is normalised
-    _wait_for_inputs(PDL)
+    b_b = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
+    wait_for_inputs(PDL)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
+    p_r = res + i_m * s_r
+    b_r = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
+    # Everything a block needs (weight rows, bias, residual) is loaded a block ahead: a load issued where it
+    # is used would cost its whole latency on every block.
     for blk in range(pid, n_blocks, G):
         w, b, n, row0, col0 = _segment(blk + G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
-        b_next = _load_rows(w, row0 + o, row0 + o < n, K, BK)
+        b_w_next = _load_rows(w, row0 + o, row0 + o < n, K, BK)
+        b_b_next = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
+        b_r_next = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
         w, b, n, row0, col0 = _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
         rows = row0 + o
-        mask = rows < n
-        acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
-        if HAS_BIAS:
-            acc += tl.load(b + rows, mask=mask, other=0.0).to(tl.float32)
-        out = acc.to(y.dtype.element_ty)  # rounded as F.linear's output
+        out = (tl.sum(b_w.to(tl.float32) * b_x[None, :], 1) + b_b).to(y.dtype.element_ty)  # rounded as F.linear's
         if HAS_RES:
-            r = tl.load(res + i_m * s_r + col0 + rows, mask=mask, other=0.0)
-            out = (r.to(tl.float32) + out.to(tl.float32)).to(y.dtype.element_ty)
-        tl.store(y + i_m * s_y + col0 + rows, out, mask=mask)
-        b_w = b_next
+            out = (b_r + out.to(tl.float32)).to(y.dtype.element_ty)
+        tl.store(y + i_m * s_y + col0 + rows, out, mask=rows < n)
+        b_w, b_b, b_r = b_w_next, b_b_next, b_r_next
 
 
 @triton.jit
@@ -106,16 +108,17 @@ def _glu_rows(blk, H, BN: tl.constexpr):
 
 
 @triton.jit
-def _conv_operands(p_s, s_sk, cw, blk, H, BN: tl.constexpr, TAPS: tl.constexpr, TP: tl.constexpr):
+def _conv_operands(p_s, s_sk, cw, cb, blk, H, BN: tl.constexpr, TAPS: tl.constexpr, TP: tl.constexpr,
+                   HAS_CB: tl.constexpr):
     """Block blk's conv inputs: the state's taps 1 .. TAPS-1 [BN, TP] (the ones that stay, at their column),
-    the weights they meet after the shift [BN, TP] and the weight of the new input [BN]."""
+    the weights they meet after the shift [BN, TP], the weight of the new input [BN] and the bias [BN]."""
     c = blk * BN + tl.arange(0, BN)
     j = tl.arange(0, TP)
     mask = (c < H)[:, None] & (j >= 1)[None, :] & (j < TAPS)[None, :]
     old = tl.load(p_s + c[:, None] + j[None, :] * s_sk, mask=mask, other=0.0)
     w_old = tl.load(cw + c[:, None] * TAPS + j[None, :] - 1, mask=mask, other=0.0)
     w_new = tl.load(cw + c * TAPS + TAPS - 1, mask=c < H, other=0.0)
-    return old, w_old, w_new
+    return old, w_old, w_new, _load_vec(cb, c, c < H, BN, HAS_CB)
 
 
 @triton.jit
@@ -132,20 +135,22 @@ def _norm_glu_kernel(
     TP: tl.constexpr = triton.next_power_of_2(TAPS)
     rows, mask = _glu_rows(pid, H, BN)
     b_w = _load_rows(w, rows, mask, K, BK)  # in flight while the row is normalised
-    _wait_for_inputs(PDL)
+    b_b = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
+    wait_for_inputs(PDL)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
     p_s = state + i_m * s_sb
-    if CONV:  # the conv state and weights are prefetched with the weight rows, a block ahead
-        old, w_old, w_new = _conv_operands(p_s, s_sk, cw, pid, H, BN, TAPS, TP)
+    # Everything a block needs (weight rows, biases, the conv state and weights) is loaded a block ahead: a
+    # load issued where it is used would cost its whole latency on every block.
+    if CONV:
+        old, w_old, w_new, b_cb = _conv_operands(p_s, s_sk, cw, cb, pid, H, BN, TAPS, TP, HAS_CB)
     for blk in range(pid, n_blocks, G):
         rows, mask = _glu_rows(blk + G, H, BN)
         b_next = _load_rows(w, rows, mask, K, BK)
+        b_b_next = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
         if CONV:
-            old_next, w_old_next, w_new_next = _conv_operands(p_s, s_sk, cw, blk + G, H, BN, TAPS, TP)
-        rows, mask = _glu_rows(blk, H, BN)
-        acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1)
-        if HAS_BIAS:
-            acc += tl.load(b + rows, mask=mask, other=0.0).to(tl.float32)
+            old_next, w_old_next, w_new_next, b_cb_next = _conv_operands(p_s, s_sk, cw, cb, blk + G, H, BN, TAPS,
+                                                                         TP, HAS_CB)
+        acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1) + b_b
         a, g = tl.split(tl.reshape(acc.to(dtype), [BN, 2]))  # rounded as F.linear's output
         a = a.to(tl.float32)
         g = g.to(tl.float32)
@@ -155,8 +160,7 @@ def _norm_glu_kernel(
             # BaseConv's step (as short_conv_step): shift a into the tap-major state, conv, silu, gate by b.
             a = a.to(state.dtype.element_ty)
             conv = tl.sum(old.to(tl.float32) * w_old.to(tl.float32), 1) + a.to(tl.float32) * w_new.to(tl.float32)
-            if HAS_CB:
-                conv += tl.load(cb + c, mask=cm, other=0.0).to(tl.float32)
+            conv += b_cb
             # Taps 1 .. TAPS-1 move down one and a goes last. Every thread's read of these taps (a block
             # ago) precedes every write: threads holding copies of a channel must not read a shifted tap.
             tl.debug_barrier()
@@ -165,12 +169,12 @@ def _norm_glu_kernel(
                      mask=cm[:, None] & (j >= 1)[None, :] & (j < TAPS)[None, :])
             tl.store(p_s + c + (TAPS - 1) * s_sk, a, mask=cm)
             out = conv * tl.sigmoid(conv) * g
-            old, w_old, w_new = old_next, w_old_next, w_new_next
+            old, w_old, w_new, b_cb = old_next, w_old_next, w_new_next, b_cb_next
         else:
             # SwiGLU: up * silu(gate), silu rounded as F.silu's output.
             out = a * (g * tl.sigmoid(g)).to(dtype).to(tl.float32)
         tl.store(y + i_m * s_y + c, out.to(dtype), mask=cm)
-        b_w = b_next
+        b_w, b_b = b_next, b_b_next
 
 
 # Block size, warps and programs per SM: measured (benchmarks/gemv.py --sweep, NOTES-kernels.md), best near
@@ -179,26 +183,10 @@ def _norm_glu_kernel(
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_VALUES = 2**15 if INTERPRETED else 8192
 WARPS_PER_SM = 32
-PDL = True  # launch with programmatic dependent launch where supported (benchmarks/gemv.py --pdl toggles it)
 
 
-@functools.cache
-def _sm_count(device_index) -> int:
-    if INTERPRETED or not torch.cuda.is_available():
-        return 2
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def pdl_supported() -> bool:
-    """Programmatic dependent launch: Hopper or newer, and a Triton that can launch with it."""
-    if INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+def _sms(device) -> int:
+    return 2 if INTERPRETED or device.type != "cuda" else sm_count(device.index)
 
 
 def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm):
@@ -207,8 +195,8 @@ def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm):
     block_n = block_n or max(1, BLOCK_VALUES // (pair * BK))
     warps = num_warps or max(1, min(16, pair * block_n * BK // 1024))
     per_sm = per_sm or max(1, WARPS_PER_SM // warps)
-    programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * _sm_count(device.index)))
-    launch = {"launch_pdl": True} if PDL and pdl_supported() else {}
+    programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * _sms(device)))
+    launch = pdl_options(device)  # the grid is persistent: always within one wave
     return block_n, BK, warps, programs, launch
 
 

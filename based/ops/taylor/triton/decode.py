@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...launch import pdl_options, wait_for_inputs
 from .layout import feature_tables
 
 
@@ -17,8 +18,9 @@ from .layout import feature_tables
 def _taylor_step_kernel(
     q, k, v, kv, ks, o, fa, fb, fc, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    EVICT: tl.constexpr,
+    EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     i_bh = tl.program_id(0).to(tl.int64)
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
@@ -81,8 +83,9 @@ def triton_taylor_linear_attn_step(
     # 76% with 32 rows; results/taylor-decode-sweep-dv112-h200-2026-11-29.json)
     BF = block_f or max(1, min(64, 8192 // BV))
     num_warps = num_warps or (2 if B * H >= 1024 else 4)
+    launch = pdl_options(q.device, B * H)  # batch 1: the next kernel loads its weights during this one
     _taylor_step_kernel[(B * H,)](
         q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, EVICT=cache_hints,
-        num_warps=num_warps,
+        PDL=bool(launch), num_warps=num_warps, **launch,
     )
     return o
