@@ -187,6 +187,22 @@ def test_decode_step_matches_torch(feature_map):
     assert rel_err(kv, kv_ref) < 1e-6 and rel_err(ks, ks_ref) < 1e-6
 
 
+@pytest.mark.parametrize("block_f", [None, 4])
+def test_decode_step_split_over_programs_equals_one_program_per_head(block_f):
+    """The small-batch form (each head's state rows in chunks over programs, the last to finish sums the parts)
+    gives the one-program-per-head outputs and states, three steps in a row; chunks that do not divide F."""
+    B, H, d, dv = 2, 3, 8, 24
+    F = taylor_feature_dim(d, "compact")
+    states = [(torch.randn(B, H, F, dv) * 0.1, torch.rand(B, H, F) + 1.0) for _ in range(2)]
+    states[1] = tuple(t.clone() for t in states[0])
+    for _ in range(3):
+        q, k, v = torch.randn(B, H, d), torch.randn(B, H, d), torch.randn(B, H, dv)
+        ys = [triton_taylor_linear_attn_step(q, k, v, kv, ks, block_f=block_f, split=split)
+              for (kv, ks), split in zip(states, (False, True))]
+        assert rel_err(ys[1], ys[0]) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(states[1], states[0]))
+
+
 def test_decode_step_cache_hints_change_nothing_but_speed():
     """cache_hints (evict-first state loads, streaming stores; a tuning knob, off by default) gives the
     same outputs and states."""
@@ -196,7 +212,7 @@ def test_decode_step_cache_hints_change_nothing_but_speed():
     states[1] = tuple(t.clone() for t in states[0])
     q, k, v = torch.randn(B, H, d), torch.randn(B, H, d), torch.randn(B, H, dv)
     ys = [
-        triton_taylor_linear_attn_step(q, k, v, kv, ks, cache_hints=hints)
+        triton_taylor_linear_attn_step(q, k, v, kv, ks, cache_hints=hints, split=False)
         for (kv, ks), hints in zip(states, (False, True))
     ]
     assert torch.equal(ys[0], ys[1])

@@ -50,6 +50,11 @@ KERNELS["fused SwiGLU projection"] = ("based.ops.gemv.triton", "_norm_glu_kernel
 KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
                                                  dict(BN=2, BK=2048, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3,
                                                       HAS_CB=True, PDL=True), 8)
+KERNELS["taylor step, split"] = (
+    "based.ops.taylor.triton.decode", "_taylor_step_split_kernel",
+    dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, part=F32, count="*i32", fa="*i32", fb="*i32", fc=F32,
+         eps="fp32"),
+    dict(D=16, DV=112, F=153, BF=16, BV=128, NC=10, NCP=16, PDL=True), 4)
 KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict(x=BF16, s_x="i64", out=I64, N="i32"),
                           dict(BLOCK=2048), 8)
 KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
