@@ -56,7 +56,7 @@ def cases(M: int, dtype=torch.bfloat16, device="cuda"):
     def glu(conv, bias):
         w, b = t(2 * INNER, D), t(2 * INNER) if bias else None
         state = conv_state_zeros(M, INNER, 3, dtype, device) if conv else None
-        cw, cb = (t(INNER, 3), t(INNER)) if conv else (None, None)
+        cw, cb = (t(INNER, 3), t(INNER) if bias else None) if conv else (None, None)
         return {
             "fused": lambda block_n, warps, per_sm: kernels.triton_norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, block_n,
                                                                             warps, per_sm),
@@ -69,6 +69,9 @@ def cases(M: int, dtype=torch.bfloat16, device="cuda"):
     return {
         "swiglu fc1 (norm2, up * silu(gate))": (2 * INNER * D * two, functools.partial(glu, False, False)),
         "baseconv in_proj (norm1, conv step, gate)": (2 * INNER * D * two, functools.partial(glu, True, True)),
+        # Ablations of the BaseConv case: the conv without the biases, the biases without the conv.
+        "in_proj conv step, no biases": (2 * INNER * D * two, functools.partial(glu, True, False)),
+        "in_proj biases, SwiGLU epilogue": (2 * INNER * D * two, functools.partial(glu, False, True)),
         "fc2 (+ residual)": (D * INNER * two, functools.partial(linear, [(D, INNER)], False, False, True)),
         "baseconv out_proj (bias, + residual)": (D * INNER * two, functools.partial(linear, [(D, INNER)], False, True, True)),
         "attention Wqkv (norm1)": (3 * D * D * two, functools.partial(linear, [(3 * D, D)], True, False, False)),

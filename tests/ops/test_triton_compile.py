@@ -57,6 +57,10 @@ KERNELS["taylor step, split"] = (
     dict(D=16, DV=112, F=153, BF=16, BV=128, NC=10, NCP=16, PDL=True), 4)
 KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict(x=BF16, s_x="i64", out=I64, N="i32"),
                           dict(BLOCK=2048), 8)
+KERNELS["argmax, rows split"] = (
+    "based.ops.argmax.triton", "_argmax_split_kernel",
+    dict(x=BF16, s_x="i64", part_v=F32, part_i="*i32", count="*i32", out=I64, N="i32", CHUNK="i32"),
+    dict(S=25, SP=32, BLOCK=1024), 4)
 KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
     {**KERNELS["attention step, rotary"][3], "ROTARY": False, "PDL": False}, 1)
 KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + (
