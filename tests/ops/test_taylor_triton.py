@@ -176,11 +176,11 @@ def test_compiled_caller_matches_eager():
 def test_decode_step_matches_torch(feature_map):
     B, H, d, dv = 3, 2, 16, 24  # dv not a power of two: masked lanes
     F = taylor_feature_dim(d, feature_map)
-    kv = torch.randn(B, H, F, dv) * 0.1
-    ks = torch.rand(B, H, F) + 1.0
+    kv = torch.randn(B, H, F, dv, device=DEVICE) * 0.1
+    ks = torch.rand(B, H, F, device=DEVICE) + 1.0
     kv_ref, ks_ref = kv.clone(), ks.clone()
     for _ in range(3):
-        q, k, v = torch.randn(B, H, d), torch.randn(B, H, d), torch.randn(B, H, dv)
+        q, k, v = (torch.randn(B, H, n, device=DEVICE) for n in (d, d, dv))
         y = taylor_linear_attn_step(q, k, v, kv, ks, feature_map, backend="triton")
         y_ref = taylor_linear_attn_step(q, k, v, kv_ref, ks_ref, feature_map, backend="torch")
         assert rel_err(y, y_ref) < 1e-5
@@ -193,10 +193,11 @@ def test_decode_step_split_over_programs_equals_one_program_per_head(block_f):
     gives the one-program-per-head outputs and states, three steps in a row; chunks that do not divide F."""
     B, H, d, dv = 2, 3, 8, 24
     F = taylor_feature_dim(d, "compact")
-    states = [(torch.randn(B, H, F, dv) * 0.1, torch.rand(B, H, F) + 1.0) for _ in range(2)]
+    states = [(torch.randn(B, H, F, dv, device=DEVICE) * 0.1, torch.rand(B, H, F, device=DEVICE) + 1.0)
+              for _ in range(2)]
     states[1] = tuple(t.clone() for t in states[0])
     for _ in range(3):
-        q, k, v = torch.randn(B, H, d), torch.randn(B, H, d), torch.randn(B, H, dv)
+        q, k, v = (torch.randn(B, H, n, device=DEVICE) for n in (d, d, dv))
         ys = [triton_taylor_linear_attn_step(q, k, v, kv, ks, block_f=block_f, split=split)
               for (kv, ks), split in zip(states, (False, True))]
         assert rel_err(ys[1], ys[0]) < 1e-6
@@ -208,9 +209,10 @@ def test_decode_step_cache_hints_change_nothing_but_speed():
     same outputs and states."""
     B, H, d, dv = 2, 2, 8, 16
     F = taylor_feature_dim(d, "compact")
-    states = [(torch.randn(B, H, F, dv) * 0.1, torch.rand(B, H, F) + 1.0) for _ in range(2)]
+    states = [(torch.randn(B, H, F, dv, device=DEVICE) * 0.1, torch.rand(B, H, F, device=DEVICE) + 1.0)
+              for _ in range(2)]
     states[1] = tuple(t.clone() for t in states[0])
-    q, k, v = torch.randn(B, H, d), torch.randn(B, H, d), torch.randn(B, H, dv)
+    q, k, v = (torch.randn(B, H, n, device=DEVICE) for n in (d, d, dv))
     ys = [
         triton_taylor_linear_attn_step(q, k, v, kv, ks, cache_hints=hints, split=False)
         for (kv, ks), hints in zip(states, (False, True))
