@@ -98,13 +98,13 @@ def test_chunk_matches_naive(B, T, H, d, dv, with_state, feature_map, form):
 def test_varlen_matches_per_sequence(feature_map, form):
     H, d, dv = 2, 16, 32
     lens = [1, 63, 0, 66]  # a single token, a partial chunk, an empty sequence, a chunk boundary crossed
-    cu = torch.tensor([0, 1, 64, 64, 130], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 64, 64, 130], dtype=torch.int32, device=DEVICE)
     N, T = len(lens), sum(lens)
-    q, k = torch.randn(1, T, H, d), torch.randn(1, T, H, d)
-    v = torch.randn(1, T, H, dv)
-    state = _prior_state(N, H, d, dv, feature_map, "cpu")
+    q, k = torch.randn(1, T, H, d, device=DEVICE), torch.randn(1, T, H, d, device=DEVICE)
+    v = torch.randn(1, T, H, dv, device=DEVICE)
+    state = _prior_state(N, H, d, dv, feature_map, DEVICE)
     F = taylor_feature_dim(d, feature_map)
-    grads = _grads(v.shape, N, H, F, dv, "cpu")
+    grads = _grads(v.shape, N, H, F, dv, DEVICE)
 
     def per_sequence(q, k, v, fm, initial_state, output_final_state):
         return taylor_linear_attn(q, k, v, feature_map=fm, initial_state=initial_state, cu_seqlens=cu,
