@@ -120,8 +120,8 @@ class Decoder:
         compile: fuse each block's step with torch.compile (see `compiled_step`); the first steps of each
             new batch size then compile (tens of seconds).
         fused: use the small-batch step of based.generation.fused (every projection one Triton kernel with
-            its norm, residual, SwiGLU or short conv); default on CUDA at batch 1 (FUSED_MAX_BATCH), where it is
-            faster than `compile`, which it then replaces.
+            its norm, residual, SwiGLU or short conv); default on CUDA at batch 1 (FUSED_MAX_BATCH) with the
+            CUDA graph, where it is faster than `compile`, which it then replaces.
     """
 
     def __init__(
@@ -139,8 +139,10 @@ class Decoder:
     ):
         self.model = model
         self.sampling = sampling or SamplingParams()
-        if fused is None:
-            fused = model.device.type == "cuda" and batch_size <= FUSED_MAX_BATCH
+        cuda = model.device.type == "cuda"
+        graph = cuda_graph if cuda_graph is not None else cuda
+        if fused is None:  # launched from Python, its ~170 Triton kernels a token would cost more than they save
+            fused = cuda and graph and batch_size <= FUSED_MAX_BATCH
         if fused and batch_size > MAX_ROWS:
             raise ValueError(f"the fused step serves at most {MAX_ROWS} slots, got batch_size={batch_size}")
         self.step_kind = "fused" if fused else "compiled" if compile else "eager"
@@ -158,7 +160,7 @@ class Decoder:
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # each slot's last token
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         self.graph = None
-        if cuda_graph if cuda_graph is not None else device.type == "cuda":
+        if graph:
             self._capture()
 
     @property

@@ -57,7 +57,7 @@ def _block_step(block, backend: str):
                 conv_weight=mixer.conv.weight.squeeze(1), conv_bias=mixer.conv.bias, backend=backend,
             )
             return project_out(h, x)
-    elif isinstance(mixer, LinearAttention):
+    elif type(mixer) is LinearAttention:  # not the feature-map ablations (subclasses with their own step)
         projections = (mixer.proj_q, mixer.proj_k, mixer.proj_v)
         sizes = [p.out_features for p in projections]
 

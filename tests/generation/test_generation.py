@@ -358,6 +358,26 @@ def test_fused_step_equals_model_step(name):
         torch.testing.assert_close(logits["triton"], logits["eager"], rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("feature_map", ["performer", "cosformer"])
+def test_fused_step_leaves_feature_map_ablations_their_own_step(feature_map):
+    """Linear attention with another feature map (a LinearAttention subclass) keeps its own step inside
+    the fused step: the same logits as model.step."""
+    model = build("debug", feature_map=feature_map)
+    ids = torch.tensor(prompts_of([12, 12], seed=4))
+    logits = []
+    for step_of in (lambda m: m.step, fused_step):
+        state = InferenceState.allocate(model, 2, max_seq_len=32)
+        prefill(model, state, ids[:, :8])
+        step = step_of(model)
+        out = []
+        for t in range(8, 12):
+            out.append(step(ids[:, t], state.layers, state.seqlen_offset))
+            state.seqlen_offset += 1
+        logits.append(torch.stack(out))
+    assert torch.equal(logits[1], logits[0])
+
+
 def test_decoder_fused_choice_and_limit():
     model = build()
     ids = torch.tensor(prompts_of([6, 6]))
