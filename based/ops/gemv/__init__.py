@@ -27,7 +27,9 @@ from ..conv import short_conv_step
 from ..taylor.common import triton_available
 
 MAX_ROWS = 16  # rows of x past which the kernels (one weight pass per 16 rows at most) lose to cuBLAS
-MAX_K = 16384  # inputs per row: the kernels hold a whole weight row per block (see triton.py)
+# Inputs per row: the kernels hold whole weight rows, at most 64 values per thread (16 warps x 32 threads x 64
+# over two rows).
+MAX_K = 16384
 
 
 def _weights(weight, bias) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:

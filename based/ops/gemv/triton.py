@@ -17,7 +17,6 @@ import triton.language as tl
 
 from ..launch import pdl_options, sm_count, wait_for_inputs
 
-MAX_K = 16384  # a weight row per block, at most 64 values per thread: 16 warps x 32 threads x 64 / 2 rows
 
 
 @triton.jit
@@ -196,7 +195,7 @@ def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm):
     warps = num_warps or max(1, min(16, pair * block_n * BK // 1024))
     per_sm = per_sm or max(1, WARPS_PER_SM // warps)
     programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * _sms(device)))
-    launch = pdl_options(device)  # the grid is persistent: always within one wave
+    launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     return block_n, BK, warps, programs, launch
 
 
