@@ -14,6 +14,12 @@ from ..launch import pdl_options, wait_for_inputs
 
 
 @triton.jit
+def _online_softmax_start(BDV: tl.constexpr):
+    """The running max, normaliser and output [BDV] before any row."""
+    return tl.full([], float("-inf"), tl.float32), tl.zeros([], tl.float32), tl.zeros([BDV], tl.float32)
+
+
+@triton.jit
 def _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc):
     """Fold a block of scores b_s [BL] (rows m_r are real) into the running max b_m, normaliser b_l and
     output b_acc [BDV]; the block's values are loaded here from p_vt [BL, BDV], once the weights are known."""
@@ -44,9 +50,7 @@ def _decode_attn_kernel(
     n_rows = tl.minimum(b_last + 1, L)  # rows >= last + 1 are unwritten until the ring wraps
     p_k = k + i_b * s_kb + i_h * D
     p_v = v + i_b * s_vb + i_h * DV
-    b_m = tl.full([], float("-inf"), tl.float32)
-    b_l = tl.zeros([], tl.float32)
-    b_acc = tl.zeros([BDV], tl.float32)
+    b_m, b_l, b_acc = _online_softmax_start(BDV)
     for r0 in range(0, n_rows, BL):
         o_r = r0 + tl.arange(0, BL)
         m_r = o_r < n_rows
@@ -129,9 +133,7 @@ def _decode_attn_step_kernel(
     b_q1 = b_q1.to(tl.float32) * scale
     b_q2 = b_q2.to(tl.float32) * scale
     n_rows = tl.minimum(b_pos + 1, L)  # rows >= pos + 1 are unwritten until the ring wraps
-    b_m = tl.full([], float("-inf"), tl.float32)
-    b_l = tl.zeros([], tl.float32)
-    b_acc = tl.zeros([BDV], tl.float32)
+    b_m, b_l, b_acc = _online_softmax_start(BDV)
     for r0 in range(0, n_rows, BL):
         o_r = r0 + tl.arange(0, BL)
         m_r = o_r < n_rows
