@@ -120,9 +120,6 @@ def triton_taylor_linear_attn_step(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(v)
     BV = triton.next_power_of_2(DV)
-    # 64 rows for value blocks up to 128 (dv = 112 in the 1.3b preset: 91% of copy at batch 8798 against
-    # 76% with 32 rows; results/taylor-decode-sweep-dv112-h200-2026-11-29.json)
-    BF = block_f or max(1, min(64, 8192 // BV))
     num_warps = num_warps or (2 if B * H >= 1024 else 4)
     if split if split is not None else B * H <= SPLIT_MAX_HEADS:
         BF = block_f or SPLIT_ROWS
@@ -132,10 +129,13 @@ def triton_taylor_linear_attn_step(
         launch = pdl_options(q.device, B * H * NC)  # the next kernel loads its weights during this one
         _taylor_step_split_kernel[(B * H, NC)](
             q, k, v, kv_state, k_state, o, part, count, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, NC=NC,
-            NCP=triton.next_power_of_2(NC), PDL=bool(launch), num_warps=num_warps or 4, **launch,
+            NCP=triton.next_power_of_2(NC), PDL=bool(launch), num_warps=num_warps, **launch,
         )
         return o
-    launch = pdl_options(q.device, B * H)  # batch 1: the next kernel loads its weights during this one
+    # 64 rows for value blocks up to 128 (dv = 112 in the 1.3b preset: 91% of copy at batch 8798 against
+    # 76% with 32 rows; results/taylor-decode-sweep-dv112-h200-2026-11-29.json)
+    BF = block_f or max(1, min(64, 8192 // BV))
+    launch = pdl_options(q.device, B * H)  # a small grid: the next kernel loads its weights during this one
     _taylor_step_kernel[(B * H,)](
         q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, EVICT=cache_hints,
         PDL=bool(launch), num_warps=num_warps, **launch,
