@@ -38,6 +38,14 @@ def sm_count(device_index: int | None = None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def grid_sms(device: torch.device) -> int:
+    """SMs to size a persistent or split grid for: the device's, or 2 under the interpreter (the CPU tests),
+    which runs programs one after another, milliseconds each."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return 2
+    return sm_count(device.index)
+
+
 def pdl_options(device: torch.device, programs: int | None = None) -> dict:
     """Launch options for a kernel with a PDL constexpr: {"launch_pdl": True} where supported and (when
     programs is given) the grid is at most one program per SM, i.e. a small-batch decode kernel. A big grid
@@ -53,3 +61,22 @@ def wait_for_inputs(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+TICKETS = 4096  # counters per buffer: the split kernels use one per (sequence, head) or row, at small batch
+_tickets: dict = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 zeros for the atomic tickets of a split kernel, whose last program per ticket puts its counter
+    back to 0. The buffer is kept and reused, so a launch needs no fill kernel before it (at batch 1 a fill
+    would cost its own launch and cut the PDL overlap of the kernels around it). One buffer per (device,
+    stream): the launches of one stream run one after another, two streams may run at once. A buffer first
+    made while a CUDA graph is captured is made (and zeroed) by that graph, whose pool it then stays in."""
+    if n > TICKETS:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _tickets:
+        _tickets[key] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return _tickets[key][:n]

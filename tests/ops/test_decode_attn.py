@@ -1,6 +1,7 @@
 """decode_attn (one token against a ring KV cache): the Triton kernel against the SDPA form and both against
 an explicit softmax over the positions each ring row holds. Without CUDA the kernel runs under
 TRITON_INTERPRET=1 on tiny shapes; `pytest -m gpu` runs real sizes."""
+import functools
 import os
 
 import torch
@@ -120,10 +121,21 @@ def _rotate(x, positions, inv_freq):
     return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], -1)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def _step_form(form):
+    """decode_attn_step through a backend, or the Triton kernel in one form: one program per head, or each
+    ring split into 3 ranges of 2-row loads (ranges without written rows, several loads per range)."""
+    if form in ("torch", "triton"):
+        return functools.partial(decode_attn_step, backend=form)
+    from based.ops.decode_attn.triton import triton_decode_attn_step
+
+    extra = dict(split=False) if form == "one program per head" else dict(split=True, ranges=3, block_l=2)
+    return lambda *args: triton_decode_attn_step(*args, **extra)
+
+
+@pytest.mark.parametrize("form", ["torch", "triton", "one program per head", "split ranges"])
 @pytest.mark.parametrize("rotary", [True, False])
 @pytest.mark.parametrize("L, positions", [(5, [0, 3, 4, 11]), (40, [0, 1, 17, 39])])
-def test_step_rotates_writes_and_attends(backend, rotary, L, positions):
+def test_step_rotates_writes_and_attends(form, rotary, L, positions):
     """decode_attn_step = rotary at each position, k and v written into row position % L, attention over
     the written rows; q, k, v are strided views of one fused projection as in Attention.step."""
     torch.manual_seed(3)
@@ -137,10 +149,27 @@ def test_step_rotates_writes_and_attends(backend, rotary, L, positions):
     qr, kr = (_rotate(t, pos, inv_freq).float() for t in (q, k)) if rotary else (q, k)
     want_k[torch.arange(B), pos % L], want_v[torch.arange(B), pos % L] = kr, v
     want = explicit(qr, want_k, want_v, pos).float()
-    out = decode_attn_step(q, k, v, k_cache, v_cache, pos, inv_freq, backend=backend)
+    out = _step_form(form)(q, k, v, k_cache, v_cache, pos, inv_freq)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_cache, want_k, atol=1e-5, rtol=1e-5)
     assert torch.equal(v_cache, want_v)
+
+
+def test_split_step_leaves_its_tickets_ready_for_the_next_launch():
+    """The split kernel's last program per head puts its ticket counter back to 0: a second launch on the
+    same (reused) counters gives the same answer."""
+    from based.ops.decode_attn.triton import triton_decode_attn_step
+    from based.ops.launch import ticket_counters
+
+    torch.manual_seed(4)
+    B, L, H, D = 2, 9, 3, 8
+    q, k, v = torch.randn(3, B, H, D, device=DEVICE)
+    caches = torch.randn(2, B, L, H, D, device=DEVICE)
+    pos = torch.tensor([4, 13], device=DEVICE)
+    first = triton_decode_attn_step(q, k, v, *caches.clone(), pos, split=True, ranges=3, block_l=2)
+    assert not ticket_counters(q.device, B * H).any()
+    again = triton_decode_attn_step(q, k, v, *caches.clone(), pos, split=True, ranges=3, block_l=2)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
 
 
 def test_step_bad_arguments():
@@ -154,10 +183,11 @@ def test_step_bad_arguments():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("L, H, D", [(128, 16, 112), (4096, 16, 64)])
-def test_step_kernel_at_real_sizes_in_bf16(L, H, D):
+@pytest.mark.parametrize("L, H, D, B", [(128, 16, 112, 256), (4096, 16, 64, 256), (129, 16, 112, 1),
+                                        (4096, 16, 64, 2)])
+def test_step_kernel_at_real_sizes_in_bf16(L, H, D, B):
+    """B = 256: one program per head; B = 1, 2: each ring split over programs."""
     torch.manual_seed(0)
-    B = 256
     qkv = torch.randn(B, 3, H, D, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(1)
     caches = [torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]

@@ -60,7 +60,11 @@ KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict
 KERNELS["argmax, rows split"] = (
     "based.ops.argmax.triton", "_argmax_split_kernel",
     dict(x=BF16, s_x="i64", part_v=F32, part_i="*i32", count="*i32", out=I64, N="i32", CHUNK="i32"),
-    dict(S=25, SP=32, BLOCK=1024), 4)
+    dict(S=25, SP=32, BLOCK=1024, PDL=True), 4)
+KERNELS["attention step, ring split"] = (
+    "based.ops.decode_attn.triton", "_decode_attn_step_split_kernel",
+    {**KERNELS["attention step, rotary"][2], "part": F32, "count": "*i32", "RS": "i32"},
+    dict(H=16, D=112, DV=112, BH=64, BDV=128, BL=16, NS=9, NSP=16, ROTARY=True, PDL=True), 4)
 KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
     {**KERNELS["attention step, rotary"][3], "ROTARY": False, "PDL": False}, 1)
 KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + (

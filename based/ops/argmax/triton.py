@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import pdl_options, ticket_counters, wait_for_inputs
+
 SPLIT_CHUNK = 2048  # columns per program of the split form
 
 
@@ -36,9 +38,10 @@ def _argmax_rows_kernel(x, s_x, out, N, BLOCK: tl.constexpr):
 
 @triton.jit
 def _argmax_split_kernel(x, s_x, part_v, part_i, count, out, N, CHUNK, S: tl.constexpr, SP: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Few rows: S programs per row, each over CHUNK columns; the row's last program to finish (an atomic
     ticket) picks the best of their answers, the first chunk's on ties."""
+    wait_for_inputs(PDL)
     i_row = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
     lo = i_c * CHUNK
@@ -52,6 +55,7 @@ def _argmax_split_kernel(x, s_x, part_v, part_i, count, out, N, CHUNK, S: tl.con
         cols = tl.load(part_i + i_row * S + o, mask=o < S, other=N)
         best = tl.max(vs, 0)
         tl.store(out + i_row, tl.min(tl.where(vs == best, cols, N), 0).to(tl.int64))
+        tl.store(count + i_row, 0)  # ready for the next launch (ticket_counters)
 
 
 @torch.compiler.disable
@@ -70,9 +74,11 @@ def triton_argmax_rows(logits: torch.Tensor, split: bool = False) -> torch.Tenso
         chunk = triton.cdiv(N, S)
         part_v = torch.empty(B, S, dtype=torch.float32, device=logits.device)
         part_i = torch.empty(B, S, dtype=torch.int32, device=logits.device)
-        count = torch.zeros(B, dtype=torch.int32, device=logits.device)
+        count = ticket_counters(logits.device, B)
+        launch = pdl_options(logits.device, B * S)  # launched while the LM head drains
         _argmax_split_kernel[(B, S)](logits, logits.stride(0), part_v, part_i, count, out, N, chunk, S=S,
-                                     SP=triton.next_power_of_2(S), BLOCK=1024, num_warps=4)
+                                     SP=triton.next_power_of_2(S), BLOCK=1024, PDL=bool(launch), num_warps=4,
+                                     **launch)
     else:
         _argmax_rows_kernel[(B,)](logits, logits.stride(0), out, N, BLOCK=2048, num_warps=8)
     return out

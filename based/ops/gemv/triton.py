@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import pdl_options, sm_count, wait_for_inputs
+from ..launch import grid_sms, pdl_options, wait_for_inputs
 
 
 
@@ -184,17 +184,13 @@ BLOCK_VALUES = 2**15 if INTERPRETED else 8192
 WARPS_PER_SM = 32
 
 
-def _sms(device) -> int:
-    return 2 if INTERPRETED or device.type != "cuda" else sm_count(device.index)
-
-
 def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm):
     """(BN, BK, warps, programs, launch options); pair = 2 when each output takes two weight rows (norm_glu)."""
     BK = triton.next_power_of_2(K)
     block_n = block_n or max(1, BLOCK_VALUES // (pair * BK))
     warps = num_warps or max(1, min(16, pair * block_n * BK // 1024))
     per_sm = per_sm or max(1, WARPS_PER_SM // warps)
-    programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * _sms(device)))
+    programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * grid_sms(device)))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     return block_n, BK, warps, programs, launch
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...launch import pdl_options, wait_for_inputs
+from ...launch import pdl_options, ticket_counters, wait_for_inputs
 from .layout import feature_tables
 
 # Up to this many (sequence, head) pairs the step splits each head's state rows into chunks of SPLIT_ROWS
@@ -95,6 +95,7 @@ def _taylor_step_split_kernel(
         b_num = tl.sum(tl.load(p_all[:, None] + o_v[None, :], mask=(o_c < NC)[:, None], other=0.0), 0)
         b_den = tl.sum(tl.load(p_all + BV, mask=o_c < NC, other=0.0), 0)
         tl.store(o + i_bh * DV + o_v, (b_num / (b_den + eps)).to(o.dtype.element_ty), mask=m_v)
+        tl.store(count + i_bh, 0)  # ready for the next launch (ticket_counters)
 
 
 def triton_taylor_linear_attn_step(
@@ -125,7 +126,7 @@ def triton_taylor_linear_attn_step(
         BF = block_f or SPLIT_ROWS
         NC = triton.cdiv(F, BF)
         part = torch.empty(B * H, NC, BV + 1, dtype=torch.float32, device=q.device)
-        count = torch.zeros(B * H, dtype=torch.int32, device=q.device)
+        count = ticket_counters(q.device, B * H)
         launch = pdl_options(q.device, B * H * NC)  # the next kernel loads its weights during this one
         _taylor_step_split_kernel[(B * H, NC)](
             q, k, v, kv_state, k_state, o, part, count, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, NC=NC,
