@@ -46,8 +46,7 @@ def cases(M: int, dtype=torch.bfloat16, device="cuda"):
         res = t(M, sum(n for n, _ in shapes)) if residual else None
         n = nw if norm else None
         return {
-            "fused": lambda block_n, warps, per_sm: kernels.triton_norm_linear(x, ws, bs, n, 1e-5, res, block_n, warps,
-                                                                               per_sm),
+            "fused": lambda *config, **kw: kernels.triton_norm_linear(x, ws, bs, n, 1e-5, res, *config, **kw),
             "eager": lambda: norm_linear(x, ws if len(ws) > 1 else ws[0], bs if len(ws) > 1 else bs[0], n, 1e-5,
                                          res, backend="torch"),
             "cublas": lambda: [F.linear(x, w) for w in ws],
@@ -58,8 +57,7 @@ def cases(M: int, dtype=torch.bfloat16, device="cuda"):
         state = conv_state_zeros(M, INNER, 3, dtype, device) if conv else None
         cw, cb = (t(INNER, 3), t(INNER) if bias else None) if conv else (None, None)
         return {
-            "fused": lambda block_n, warps, per_sm: kernels.triton_norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, block_n,
-                                                                            warps, per_sm),
+            "fused": lambda *config, **kw: kernels.triton_norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, *config, **kw),
             "eager": lambda: norm_glu(x_d, w, b, nw, 1e-5, state, cw, cb, backend="torch"),
             "cublas": lambda: F.linear(x_d, w),
             "stateful": conv,  # each call shifts the conv state: two calls do not see the same inputs
@@ -110,7 +108,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=[1], help="rows of x (decode batch)")
     p.add_argument("--sweep", action="store_true",
-                   help="at the fewest rows, time every block_n in 1 2 4 8 x 4 or 8 warps x 2, 4 or 8 programs per SM")
+                   help="at the fewest rows, time every block_n in 1 2 4 x 4 or 8 warps x 2, 3 or 4 programs per SM x "
+                        "registers uncapped or capped at 64 (maxnreg); each records its registers per thread")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--git-rev", default=None)
     args = p.parse_args(argv)
@@ -123,29 +122,32 @@ def main(argv=None) -> int:
         for name, (wbytes, build) in cases(M).items():
             copies = [build() for _ in range(max(2, -(-4 * l2 // wbytes)))]
             row = {"case": name, "rows_of_x": M, "weight_bytes": wbytes}
-            configs = [(None, None, None)]
+            configs = [(None, None, None, None)]
             if args.sweep and M == min(args.rows):
-                configs += [(bn, w, p) for bn in (1, 2, 4, 8) for w in (4, 8) for p in (2, 4, 8)]
-            for bn, w, per_sm in configs:
-                key = "fused" if w is None else f"fused bn{bn} w{w} p{per_sm}"
+                configs += [(bn, w, p, r) for bn in (1, 2, 4) for w in (4, 8) for p in (2, 3, 4) for r in (None, 64)]
+            for config in configs:
+                bn, w, per_sm, maxnreg = config
+                key = "fused" if w is None else f"fused bn{bn} w{w} p{per_sm}" + (f" r{maxnreg}" if maxnreg else "")
+                stats = {}
                 try:
-                    us = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
+                    copies[0]["fused"](*config, stats=stats)  # compiles; records the registers
+                    us = graph_us([functools.partial(c["fused"], *config) for c in copies])
                     if w is None and launch.pdl_supported():  # the default, also without PDL
                         launch.ENABLED = False
-                        no_pdl = graph_us([functools.partial(c["fused"], bn, w, per_sm) for c in copies])
+                        no_pdl = graph_us([functools.partial(c["fused"], *config) for c in copies])
                         launch.ENABLED = True
                         row["fused without PDL"] = {"us": no_pdl, "GBps": wbytes / no_pdl / 1e3}
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
                     row[key] = repr(e)[:200]
                     continue
-                row[key] = {"us": us, "GBps": wbytes / us / 1e3}
+                row[key] = {"us": us, "GBps": wbytes / us / 1e3, **stats}
             for kind in ("eager", "cublas"):
                 us = graph_us([c[kind] for c in copies])
                 row[kind] = {"us": us, "GBps": wbytes / us / 1e3}
             # Agreement with the layers' arithmetic, for the record (bf16: a rounding or two apart).
             c = copies[0]
             if not c.get("stateful"):
-                a, b = c["fused"](None, None, None), c["eager"]()
+                a, b = c["fused"](), c["eager"]()
                 row["rel_err_vs_eager"] = ((a.float() - b.float()).norm() / b.float().norm()).item()
             result["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -184,19 +184,30 @@ BLOCK_VALUES = 2**15 if INTERPRETED else 8192
 WARPS_PER_SM = 32
 
 
-def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm):
-    """(BN, BK, warps, programs, launch options); pair = 2 when each output takes two weight rows (norm_glu)."""
+def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm, maxnreg=None):
+    """(BN, BK, warps, programs, launch options); pair = 2 when each output takes two weight rows (norm_glu).
+    maxnreg caps the registers per thread (a tuning knob: more programs fit on an SM)."""
     BK = triton.next_power_of_2(K)
     block_n = block_n or max(1, BLOCK_VALUES // (pair * BK))
     warps = num_warps or max(1, min(16, pair * block_n * BK // 1024))
     per_sm = per_sm or max(1, WARPS_PER_SM // warps)
     programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * grid_sms(device)))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
+    if maxnreg:
+        launch = {**launch, "maxnreg": maxnreg}
     return block_n, BK, warps, programs, launch
 
 
+def _record(stats, kernel, block_n, warps, programs):
+    """Fill stats (a dict, for benchmarks/gemv.py) with the launch's configuration and registers."""
+    if stats is not None:
+        stats.update(block_n=block_n, num_warps=warps, programs=programs, n_regs=getattr(kernel, "n_regs", None),
+                     n_spills=getattr(kernel, "n_spills", None))
+
+
 @torch.compiler.disable
-def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None):
+def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None,
+                       maxnreg=None, stats=None):
     M, K = x.shape
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
@@ -208,20 +219,21 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    block_n, BK, warps, programs, launch = _config(1, K, sum(Ns), x.device, block_n, num_warps, per_sm)
-    _norm_linear_kernel[(programs, M)](
+    block_n, BK, warps, programs, launch = _config(1, K, sum(Ns), x.device, block_n, num_warps, per_sm, maxnreg)
+    kernel = _norm_linear_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
         out, out.stride(0), K, *(Ns + [0] * pad), eps,
         BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-        HAS_RES=residual is not None, PDL=bool(launch), num_warps=warps, **launch,
+        HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch,
     )
+    _record(stats, kernel, block_n, warps, programs)
     return out
 
 
 @torch.compiler.disable
 def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias,
-                    block_n=None, num_warps=None, per_sm=None):
+                    block_n=None, num_warps=None, per_sm=None, maxnreg=None, stats=None):
     M, K = x.shape
     H = weight.shape[0] // 2
     out = x.new_empty(M, H)
@@ -230,13 +242,14 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     conv = conv_state is not None
     taps = conv_state.transpose(1, 2) if conv else None  # [rows, taps, H], contiguous rows
     cw = conv_weight.contiguous() if conv else x
-    block_n, BK, warps, programs, launch = _config(2, K, H, x.device, block_n, num_warps, per_sm)
-    _norm_glu_kernel[(programs, M)](
+    block_n, BK, warps, programs, launch = _config(2, K, H, x.device, block_n, num_warps, per_sm, maxnreg)
+    kernel = _norm_glu_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
         out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
         cw, conv_bias if conv and conv_bias is not None else x, K, H, eps,
         BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
-        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None, PDL=bool(launch),
+        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None, PDL="launch_pdl" in launch,
         num_warps=warps, **launch,
     )
+    _record(stats, kernel, block_n, warps, programs)
     return out
