@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     rev = args.git_rev or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "git_revision": rev,
               "torch": torch.__version__, "dtype": "bfloat16", "block_values": kernels.BLOCK_VALUES,
-              "warps_per_sm": kernels.WARPS_PER_SM, "pdl_supported": launch.pdl_supported(), "rows": []}
+              "warps_and_programs_per_sm": kernels.WARPS_AND_PROGRAMS_PER_SM, "pdl_supported": launch.pdl_supported(), "rows": []}
     for M in args.rows:
         for name, (wbytes, build) in cases(M).items():
             copies = [build() for _ in range(max(2, -(-4 * l2 // wbytes)))]

@@ -176,21 +176,28 @@ def _norm_glu_kernel(
         b_w, b_b = b_next, b_b_next
 
 
-# Block size, warps and programs per SM: measured (benchmarks/gemv.py --sweep, NOTES-kernels.md), best near
-# 8192 weight values per block, 32 per thread (8 warps) and 32 warps per SM (4 programs). The interpreter
-# (CPU tests) runs programs one after another at milliseconds each: there, fewer and larger blocks.
+# Block size, warps and programs per SM: measured (benchmarks/gemv.py --sweep, NOTES-kernels.md; H200, batch
+# 1, the 1.3b preset's projections, results/gemv-sweep-h200-2026-11-29-v2.json), best near 8192 weight
+# values per block everywhere, and per kind of epilogue:
+#   plain projections (norm_linear): 4 warps, 4 programs per SM (fc2 4.3 us against 4.9 on 8 warps);
+#   SwiGLU's fc1 (norm_glu): 8 warps, 4 programs per SM;
+#   BaseConv's in_proj with its conv step: 4 warps, 3 programs per SM (9.0 us against 12.6 on 8 warps x 4).
+# The interpreter (CPU tests) runs programs one after another at milliseconds each: there, fewer and larger
+# blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_VALUES = 2**15 if INTERPRETED else 8192
-WARPS_PER_SM = 32
+WARPS_AND_PROGRAMS_PER_SM = {"linear": (4, 4), "glu": (8, 4), "conv": (4, 3)}
 
 
-def _config(pair: int, K: int, n_out: int, device, block_n, num_warps, per_sm, maxnreg=None):
-    """(BN, BK, warps, programs, launch options); pair = 2 when each output takes two weight rows (norm_glu).
-    maxnreg caps the registers per thread (a tuning knob: more programs fit on an SM)."""
+def _config(kind: str, K: int, n_out: int, device, block_n, num_warps, per_sm, maxnreg=None):
+    """(BN, BK, warps, programs, launch options) for a kind of WARPS_AND_PROGRAMS_PER_SM; the glu kinds read
+    two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
+    pair = 1 if kind == "linear" else 2
     BK = triton.next_power_of_2(K)
     block_n = block_n or max(1, BLOCK_VALUES // (pair * BK))
-    warps = num_warps or max(1, min(16, pair * block_n * BK // 1024))
-    per_sm = per_sm or max(1, WARPS_PER_SM // warps)
+    warps, programs_per_sm = WARPS_AND_PROGRAMS_PER_SM[kind]
+    warps = num_warps or warps
+    per_sm = per_sm or programs_per_sm
     programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * grid_sms(device)))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     if maxnreg:
@@ -219,7 +226,8 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    block_n, BK, warps, programs, launch = _config(1, K, sum(Ns), x.device, block_n, num_warps, per_sm, maxnreg)
+    block_n, BK, warps, programs, launch = _config("linear", K, sum(Ns), x.device, block_n, num_warps, per_sm,
+                                                   maxnreg)
     kernel = _norm_linear_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
         residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
@@ -242,7 +250,8 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     conv = conv_state is not None
     taps = conv_state.transpose(1, 2) if conv else None  # [rows, taps, H], contiguous rows
     cw = conv_weight.contiguous() if conv else x
-    block_n, BK, warps, programs, launch = _config(2, K, H, x.device, block_n, num_warps, per_sm, maxnreg)
+    block_n, BK, warps, programs, launch = _config("conv" if conv else "glu", K, H, x.device, block_n, num_warps,
+                                                   per_sm, maxnreg)
     kernel = _norm_glu_kernel[(programs, M)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
         out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
