@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="*", default=[1], help="rows of x (decode batch)")
     p.add_argument("--sweep", action="store_true",
-                   help="at the fewest rows, time every block_n in 1 2 4 x 4 or 8 warps x 2, 3 or 4 programs per SM x "
+                   help="at the fewest rows, time every block_n in 1 2 4 x 4 or 8 warps x 2, 3, 4, 6 or 8 programs per SM x "
                         "registers uncapped or capped at 64 (maxnreg); each records its registers per thread")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--git-rev", default=None)
@@ -117,14 +117,14 @@ def main(argv=None) -> int:
     rev = args.git_rev or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "git_revision": rev,
               "torch": torch.__version__, "dtype": "bfloat16", "block_values": kernels.BLOCK_VALUES,
-              "warps_and_programs_per_sm": kernels.WARPS_AND_PROGRAMS_PER_SM, "pdl_supported": launch.pdl_supported(), "rows": []}
+              "configs": kernels.CONFIGS, "pdl_supported": launch.pdl_supported(), "rows": []}
     for M in args.rows:
         for name, (wbytes, build) in cases(M).items():
             copies = [build() for _ in range(max(2, -(-4 * l2 // wbytes)))]
             row = {"case": name, "rows_of_x": M, "weight_bytes": wbytes}
             configs = [(None, None, None, None)]
             if args.sweep and M == min(args.rows):
-                configs += [(bn, w, p, r) for bn in (1, 2, 4) for w in (4, 8) for p in (2, 3, 4) for r in (None, 64)]
+                configs += [(bn, w, p, r) for bn in (1, 2, 4) for w in (4, 8) for p in (2, 3, 4, 6, 8) for r in (None, 64)]
             for config in configs:
                 bn, w, per_sm, maxnreg = config
                 key = "fused" if w is None else f"fused bn{bn} w{w} p{per_sm}" + (f" r{maxnreg}" if maxnreg else "")

@@ -20,14 +20,19 @@ def _online_softmax_start(BDV: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc):
-    """Fold a block of scores b_s [BL] (rows m_r are real) into the running max b_m, normaliser b_l and
-    output b_acc [BDV]; the block's values are loaded here from p_vt [BL, BDV], once the weights are known."""
+def _values(p_vt, m_r, m_dv):
+    """The values [BL, BDV] of rows m_r at p_vt."""
+    return tl.load(p_vt, mask=m_r[:, None] & m_dv[None, :], other=0.0)
+
+
+@triton.jit
+def _online_softmax_step(b_s, m_r, b_vt, b_m, b_l, b_acc):
+    """Fold a block of scores b_s [BL] (rows m_r are real) and its values b_vt [BL, BDV] into the running
+    max b_m, normaliser b_l and output b_acc [BDV]."""
     b_s = tl.where(m_r, b_s, float("-inf"))
     b_m_new = tl.maximum(b_m, tl.max(b_s, 0))
     b_p = tl.exp(b_s - b_m_new)
     alpha = tl.exp(b_m - b_m_new)
-    b_vt = tl.load(p_vt, mask=m_r[:, None] & m_dv[None, :], other=0.0)
     b_acc = b_acc * alpha + tl.sum(b_p[:, None] * b_vt.to(tl.float32), 0)
     b_l = b_l * alpha + tl.sum(b_p, 0)
     return b_m_new, b_l, b_acc
@@ -56,8 +61,8 @@ def _decode_attn_kernel(
         m_r = o_r < n_rows
         b_k = tl.load(p_k + o_r[:, None] * s_kl + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
         b_s = tl.sum(b_k.to(tl.float32) * b_q[None, :], 1)  # [BL]
-        p_vt = p_v + o_r[:, None] * s_vl + o_dv[None, :]
-        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc)
+        b_vt = _values(p_v + o_r[:, None] * s_vl + o_dv[None, :], m_r, m_dv)  # after the scores: fewer live
+        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, b_vt, b_m, b_l, b_acc)
     tl.store(o + (i_b * H + i_h) * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
 
 
@@ -163,8 +168,8 @@ def _decode_attn_step_kernel(
         o_r = r0 + tl.arange(0, BL)
         m_r = o_r < n_rows
         b_s = _cache_scores(p_kc, o_r, m_r, b_q1, b_q2, s_kl, D // 2, BH)
-        p_vt = p_vc + o_r[:, None] * s_vl + o_dv[None, :]
-        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc)
+        b_vt = _values(p_vc + o_r[:, None] * s_vl + o_dv[None, :], m_r, m_dv)  # after the scores: fewer live
+        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, b_vt, b_m, b_l, b_acc)
     tl.store(o + i_bh * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
 
 
@@ -197,9 +202,10 @@ def _decode_attn_step_split_kernel(
     for r0 in range(lo, hi, BL):
         o_r = r0 + tl.arange(0, BL)
         m_r = o_r < hi
+        # Values loaded before the keys' scores are summed: one memory round trip for both, not two.
+        b_vt = _values(p_vc + o_r[:, None] * s_vl + o_dv[None, :], m_r, m_dv)
         b_s = _cache_scores(p_kc, o_r, m_r, b_q1, b_q2, s_kl, D // 2, BH)
-        p_vt = p_vc + o_r[:, None] * s_vl + o_dv[None, :]
-        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, p_vt, m_dv, b_m, b_l, b_acc)
+        b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, b_vt, b_m, b_l, b_acc)
     # part [B*H, NS, BDV + 2]: the range's output (not yet divided), then its max and normaliser. A range
     # without rows leaves max -inf, normaliser 0.
     p_part = part + (i_bh * NS + i_s) * (BDV + 2)

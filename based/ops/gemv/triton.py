@@ -9,6 +9,7 @@ per program.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -186,16 +187,19 @@ def _norm_glu_kernel(
 # blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_VALUES = 2**15 if INTERPRETED else 8192
-WARPS_AND_PROGRAMS_PER_SM = {"linear": (4, 4), "glu": (8, 4), "conv": (4, 3)}
+# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
+# '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
+CONFIGS = {"linear": (None, 4, 4), "glu": (None, 8, 4), "conv": (None, 4, 3)}
+CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
 
 
 def _config(kind: str, K: int, n_out: int, device, block_n, num_warps, per_sm, maxnreg=None):
-    """(BN, BK, warps, programs, launch options) for a kind of WARPS_AND_PROGRAMS_PER_SM; the glu kinds read
-    two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
+    """(BN, BK, warps, programs, launch options) for a kind of CONFIGS (explicit arguments win); the glu
+    kinds read two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
     pair = 1 if kind == "linear" else 2
     BK = triton.next_power_of_2(K)
-    block_n = block_n or max(1, BLOCK_VALUES // (pair * BK))
-    warps, programs_per_sm = WARPS_AND_PROGRAMS_PER_SM[kind]
+    default_n, warps, programs_per_sm = CONFIGS[kind]
+    block_n = block_n or default_n or max(1, BLOCK_VALUES // (pair * BK))
     warps = num_warps or warps
     per_sm = per_sm or programs_per_sm
     programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * grid_sms(device)))
