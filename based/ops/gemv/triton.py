@@ -1,6 +1,6 @@
-"""Triton kernels of norm_linear and norm_glu.
+"""Triton kernels of norm_linear and norm_glu for one row of x (rows.py: several), and their launch.
 
-Persistent and prefetching: a few programs per SM (grid (programs, rows of x)) each walk the weight in
+Persistent and prefetching: a few programs per SM (as many as fit at once) each walk the weight in
 blocks of BN output rows, a whole row (K <= MAX_K) per block. Each program issues its first block's load
 before it normalises its row of x, and the next block's load before it reduces the current one, so two
 blocks are in flight while it computes; one-block-per-program grids waited on every load in turn (fc1 of
@@ -17,52 +17,8 @@ import triton
 import triton.language as tl
 
 from ..launch import grid_sms, pdl_options, wait_for_inputs
-
-
-
-@triton.jit
-def _normed_row(p_x, nw, K, eps, BK: tl.constexpr, NORM: tl.constexpr):
-    """The row at p_x [BK] (K real), under NORM RMSNorm-ed with weight nw and rounded to x's dtype as the norm
-    layer's output is."""
-    cols = tl.arange(0, BK)
-    b_x = tl.load(p_x + cols, mask=cols < K, other=0.0)
-    if NORM:
-        f = b_x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(f * f, 0) / K + eps)
-        b_nw = tl.load(nw + cols, mask=cols < K, other=0.0).to(tl.float32)
-        b_x = (f * rstd * b_nw).to(p_x.dtype.element_ty)
-    return b_x
-
-
-@triton.jit
-def _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN: tl.constexpr):
-    """Block blk of the concatenated outputs of up to three weights -> (weight, bias, its rows, the block's
-    first row in it, its first output column). Blocks past the end get no rows (their loads are masked)."""
-    nb0 = tl.cdiv(N0, BN)
-    nb1 = tl.cdiv(N1, BN)
-    zero = blk * 0  # values that both branches assign must be tensors, not constants
-    w, b, n, row0, col0 = w0, b0, zero + N0, blk * BN, zero
-    if blk >= nb0:
-        w, b, n, row0, col0 = w1, b1, zero + N1, (blk - nb0) * BN, zero + N0
-    if blk >= nb0 + nb1:
-        w, b, n, row0, col0 = w2, b2, zero + N2, (blk - nb0 - nb1) * BN, zero + N0 + N1
-    return w, b, n, row0, col0
-
-
-@triton.jit
-def _load_rows(w, rows, mask, K, BK: tl.constexpr):
-    cols = tl.arange(0, BK)
-    p = w + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    return tl.load(p, mask=mask[:, None] & (cols < K)[None, :], other=0.0)
-
-
-@triton.jit
-def _load_vec(p, rows, mask, BN: tl.constexpr, LOAD: tl.constexpr):
-    """p[rows] as fp32 [BN] (zeros where masked, or everywhere without LOAD)."""
-    if LOAD:
-        return tl.load(p + rows, mask=mask, other=0.0).to(tl.float32)
-    else:
-        return tl.zeros([BN], tl.float32)
+from .rows import _norm_glu_rows_kernel, _norm_linear_rows_kernel
+from .tiles import _conv_operands, _glu_rows, _load_rows, _load_vec, _normed_row, _segment
 
 
 @triton.jit
@@ -97,28 +53,6 @@ def _norm_linear_kernel(
             out = (b_r + out.to(tl.float32)).to(y.dtype.element_ty)
         tl.store(y + i_m * s_y + col0 + rows, out, mask=rows < n)
         b_w, b_b, b_r = b_w_next, b_b_next, b_r_next
-
-
-@triton.jit
-def _glu_rows(blk, H, BN: tl.constexpr):
-    """The a and b weight rows of block blk's channels, interleaved (a0 b0 a1 b1 ...), and their mask."""
-    r = tl.arange(0, 2 * BN)
-    ch = blk * BN + r // 2
-    return (r % 2) * H + ch, ch < H
-
-
-@triton.jit
-def _conv_operands(p_s, s_sk, cw, cb, blk, H, BN: tl.constexpr, TAPS: tl.constexpr, TP: tl.constexpr,
-                   HAS_CB: tl.constexpr):
-    """Block blk's conv inputs: the state's taps 1 .. TAPS-1 [BN, TP] (the ones that stay, at their column),
-    the weights they meet after the shift [BN, TP], the weight of the new input [BN] and the bias [BN]."""
-    c = blk * BN + tl.arange(0, BN)
-    j = tl.arange(0, TP)
-    mask = (c < H)[:, None] & (j >= 1)[None, :] & (j < TAPS)[None, :]
-    old = tl.load(p_s + c[:, None] + j[None, :] * s_sk, mask=mask, other=0.0)
-    w_old = tl.load(cw + c[:, None] * TAPS + j[None, :] - 1, mask=mask, other=0.0)
-    w_new = tl.load(cw + c * TAPS + TAPS - 1, mask=c < H, other=0.0)
-    return old, w_old, w_new, _load_vec(cb, c, c < H, BN, HAS_CB)
 
 
 @triton.jit
@@ -189,26 +123,46 @@ def _norm_glu_kernel(
 # blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_VALUES = 2**15 if INTERPRETED else 8192
-# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
-# '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
-CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
+# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). The *_rows kinds are the
+# kernels of 2 to ROWS_PER_PASS rows (rows.py), which hold every row of x in registers. BASED_GEMV_CONFIG
+# (JSON, e.g. '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
+CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3),
+           "linear_rows": (None, 8, 2), "glu_rows": (None, 8, 2), "conv_rows": (None, 8, 2)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
+ROWS_PER_PASS = 8  # rows of x in one pass over the weights; more rows take more passes
 
 
-def _config(kind: str, K: int, n_out: int, device, block_n, num_warps, per_sm, maxnreg=None):
-    """(BN, BK, warps, programs, launch options) for a kind of CONFIGS (explicit arguments win); the glu
-    kinds read two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
-    pair = 1 if kind == "linear" else 2
+def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None):
+    """(BN, BK, warps, programs per SM, launch options) for a kind of CONFIGS (explicit arguments win); the
+    glu and conv kinds read two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
+    pair = 1 if kind.startswith("linear") else 2
     BK = triton.next_power_of_2(K)
     default_n, warps, programs_per_sm = CONFIGS[kind]
     block_n = block_n or default_n or max(1, BLOCK_VALUES // (pair * BK))
-    warps = num_warps or warps
-    per_sm = per_sm or programs_per_sm
-    programs = max(1, min(triton.cdiv(n_out, block_n), per_sm * grid_sms(device)))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     if maxnreg:
         launch = {**launch, "maxnreg": maxnreg}
-    return block_n, BK, warps, programs, launch
+    return block_n, BK, num_warps or warps, per_sm or programs_per_sm, launch
+
+
+REGISTERS_PER_SM = 65536
+_resident: dict = {}  # (kernel, its constexprs and options) -> programs that fit on an SM at once
+
+
+def _launch(kernel, n_blocks: int, per_sm: int, device, args, meta, rows=None):
+    """Launch a persistent grid of per_sm programs per SM, or fewer where the compiled kernel's registers
+    fit fewer: programs past what is resident would wait for a second wave (BaseConv's kernel once asked
+    for 4 per SM and fit 2, at 12.6 us against 9.0 in one wave). The first launch of a configuration
+    learns its registers; decode steps are warmed up before their CUDA graph is captured."""
+    key = (kernel, tuple(sorted(meta.items())))
+    fit = min(per_sm, _resident.get(key, per_sm))
+    programs = max(1, min(n_blocks, fit * grid_sms(device)))
+    compiled = kernel[(programs,) if rows is None else (programs, rows)](*args, **meta)
+    regs = getattr(compiled, "n_regs", 0)
+    if key not in _resident and regs:
+        per_warp = -(-regs // 8) * 8 * 32  # registers are given out per warp, 8 per thread at a time
+        _resident[key] = max(1, REGISTERS_PER_SM // (per_warp * meta["num_warps"]))
+    return compiled, programs
 
 
 def _record(stats, kernel, block_n, warps, programs):
@@ -216,6 +170,11 @@ def _record(stats, kernel, block_n, warps, programs):
     if stats is not None:
         stats.update(block_n=block_n, num_warps=warps, programs=programs, n_regs=getattr(kernel, "n_regs", None),
                      n_spills=getattr(kernel, "n_spills", None))
+
+
+def _passes(M: int):
+    """(first row, rows) of each pass over the weights: one row alone, else up to ROWS_PER_PASS at once."""
+    return [(r0, min(ROWS_PER_PASS, M - r0)) for r0 in range(0, M, ROWS_PER_PASS)]
 
 
 @torch.compiler.disable
@@ -232,15 +191,20 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    block_n, BK, warps, programs, launch = _config("linear", K, sum(Ns), x.device, block_n, num_warps, per_sm,
-                                                   maxnreg)
-    kernel = _norm_linear_kernel[(programs, M)](
-        x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
-        residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
-        out, out.stride(0), K, *(Ns + [0] * pad), eps,
-        BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-        HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch,
-    )
+    block_n, BK, warps, per_sm, launch = _config("linear" if M == 1 else "linear_rows", K, x.device, block_n,
+                                                 num_warps, per_sm, maxnreg)
+    n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
+    meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
+                HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
+    for r0, rows in _passes(M):
+        args = (x[r0:], x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
+                residual[r0:] if residual is not None else x, residual.stride(0) if residual is not None else 0,
+                out[r0:], out.stride(0), K, *(Ns + [0] * pad), eps)
+        if rows == 1:
+            kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=1)
+        else:
+            kernel, programs = _launch(_norm_linear_rows_kernel, n_blocks, per_sm, x.device, args,
+                                       dict(meta, ROWS=rows, RP=triton.next_power_of_2(rows)))
     _record(stats, kernel, block_n, warps, programs)
     return out
 
@@ -256,15 +220,21 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     conv = conv_state is not None
     taps = conv_state.transpose(1, 2) if conv else None  # [rows, taps, H], contiguous rows
     cw = conv_weight.contiguous() if conv else x
-    block_n, BK, warps, programs, launch = _config("conv" if conv else "glu", K, H, x.device, block_n, num_warps,
-                                                   per_sm, maxnreg)
-    kernel = _norm_glu_kernel[(programs, M)](
-        x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
-        out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
-        cw, conv_bias if conv and conv_bias is not None else x, K, H, eps,
-        BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
-        TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None, PDL="launch_pdl" in launch,
-        num_warps=warps, **launch,
-    )
+    kind = ("conv" if conv else "glu") + ("" if M == 1 else "_rows")
+    block_n, BK, warps, per_sm, launch = _config(kind, K, x.device, block_n, num_warps, per_sm, maxnreg)
+    meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
+                TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
+                PDL="launch_pdl" in launch, num_warps=warps, **launch)
+    for r0, rows in _passes(M):
+        args = (x[r0:], x.stride(0), norm_weight if norm_weight is not None else x, weight,
+                bias if bias is not None else x, out[r0:], out.stride(0), taps[r0:] if conv else x,
+                taps.stride(0) if conv else 0, taps.stride(1) if conv else 0, cw,
+                conv_bias if conv and conv_bias is not None else x, K, H, eps)
+        if rows == 1:
+            kernel, programs = _launch(_norm_glu_kernel, triton.cdiv(H, block_n), per_sm, x.device, args, meta,
+                                       rows=1)
+        else:
+            kernel, programs = _launch(_norm_glu_rows_kernel, triton.cdiv(H, block_n), per_sm, x.device, args,
+                                       dict(meta, ROWS=rows, RP=triton.next_power_of_2(rows)))
     _record(stats, kernel, block_n, warps, programs)
     return out
