@@ -28,8 +28,8 @@ def reference_linear(x, weights, biases, nw, eps, residual):
         (3, 64, [8, 6, 13], True, True, False),  # three weights (q, k, v), their biases, the norm
         (2, 33, [7, 9], True, True, True),  # two weights and the residual add
         (1, 4100, [3], False, True, True),  # K past 4096: an 8192-wide row, 16 warps
-        (11, 40, [5, 3], True, True, True),  # rows in two passes over the weights (8, then 3)
-        (9, 24, [6], False, True, True),  # a pass of 8 rows, then one row alone (the one-row kernel)
+        (11, 40, [5, 3], True, True, True),  # rows on tensor cores (rows.py), K in several chunks
+        (16, 24, [6], False, True, True),  # the most rows one pass takes
     ],
 )
 def test_norm_linear_matches_reference(dtype, M, K, Ns, bias, norm, res):
@@ -74,7 +74,7 @@ def reference_glu(x, w, b, nw, eps, conv_state=None, cw=None, cb=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K,H,conv,bias", [(1, 24, 5, False, False), (3, 40, 9, False, True),
                                              (1, 24, 5, True, True), (2, 40, 11, True, False),
-                                             (11, 24, 5, True, True), (9, 40, 7, False, True)])
+                                             (11, 24, 5, True, True), (16, 40, 7, False, True)])
 def test_norm_glu_swiglu_and_conv_step(dtype, M, K, H, conv, bias):
     """SwiGLU's a * silu(b), and BaseConv's silu(conv(a)) * b with a shifted into the tap-major state."""
     taps = 3

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..launch import grid_sms, pdl_options, wait_for_inputs
+from . import rows as multi
 from .rows import _norm_glu_rows_kernel, _norm_linear_rows_kernel
 from .tiles import _conv_operands, _glu_rows, _load_rows, _load_vec, _normed_row, _segment
 
@@ -124,12 +125,12 @@ def _norm_glu_kernel(
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_VALUES = 2**15 if INTERPRETED else 8192
 # kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). The *_rows kinds are the
-# kernels of 2 to ROWS_PER_PASS rows (rows.py), which hold every row of x in registers. BASED_GEMV_CONFIG
-# (JSON, e.g. '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
+# tensor-core kernels of 2 to 16 rows (rows.py), one program per block: (weight rows (linear) or
+# channels (glu, conv) per block, warps, inputs per chunk of the K walk). BASED_GEMV_CONFIG (JSON, e.g.
+# '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
 CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3),
-           "linear_rows": (None, 8, 2), "glu_rows": (None, 8, 2), "conv_rows": (None, 8, 2)}
+           "linear_rows": (16, 4, 256), "glu_rows": (8, 4, 256), "conv_rows": (8, 4, 256)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
-ROWS_PER_PASS = 8  # rows of x in one pass over the weights; more rows take more passes
 
 
 def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None):
@@ -172,9 +173,15 @@ def _record(stats, kernel, block_n, warps, programs):
                      n_spills=getattr(kernel, "n_spills", None))
 
 
-def _passes(M: int):
-    """(first row, rows) of each pass over the weights: one row alone, else up to ROWS_PER_PASS at once."""
-    return [(r0, min(ROWS_PER_PASS, M - r0)) for r0 in range(0, M, ROWS_PER_PASS)]
+def _rows_meta(meta: dict, rows: int, x, kind: str) -> dict:
+    """The one-row kernels' meta-parameters, turned into the rows kernels': K walked in chunks (CONFIGS[kind]'s
+    third number), not whole; programs per SM do not apply (one program per block)."""
+    if rows > multi.RP:
+        raise ValueError(f"the rows kernels take at most {multi.RP} rows of x, got {rows}")
+    chunk = CONFIGS[kind][2]
+    # fp32 inputs: full-precision dots, as F.linear's (and in the interpreter, which has no tf32)
+    prec = "ieee" if INTERPRETED or x.dtype == torch.float32 else "tf32"
+    return dict({k: v for k, v in meta.items() if k != "BK"}, ROWS=rows, RP=multi.RP, BKC=chunk, PREC=prec)
 
 
 @torch.compiler.disable
@@ -196,15 +203,14 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
                 HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
-    for r0, rows in _passes(M):
-        args = (x[r0:], x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
-                residual[r0:] if residual is not None else x, residual.stride(0) if residual is not None else 0,
-                out[r0:], out.stride(0), K, *(Ns + [0] * pad), eps)
-        if rows == 1:
-            kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=1)
-        else:
-            kernel, programs = _launch(_norm_linear_rows_kernel, n_blocks, per_sm, x.device, args,
-                                       dict(meta, ROWS=rows, RP=triton.next_power_of_2(rows)))
+    args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
+            residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
+            out, out.stride(0), K, *(Ns + [0] * pad), eps)
+    if M == 1:
+        kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=1)
+    else:
+        programs = n_blocks
+        kernel = _norm_linear_rows_kernel[(programs,)](*args, **_rows_meta(meta, M, x, "linear_rows"))
     _record(stats, kernel, block_n, warps, programs)
     return out
 
@@ -225,16 +231,13 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
                 TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
                 PDL="launch_pdl" in launch, num_warps=warps, **launch)
-    for r0, rows in _passes(M):
-        args = (x[r0:], x.stride(0), norm_weight if norm_weight is not None else x, weight,
-                bias if bias is not None else x, out[r0:], out.stride(0), taps[r0:] if conv else x,
-                taps.stride(0) if conv else 0, taps.stride(1) if conv else 0, cw,
-                conv_bias if conv and conv_bias is not None else x, K, H, eps)
-        if rows == 1:
-            kernel, programs = _launch(_norm_glu_kernel, triton.cdiv(H, block_n), per_sm, x.device, args, meta,
-                                       rows=1)
-        else:
-            kernel, programs = _launch(_norm_glu_rows_kernel, triton.cdiv(H, block_n), per_sm, x.device, args,
-                                       dict(meta, ROWS=rows, RP=triton.next_power_of_2(rows)))
+    args = (x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
+            out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
+            cw, conv_bias if conv and conv_bias is not None else x, K, H, eps)
+    if M == 1:
+        kernel, programs = _launch(_norm_glu_kernel, triton.cdiv(H, block_n), per_sm, x.device, args, meta, rows=1)
+    else:
+        programs = triton.cdiv(H, block_n)
+        kernel = _norm_glu_rows_kernel[(programs,)](*args, **_rows_meta(meta, M, x, kind))
     _record(stats, kernel, block_n, warps, programs)
     return out
