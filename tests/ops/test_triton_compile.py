@@ -50,17 +50,6 @@ KERNELS["fused SwiGLU projection"] = ("based.ops.gemv.triton", "_norm_glu_kernel
 KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
                                                  dict(BN=2, BK=2048, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3,
                                                       HAS_CB=True, PDL=True), 8)
-KERNELS["fused projection, 8 rows"] = (
-    "based.ops.gemv.rows", "_norm_linear_rows_kernel", KERNELS["fused projection, norm and residual"][2],
-    dict(ROWS=8, RP=16, BN=16, BKC=512, NORM=True, HAS_BIAS=True, HAS_RES=True, PREC="tf32", PDL=True), 8)
-KERNELS["fused BaseConv projection and step, 3 rows"] = (
-    "based.ops.gemv.rows", "_norm_glu_rows_kernel", GLU,
-    dict(ROWS=3, RP=16, BN=8, BKC=512, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3, HAS_CB=True, PREC="tf32",
-         PDL=True), 8)
-KERNELS["fused SwiGLU projection, 2 rows"] = (
-    "based.ops.gemv.rows", "_norm_glu_rows_kernel", GLU,
-    dict(ROWS=2, RP=16, BN=8, BKC=512, NORM=True, HAS_BIAS=False, CONV=False, TAPS=1, HAS_CB=False, PREC="tf32",
-         PDL=True), 8)
 KERNELS["taylor step, split"] = (
     "based.ops.taylor.triton.decode", "_taylor_step_split_kernel",
     dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, part=F32, count="*i32", fa="*i32", fb="*i32", fc=F32,

@@ -1,11 +1,11 @@
-"""Triton kernels of norm_linear and norm_glu for one row of x (rows.py: several), and their launch.
+"""Triton kernels of norm_linear and norm_glu, and their launch.
 
-Persistent and prefetching: a few programs per SM (as many as fit at once) each walk the weight in
-blocks of BN output rows, a whole row (K <= MAX_K) per block. Each program issues its first block's load
-before it normalises its row of x, and the next block's load before it reduces the current one, so two
-blocks are in flight while it computes; one-block-per-program grids waited on every load in turn (fc1 of
-the 1.3b preset at 1.8 TB/s, its LM head at 1.9 TB/s). The normalised row stays in registers, computed once
-per program.
+Persistent and prefetching: a few programs per SM (as many as fit at once; grid (programs, rows of x)) each
+walk the weight in blocks of BN output rows, a whole row (K <= MAX_K) per block. Each program issues its
+first block's load before it normalises its row of x, and the next block's load before it reduces the
+current one, so two blocks are in flight while it computes; one-block-per-program grids waited on every
+load in turn (fc1 of the 1.3b preset at 1.8 TB/s, its LM head at 1.9 TB/s). The normalised row stays in
+registers, computed once per program.
 """
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ import triton
 import triton.language as tl
 
 from ..launch import grid_sms, pdl_options, wait_for_inputs
-from . import rows as multi
-from .rows import _norm_glu_rows_kernel, _norm_linear_rows_kernel
 from .tiles import _conv_operands, _glu_rows, _load_rows, _load_vec, _normed_row, _segment
 
 
@@ -124,21 +122,20 @@ def _norm_glu_kernel(
 # blocks.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_VALUES = 2**15 if INTERPRETED else 8192
-# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). The *_rows kinds are the
-# tensor-core kernels of 2 to 16 rows (rows.py), one program per block: (weight rows (linear) or
-# channels (glu, conv) per block, warps, inputs per chunk of the K walk). BASED_GEMV_CONFIG (JSON, e.g.
+# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
 # '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
-CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3),
-           "linear_rows": (16, 4, 256), "glu_rows": (8, 4, 256), "conv_rows": (8, 4, 256)}
+CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
 
 
 def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None):
     """(BN, BK, warps, programs per SM, launch options) for a kind of CONFIGS (explicit arguments win); the
     glu and conv kinds read two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
-    pair = 1 if kind.startswith("linear") else 2
+    pair = 1 if kind == "linear" else 2
     BK = triton.next_power_of_2(K)
     default_n, warps, programs_per_sm = CONFIGS[kind]
+    if INTERPRETED:  # the table's small blocks would take the CPU tests minutes: BLOCK_VALUES' large ones
+        default_n = None
     block_n = block_n or default_n or max(1, BLOCK_VALUES // (pair * BK))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     if maxnreg:
@@ -150,7 +147,7 @@ REGISTERS_PER_SM = 65536
 _resident: dict = {}  # (kernel, its constexprs and options) -> programs that fit on an SM at once
 
 
-def _launch(kernel, n_blocks: int, per_sm: int, device, args, meta, rows=None):
+def _launch(kernel, n_blocks: int, per_sm: int, device, args, meta, rows: int):
     """Launch a persistent grid of per_sm programs per SM, or fewer where the compiled kernel's registers
     fit fewer: programs past what is resident would wait for a second wave (BaseConv's kernel once asked
     for 4 per SM and fit 2, at 12.6 us against 9.0 in one wave). The first launch of a configuration
@@ -158,7 +155,7 @@ def _launch(kernel, n_blocks: int, per_sm: int, device, args, meta, rows=None):
     key = (kernel, tuple(sorted(meta.items())))
     fit = min(per_sm, _resident.get(key, per_sm))
     programs = max(1, min(n_blocks, fit * grid_sms(device)))
-    compiled = kernel[(programs,) if rows is None else (programs, rows)](*args, **meta)
+    compiled = kernel[(programs, rows)](*args, **meta)
     regs = getattr(compiled, "n_regs", 0)
     if key not in _resident and regs:
         per_warp = -(-regs // 8) * 8 * 32  # registers are given out per warp, 8 per thread at a time
@@ -171,17 +168,6 @@ def _record(stats, kernel, block_n, warps, programs):
     if stats is not None:
         stats.update(block_n=block_n, num_warps=warps, programs=programs, n_regs=getattr(kernel, "n_regs", None),
                      n_spills=getattr(kernel, "n_spills", None))
-
-
-def _rows_meta(meta: dict, rows: int, x, kind: str) -> dict:
-    """The one-row kernels' meta-parameters, turned into the rows kernels': K walked in chunks (CONFIGS[kind]'s
-    third number), not whole; programs per SM do not apply (one program per block)."""
-    if rows > multi.RP:
-        raise ValueError(f"the rows kernels take at most {multi.RP} rows of x, got {rows}")
-    chunk = CONFIGS[kind][2]
-    # fp32 inputs: full-precision dots, as F.linear's (and in the interpreter, which has no tf32)
-    prec = "ieee" if INTERPRETED or x.dtype == torch.float32 else "tf32"
-    return dict({k: v for k, v in meta.items() if k != "BK"}, ROWS=rows, RP=multi.RP, BKC=chunk, PREC=prec)
 
 
 @torch.compiler.disable
@@ -198,19 +184,14 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    block_n, BK, warps, per_sm, launch = _config("linear" if M == 1 else "linear_rows", K, x.device, block_n,
-                                                 num_warps, per_sm, maxnreg)
+    block_n, BK, warps, per_sm, launch = _config("linear", K, x.device, block_n, num_warps, per_sm, maxnreg)
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
                 HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             out, out.stride(0), K, *(Ns + [0] * pad), eps)
-    if M == 1:
-        kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=1)
-    else:
-        programs = n_blocks
-        kernel = _norm_linear_rows_kernel[(programs,)](*args, **_rows_meta(meta, M, x, "linear_rows"))
+    kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=M)
     _record(stats, kernel, block_n, warps, programs)
     return out
 
@@ -226,18 +207,14 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
     conv = conv_state is not None
     taps = conv_state.transpose(1, 2) if conv else None  # [rows, taps, H], contiguous rows
     cw = conv_weight.contiguous() if conv else x
-    kind = ("conv" if conv else "glu") + ("" if M == 1 else "_rows")
-    block_n, BK, warps, per_sm, launch = _config(kind, K, x.device, block_n, num_warps, per_sm, maxnreg)
+    block_n, BK, warps, per_sm, launch = _config("conv" if conv else "glu", K, x.device, block_n, num_warps, per_sm,
+                                                 maxnreg)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
                 TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
                 PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
             out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
             cw, conv_bias if conv and conv_bias is not None else x, K, H, eps)
-    if M == 1:
-        kernel, programs = _launch(_norm_glu_kernel, triton.cdiv(H, block_n), per_sm, x.device, args, meta, rows=1)
-    else:
-        programs = triton.cdiv(H, block_n)
-        kernel = _norm_glu_rows_kernel[(programs,)](*args, **_rows_meta(meta, M, x, kind))
+    kernel, programs = _launch(_norm_glu_kernel, triton.cdiv(H, block_n), per_sm, x.device, args, meta, rows=M)
     _record(stats, kernel, block_n, warps, programs)
     return out
