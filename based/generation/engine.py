@@ -217,7 +217,10 @@ class Decoder:
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Captured on a stream from torch's pool, not on the capture stream every graph shares by default: the
+        # split kernels' ticket counters are kept per stream (based.ops.launch.ticket_counters), and two
+        # decoders replayed at once must not share them (the pool's 32 streams a device are reused in turn).
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.state.device)):
             self._step()
         self.state.reset()
         self.tokens.zero_()

@@ -73,7 +73,8 @@ def ticket_counters(device: torch.device, n: int) -> torch.Tensor:
     would cost its own launch and cut the PDL overlap of the kernels around it). One buffer per (device,
     stream): the launches of one stream run one after another, two streams may run at once. A buffer first
     made while a CUDA graph is captured is made (and zeroed) by that graph, whose pool it then stays in.
-    Graphs captured on one stream share its buffer: replaying two of them at once on two streams would race."""
+    Graphs captured on one stream share its buffer: replaying two of them at once on two streams would race,
+    so `Decoder` captures each graph on a stream from torch's pool, not on the shared capture stream."""
     if n > TICKETS:
         return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
