@@ -19,10 +19,15 @@ import triton.language as tl
 ENABLED = os.environ.get("BASED_PDL", "1") != "0"  # BASED_PDL=0 turns it off (for comparisons)
 
 
+def interpreted() -> bool:
+    """Triton kernels run under TRITON_INTERPRET=1 (the CPU tests), read when asked: tests set it at import."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.cache
 def pdl_supported(device_index: int | None = None) -> bool:
     """Hopper or newer, a Triton that launches with PDL, and not the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+    if interpreted() or not torch.cuda.is_available():
         return False
     if torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
@@ -41,7 +46,7 @@ def sm_count(device_index: int | None = None) -> int:
 def grid_sms(device: torch.device) -> int:
     """SMs to size a persistent or split grid for: the device's, or 2 under the interpreter (the CPU tests),
     which runs programs one after another, milliseconds each."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+    if interpreted() or device.type != "cuda":
         return 2
     return sm_count(device.index)
 

@@ -160,7 +160,8 @@ def _decode_attn_step_kernel(
     m_dv = o_dv < DV
     b_pos = tl.load(pos + i_b)
     b_q1, b_q2, p_kc, p_vc = _new_token(q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, b_pos, i_b, i_h, L,
-                                        s_kb, s_kl, s_vb, s_vl, H, D, DV, BH, BDV, ROTARY, b_pos >= 0)
+                                        s_kb, s_kl, s_vb, s_vl, H, D, DV, BH, BDV, ROTARY,
+                                        b_pos >= 0)  # always true: this program writes the new token
     b_q1, b_q2 = b_q1 * scale, b_q2 * scale
     n_rows = tl.minimum(b_pos + 1, L)  # rows >= pos + 1 are unwritten until the ring wraps
     b_m, b_l, b_acc = _online_softmax_start(BDV)
