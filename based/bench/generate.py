@@ -63,12 +63,12 @@ class Clock:
         return Clock(max(0.0, self.left() - reserve_s) / n + reserve_s, parent=self)
 
 
-def build(preset: str, dtype=torch.bfloat16, device="cuda"):
+def build(preset: str, dtype=torch.bfloat16, device="cuda", overrides: dict | None = None):
     from based import BasedConfig, BasedForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = BasedForCausalLM(BasedConfig.from_preset(preset))
+        model = BasedForCausalLM(BasedConfig.from_preset(preset, **(overrides or {})))
     return model.to(dtype).eval()
 
 
@@ -115,9 +115,13 @@ def state_traffic_bytes(model, seq_len: int, dtype) -> int:
     """Bytes one sequence's decode step moves through its state: recurrent states (linear attention,
     convs, RWKV, Lightning, Mamba, Mamba-2) are read and written whole; caches (a mixer's `state_is_cache`:
     attention's, ring or preallocated, and Hyena's history) are read whole and written one row or column,
-    counted as the read."""
+    counted as the read. A mixer that says otherwise (`decode_traffic_bytes`: linear attention writing its
+    state every fold_every tokens) is taken at its word."""
     total = 0
     for block in model.transformer.layers:
+        if hasattr(block.mixer, "decode_traffic_bytes"):
+            total += block.mixer.decode_traffic_bytes(1, dtype)
+            continue
         nbytes = block.mixer.inference_state_bytes(seq_len, 1, dtype)
         total += nbytes if getattr(block.mixer, "state_is_cache", False) else 2 * nbytes
     return total
@@ -210,7 +214,7 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         return {"preset": preset, "rows": [], "skipped_batches": [], "skipped": "time limit reached before it"}
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(preset, dtype, device)
+    model = build(preset, dtype, device, args.set)
     prompt_len, new_tokens = args.prompt_len, args.new_tokens
     check_lengths(model, prompt_len, new_tokens)  # a full-attention layer's positional limit
     max_seq_len = prompt_len + new_tokens
@@ -425,6 +429,27 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """["la_fold_every=1", "feature_map=full"] -> {"la_fold_every": 1, "feature_map": "full"}: Python literals
+    where they parse, else strings; names checked against BasedConfig's fields."""
+    import ast
+    import dataclasses
+
+    from based import BasedConfig
+
+    fields = {f.name for f in dataclasses.fields(BasedConfig)}
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or name not in fields:
+            raise ValueError(f"--set wants FIELD=VALUE with FIELD a BasedConfig field, got {item!r}")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value
+    return out
+
+
 def main(argv=None) -> int:
     from based.models.presets import PRESETS
 
@@ -455,7 +480,13 @@ def main(argv=None) -> int:
     p.add_argument("--fused", choices=list(FUSED), default="auto",
                    help="the small-batch step of based.generation.fused: auto (on CUDA up to FUSED_MAX_BATCH "
                         "slots), on (every batch up to its MAX_ROWS) or off; each row records its step")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override BasedConfig fields of every engine's preset, e.g. la_fold_every=1 (recorded)")
     args = p.parse_args(argv)
+    try:
+        args.set = parse_overrides(args.set)
+    except ValueError as e:
+        p.error(str(e))
     unknown = [name for name in args.presets if name not in PRESETS]
     if unknown:
         p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
@@ -483,6 +514,8 @@ def main(argv=None) -> int:
     }
     if args.presets:
         result["config"]["presets"] = args.presets
+    if args.set:
+        result["config"]["overrides"] = args.set
     result["copy_GBps"] = measure_copy_bandwidth(device)
 
     def save():

@@ -52,7 +52,8 @@ class FeatureMapLinearAttention(LinearAttention):
             raise ValueError(f"unknown feature_map {feature_map!r}: use one of {FEATURE_MAP_ABLATIONS}")
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-        super().__init__(d_model, feature_dim, num_heads, head_dim, "compact", eps, layer_idx)
+        # fold_every=1: the ablation maps step through based.ops.linear_attn, which has no pending buffer.
+        super().__init__(d_model, feature_dim, num_heads, head_dim, "compact", eps, layer_idx, fold_every=1)
         self.kind, self.max_seq_len = feature_map, max_seq_len
         self.normalize = feature_map != "identity"
         d = feature_dim

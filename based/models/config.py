@@ -43,6 +43,8 @@ class BasedConfig(PretrainedConfig):
         feature_dim, feature_map, la_num_heads, la_head_dim, la_eps: linear attention; feature_map is
             "compact" or "full" (Taylor) or an ablation map (see based.layers.feature_maps).
         la_num_features: random features of the "performer" map (default: Taylor's width).
+        la_fold_every: Taylor decoding writes its fp32 state once every this many tokens, keeping the
+            tokens between in a small pending buffer (based/ops/taylor/pending.py); 1 writes every token.
         window_size, swa_num_heads: sliding-window attention (window counts tokens, self included).
         attn_num_heads: full attention (Transformer++).
         rotary_base: RoPE base of both softmax attentions.
@@ -69,6 +71,7 @@ class BasedConfig(PretrainedConfig):
     la_num_heads: int = 16
     la_head_dim: int | None = None
     la_eps: float = 1e-6
+    la_fold_every: int = 8
     window_size: int = 128
     swa_num_heads: int = 16
     attn_num_heads: int = 16
@@ -103,7 +106,7 @@ class BasedConfig(PretrainedConfig):
             pad_vocab_size_multiple=self.pad_vocab_size_multiple, ssm_state_size=self.ssm_state_size,
             ssm_expand=self.ssm_expand, h3_state_size=self.h3_state_size, hyena_filter_order=self.hyena_filter_order,
             lightning_num_heads=self.lightning_num_heads, mamba2_headdim=self.mamba2_headdim,
-            rwkv_head_size=self.rwkv_head_size,
+            rwkv_head_size=self.rwkv_head_size, la_fold_every=self.la_fold_every,
         )
         _positive(rms_norm_eps=self.rms_norm_eps, la_eps=self.la_eps, rotary_base=self.rotary_base,
                   initializer_range=self.initializer_range)

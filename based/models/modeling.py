@@ -32,7 +32,7 @@ def build_mixer(config: BasedConfig, kind: str, layer_idx: int) -> nn.Module:
     if kind == "linear_attn" and config.feature_map in FEATURE_MAPS:
         return LinearAttention(
             d, feature_dim=config.feature_dim, num_heads=config.la_num_heads, head_dim=config.la_head_dim,
-            feature_map=config.feature_map, eps=config.la_eps, layer_idx=layer_idx,
+            feature_map=config.feature_map, eps=config.la_eps, fold_every=config.la_fold_every, layer_idx=layer_idx,
         )
     if kind == "linear_attn":
         return FeatureMapLinearAttention(

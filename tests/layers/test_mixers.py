@@ -8,6 +8,9 @@ D, H, WINDOW = 32, 4, 5
 MIXERS = {
     "linear_attn": lambda: LinearAttention(D, feature_dim=4, num_heads=H),
     "linear_attn_full_map": lambda: LinearAttention(D, feature_dim=4, num_heads=H, head_dim=6, feature_map="full"),
+    # The state written every token (no pending buffer), and folded every 3rd (default 8).
+    "linear_attn_fold_every_1": lambda: LinearAttention(D, feature_dim=4, num_heads=H, fold_every=1),
+    "linear_attn_fold_every_3": lambda: LinearAttention(D, feature_dim=4, num_heads=H, fold_every=3),
     "sliding_window": lambda: SlidingWindowAttention(D, H, window_size=WINDOW),
     "attention": lambda: Attention(D, H),
     "base_conv": lambda: BaseConv(D, kernel_size=3),
@@ -63,6 +66,19 @@ def test_chunked_prefill_equals_forward(mixer):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("steps", [1, 4, 9])
+def test_prefill_continues_after_steps(mixer, steps):
+    """prefill, decode some tokens, prefill again from there (a chat's next turn) == the full forward: the
+    second prefill starts from everything the steps left, pending tokens of linear attention included."""
+    x = torch.randn(2, T, D)
+    state = mixer.allocate_inference_cache(2, max_seq_len=CACHE)
+    outs = [mixer(x[:, :3], state, 0)]
+    outs += [mixer.step(x[:, t : t + 1], state, t) for t in range(3, 3 + steps)]
+    outs.append(mixer(x[:, 3 + steps :], state, 3 + steps))
+    torch.testing.assert_close(torch.cat(outs, 1), mixer(x), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
 def test_prefill_at_offset_zero_discards_old_state(mixer):
     x = torch.randn(1, 9, D)
     state = mixer.allocate_inference_cache(1, max_seq_len=CACHE)
@@ -108,8 +124,11 @@ def test_state_sizes():
     assert la.inference_state_bytes(10) == la.inference_state_bytes(100_000)
     assert swa.inference_state_bytes(10) == swa.inference_state_bytes(100_000)
     assert attn.inference_state_bytes(2000) == 2 * attn.inference_state_bytes(1000)
-    # Linear attention keeps fp32 state whatever the model dtype (k_sum counts tokens).
-    assert all(t.dtype == torch.float32 for t in la.allocate_inference_cache(1, dtype=torch.bfloat16))
+    # Linear attention keeps fp32 state whatever the model dtype (k_sum counts tokens); its pending buffer
+    # holds the projections' k and v in the model dtype, and their count.
+    kv, ks, kp, vp, n = la.allocate_inference_cache(1, dtype=torch.bfloat16)
+    assert kv.dtype == ks.dtype == torch.float32
+    assert kp.dtype == vp.dtype == torch.bfloat16 and n.dtype == torch.int32
 
 
 def test_sliding_window_sees_exactly_window_tokens():
@@ -151,3 +170,16 @@ def test_attention_decode_beyond_cache_raises():
 def test_bad_kwargs(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_linear_attention_decode_traffic_counts_the_deferred_writes():
+    """Bytes a step moves (the bandwidth roofline of `based bench generate`): the state read and written
+    every token without a pending buffer; with one, read every token, written every fold_every-th."""
+    every_token = LinearAttention(D, feature_dim=4, num_heads=H, fold_every=1)
+    assert every_token.decode_traffic_bytes() == 2 * every_token.inference_state_bytes(1)
+    deferred = LinearAttention(D, feature_dim=4, num_heads=H, fold_every=8)
+    fp32 = every_token.inference_state_bytes(1)
+    buffered = deferred.inference_state_bytes(1) - fp32
+    assert deferred.decode_traffic_bytes() == round(fp32 * 9 / 8) + buffered + buffered // 7
+    with pytest.raises(ValueError, match="fold_every"):
+        LinearAttention(D, feature_dim=4, num_heads=H, fold_every=0)

@@ -32,8 +32,9 @@ KERNELS = {
         dict(K=3, BC=1024, ROWS=8, HAS_BIAS=True, SILU=True, HAS_GATE=True), 4),
     "taylor step": (
         "based.ops.taylor.triton.decode", "_taylor_step_kernel",
-        dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, fa="*i32", fb="*i32", fc=F32, eps="fp32"),
-        dict(D=16, DV=112, F=153, BF=64, BV=128, EVICT=False, PDL=True), 2),
+        dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, kp=BF16, vp=BF16, np_="*i32", fa="*i32", fb="*i32",
+             fc=F32, scale="fp32", eps="fp32"),
+        dict(D=16, DV=112, F=153, BF=64, BV=128, P=7, BD=16, BP=8, EVICT=False, PDL=True), 2),
 }
 GLU = dict(x=BF16, s_x="i64", nw=BF16, w=BF16, b=BF16, y=BF16, s_y="i64", state=BF16, s_sb="i64", s_sk="i64",
            cw=BF16, cb=BF16, K="i32", H="i32", eps="fp32")
@@ -52,9 +53,9 @@ KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm
                                                       HAS_CB=True, PDL=True), 8)
 KERNELS["taylor step, split"] = (
     "based.ops.taylor.triton.decode", "_taylor_step_split_kernel",
-    dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, part=F32, count="*i32", fa="*i32", fb="*i32", fc=F32,
-         eps="fp32"),
-    dict(D=16, DV=112, F=153, BF=16, BV=128, NC=10, NCP=16, PDL=True), 4)
+    dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, kp=BF16, vp=BF16, np_="*i32", part=F32, count="*i32",
+         fa="*i32", fb="*i32", fc=F32, scale="fp32", eps="fp32"),
+    dict(D=16, DV=112, F=153, BF=16, BV=128, NC=10, NCP=16, P=7, BD=16, BP=8, PDL=True), 4)
 KERNELS["argmax rows"] = ("based.ops.argmax.triton", "_argmax_rows_kernel", dict(x=BF16, s_x="i64", out=I64, N="i32"),
                           dict(BLOCK=2048), 8)
 KERNELS["argmax, rows split"] = (
@@ -69,6 +70,10 @@ KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
     {**KERNELS["attention step, rotary"][3], "ROTARY": False, "PDL": False}, 1)
 KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + (
     {**KERNELS["taylor step"][3], "EVICT": True, "PDL": False}, 2)
+KERNELS["taylor step, no pending buffer"] = KERNELS["taylor step"][:3] + (
+    {**KERNELS["taylor step"][3], "P": 0, "BP": 1}, 2)
+KERNELS["taylor step, split, no pending buffer"] = KERNELS["taylor step, split"][:3] + (
+    {**KERNELS["taylor step, split"][3], "P": 0, "BP": 1}, 4)
 
 
 def compile_all() -> dict:

@@ -8,6 +8,7 @@ from .common import DEFAULT_EPS, State, check_qkv, check_state, triton_available
 from .feature_map import FEATURE_MAPS, taylor_feature_dim, taylor_feature_map
 from .naive import naive_taylor_linear_attn
 from .parallel import parallel_taylor_linear_attn
+from .pending import Pending, fold_pending, zero_pending
 from .recurrent import recurrent_taylor_linear_attn, taylor_linear_attn_step
 
 MODES = ("auto", "parallel", "chunk", "recurrent")
@@ -135,5 +136,5 @@ __all__ = [
     "FEATURE_MAPS", "MODES", "State",
     "taylor_feature_map", "taylor_feature_dim", "taylor_linear_attn", "taylor_linear_attn_step",
     "naive_taylor_linear_attn", "parallel_taylor_linear_attn", "chunk_taylor_linear_attn",
-    "recurrent_taylor_linear_attn", "zero_state",
+    "recurrent_taylor_linear_attn", "zero_state", "Pending", "zero_pending", "fold_pending",
 ]

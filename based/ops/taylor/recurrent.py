@@ -8,10 +8,11 @@ import torch
 
 from .common import DEFAULT_EPS, State, triton_available, zero_state
 from .feature_map import taylor_feature_map
+from .pending import Pending, check_pending, pending_step
 
 
-def _triton_step_ok(q, k, v, kv_state: torch.Tensor, k_state: torch.Tensor) -> bool:
-    if not (kv_state.is_contiguous() and k_state.is_contiguous()):
+def _triton_step_ok(q, k, v, kv_state: torch.Tensor, k_state: torch.Tensor, pending: Pending | None) -> bool:
+    if not all(t.is_contiguous() for t in (kv_state, k_state, *(pending or ()))):
         return False
     if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32:
         return False
@@ -30,6 +31,7 @@ def taylor_linear_attn_step(
     scale: float | None = None,
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
+    pending: Pending | None = None,
 ) -> torch.Tensor:
     """Decode one token and update the state in place.
 
@@ -38,15 +40,22 @@ def taylor_linear_attn_step(
         kv_state: [B, H, D_feat, dv] fp32, k_state: [B, H, D_feat] fp32 (both updated in place)
         backend: "torch", "triton" (one fused kernel; needs contiguous states) or "auto" (Triton on
             CUDA when installed and the states are contiguous, else PyTorch).
+        pending: (k [B, H, P, d], v [B, H, P, dv], n [B, H] int32) from based.ops.taylor.zero_pending: defer
+            the state's update, reading kv_state every token but writing it every P + 1 (pending.py);
+            updated in place. The state of the sequence is then kv_state plus the pending tokens.
     Returns:
         y: [B, H, dv] in v's dtype
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}: use one of ('auto', 'torch', 'triton')")
-    if backend == "triton" or (backend == "auto" and _triton_step_ok(q, k, v, kv_state, k_state)):
+    if pending is not None:
+        check_pending(pending, q, v)
+    if backend == "triton" or (backend == "auto" and _triton_step_ok(q, k, v, kv_state, k_state, pending)):
         from .triton import triton_taylor_linear_attn_step
 
-        return triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map, scale, eps)
+        return triton_taylor_linear_attn_step(q, k, v, kv_state, k_state, feature_map, scale, eps, pending=pending)
+    if pending is not None:
+        return pending_step(q, k, v, kv_state, k_state, pending, feature_map, scale, eps)
     fq = taylor_feature_map(q.float(), feature_map, scale)  # [B, H, F]
     fk = taylor_feature_map(k.float(), feature_map, scale)
     kv_state.add_(fk.unsqueeze(-1) * v.float().unsqueeze(-2))

@@ -3,6 +3,9 @@
     S += phi(k) v^T,  z += phi(k),  y = phi(q) S / (phi(q) . z + eps)
 in one pass over S: each state row is read once, updated, written back and folded into the output.
 The step is bound by the state's bytes (2 * F * dv * 4 per head, read and written).
+
+With a pending buffer (based/ops/taylor/pending.py) the rows are only read, and written once every
+fold_every tokens by the token that fills the buffer: about half the bytes.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ...launch import pdl_options, ticket_counters, wait_for_inputs
+from ..pending import Pending, check_pending
 from .layout import feature_tables
 
 # Up to this many (sequence, head) pairs the step splits each head's state rows into chunks of SPLIT_ROWS
@@ -20,74 +24,158 @@ SPLIT_ROWS = 16
 
 
 @triton.jit
-def _state_rows(p_q, p_k, b_v, p_kv, p_ks, fa, fb, fc, o_f, o_v, m_v, F, DV: tl.constexpr, EVICT: tl.constexpr):
-    """State rows o_f of one head: S[o_f] += phi_f(k) v^T and z[o_f] += phi_f(k) in place. Returns phi_f(q)
-    [BF] and the updated rows S [BF, BV] and z [BF]."""
+def _phi(p_x, b_a, b_b, b_c):
+    """phi_f(x) [BF] for the features whose table rows are b_a, b_b, b_c: c_f x[a_f] x[b_f], -1 standing for 1."""
+    return b_c * tl.load(p_x + b_a, mask=b_a >= 0, other=1.0).to(tl.float32) \
+        * tl.load(p_x + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)
+
+
+@triton.jit
+def _state_rows(p_q, p_k, b_v, p_kv, p_ks, p_kp, p_vp, fold, fa, fb, fc, o_f, o_v, m_v, F,
+                D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, EVICT: tl.constexpr):
+    """State rows o_f of one head. Returns phi_f(q) [BF] and the rows S [BF, BV], z [BF] that the output reads.
+
+    Without a pending buffer (P == 0) the rows are updated in place, S[o_f] += phi_f(k) v^T, z[o_f] += phi_f(k),
+    and returned updated. With one (P pending slots), they are returned as they were (the caller adds the
+    pending tokens' share), and written only when `fold`: plus this token and the P pending ones."""
     m_f = o_f < F
-    # phi_f(x) = c_f x[a_f] x[b_f], an index of -1 standing for the constant 1.
     b_a = tl.load(fa + o_f, mask=m_f, other=-1)
     b_b = tl.load(fb + o_f, mask=m_f, other=-1)
     b_c = tl.load(fc + o_f, mask=m_f, other=0.0)
-    b_fq = b_c * tl.load(p_q + b_a, mask=b_a >= 0, other=1.0).to(tl.float32) \
-        * tl.load(p_q + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)  # [BF]
-    b_fk = b_c * tl.load(p_k + b_a, mask=b_a >= 0, other=1.0).to(tl.float32) \
-        * tl.load(p_k + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)
+    b_fq = _phi(p_q, b_a, b_b, b_c)
+    b_fk = _phi(p_k, b_a, b_b, b_c)
     p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
     m_s = m_f[:, None] & m_v[None, :]
     if EVICT:  # the state is streamed: nothing of it is read again this step
-        b_s = tl.load(p_s, mask=m_s, other=0.0, eviction_policy="evict_first") + b_fk[:, None] * b_v[None, :]
-        tl.store(p_s, b_s, mask=m_s, cache_modifier=".cs")
+        b_s = tl.load(p_s, mask=m_s, other=0.0, eviction_policy="evict_first")
     else:
-        b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]  # [BF, BV]
-        tl.store(p_s, b_s, mask=m_s)
-    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0) + b_fk
-    tl.store(p_ks + o_f, b_z, mask=m_f)
+        b_s = tl.load(p_s, mask=m_s, other=0.0)  # [BF, BV]
+    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0)
+    if P == 0:
+        b_s += b_fk[:, None] * b_v[None, :]
+        b_z += b_fk
+        _store_rows(p_s, m_s, b_s, p_ks + o_f, m_f, b_z, EVICT)
+    elif fold:
+        b_s_new = b_s + b_fk[:, None] * b_v[None, :]
+        b_z_new = b_z + b_fk
+        for j in tl.static_range(P):
+            b_fj = _phi(p_kp + j * D, b_a, b_b, b_c)
+            b_vj = tl.load(p_vp + j * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
+            b_s_new += b_fj[:, None] * b_vj[None, :]
+            b_z_new += b_fj
+        _store_rows(p_s, m_s, b_s_new, p_ks + o_f, m_f, b_z_new, EVICT)
     return b_fq, b_s, b_z
 
 
 @triton.jit
+def _store_rows(p_s, m_s, b_s, p_z, m_f, b_z, EVICT: tl.constexpr):
+    if EVICT:
+        tl.store(p_s, b_s, mask=m_s, cache_modifier=".cs")
+    else:
+        tl.store(p_s, b_s, mask=m_s)
+    tl.store(p_z, b_z, mask=m_f)
+
+
+@triton.jit
+def _pending_share(p_q, p_k, b_v, p_kp, p_vp, n, scale, o_v, m_v,
+                   D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+    """The n pending tokens' and this token's part of the output: (sum_j w_j v_j + w v [BV], sum_j w_j + w),
+    w_j = phi(q) . phi(k_j) = 1 + s_j + s_j^2 / 2 with s_j = scale q . k_j (no feature map needed)."""
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_p = tl.arange(0, BP)
+    m_p = o_p < n
+    b_q = tl.load(p_q + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_k = tl.load(p_k + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_kp = tl.load(p_kp + o_p[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    b_vp = tl.load(p_vp + o_p[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    b_sp = scale * tl.sum(b_q[None, :] * b_kp, 1)  # [BP]
+    b_wp = tl.where(m_p, 1.0 + b_sp + 0.5 * b_sp * b_sp, 0.0)
+    b_s = scale * tl.sum(b_q * b_k, 0)
+    b_w = 1.0 + b_s + 0.5 * b_s * b_s
+    return tl.sum(b_wp[:, None] * b_vp, 0) + b_w * b_v, tl.sum(b_wp, 0) + b_w
+
+
+@triton.jit
+def _pending_push(p_k, b_v, p_kp, p_vp, n, o_v, m_v, limit,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr):
+    """This token into pending slot n if n < limit: limit is P (the buffer's slots; n == P means the token
+    filled the buffer and the state rows took it), or 0 in the programs that leave the push to another."""
+    o_d = tl.arange(0, BD)
+    # Blocks, not scalars: the interpreter rejects a scalar & block mask.
+    b_k = tl.load(p_k + o_d, mask=o_d < D, other=0.0)
+    tl.store(p_kp + n * D + o_d, b_k.to(p_kp.dtype.element_ty), mask=(o_d < D) & ((o_d * 0 + n) < limit))
+    tl.store(p_vp + n * DV + o_v, b_v.to(p_vp.dtype.element_ty), mask=m_v & ((o_v * 0 + n) < limit))
+
+
+@triton.jit
 def _taylor_step_kernel(
-    q, k, v, kv, ks, o, fa, fb, fc, eps,
+    q, k, v, kv, ks, o, kp, vp, np_, fa, fb, fc, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    EVICT: tl.constexpr, PDL: tl.constexpr,
+    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     i_bh = tl.program_id(0).to(tl.int64)
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
     b_v = tl.load(v + i_bh * DV + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
-    b_num = tl.zeros([BV], dtype=tl.float32)
+    p_kp, p_vp = kp + i_bh * P * D, vp + i_bh * P * DV
+    if P > 0:
+        n = tl.load(np_ + i_bh)
+        b_num, b_den_p = _pending_share(q + i_bh * D, k + i_bh * D, b_v, p_kp, p_vp, n, scale, o_v, m_v, D, DV, P, BD, BP)
+    else:
+        n = 0
+        b_num = tl.zeros([BV], dtype=tl.float32)
+        b_den_p = 0.0
+    fold = n == P
     b_den = tl.zeros([BF], dtype=tl.float32)
     for f0 in range(0, F, BF):
-        b_fq, b_s, b_z = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, fa, fb, fc,
-                                     f0 + tl.arange(0, BF), o_v, m_v, F, DV, EVICT)
+        b_fq, b_s, b_z = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp,
+                                     fold, fa, fb, fc, f0 + tl.arange(0, BF), o_v, m_v, F, D, DV, P, EVICT)
         b_num += tl.sum(b_fq[:, None] * b_s, 0)
         b_den += b_fq * b_z
-    b_o = b_num / (tl.sum(b_den, 0) + eps)
+    b_o = b_num / (tl.sum(b_den, 0) + b_den_p + eps)
     tl.store(o + i_bh * DV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    if P > 0:
+        _pending_push(k + i_bh * D, b_v, p_kp, p_vp, n, o_v, m_v, P, D, DV, BD)
+        tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
 
 
 @triton.jit
 def _taylor_step_split_kernel(
-    q, k, v, kv, ks, o, part, count, fa, fb, fc, eps,
+    q, k, v, kv, ks, o, kp, vp, np_, part, count, fa, fb, fc, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
-    NCP: tl.constexpr, PDL: tl.constexpr,
+    NCP: tl.constexpr, P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr,
 ):
     """_taylor_step_kernel with each head's state rows split into NC chunks of BF, one program each (a
     small batch's 16 heads would leave the GPU idle): each writes its part of the numerator and denominator,
-    and the head's last program to finish (an atomic ticket) sums them into the output."""
+    and the head's last program to finish (an atomic ticket) sums them into the output. The first chunk's
+    program also adds the pending tokens' share and pushes this token; the last one advances the count,
+    which every program has read by then."""
     wait_for_inputs(PDL)
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1)
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
     b_v = tl.load(v + i_bh * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_fq, b_s, b_z = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, fa, fb, fc,
-                                 i_c * BF + tl.arange(0, BF), o_v, m_v, F, DV, False)
+    p_kp, p_vp = kp + i_bh * P * D, vp + i_bh * P * DV
+    n = tl.load(np_ + i_bh) if P > 0 else 0
+    fold = n == P
+    b_fq, b_s, b_z = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp,
+                                 fold, fa, fb, fc, i_c * BF + tl.arange(0, BF), o_v, m_v, F, D, DV, P, False)
+    b_num = tl.sum(b_fq[:, None] * b_s, 0)
+    b_den = tl.sum(b_fq * b_z, 0)
+    if P > 0:
+        # Every chunk computes the share (a few hundred bytes), the first one keeps it: no branch to merge.
+        num_p, den_p = _pending_share(q + i_bh * D, k + i_bh * D, b_v, p_kp, p_vp, n, scale, o_v, m_v, D, DV, P, BD, BP)
+        first = (i_c == 0).to(tl.float32)
+        b_num += first * num_p
+        b_den += first * den_p
+        _pending_push(k + i_bh * D, b_v, p_kp, p_vp, n, o_v, m_v, tl.where(i_c == 0, P, 0), D, DV, BD)
     # part [B*H, NC, BV + 1]: the chunk's numerator, then its denominator in the last column.
     p_part = part + (i_bh * NC + i_c) * (BV + 1)
-    tl.store(p_part + o_v, tl.sum(b_fq[:, None] * b_s, 0))
-    tl.store(p_part + BV, tl.sum(b_fq * b_z, 0))
+    tl.store(p_part + o_v, b_num)
+    tl.store(p_part + BV, b_den)
     # acq_rel: the parts stored above are visible to whichever program takes the last ticket.
     if tl.atomic_add(count + i_bh, 1, sem="acq_rel") == NC - 1:
         o_c = tl.arange(0, NCP)
@@ -96,11 +184,13 @@ def _taylor_step_split_kernel(
         b_den = tl.sum(tl.load(p_all + BV, mask=o_c < NC, other=0.0), 0)
         tl.store(o + i_bh * DV + o_v, (b_num / (b_den + eps)).to(o.dtype.element_ty), mask=m_v)
         tl.store(count + i_bh, 0)  # ready for the next launch (ticket_counters)
+        if P > 0:
+            tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
 
 
 def triton_taylor_linear_attn_step(
     q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None,
-    cache_hints=False, split=None,
+    cache_hints=False, split=None, pending: Pending | None = None,
 ):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
@@ -108,7 +198,8 @@ def triton_taylor_linear_attn_step(
     reach 85-94% of the copy bandwidth from batch 256 up (dv 64 and 112), against 66-80% with 4 warps
     (benchmarks/results/taylor-decode-sweep-h200-2026-11-29.json); below ~1024 programs 4 warps are
     faster (batch 1: 0.017 ms against 0.037 ms with 2). split: each head's state rows over several
-    programs (default: when there are at most SPLIT_MAX_HEADS heads in all, i.e. small batches)."""
+    programs (default: when there are at most SPLIT_MAX_HEADS heads in all, i.e. small batches).
+    pending: a contiguous pending buffer (based/ops/taylor/pending.py), updated in place."""
     B, H, D = q.shape
     DV = v.shape[-1]
     F = kv_state.shape[-2]
@@ -117,10 +208,19 @@ def triton_taylor_linear_attn_step(
         raise ValueError("the Triton decode step updates the state in place: it must be contiguous")
     if kv_state.dtype != torch.float32 or k_state.dtype != torch.float32:
         raise ValueError("the decode state must be fp32")
+    if pending is None:
+        P, kp, vp, n = 0, kv_state, kv_state, k_state  # unused pointers: the kernels see P == 0
+    else:
+        check_pending(pending, q, v)
+        if not all(t.is_contiguous() for t in pending):
+            raise ValueError("the Triton decode step updates the pending buffer in place: it must be contiguous")
+        kp, vp, n = pending
+        P = kp.shape[2]
     fa, fb, fc = feature_tables(D, feature_map, float(scale), q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(v)
     BV = triton.next_power_of_2(DV)
+    shapes = dict(D=D, DV=DV, F=F, BV=BV, P=P, BD=triton.next_power_of_2(D), BP=triton.next_power_of_2(max(P, 1)))
     num_warps = num_warps or (2 if B * H >= 1024 else 4)
     if split if split is not None else B * H <= SPLIT_MAX_HEADS:
         BF = block_f or SPLIT_ROWS
@@ -129,8 +229,8 @@ def triton_taylor_linear_attn_step(
         count = ticket_counters(q.device, B * H)
         launch = pdl_options(q.device, B * H * NC)  # the next kernel loads its weights during this one
         _taylor_step_split_kernel[(B * H, NC)](
-            q, k, v, kv_state, k_state, o, part, count, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, NC=NC,
-            NCP=triton.next_power_of_2(NC), PDL=bool(launch), num_warps=num_warps, **launch,
+            q, k, v, kv_state, k_state, o, kp, vp, n, part, count, fa, fb, fc, float(scale), eps, BF=BF, NC=NC,
+            NCP=triton.next_power_of_2(NC), PDL=bool(launch), num_warps=num_warps, **shapes, **launch,
         )
         return o
     # 64 rows for value blocks up to 128 (dv = 112 in the 1.3b preset: 91% of copy at batch 8798 against
@@ -138,7 +238,7 @@ def triton_taylor_linear_attn_step(
     BF = block_f or max(1, min(64, 8192 // BV))
     launch = pdl_options(q.device, B * H)  # a small grid: the next kernel loads its weights during this one
     _taylor_step_kernel[(B * H,)](
-        q, k, v, kv_state, k_state, o, fa, fb, fc, eps, D=D, DV=DV, F=F, BF=BF, BV=BV, EVICT=cache_hints,
-        PDL=bool(launch), num_warps=num_warps, **launch,
+        q, k, v, kv_state, k_state, o, kp, vp, n, fa, fb, fc, float(scale), eps, BF=BF, EVICT=cache_hints,
+        PDL=bool(launch), num_warps=num_warps, **shapes, **launch,
     )
     return o
