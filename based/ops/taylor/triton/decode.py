@@ -21,29 +21,34 @@ from .layout import feature_tables
 # over programs of their own: batch 1 of the 1.3b preset is 16 heads, 16 programs on 132 SMs otherwise.
 SPLIT_MAX_HEADS = 64
 SPLIT_ROWS = 16
+# State rows per iteration of the fold pass (one step in fold_every): fewer than the read pass's, whose
+# registers it would otherwise set (the kernel's count is its costliest part's).
+FOLD_ROWS = 8
+
+
+@triton.jit
+def _feature_rows(fa, fb, fc, o_f, m_f):
+    """The feature tables' rows o_f: phi_f(x) = c_f x[a_f] x[b_f], an index of -1 standing for the constant 1."""
+    return (tl.load(fa + o_f, mask=m_f, other=-1), tl.load(fb + o_f, mask=m_f, other=-1),
+            tl.load(fc + o_f, mask=m_f, other=0.0))
 
 
 @triton.jit
 def _phi(p_x, b_a, b_b, b_c):
-    """phi_f(x) [BF] for the features whose table rows are b_a, b_b, b_c: c_f x[a_f] x[b_f], -1 standing for 1."""
+    """phi_f(x) [BF] for the features of table rows b_a, b_b, b_c."""
     return b_c * tl.load(p_x + b_a, mask=b_a >= 0, other=1.0).to(tl.float32) \
         * tl.load(p_x + b_b, mask=b_b >= 0, other=1.0).to(tl.float32)
 
 
 @triton.jit
-def _state_rows(p_q, p_k, b_v, p_kv, p_ks, p_kp, p_vp, fold, fa, fb, fc, o_f, o_v, m_v, F,
-                D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, EVICT: tl.constexpr):
-    """State rows o_f of one head. Returns phi_f(q) [BF] and the rows S [BF, BV], z [BF] that the output reads.
-
-    Without a pending buffer (P == 0) the rows are updated in place, S[o_f] += phi_f(k) v^T, z[o_f] += phi_f(k),
-    and returned updated. With one (P pending slots), they are returned as they were (the caller adds the
-    pending tokens' share), and written only when `fold`: plus this token and the P pending ones."""
+def _state_rows(p_q, p_k, b_v, p_kv, p_ks, fa, fb, fc, o_f, o_v, m_v, F,
+                DV: tl.constexpr, UPDATE: tl.constexpr, EVICT: tl.constexpr):
+    """State rows o_f of one head: their part of the output, phi_f(q) S[o_f] [BV] and phi_f(q) . z[o_f].
+    UPDATE (no pending buffer): the rows take this token first, S[o_f] += phi_f(k) v^T, z[o_f] += phi_f(k),
+    in place. Else they are only read (the caller adds the pending tokens' share)."""
     m_f = o_f < F
-    b_a = tl.load(fa + o_f, mask=m_f, other=-1)
-    b_b = tl.load(fb + o_f, mask=m_f, other=-1)
-    b_c = tl.load(fc + o_f, mask=m_f, other=0.0)
+    b_a, b_b, b_c = _feature_rows(fa, fb, fc, o_f, m_f)
     b_fq = _phi(p_q, b_a, b_b, b_c)
-    b_fk = _phi(p_k, b_a, b_b, b_c)
     p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
     m_s = m_f[:, None] & m_v[None, :]
     if EVICT:  # the state is streamed: nothing of it is read again this step
@@ -51,20 +56,33 @@ def _state_rows(p_q, p_k, b_v, p_kv, p_ks, p_kp, p_vp, fold, fa, fb, fc, o_f, o_
     else:
         b_s = tl.load(p_s, mask=m_s, other=0.0)  # [BF, BV]
     b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0)
-    if P == 0:
+    if UPDATE:
+        b_fk = _phi(p_k, b_a, b_b, b_c)
         b_s += b_fk[:, None] * b_v[None, :]
         b_z += b_fk
         _store_rows(p_s, m_s, b_s, p_ks + o_f, m_f, b_z, EVICT)
-    elif fold:
-        b_s_new = b_s + b_fk[:, None] * b_v[None, :]
-        b_z_new = b_z + b_fk
-        for j in tl.static_range(P):
-            b_fj = _phi(p_kp + j * D, b_a, b_b, b_c)
-            b_vj = tl.load(p_vp + j * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
-            b_s_new += b_fj[:, None] * b_vj[None, :]
-            b_z_new += b_fj
-        _store_rows(p_s, m_s, b_s_new, p_ks + o_f, m_f, b_z_new, EVICT)
-    return b_fq, b_s, b_z
+    return tl.sum(b_fq[:, None] * b_s, 0), tl.sum(b_fq * b_z, 0)
+
+
+@triton.jit
+def _fold_rows(p_k, b_v, p_kv, p_ks, p_kp, p_vp, fa, fb, fc, o_f, o_v, m_v, F,
+               D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, EVICT: tl.constexpr):
+    """S[o_f] += phi_f(k) v^T + sum_j phi_f(k_j) v_j^T over the P pending tokens, z[o_f] likewise: the token
+    that fills the buffer. A pass of its own after the output's (the rows come back from L2), so that the
+    read-only pass keeps few registers (folded into it, 232-255 a thread against 96-183)."""
+    m_f = o_f < F
+    b_a, b_b, b_c = _feature_rows(fa, fb, fc, o_f, m_f)
+    b_fk = _phi(p_k, b_a, b_b, b_c)
+    p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
+    m_s = m_f[:, None] & m_v[None, :]
+    b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]
+    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0) + b_fk
+    for j in range(P):  # not unrolled: the unrolled loads were hoisted and spilled
+        b_fj = _phi(p_kp + j * D, b_a, b_b, b_c)
+        b_vj = tl.load(p_vp + j * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_s += b_fj[:, None] * b_vj[None, :]
+        b_z += b_fj
+    _store_rows(p_s, m_s, b_s, p_ks + o_f, m_f, b_z, EVICT)
 
 
 @triton.jit
@@ -112,7 +130,8 @@ def _pending_push(p_k, b_v, p_kp, p_vp, n, o_v, m_v, limit,
 def _taylor_step_kernel(
     q, k, v, kv, ks, o, kp, vp, np_, fa, fb, fc, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr,
+    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, FOLD_ROWS: tl.constexpr, EVICT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     i_bh = tl.program_id(0).to(tl.int64)
@@ -127,16 +146,20 @@ def _taylor_step_kernel(
         n = 0
         b_num = tl.zeros([BV], dtype=tl.float32)
         b_den_p = 0.0
-    fold = n == P
-    b_den = tl.zeros([BF], dtype=tl.float32)
+    b_den = b_den_p
     for f0 in range(0, F, BF):
-        b_fq, b_s, b_z = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp,
-                                     fold, fa, fb, fc, f0 + tl.arange(0, BF), o_v, m_v, F, D, DV, P, EVICT)
-        b_num += tl.sum(b_fq[:, None] * b_s, 0)
-        b_den += b_fq * b_z
-    b_o = b_num / (tl.sum(b_den, 0) + b_den_p + eps)
+        b_num_f, b_den_f = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F,
+                                       fa, fb, fc, f0 + tl.arange(0, BF), o_v, m_v, F, DV, P == 0, EVICT)
+        b_num += b_num_f
+        b_den += b_den_f
+    b_o = b_num / (b_den + eps)
     tl.store(o + i_bh * DV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if P > 0:
+        fold = n == P
+        if fold:
+            for f0 in range(0, F, FOLD_ROWS):
+                _fold_rows(k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp, fa, fb, fc,
+                           f0 + tl.arange(0, FOLD_ROWS), o_v, m_v, F, D, DV, P, EVICT)
         _pending_push(k + i_bh * D, b_v, p_kp, p_vp, n, o_v, m_v, P, D, DV, BD)
         tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
 
@@ -161,11 +184,13 @@ def _taylor_step_split_kernel(
     p_kp, p_vp = kp + i_bh * P * D, vp + i_bh * P * DV
     n = tl.load(np_ + i_bh) if P > 0 else 0
     fold = n == P
-    b_fq, b_s, b_z = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp,
-                                 fold, fa, fb, fc, i_c * BF + tl.arange(0, BF), o_v, m_v, F, D, DV, P, False)
-    b_num = tl.sum(b_fq[:, None] * b_s, 0)
-    b_den = tl.sum(b_fq * b_z, 0)
+    o_f = i_c * BF + tl.arange(0, BF)
+    b_num, b_den = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, fa, fb, fc,
+                               o_f, o_v, m_v, F, DV, P == 0, False)
     if P > 0:
+        if fold:
+            _fold_rows(k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp, fa, fb, fc, o_f, o_v, m_v,
+                       F, D, DV, P, False)
         # Every chunk computes the share (a few hundred bytes), the first one keeps it: no branch to merge.
         num_p, den_p = _pending_share(q + i_bh * D, k + i_bh * D, b_v, p_kp, p_vp, n, scale, o_v, m_v, D, DV, P, BD, BP)
         first = (i_c == 0).to(tl.float32)
@@ -190,7 +215,7 @@ def _taylor_step_split_kernel(
 
 def triton_taylor_linear_attn_step(
     q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None,
-    cache_hints=False, split=None, pending: Pending | None = None,
+    cache_hints=False, split=None, pending: Pending | None = None, fold_rows=FOLD_ROWS,
 ):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
@@ -199,7 +224,8 @@ def triton_taylor_linear_attn_step(
     (benchmarks/results/taylor-decode-sweep-h200-2026-11-29.json); below ~1024 programs 4 warps are
     faster (batch 1: 0.017 ms against 0.037 ms with 2). split: each head's state rows over several
     programs (default: when there are at most SPLIT_MAX_HEADS heads in all, i.e. small batches).
-    pending: a contiguous pending buffer (based/ops/taylor/pending.py), updated in place."""
+    pending: a contiguous pending buffer (based/ops/taylor/pending.py), updated in place; fold_rows: state
+    rows per iteration of the pass that folds it (one program per head)."""
     B, H, D = q.shape
     DV = v.shape[-1]
     F = kv_state.shape[-2]
@@ -238,7 +264,8 @@ def triton_taylor_linear_attn_step(
     BF = block_f or max(1, min(64, 8192 // BV))
     launch = pdl_options(q.device, B * H)  # a small grid: the next kernel loads its weights during this one
     _taylor_step_kernel[(B * H,)](
-        q, k, v, kv_state, k_state, o, kp, vp, n, fa, fb, fc, float(scale), eps, BF=BF, EVICT=cache_hints,
+        q, k, v, kv_state, k_state, o, kp, vp, n, fa, fb, fc, float(scale), eps, BF=BF, FOLD_ROWS=fold_rows,
+        EVICT=cache_hints,
         PDL=bool(launch), num_warps=num_warps, **shapes, **launch,
     )
     return o
