@@ -127,6 +127,11 @@ def state_traffic_bytes(model, seq_len: int, dtype) -> int:
     return total
 
 
+def fold_cycle(model) -> int:
+    """Steps after which a decode step's cost repeats: linear attention's fold_every (1 without it)."""
+    return max((getattr(block.mixer, "fold_every", 1) for block in model.transformer.layers), default=1)
+
+
 def fill_slots(decoder, n: int) -> None:
     """Copy slots 0 .. n-1 (prefilled) into every other slot, in blocks of n (no full-size temporary)."""
     B = decoder.batch_size
@@ -272,7 +277,10 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
             out[:, i].copy_(decoder.step())
         synchronize(device)
         est = (time.perf_counter() - est) / 5
-        steps = int(min(new_tokens - 16, max(20, args.point_seconds / est)))  # room for profiled steps
+        # Whole fold cycles (linear attention writes its state every la_fold_every steps, a costlier step),
+        # leaving room for the profiled steps.
+        cycle = fold_cycle(model)
+        steps = int(min(new_tokens - 16, -(-max(20, args.point_seconds / est) // cycle) * cycle))
         start = max(8, new_tokens // 2 - steps // 2) if grows else 8
         for i in range(8, start):  # to the middle of the generation (see the module doc)
             out[:, i].copy_(decoder.step())
@@ -294,7 +302,7 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         row["fraction_of_roofline"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
         if cuda and B in (1, max(batches)) and clock.left() > args.reserve_s:
             try:
-                row["profile"] = profile_step(decoder, top=args.profile_top)
+                row["profile"] = profile_step(decoder, steps=max(3, min(cycle, 8)), top=args.profile_top)
             except Exception as e:  # noqa: BLE001 - the profile is extra information
                 row["profile"] = {"error": repr(e)}
         result["rows"].append(row)
