@@ -18,7 +18,7 @@ import torch
 
 from based.bench.ops import DV, D, H, _bench, _git_rev, copy_bandwidth
 from based.ops.taylor import taylor_feature_dim, zero_pending, zero_state
-from based.ops.taylor.triton.decode import FOLD_IN_READ, FOLD_ROWS, triton_taylor_linear_attn_step
+from based.ops.taylor.triton.decode import FOLD_ROWS, triton_taylor_linear_attn_step
 
 
 def main():
@@ -31,8 +31,6 @@ def main():
     p.add_argument("--cache-hints", type=int, nargs="*", default=[0], help="1: evict-first loads, streaming stores")
     p.add_argument("--fold-every", type=int, nargs="*", default=[1], help="1: the state written every token")
     p.add_argument("--fold-rows", type=int, nargs="*", default=[FOLD_ROWS], help="rows per iteration of the fold pass")
-    p.add_argument("--fold-in-read", type=int, nargs="*", default=[int(FOLD_IN_READ)],
-                   help="1: a folding step folds each row as it reads it; 0: in a second pass")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     H_, DV_ = a.heads, a.dv
@@ -51,14 +49,13 @@ def main():
             pending = None if every == 1 else zero_pending(batch, H_, D, DV_, every, torch.bfloat16, "cuda")
             # per token: the state read, written every `every`-th; q, k, v, o; half the pending slots read
             nbytes = batch * H_ * (state_bytes * (1 + 1 / every) + 2 * (2 * D + 2 * DV_) + (every - 1) * (D + DV_))
-            folds = itertools.product(a.fold_rows, a.fold_in_read) if every > 1 else [(a.fold_rows[0], 0)]
-            for bf, w, hints, (fr, fir) in itertools.product(a.block_f, a.warps, a.cache_hints, list(folds)):
+            settings = itertools.product(a.block_f, a.warps, a.cache_hints, a.fold_rows[:1] if every == 1 else a.fold_rows)
+            for bf, w, hints, fr in settings:
                 ms = _bench(lambda: triton_taylor_linear_attn_step(
-                    q, k, v, kv, ks, block_f=bf, num_warps=w, cache_hints=bool(hints), pending=pending, fold_rows=fr,
-                    fold_in_read=bool(fir)), "mean")
+                    q, k, v, kv, ks, block_f=bf, num_warps=w, cache_hints=bool(hints), pending=pending, fold_rows=fr),
+                    "mean")
                 row = {"batch": batch, "fold_every": every, "block_f": bf, "num_warps": w, "cache_hints": bool(hints),
-                       "fold_rows": fr, "fold_in_read": bool(fir), "step_ms": ms, "GBps": nbytes / ms / 1e6,
-                       "of_copy": nbytes / ms / 1e6 / copy}
+                       "fold_rows": fr, "step_ms": ms, "GBps": nbytes / ms / 1e6, "of_copy": nbytes / ms / 1e6 / copy}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if every not in best or ms < best[every]["step_ms"]:

@@ -34,8 +34,7 @@ KERNELS = {
         "based.ops.taylor.triton.decode", "_taylor_step_kernel",
         dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, kp=BF16, vp=BF16, np_="*i32", fa="*i32", fb="*i32",
              fc=F32, scale="fp32", eps="fp32"),
-        dict(D=16, DV=112, F=153, BF=64, BV=128, P=7, BD=16, BP=8, FOLD_ROWS=8, FOLD_IN_READ=False, EVICT=False,
-             PDL=True), 2),
+        dict(D=16, DV=112, F=153, BF=64, BV=128, P=7, BD=16, BP=8, FOLD_ROWS=8, EVICT=False, PDL=True), 2),
 }
 GLU = dict(x=BF16, s_x="i64", nw=BF16, w=BF16, b=BF16, y=BF16, s_y="i64", state=BF16, s_sb="i64", s_sk="i64",
            cw=BF16, cb=BF16, K="i32", H="i32", eps="fp32")
@@ -71,8 +70,6 @@ KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
     {**KERNELS["attention step, rotary"][3], "ROTARY": False, "PDL": False}, 1)
 KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + (
     {**KERNELS["taylor step"][3], "EVICT": True, "PDL": False}, 2)
-KERNELS["taylor step, fold in the read pass"] = KERNELS["taylor step"][:3] + (
-    {**KERNELS["taylor step"][3], "FOLD_IN_READ": True}, 2)
 KERNELS["taylor step, no pending buffer"] = KERNELS["taylor step"][:3] + (
     {**KERNELS["taylor step"][3], "P": 0, "BP": 1}, 2)
 KERNELS["taylor step, split, no pending buffer"] = KERNELS["taylor step, split"][:3] + (

@@ -24,9 +24,6 @@ SPLIT_ROWS = 16
 # State rows per iteration of the fold pass (one step in fold_every): fewer than the read pass's, whose
 # registers it would otherwise set (the kernel's count is its costliest part's).
 FOLD_ROWS = 8
-# A folding step reads each row once and folds it in the same pass (True), or reads all rows for the
-# output, then folds in a second pass (False).
-FOLD_IN_READ = False
 
 
 @triton.jit
@@ -68,35 +65,26 @@ def _state_rows(p_q, p_k, b_v, p_kv, p_ks, fa, fb, fc, o_f, o_v, m_v, F,
 
 
 @triton.jit
-def _fold_rows(p_q, p_k, b_v, p_kv, p_ks, p_kp, p_vp, fa, fb, fc, o_f, o_v, m_v, F,
-               D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, EVICT: tl.constexpr, PARTS: tl.constexpr):
+def _fold_rows(p_k, b_v, p_kv, p_ks, p_kp, p_vp, fa, fb, fc, o_f, o_v, m_v, F,
+               D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, EVICT: tl.constexpr):
     """S[o_f] += phi_f(k) v^T + sum_j phi_f(k_j) v_j^T over the P pending tokens, z[o_f] likewise: the token
-    that fills the buffer. With PARTS, also returns the rows' part of the output as they were (as
-    _state_rows), so a folding step can read each row once. The loop over the pending tokens is unrolled,
-    so their loads are in flight together; at 8 rows a block that costs no registers over the read pass's at
-    its default 64 rows x 2 warps (16 rows spill; folded into the 64-row pass, 232-255 a thread, spilling)."""
+    that fills the buffer. A pass of its own after the output's (the rows come back from L2), so that the
+    read-only pass keeps few registers (folded into it, 232-255 a thread against 96-183). The loop over the
+    pending tokens is unrolled, so their loads are in flight together: at 8 rows a block that costs no
+    registers over the read pass's at its default 64 rows x 2 warps (16 rows spill)."""
     m_f = o_f < F
     b_a, b_b, b_c = _feature_rows(fa, fb, fc, o_f, m_f)
     b_fk = _phi(p_k, b_a, b_b, b_c)
     p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
     m_s = m_f[:, None] & m_v[None, :]
-    b_s = tl.load(p_s, mask=m_s, other=0.0)
-    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0)
-    b_num = tl.zeros([b_s.shape[1]], dtype=tl.float32)
-    b_den = 0.0
-    if PARTS:
-        b_fq = _phi(p_q, b_a, b_b, b_c)
-        b_num = tl.sum(b_fq[:, None] * b_s, 0)
-        b_den = tl.sum(b_fq * b_z, 0)
-    b_s += b_fk[:, None] * b_v[None, :]
-    b_z += b_fk
+    b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]
+    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0) + b_fk
     for j in tl.static_range(P):
         b_fj = _phi(p_kp + j * D, b_a, b_b, b_c)
         b_vj = tl.load(p_vp + j * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_s += b_fj[:, None] * b_vj[None, :]
         b_z += b_fj
     _store_rows(p_s, m_s, b_s, p_ks + o_f, m_f, b_z, EVICT)
-    return b_num, b_den
 
 
 @triton.jit
@@ -144,8 +132,8 @@ def _pending_push(p_k, b_v, p_kp, p_vp, n, o_v, m_v, limit,
 def _taylor_step_kernel(
     q, k, v, kv, ks, o, kp, vp, np_, fa, fb, fc, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, FOLD_ROWS: tl.constexpr, FOLD_IN_READ: tl.constexpr,
-    EVICT: tl.constexpr, PDL: tl.constexpr,
+    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, FOLD_ROWS: tl.constexpr, EVICT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     i_bh = tl.program_id(0).to(tl.int64)
@@ -161,27 +149,19 @@ def _taylor_step_kernel(
         b_num = tl.zeros([BV], dtype=tl.float32)
         b_den_p = 0.0
     b_den = b_den_p
-    fold = (n == P) if P > 0 else False
-    if FOLD_IN_READ and fold:  # each row read once: parts of the rows as they were, then the fold
-        for f0 in range(0, F, FOLD_ROWS):
-            b_num_f, b_den_f = _fold_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp,
-                                          p_vp, fa, fb, fc, f0 + tl.arange(0, FOLD_ROWS), o_v, m_v, F, D, DV, P,
-                                          EVICT, True)
-            b_num += b_num_f
-            b_den += b_den_f
-    else:
-        for f0 in range(0, F, BF):
-            b_num_f, b_den_f = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F,
-                                           fa, fb, fc, f0 + tl.arange(0, BF), o_v, m_v, F, DV, P == 0, EVICT)
-            b_num += b_num_f
-            b_den += b_den_f
+    for f0 in range(0, F, BF):
+        b_num_f, b_den_f = _state_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F,
+                                       fa, fb, fc, f0 + tl.arange(0, BF), o_v, m_v, F, DV, P == 0, EVICT)
+        b_num += b_num_f
+        b_den += b_den_f
     b_o = b_num / (b_den + eps)
     tl.store(o + i_bh * DV + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if P > 0:
-        if fold and not FOLD_IN_READ:  # a pass of its own: the rows come back from L2 (or HBM)
+        fold = n == P
+        if fold:
             for f0 in range(0, F, FOLD_ROWS):
-                _fold_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp, fa, fb,
-                           fc, f0 + tl.arange(0, FOLD_ROWS), o_v, m_v, F, D, DV, P, EVICT, False)
+                _fold_rows(k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp, fa, fb, fc,
+                           f0 + tl.arange(0, FOLD_ROWS), o_v, m_v, F, D, DV, P, EVICT)
         _pending_push(k + i_bh * D, b_v, p_kp, p_vp, n, o_v, m_v, P, D, DV, BD)
         tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
 
@@ -211,8 +191,8 @@ def _taylor_step_split_kernel(
                                o_f, o_v, m_v, F, DV, P == 0, False)
     if P > 0:
         if fold:
-            _fold_rows(q + i_bh * D, k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp, fa, fb, fc,
-                       o_f, o_v, m_v, F, D, DV, P, False, False)
+            _fold_rows(k + i_bh * D, b_v, kv + i_bh * F * DV, ks + i_bh * F, p_kp, p_vp, fa, fb, fc, o_f, o_v, m_v,
+                       F, D, DV, P, False)
         # Every chunk computes the share (a few hundred bytes), the first one keeps it: no branch to merge.
         num_p, den_p = _pending_share(q + i_bh * D, k + i_bh * D, b_v, p_kp, p_vp, n, scale, o_v, m_v, D, DV, P, BD, BP)
         first = (i_c == 0).to(tl.float32)
@@ -237,7 +217,7 @@ def _taylor_step_split_kernel(
 
 def triton_taylor_linear_attn_step(
     q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None,
-    cache_hints=False, split=None, pending: Pending | None = None, fold_rows=FOLD_ROWS, fold_in_read=FOLD_IN_READ,
+    cache_hints=False, split=None, pending: Pending | None = None, fold_rows=FOLD_ROWS,
 ):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
@@ -247,8 +227,7 @@ def triton_taylor_linear_attn_step(
     faster (batch 1: 0.017 ms against 0.037 ms with 2). split: each head's state rows over several
     programs (default: when there are at most SPLIT_MAX_HEADS heads in all, i.e. small batches).
     pending: a contiguous pending buffer (based/ops/taylor/pending.py), updated in place; fold_rows: state
-    rows per iteration of the pass that folds it (one program per head); fold_in_read: fold while reading
-    (FOLD_IN_READ)."""
+    rows per iteration of the pass that folds it (one program per head)."""
     B, H, D = q.shape
     DV = v.shape[-1]
     F = kv_state.shape[-2]
@@ -288,7 +267,7 @@ def triton_taylor_linear_attn_step(
     launch = pdl_options(q.device, B * H)  # a small grid: the next kernel loads its weights during this one
     _taylor_step_kernel[(B * H,)](
         q, k, v, kv_state, k_state, o, kp, vp, n, fa, fb, fc, float(scale), eps, BF=BF, FOLD_ROWS=fold_rows,
-        FOLD_IN_READ=fold_in_read, EVICT=cache_hints,
+        EVICT=cache_hints,
         PDL=bool(launch), num_warps=num_warps, **shapes, **launch,
     )
     return o
