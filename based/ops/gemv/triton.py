@@ -56,17 +56,6 @@ def _load_rows(w, rows, mask, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_rows(w, rows, mask, K, BK: tl.constexpr):
-    """Ask L2 for weight rows, one prefetch per 128-byte line, holding no registers for the data: the blocks
-    after the one in registers stream in while the program waits (PDL) or reduces."""
-    cols = tl.arange(0, BK // 64) * 64  # 64 16-bit values a line
-    p = w + rows.to(tl.int64)[:, None] * K + cols[None, :]
-    p = tl.where(mask[:, None] & (cols < K)[None, :], p, w)  # masked lanes ask for the first line again
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [p], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _load_vec(p, rows, mask, BN: tl.constexpr, LOAD: tl.constexpr):
     """p[rows] as fp32 [BN] (zeros where masked, or everywhere without LOAD)."""
     if LOAD:
@@ -79,7 +68,7 @@ def _load_vec(p, rows, mask, BN: tl.constexpr, LOAD: tl.constexpr):
 def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    PDL: tl.constexpr, AHEAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -89,9 +78,6 @@ def _norm_linear_kernel(
     w, b, n, row0, col0 = _segment(pid, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
     b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight while the row is normalised
     b_b = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
-    for i in tl.static_range(1, AHEAD + 1):  # and the next AHEAD blocks into L2
-        w_a, _, n_a, row_a, _ = _segment(pid + i * G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
-        _prefetch_rows(w_a, row_a + o, row_a + o < n_a, K, BK)
     wait_for_inputs(PDL)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
     p_r = res + i_m * s_r
@@ -103,9 +89,6 @@ def _norm_linear_kernel(
         b_w_next = _load_rows(w, row0 + o, row0 + o < n, K, BK)
         b_b_next = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
         b_r_next = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
-        if AHEAD > 0:
-            w_a, _, n_a, row_a, _ = _segment(blk + (AHEAD + 1) * G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
-            _prefetch_rows(w_a, row_a + o, row_a + o < n_a, K, BK)
         w, b, n, row0, col0 = _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
         rows = row0 + o
         out = (tl.sum(b_w.to(tl.float32) * b_x[None, :], 1) + b_b).to(y.dtype.element_ty)  # rounded as F.linear's
@@ -141,7 +124,7 @@ def _conv_operands(p_s, s_sk, cw, cb, blk, H, BN: tl.constexpr, TAPS: tl.constex
 def _norm_glu_kernel(
     x, s_x, nw, w, b, y, s_y, state, s_sb, s_sk, cw, cb, K, H, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
-    TAPS: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr,
+    TAPS: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -152,9 +135,6 @@ def _norm_glu_kernel(
     rows, mask = _glu_rows(pid, H, BN)
     b_w = _load_rows(w, rows, mask, K, BK)  # in flight while the row is normalised
     b_b = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
-    for i in tl.static_range(1, AHEAD + 1):  # and the next AHEAD blocks into L2
-        rows, mask = _glu_rows(pid + i * G, H, BN)
-        _prefetch_rows(w, rows, mask, K, BK)
     wait_for_inputs(PDL)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
     p_s = state + i_m * s_sb
@@ -166,9 +146,6 @@ def _norm_glu_kernel(
         rows, mask = _glu_rows(blk + G, H, BN)
         b_next = _load_rows(w, rows, mask, K, BK)
         b_b_next = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
-        if AHEAD > 0:
-            rows, mask = _glu_rows(blk + (AHEAD + 1) * G, H, BN)
-            _prefetch_rows(w, rows, mask, K, BK)
         if CONV:
             old_next, w_old_next, w_new_next, b_cb_next = _conv_operands(p_s, s_sk, cw, cb, blk + G, H, BN, TAPS,
                                                                          TP, HAS_CB)
@@ -215,10 +192,6 @@ BLOCK_VALUES = 2**15 if INTERPRETED else 8192
 # '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
 CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
-# Blocks each program asks L2 for beyond the one in its registers (prefetch instructions, no registers held),
-# from before the PDL wait on. Not under the interpreter, which has no inline assembly. BASED_GEMV_L2_AHEAD
-# overrides it, for tuning.
-L2_AHEAD = 0 if INTERPRETED else int(os.environ.get("BASED_GEMV_L2_AHEAD", "2"))
 
 
 def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None):
@@ -280,7 +253,7 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     block_n, BK, warps, per_sm, launch = _config("linear", K, x.device, block_n, num_warps, per_sm, maxnreg)
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-                HAS_RES=residual is not None, PDL="launch_pdl" in launch, AHEAD=L2_AHEAD, num_warps=warps, **launch)
+                HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             out, out.stride(0), K, *(Ns + [0] * pad), eps)
@@ -304,7 +277,7 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
                                                  maxnreg)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
                 TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
-                PDL="launch_pdl" in launch, AHEAD=L2_AHEAD, num_warps=warps, **launch)
+                PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
             out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
             cw, conv_bias if conv and conv_bias is not None else x, K, H, eps)
