@@ -68,7 +68,7 @@ def _load_vec(p, rows, mask, BN: tl.constexpr, LOAD: tl.constexpr):
 def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    PDL: tl.constexpr, EARLY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -76,37 +76,26 @@ def _norm_linear_kernel(
     n_blocks = tl.cdiv(N0, BN) + tl.cdiv(N1, BN) + tl.cdiv(N2, BN)
     o = tl.arange(0, BN)
     w, b, n, row0, col0 = _segment(pid, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
-    b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight across the wait and the norm
+    b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight while the row is normalised
     b_b = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
-    w, b, n1, row1, col1 = _segment(pid + G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
-    # The second block's load: where EARLY says (2: before the wait, 1: right after it, 0: after the norm).
-    if EARLY == 2:
-        b_w_next = _load_rows(w, row1 + o, row1 + o < n1, K, BK)
     wait_for_inputs(PDL)
-    if EARLY == 1:
-        b_w_next = _load_rows(w, row1 + o, row1 + o < n1, K, BK)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
-    if EARLY == 0:
-        b_w_next = _load_rows(w, row1 + o, row1 + o < n1, K, BK)
-    b_b_next = _load_vec(b, row1 + o, row1 + o < n1, BN, HAS_BIAS)
     p_r = res + i_m * s_r
     b_r = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
-    b_r_next = _load_vec(p_r + col1, row1 + o, row1 + o < n1, BN, HAS_RES)
     # Everything a block needs (weight rows, bias, residual) is loaded a block ahead: a load issued where it
-    # is used would cost its whole latency on every block. Block blk + 2G's loads go out once block blk is
-    # reduced, so two blocks are in registers at a time.
+    # is used would cost its whole latency on every block.
     for blk in range(pid, n_blocks, G):
+        w, b, n, row0, col0 = _segment(blk + G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
+        b_w_next = _load_rows(w, row0 + o, row0 + o < n, K, BK)
+        b_b_next = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
+        b_r_next = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
         w, b, n, row0, col0 = _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
         rows = row0 + o
         out = (tl.sum(b_w.to(tl.float32) * b_x[None, :], 1) + b_b).to(y.dtype.element_ty)  # rounded as F.linear's
         if HAS_RES:
             out = (b_r + out.to(tl.float32)).to(y.dtype.element_ty)
         tl.store(y + i_m * s_y + col0 + rows, out, mask=rows < n)
-        w, b, n, row0, col0 = _segment(blk + 2 * G, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN)
         b_w, b_b, b_r = b_w_next, b_b_next, b_r_next
-        b_w_next = _load_rows(w, row0 + o, row0 + o < n, K, BK)
-        b_b_next = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
-        b_r_next = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
 
 
 @triton.jit
@@ -135,7 +124,7 @@ def _conv_operands(p_s, s_sk, cw, cb, blk, H, BN: tl.constexpr, TAPS: tl.constex
 def _norm_glu_kernel(
     x, s_x, nw, w, b, y, s_y, state, s_sb, s_sk, cw, cb, K, H, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
-    TAPS: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    TAPS: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -144,27 +133,22 @@ def _norm_glu_kernel(
     dtype = y.dtype.element_ty
     TP: tl.constexpr = triton.next_power_of_2(TAPS)
     rows, mask = _glu_rows(pid, H, BN)
-    b_w = _load_rows(w, rows, mask, K, BK)  # in flight across the wait and the norm
+    b_w = _load_rows(w, rows, mask, K, BK)  # in flight while the row is normalised
     b_b = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
-    rows, mask = _glu_rows(pid + G, H, BN)
-    if EARLY == 2:  # the second block's load (as in _norm_linear_kernel)
-        b_next = _load_rows(w, rows, mask, K, BK)
     wait_for_inputs(PDL)
-    if EARLY == 1:
-        b_next = _load_rows(w, rows, mask, K, BK)
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
-    if EARLY == 0:
-        b_next = _load_rows(w, rows, mask, K, BK)
-    b_b_next = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
     p_s = state + i_m * s_sb
     # Everything a block needs (weight rows, biases, the conv state and weights) is loaded a block ahead: a
-    # load issued where it is used would cost its whole latency on every block. Block blk + 2G's loads go
-    # out once block blk is done, so two blocks are in registers at a time.
+    # load issued where it is used would cost its whole latency on every block.
     if CONV:
         old, w_old, w_new, b_cb = _conv_operands(p_s, s_sk, cw, cb, pid, H, BN, TAPS, TP, HAS_CB)
-        old_next, w_old_next, w_new_next, b_cb_next = _conv_operands(p_s, s_sk, cw, cb, pid + G, H, BN, TAPS, TP,
-                                                                     HAS_CB)
     for blk in range(pid, n_blocks, G):
+        rows, mask = _glu_rows(blk + G, H, BN)
+        b_next = _load_rows(w, rows, mask, K, BK)
+        b_b_next = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
+        if CONV:
+            old_next, w_old_next, w_new_next, b_cb_next = _conv_operands(p_s, s_sk, cw, cb, blk + G, H, BN, TAPS,
+                                                                         TP, HAS_CB)
         acc = tl.sum(b_w.to(tl.float32) * b_x[None, :], 1) + b_b
         a, g = tl.split(tl.reshape(acc.to(dtype), [BN, 2]))  # rounded as F.linear's output
         a = a.to(tl.float32)
@@ -184,18 +168,12 @@ def _norm_glu_kernel(
                      mask=cm[:, None] & (j >= 1)[None, :] & (j < TAPS)[None, :])
             tl.store(p_s + c + (TAPS - 1) * s_sk, a, mask=cm)
             out = conv * tl.sigmoid(conv) * g
+            old, w_old, w_new, b_cb = old_next, w_old_next, w_new_next, b_cb_next
         else:
             # SwiGLU: up * silu(gate), silu rounded as F.silu's output.
             out = a * (g * tl.sigmoid(g)).to(dtype).to(tl.float32)
         tl.store(y + i_m * s_y + c, out.to(dtype), mask=cm)
-        rows, mask = _glu_rows(blk + 2 * G, H, BN)
         b_w, b_b = b_next, b_b_next
-        b_next = _load_rows(w, rows, mask, K, BK)
-        b_b_next = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
-        if CONV:
-            old, w_old, w_new, b_cb = old_next, w_old_next, w_new_next, b_cb_next
-            old_next, w_old_next, w_new_next, b_cb_next = _conv_operands(p_s, s_sk, cw, cb, blk + 2 * G, H, BN,
-                                                                         TAPS, TP, HAS_CB)
 
 
 # Block size, warps and programs per SM: measured (benchmarks/gemv.py --sweep, NOTES-kernels.md; H200, batch
@@ -214,9 +192,6 @@ BLOCK_VALUES = 2**15 if INTERPRETED else 8192
 # '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
 CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
-# Where each program issues its second block's load: 2 before the PDL wait, 1 right after it (before x is
-# read and normalised), 0 after the norm. BASED_GEMV_EARLY overrides it, for tuning.
-EARLY = int(os.environ.get("BASED_GEMV_EARLY", "1"))
 
 
 def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None):
@@ -278,7 +253,7 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     block_n, BK, warps, per_sm, launch = _config("linear", K, x.device, block_n, num_warps, per_sm, maxnreg)
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-                HAS_RES=residual is not None, PDL="launch_pdl" in launch, EARLY=EARLY, num_warps=warps, **launch)
+                HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             out, out.stride(0), K, *(Ns + [0] * pad), eps)
@@ -302,7 +277,7 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
                                                  maxnreg)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
                 TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
-                PDL="launch_pdl" in launch, EARLY=EARLY, num_warps=warps, **launch)
+                PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
             out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
             cw, conv_bias if conv and conv_bias is not None else x, K, H, eps)
