@@ -49,7 +49,8 @@ def main():
             pending = None if every == 1 else zero_pending(batch, H_, D, DV_, every, torch.bfloat16, "cuda")
             # per token: the state read, written every `every`-th; q, k, v, o; half the pending slots read
             nbytes = batch * H_ * (state_bytes * (1 + 1 / every) + 2 * (2 * D + 2 * DV_) + (every - 1) * (D + DV_))
-            settings = itertools.product(a.block_f, a.warps, a.cache_hints, a.fold_rows[:1] if every == 1 else a.fold_rows)
+            fold_rows = a.fold_rows[:1] if every == 1 else a.fold_rows  # unused without a buffer
+            settings = itertools.product(a.block_f, a.warps, a.cache_hints, fold_rows)
             for bf, w, hints, fr in settings:
                 ms = _bench(lambda: triton_taylor_linear_attn_step(
                     q, k, v, kv, ks, block_f=bf, num_warps=w, cache_hints=bool(hints), pending=pending, fold_rows=fr),

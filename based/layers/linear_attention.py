@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import FEATURE_MAPS, fold_pending, taylor_feature_dim, taylor_linear_attn, taylor_linear_attn_step, zero_pending
+from ..ops import (
+    FEATURE_MAPS, fold_pending, taylor_feature_dim, taylor_linear_attn, taylor_linear_attn_step, zero_pending,
+)
 from .state import Offset, State, carried_state, state_nbytes
 
 

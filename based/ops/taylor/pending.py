@@ -70,6 +70,7 @@ def fold_pending(kv_state: torch.Tensor, k_state: torch.Tensor, pending: Pending
 
 def pending_step(q, k, v, kv_state, k_state, pending: Pending, feature_map="compact", scale=None, eps=1e-6):
     """taylor_linear_attn_step with deferred updates, in PyTorch (the reference for the Triton kernel)."""
+    check_pending(pending, q, v)
     kp, vp, n = pending
     P = kp.shape[2]
     fq = taylor_feature_map(q.float(), feature_map, scale)  # [B, H, F]

@@ -8,7 +8,7 @@ import torch
 
 from .common import DEFAULT_EPS, State, triton_available, zero_state
 from .feature_map import taylor_feature_map
-from .pending import Pending, check_pending, pending_step
+from .pending import Pending, pending_step
 
 
 def _triton_step_ok(q, k, v, kv_state: torch.Tensor, k_state: torch.Tensor, pending: Pending | None) -> bool:
@@ -48,8 +48,6 @@ def taylor_linear_attn_step(
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}: use one of ('auto', 'torch', 'triton')")
-    if pending is not None:
-        check_pending(pending, q, v)
     if backend == "triton" or (backend == "auto" and _triton_step_ok(q, k, v, kv_state, k_state, pending)):
         from .triton import triton_taylor_linear_attn_step
 

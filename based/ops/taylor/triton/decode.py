@@ -143,7 +143,8 @@ def _taylor_step_kernel(
     p_kp, p_vp = kp + i_bh * P * D, vp + i_bh * P * DV
     if P > 0:
         n = tl.load(np_ + i_bh)
-        b_num, b_den_p = _pending_share(q + i_bh * D, k + i_bh * D, b_v, p_kp, p_vp, n, scale, o_v, m_v, D, DV, P, BD, BP)
+        b_num, b_den_p = _pending_share(q + i_bh * D, k + i_bh * D, b_v, p_kp, p_vp, n, scale, o_v, m_v,
+                                        D, DV, P, BD, BP)
     else:
         n = 0
         b_num = tl.zeros([BV], dtype=tl.float32)
