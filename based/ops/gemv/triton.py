@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import grid_sms, pdl_options, wait_for_inputs
+from ..launch import grid_sms, interpreted, pdl_options, wait_for_inputs
 
 
 @triton.jit
@@ -185,9 +185,9 @@ def _norm_glu_kernel(
 #   results/gemv-sweep-h200-2026-11-29-v3.json and generation-b1-configs-h200-2026-11-29.json);
 #   BaseConv's in_proj with its conv step: 4 warps, 3 programs per SM (9.0 us against 12.6 on 8 warps x 4).
 # The interpreter (CPU tests) runs programs one after another at milliseconds each: there, fewer and larger
-# blocks.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_VALUES = 2**15 if INTERPRETED else 8192
+# blocks (INTERPRETED_BLOCK_VALUES).
+BLOCK_VALUES = 8192
+INTERPRETED_BLOCK_VALUES = 2**15
 # kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
 # '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
 CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
@@ -200,9 +200,10 @@ def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None)
     pair = 1 if kind == "linear" else 2
     BK = triton.next_power_of_2(K)
     default_n, warps, programs_per_sm = CONFIGS[kind]
-    if INTERPRETED:  # the table's small blocks would take the CPU tests minutes: BLOCK_VALUES' large ones
-        default_n = None
-    block_n = block_n or default_n or max(1, BLOCK_VALUES // (pair * BK))
+    values = BLOCK_VALUES
+    if interpreted():  # the table's small blocks would take the CPU tests minutes: larger ones
+        default_n, values = None, INTERPRETED_BLOCK_VALUES
+    block_n = block_n or default_n or max(1, values // (pair * BK))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     if maxnreg:
         launch = {**launch, "maxnreg": maxnreg}
