@@ -122,17 +122,19 @@ def _rotate(x, positions, inv_freq):
 
 
 def _step_form(form):
-    """decode_attn_step through a backend, or the Triton kernel in one form: one program per head, or each
-    ring split into 3 ranges of 2-row loads (ranges without written rows, several loads per range)."""
+    """decode_attn_step through a backend, or the Triton kernel in one form: one program per head walking the
+    ring, one program per head holding the whole ring (read before the wait), or each ring split into 3 ranges
+    of 2-row loads (ranges without written rows, several loads per range)."""
     if form in ("torch", "triton"):
         return functools.partial(decode_attn_step, backend=form)
     from based.ops.decode_attn.triton import triton_decode_attn_step
 
-    extra = dict(split=False) if form == "one program per head" else dict(split=True, ranges=3, block_l=2)
+    extra = {"one program per head": dict(split=False), "whole ring": dict(ring=True),
+             "split ranges": dict(split=True, ranges=3, block_l=2)}[form]
     return lambda *args: triton_decode_attn_step(*args, **extra)
 
 
-@pytest.mark.parametrize("form", ["torch", "triton", "one program per head", "split ranges"])
+@pytest.mark.parametrize("form", ["torch", "triton", "one program per head", "whole ring", "split ranges"])
 @pytest.mark.parametrize("rotary", [True, False])
 @pytest.mark.parametrize("L, positions", [(5, [0, 3, 4, 11]), (40, [0, 1, 17, 39])])
 def test_step_rotates_writes_and_attends(form, rotary, L, positions):

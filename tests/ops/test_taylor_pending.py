@@ -71,12 +71,17 @@ def test_state_is_written_only_by_the_token_that_fills_the_buffer():
         assert changed == (t % 4 == 3), t
 
 
-@pytest.mark.parametrize("split", [False, True])
+FORMS = {"one program per head": dict(split=False), "split": dict(split=True),
+         "resident": dict(resident=True)}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("feature_map", ["compact", "full"])
 @pytest.mark.parametrize("fold_every", [2, 5])
-def test_triton_pending_step_equals_torch(split, feature_map, fold_every):
-    """Both kernels (one program per head; state rows split over programs, block_f 4 not dividing F) against
-    the PyTorch pending step: outputs, state, buffer and counts, over two fold cycles."""
+def test_triton_pending_step_equals_torch(form, feature_map, fold_every):
+    """The kernels (one program per head; state rows split over programs, block_f 4 not dividing F; the whole
+    state in one program, F rows as two tiles of which the second is partly masked) against the PyTorch
+    pending step: outputs, state, buffer and counts, over two fold cycles."""
     from based.ops.taylor.triton import triton_taylor_linear_attn_step
 
     B, H, d, dv = 2, 3, 4, 6
@@ -84,7 +89,7 @@ def test_triton_pending_step_equals_torch(split, feature_map, fold_every):
     state_ref, pending_ref = tuple(s.clone() for s in state), tuple(p.clone() for p in pending)
     for t in range(2 * fold_every + 1):
         q, k, v = (torch.randn(B, H, n, device=DEVICE) for n in (d, d, dv))
-        y = triton_taylor_linear_attn_step(q, k, v, *state, feature_map, split=split, block_f=4, pending=pending)
+        y = triton_taylor_linear_attn_step(q, k, v, *state, feature_map, block_f=4, pending=pending, **FORMS[form])
         y_ref = taylor_linear_attn_step(q, k, v, *state_ref, feature_map, backend="torch", pending=pending_ref)
         assert rel_err(y, y_ref) < 1e-5, t
         assert torch.equal(pending[2], pending_ref[2]), t

@@ -188,20 +188,22 @@ def test_decode_step_matches_torch(feature_map):
 
 
 @pytest.mark.parametrize("block_f", [None, 4])
-def test_decode_step_split_over_programs_equals_one_program_per_head(block_f):
-    """The small-batch form (each head's state rows in chunks over programs, the last to finish sums the parts)
-    gives the one-program-per-head outputs and states, three steps in a row; chunks that do not divide F."""
+def test_decode_step_small_batch_forms_equal_one_program_per_head(block_f):
+    """The small-batch forms (each head's state rows in chunks over programs, the last to finish sums the parts;
+    each head's whole state in one program, read before the wait) give the one-program-per-head outputs and
+    states, three steps in a row; chunks that do not divide F."""
     B, H, d, dv = 2, 3, 8, 24
     F = taylor_feature_dim(d, "compact")
-    states = [(torch.randn(B, H, F, dv, device=DEVICE) * 0.1, torch.rand(B, H, F, device=DEVICE) + 1.0)
-              for _ in range(2)]
-    states[1] = tuple(t.clone() for t in states[0])
+    states = [(torch.randn(B, H, F, dv, device=DEVICE) * 0.1, torch.rand(B, H, F, device=DEVICE) + 1.0)]
+    states += [tuple(t.clone() for t in states[0]) for _ in range(2)]
+    forms = (dict(split=False), dict(split=True), dict(resident=True))
     for _ in range(3):
         q, k, v = (torch.randn(B, H, n, device=DEVICE) for n in (d, d, dv))
-        ys = [triton_taylor_linear_attn_step(q, k, v, kv, ks, block_f=block_f, split=split)
-              for (kv, ks), split in zip(states, (False, True))]
-        assert rel_err(ys[1], ys[0]) < 1e-6
-    assert all(rel_err(a, b) < 1e-6 for a, b in zip(states[1], states[0]))
+        ys = [triton_taylor_linear_attn_step(q, k, v, kv, ks, block_f=block_f, **form)
+              for (kv, ks), form in zip(states, forms)]
+        assert rel_err(ys[1], ys[0]) < 1e-6 and rel_err(ys[2], ys[0]) < 1e-6
+    for other in states[1:]:
+        assert all(rel_err(a, b) < 1e-6 for a, b in zip(other, states[0]))
 
 
 def test_decode_step_cache_hints_change_nothing_but_speed():

@@ -97,12 +97,10 @@ def triton_decode_attn(
 
 
 @triton.jit
-def _new_token(q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, b_pos, i_b, i_h, L, s_kb, s_kl, s_vb, s_vl,
-               H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr,
-               ROTARY: tl.constexpr, WRITE):
-    """The new token of head i_h: q and k rotated at b_pos (rotate-half pairs (i, i + D/2), math in fp32
-    rounded to the input dtype as apply_rotary does), k and v written into ring row b_pos % L where WRITE.
-    Returns q's halves in fp32 and the head's cache pointers."""
+def _rotated_token(q, k, v, s_q, s_k, s_v, inv_freq, b_pos, i_b, i_h, H: tl.constexpr, D: tl.constexpr,
+                   DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr, ROTARY: tl.constexpr, WRITE):
+    """The new token of head i_h: q and k halves rotated at b_pos (rotate-half pairs (i, i + D/2), math in fp32
+    rounded to the input dtype as apply_rotary does) and v; k and v are read only where WRITE."""
     HALF: tl.constexpr = D // 2
     o_h, o_dv = tl.arange(0, BH), tl.arange(0, BDV)
     m_h, m_dv = o_h < HALF, o_dv < DV
@@ -123,6 +121,19 @@ def _new_token(q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, b_pos, i_b, i
         b_q2 = (q2 * b_cos + q1 * b_sin).to(b_q2.dtype)
         b_k1 = (k1 * b_cos - k2 * b_sin).to(b_k1.dtype)
         b_k2 = (k2 * b_cos + k1 * b_sin).to(b_k2.dtype)
+    return b_q1, b_q2, b_k1, b_k2, b_v, m_kw, m_vw
+
+
+@triton.jit
+def _new_token(q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, b_pos, i_b, i_h, L, s_kb, s_kl, s_vb, s_vl,
+               H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr,
+               ROTARY: tl.constexpr, WRITE):
+    """_rotated_token, with k and v written into ring row b_pos % L where WRITE. Returns q's halves in fp32 and
+    the head's cache pointers."""
+    HALF: tl.constexpr = D // 2
+    o_h, o_dv = tl.arange(0, BH), tl.arange(0, BDV)
+    b_q1, b_q2, b_k1, b_k2, b_v, m_kw, m_vw = _rotated_token(q, k, v, s_q, s_k, s_v, inv_freq, b_pos, i_b, i_h, H, D,
+                                                             DV, BH, BDV, ROTARY, WRITE)
     row = b_pos % L
     p_kc = k_cache + i_b * s_kb + i_h * D
     p_vc = v_cache + i_b * s_vb + i_h * DV
@@ -171,6 +182,51 @@ def _decode_attn_step_kernel(
         b_s = _cache_scores(p_kc, o_r, m_r, b_q1, b_q2, s_kl, D // 2, BH)
         b_vt = _values(p_vc + o_r[:, None] * s_vl + o_dv[None, :], m_r, m_dv)  # after the scores: fewer live
         b_m, b_l, b_acc = _online_softmax_step(b_s, m_r, b_vt, b_m, b_l, b_acc)
+    tl.store(o + i_bh * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
+
+
+@triton.jit
+def _decode_attn_step_ring_kernel(
+    q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, pos, o, scale, L,
+    s_kb, s_kl, s_vb, s_vl,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr, BL: tl.constexpr,
+    ROTARY: tl.constexpr, PDL: tl.constexpr,
+):
+    """_decode_attn_step_kernel for a short ring (BL >= L rows) held whole in registers, one program per head
+    (small batches). The ring is read before the wait: only this layer's step a token ago wrote it, so under
+    PDL the read overlaps the projection before, and what is left after the wait is the new token (from L2)
+    and arithmetic; no split over programs, so no partial results to merge. Row pos % L is the new token's,
+    put in place in registers (rounded to the cache's dtype, as a read back would give it) and written out."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_b, i_h = i_bh // H, i_bh % H
+    HALF: tl.constexpr = D // 2
+    o_r, o_h, o_dv = tl.arange(0, BL), tl.arange(0, BH), tl.arange(0, BDV)
+    m_r, m_h, m_dv = o_r < L, o_h < HALF, o_dv < DV
+    p_kc = k_cache + i_b * s_kb + i_h * D
+    p_vc = v_cache + i_b * s_vb + i_h * DV
+    m_k = m_r[:, None] & m_h[None, :]
+    b_kt1 = tl.load(p_kc + o_r[:, None] * s_kl + o_h[None, :], mask=m_k, other=0.0)
+    b_kt2 = tl.load(p_kc + o_r[:, None] * s_kl + HALF + o_h[None, :], mask=m_k, other=0.0)
+    b_vt = _values(p_vc + o_r[:, None] * s_vl + o_dv[None, :], m_r, m_dv)
+    wait_for_inputs(PDL)
+    b_pos = tl.load(pos + i_b)
+    b_q1, b_q2, b_k1, b_k2, b_v, m_kw, m_vw = _rotated_token(q, k, v, s_q, s_k, s_v, inv_freq, b_pos, i_b, i_h, H, D,
+                                                             DV, BH, BDV, ROTARY, b_pos >= 0)
+    row = b_pos % L
+    b_k1, b_k2 = b_k1.to(k_cache.dtype.element_ty), b_k2.to(k_cache.dtype.element_ty)
+    b_v = b_v.to(v_cache.dtype.element_ty)
+    tl.store(p_kc + row * s_kl + o_h, b_k1, mask=m_kw)
+    tl.store(p_kc + row * s_kl + HALF + o_h, b_k2, mask=m_kw)
+    tl.store(p_vc + row * s_vl + o_dv, b_v, mask=m_vw)
+    new = (o_r == row)[:, None]
+    b_kt1 = tl.where(new, b_k1[None, :], b_kt1)
+    b_kt2 = tl.where(new, b_k2[None, :], b_kt2)
+    b_vt = tl.where(new, b_v[None, :], b_vt)
+    b_q1, b_q2 = b_q1.to(tl.float32) * scale, b_q2.to(tl.float32) * scale
+    b_s = tl.sum(b_kt1.to(tl.float32) * b_q1[None, :], 1) + tl.sum(b_kt2.to(tl.float32) * b_q2[None, :], 1)
+    m_s = o_r < tl.minimum(b_pos + 1, L)  # rows >= pos + 1 are unwritten until the ring wraps
+    b_m, b_l, b_acc = _online_softmax_start(BDV)
+    b_m, b_l, b_acc = _online_softmax_step(b_s, m_s, b_vt, b_m, b_l, b_acc)
     tl.store(o + i_bh * DV + o_dv, (b_acc / b_l).to(o.dtype.element_ty), mask=m_dv)
 
 
@@ -230,15 +286,22 @@ def _decode_attn_step_split_kernel(
 # its state rows): at batch 1 of the 1.3b preset, 16 programs on 132 SMs otherwise.
 SPLIT_MAX_HEADS = 64
 SPLIT_ROWS = 16  # rows per split program's load
+# Rings of at most this many values (rows x (key + value columns), padded) are held whole by one program per head
+# at small batches (_decode_attn_step_ring_kernel): 128 rows of 112 + 112 in the 1.3b preset.
+RING_MAX_VALUES = 2**15
+RING_WARPS = 8
 
 
 @torch.compiler.disable
 def triton_decode_attn_step(
     q, k, v, k_cache, v_cache, positions, inv_freq=None, scale: float | None = None,
     block_l: int | None = None, num_warps: int | None = None, split: bool | None = None, ranges: int | None = None,
+    ring: bool | None = None,
 ) -> torch.Tensor:
     """Same contract as decode_attn_step. q, k [B, H, D] and v [B, H, Dv] may be strided views (e.g. of
     one fused projection) whose last two dims are contiguous; the caches' [H, D] rows must be contiguous.
+    ring: each head's whole ring in one program's registers, read before the PDL wait (default: at most
+    SPLIT_MAX_HEADS heads in all and a ring of at most RING_MAX_VALUES values, unless split is given).
     split: each head's ring over several programs (default: at most SPLIT_MAX_HEADS heads in all), `ranges`
     of them (default: about two programs per SM in all)."""
     B, H, D = q.shape
@@ -253,7 +316,16 @@ def triton_decode_attn_step(
             positions.to(torch.int64).contiguous(), o)
     strides = (k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1))
     scale = D**-0.5 if scale is None else scale
-    if split if split is not None else B * H <= SPLIT_MAX_HEADS:
+    small = B * H <= SPLIT_MAX_HEADS
+    ring_bl = triton.next_power_of_2(L)
+    if ring if ring is not None else (small and split is None and ring_bl * (2 * BH + BDV) <= RING_MAX_VALUES):
+        launch = pdl_options(q.device, B * H)  # the ring's read overlaps the projection before
+        _decode_attn_step_ring_kernel[(B * H,)](
+            *args, scale, L, *strides, H=H, D=D, DV=DV, BH=BH, BDV=BDV, BL=ring_bl, ROTARY=rotary,
+            PDL=bool(launch), num_warps=num_warps or RING_WARPS, **launch,
+        )
+        return o
+    if split if split is not None else small:
         BL = block_l or SPLIT_ROWS
         # Ranges of whole loads, about two programs per SM in all (a long full-attention ring walks its range).
         NS = max(1, min(triton.cdiv(L, BL), ranges or 2 * grid_sms(q.device) // (B * H)))

@@ -21,6 +21,11 @@ from .layout import feature_tables
 # over programs of their own: batch 1 of the 1.3b preset is 16 heads, 16 programs on 132 SMs otherwise.
 SPLIT_MAX_HEADS = 64
 SPLIT_ROWS = 16
+# Up to SPLIT_MAX_HEADS heads, states of at most this many values (rows in two power-of-two tiles x the padded
+# value width) are held whole by one program per head (_taylor_step_resident_kernel): 153 rows (128 + 32) x 128
+# in the 1.3b preset.
+RESIDENT_MAX_VALUES = 160 * 128
+RESIDENT_WARPS = 16
 # State rows per iteration of the fold pass (one step in fold_every): fewer than the read pass's, whose
 # registers it would otherwise set (the kernel's count is its costliest part's).
 FOLD_ROWS = 8
@@ -97,23 +102,38 @@ def _store_rows(p_s, m_s, b_s, p_z, m_f, b_z, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _pending_share(p_q, p_k, b_v, p_kp, p_vp, n, scale, o_v, m_v,
-                   D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
-    """The n pending tokens' and this token's part of the output: (sum_j w_j v_j + w v [BV], sum_j w_j + w),
-    w_j = phi(q) . phi(k_j) = 1 + s_j + s_j^2 / 2 with s_j = scale q . k_j (no feature map needed)."""
+def _pending_tiles(p_kp, p_vp, n, o_v, m_v, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+    """The n pending tokens' keys [BP, BD] and values [BP, BV] (fp32, zeros past n) and their mask [BP]."""
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_p = tl.arange(0, BP)
     m_p = o_p < n
-    b_q = tl.load(p_q + o_d, mask=m_d, other=0.0).to(tl.float32)
-    b_k = tl.load(p_k + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_kp = tl.load(p_kp + o_p[:, None] * D + o_d[None, :], mask=m_p[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     b_vp = tl.load(p_vp + o_p[:, None] * DV + o_v[None, :], mask=m_p[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+    return b_kp, b_vp, m_p
+
+
+@triton.jit
+def _pending_share_of(p_q, p_k, b_v, b_kp, b_vp, m_p, scale, D: tl.constexpr, BD: tl.constexpr):
+    """_pending_share from the pending tiles (_pending_tiles)."""
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_q = tl.load(p_q + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_k = tl.load(p_k + o_d, mask=m_d, other=0.0).to(tl.float32)
     b_sp = scale * tl.sum(b_q[None, :] * b_kp, 1)  # [BP]
     b_wp = tl.where(m_p, 1.0 + b_sp + 0.5 * b_sp * b_sp, 0.0)
     b_s = scale * tl.sum(b_q * b_k, 0)
     b_w = 1.0 + b_s + 0.5 * b_s * b_s
     return tl.sum(b_wp[:, None] * b_vp, 0) + b_w * b_v, tl.sum(b_wp, 0) + b_w
+
+
+@triton.jit
+def _pending_share(p_q, p_k, b_v, p_kp, p_vp, n, scale, o_v, m_v,
+                   D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+    """The n pending tokens' and this token's part of the output: (sum_j w_j v_j + w v [BV], sum_j w_j + w),
+    w_j = phi(q) . phi(k_j) = 1 + s_j + s_j^2 / 2 with s_j = scale q . k_j (no feature map needed)."""
+    b_kp, b_vp, m_p = _pending_tiles(p_kp, p_vp, n, o_v, m_v, D, DV, BD, BP)
+    return _pending_share_of(p_q, p_k, b_v, b_kp, b_vp, m_p, scale, D, BD)
 
 
 @triton.jit
@@ -168,6 +188,74 @@ def _taylor_step_kernel(
 
 
 @triton.jit
+def _resident_rows(p_kv, p_ks, fa, fb, fc, o_f, o_v, m_v, F, DV: tl.constexpr):
+    """State rows o_f of one head, their z entries and feature tables (loaded, for _resident_part)."""
+    m_f = o_f < F
+    b_a, b_b, b_c = _feature_rows(fa, fb, fc, o_f, m_f)
+    b_s = tl.load(p_kv + o_f[:, None] * DV + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0.0)
+    return b_s, tl.load(p_ks + o_f, mask=m_f, other=0.0), b_a, b_b, b_c
+
+
+@triton.jit
+def _resident_part(p_q, p_k, b_v, b_s, b_z, b_a, b_b, b_c, p_kv, p_ks, o_f, o_v, m_v, F, DV: tl.constexpr,
+                   UPDATE: tl.constexpr):
+    """_state_rows of rows already loaded (_resident_rows)."""
+    b_fq = _phi(p_q, b_a, b_b, b_c)
+    if UPDATE:
+        b_fk = _phi(p_k, b_a, b_b, b_c)
+        b_s += b_fk[:, None] * b_v[None, :]
+        b_z += b_fk
+        m_f = o_f < F
+        _store_rows(p_kv + o_f[:, None] * DV + o_v[None, :], m_f[:, None] & m_v[None, :], b_s, p_ks + o_f, m_f, b_z,
+                    False)
+    return tl.sum(b_fq[:, None] * b_s, 0), tl.sum(b_fq * b_z, 0)
+
+
+@triton.jit
+def _taylor_step_resident_kernel(
+    q, k, v, kv, ks, o, kp, vp, np_, fa, fb, fc, scale, eps,
+    D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF1: tl.constexpr, BF2: tl.constexpr, BV: tl.constexpr,
+    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, FOLD_ROWS: tl.constexpr, PDL: tl.constexpr,
+):
+    """_taylor_step_kernel for small batches, each head's whole state (rows in two tiles of BF1 and BF2) held by
+    one program and read before the wait, with the pending buffer: only this layer's step a token ago wrote
+    them, so under PDL the read overlaps the projection before. After the wait: the new token (from L2), the
+    arithmetic and the writes; no split over programs, so no partial results to merge."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    p_kv, p_ks = kv + i_bh * F * DV, ks + i_bh * F
+    p_kp, p_vp = kp + i_bh * P * D, vp + i_bh * P * DV
+    o_f1 = tl.arange(0, BF1)
+    o_f2 = BF1 + tl.arange(0, BF2)
+    s1, z1, a1, b1, c1 = _resident_rows(p_kv, p_ks, fa, fb, fc, o_f1, o_v, m_v, F, DV)
+    s2, z2, a2, b2, c2 = _resident_rows(p_kv, p_ks, fa, fb, fc, o_f2, o_v, m_v, F, DV)
+    if P > 0:
+        n = tl.load(np_ + i_bh)
+        b_kp, b_vp, m_p = _pending_tiles(p_kp, p_vp, n, o_v, m_v, D, DV, BD, BP)
+    wait_for_inputs(PDL)
+    p_q, p_k = q + i_bh * D, k + i_bh * D
+    b_v = tl.load(v + i_bh * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
+    num1, den1 = _resident_part(p_q, p_k, b_v, s1, z1, a1, b1, c1, p_kv, p_ks, o_f1, o_v, m_v, F, DV, P == 0)
+    num2, den2 = _resident_part(p_q, p_k, b_v, s2, z2, a2, b2, c2, p_kv, p_ks, o_f2, o_v, m_v, F, DV, P == 0)
+    b_num = num1 + num2
+    b_den = den1 + den2
+    if P > 0:
+        num_p, den_p = _pending_share_of(p_q, p_k, b_v, b_kp, b_vp, m_p, scale, D, BD)
+        b_num += num_p
+        b_den += den_p
+    tl.store(o + i_bh * DV + o_v, (b_num / (b_den + eps)).to(o.dtype.element_ty), mask=m_v)
+    if P > 0:
+        fold = n == P
+        if fold:
+            for f0 in range(0, F, FOLD_ROWS):
+                _fold_rows(p_k, b_v, p_kv, p_ks, p_kp, p_vp, fa, fb, fc, f0 + tl.arange(0, FOLD_ROWS), o_v, m_v, F, D,
+                           DV, P, False)
+        _pending_push(p_k, b_v, p_kp, p_vp, n, o_v, m_v, P, D, DV, BD)
+        tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
+
+
+@triton.jit
 def _taylor_step_split_kernel(
     q, k, v, kv, ks, o, kp, vp, np_, part, count, fa, fb, fc, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
@@ -216,9 +304,15 @@ def _taylor_step_split_kernel(
             tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
 
 
+def _row_tiles(F: int) -> tuple[int, int]:
+    """F state rows as two power-of-two tiles (the second may be partly masked): 153 -> (128, 32)."""
+    first = 1 << (F.bit_length() - 1)
+    return first, triton.next_power_of_2(max(1, F - first))
+
+
 def triton_taylor_linear_attn_step(
     q, k, v, kv_state, k_state, feature_map="compact", scale=None, eps=1e-6, block_f=None, num_warps=None,
-    cache_hints=False, split=None, pending: Pending | None = None, fold_rows=FOLD_ROWS,
+    cache_hints=False, split=None, pending: Pending | None = None, fold_rows=FOLD_ROWS, resident=None,
 ):
     """Same contract as taylor_linear_attn_step: q, k [B, H, d], v [B, H, dv]; kv_state
     [B, H, F, dv] and k_state [B, H, F] fp32 contiguous, updated in place; returns y [B, H, dv].
@@ -228,7 +322,9 @@ def triton_taylor_linear_attn_step(
     faster (batch 1: 0.017 ms against 0.037 ms with 2). split: each head's state rows over several
     programs (default: when there are at most SPLIT_MAX_HEADS heads in all, i.e. small batches).
     pending: a contiguous pending buffer (based/ops/taylor/pending.py), updated in place; fold_rows: state
-    rows per iteration of the pass that folds it (one program per head)."""
+    rows per iteration of the pass that folds it (one program per head). resident: each head's whole state in
+    one program, read before the PDL wait (default: at most SPLIT_MAX_HEADS heads and a state of at most
+    RESIDENT_MAX_VALUES values, unless split or cache_hints is given)."""
     B, H, D = q.shape
     DV = v.shape[-1]
     F = kv_state.shape[-2]
@@ -251,7 +347,17 @@ def triton_taylor_linear_attn_step(
     BV = triton.next_power_of_2(DV)
     shapes = dict(D=D, DV=DV, F=F, BV=BV, P=P, BD=triton.next_power_of_2(D), BP=triton.next_power_of_2(max(P, 1)))
     num_warps = num_warps or (2 if B * H >= 1024 else 4)
-    if split if split is not None else B * H <= SPLIT_MAX_HEADS:
+    small = B * H <= SPLIT_MAX_HEADS
+    BF1, BF2 = _row_tiles(F)
+    if resident if resident is not None else (
+            small and split is None and not cache_hints and (BF1 + BF2) * BV <= RESIDENT_MAX_VALUES):
+        launch = pdl_options(q.device, B * H)  # the state's read overlaps the projection before
+        _taylor_step_resident_kernel[(B * H,)](
+            q, k, v, kv_state, k_state, o, kp, vp, n, fa, fb, fc, float(scale), eps, BF1=BF1, BF2=BF2,
+            FOLD_ROWS=fold_rows, PDL=bool(launch), num_warps=num_warps or RESIDENT_WARPS, **shapes, **launch,
+        )
+        return o
+    if split if split is not None else small:
         BF = block_f or SPLIT_ROWS
         NC = triton.cdiv(F, BF)
         part = torch.empty(B * H, NC, BV + 1, dtype=torch.float32, device=q.device)
