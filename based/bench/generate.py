@@ -35,6 +35,7 @@ import datetime
 import functools
 import gc
 import json
+import os
 import platform
 import sys
 import time
@@ -524,6 +525,9 @@ def main(argv=None) -> int:
         result["config"]["presets"] = args.presets
     if args.set:
         result["config"]["overrides"] = args.set
+    tuning = {k: v for k, v in os.environ.items() if k.startswith("BASED_")}  # kernel knobs (BASED_GEMV_CONFIG, ...)
+    if tuning:
+        result["config"]["environment"] = tuning
     result["copy_GBps"] = measure_copy_bandwidth(device)
 
     def save():
