@@ -45,7 +45,7 @@ def _block_step(block, backend: str):
     mixer, norm1, norm2, mlp = block.mixer, block.norm1, block.norm2, block.mlp
 
     def project_in(x, weight, bias):
-        return norm_linear(x, weight, bias, norm1.weight, norm1.eps, backend=backend, before_step=True)
+        return norm_linear(x, weight, bias, norm1.weight, norm1.eps, backend=backend)
 
     def project_out(h, x):
         return norm_linear(h, mixer.out_proj.weight, mixer.out_proj.bias, residual=x, backend=backend)

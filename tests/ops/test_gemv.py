@@ -169,18 +169,3 @@ def test_programs_walk_many_blocks(block_n, per_sm):
         ref = norm_glu(x, w, None, nw, 1e-5, states[0], cw, cb, backend="torch")
         torch.testing.assert_close(got.cpu(), ref)
         torch.testing.assert_close(states[1].cpu(), states[0])
-
-
-def test_input_projections_take_their_own_configuration(monkeypatch):
-    """norm_linear(before_step=True) (a mixer's q, k, v) launches with CONFIGS["input"], a tuning knob apart from
-    the other projections', and computes the same."""
-    from based.ops.gemv import triton as gemv_triton
-
-    monkeypatch.setitem(gemv_triton.CONFIGS, "input", (2, 4, 1))
-    monkeypatch.setattr(gemv_triton, "interpreted", lambda: False)  # the table's block sizes, not the interpreter's
-    x, w, nw = torch.randn(1, 16).to(DEVICE), torch.randn(10, 16).to(DEVICE), torch.randn(16).to(DEVICE)
-    stats = {}
-    got = gemv_triton.triton_norm_linear(x, [w], [None], nw, 1e-5, None, stats=stats, kind="input")
-    assert stats["block_n"] == 2  # the default table gives 8192 // 16 rows a block here
-    assert torch.equal(got, norm_linear(x, w, None, nw, 1e-5, backend="triton"))
-    torch.testing.assert_close(norm_linear(x, w, None, nw, 1e-5, backend="triton", before_step=True), got)

@@ -87,7 +87,6 @@ def norm_linear(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     backend: str = "auto",
-    before_step: bool = False,
 ) -> torch.Tensor:
     """[residual +] rms_norm(x) @ W.T [+ bias], for x [rows, K] and W [N, K] (nn.Linear's layout).
 
@@ -98,8 +97,6 @@ def norm_linear(
         norm_weight: RMSNorm's weight [K], or None for no norm.
         residual: [rows, sum N] added after the projection is rounded, as `x + layer(x)` does.
         backend: "auto" (Triton on CUDA up to MAX_ROWS rows, else PyTorch), "triton" or "torch".
-        before_step: the output feeds a mixer's small step kernel (its q, k, v): the launch takes the "input"
-            configuration (based.ops.gemv.triton.CONFIGS), a tuning knob of its own.
     Returns:
         [rows, sum N] in x's dtype.
     """
@@ -109,8 +106,7 @@ def norm_linear(
     if _use_triton(backend, x, weights):
         from .triton import triton_norm_linear
 
-        return triton_norm_linear(x, weights, biases, norm_weight, eps, residual,
-                                  kind="input" if before_step else "linear")
+        return triton_norm_linear(x, weights, biases, norm_weight, eps, residual)
     h = rms_norm(x, norm_weight, eps)
     y = torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1) if len(weights) > 1 else F.linear(
         h, weights[0], biases[0]

@@ -190,15 +190,14 @@ BLOCK_VALUES = 8192
 INTERPRETED_BLOCK_VALUES = 2**15
 # kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
 # '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
-# "input": a mixer's input projection (q/k/v, Wqkv), which its small step kernel follows (norm_linear before_step).
-CONFIGS = {"linear": (None, 4, 4), "input": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
+CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
 
 
 def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None):
     """(BN, BK, warps, programs per SM, launch options) for a kind of CONFIGS (explicit arguments win); the
     glu and conv kinds read two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
-    pair = 1 if kind in ("linear", "input") else 2
+    pair = 1 if kind == "linear" else 2
     BK = triton.next_power_of_2(K)
     default_n, warps, programs_per_sm = CONFIGS[kind]
     values = BLOCK_VALUES
@@ -240,7 +239,7 @@ def _record(stats, kernel, block_n, warps, programs):
 
 @torch.compiler.disable
 def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None,
-                       maxnreg=None, stats=None, kind="linear"):
+                       maxnreg=None, stats=None):
     M, K = x.shape
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
@@ -252,7 +251,7 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     w = list(weights) + [weights[0]] * pad
     b = [bb if bb is not None else w[0] for bb in biases]
     b += [b[0]] * pad
-    block_n, BK, warps, per_sm, launch = _config(kind, K, x.device, block_n, num_warps, per_sm, maxnreg)
+    block_n, BK, warps, per_sm, launch = _config("linear", K, x.device, block_n, num_warps, per_sm, maxnreg)
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
                 HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
