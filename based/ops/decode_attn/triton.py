@@ -3,6 +3,10 @@
 Rows are visited in storage order; softmax does not care about order, only about which rows count
 (written ones, position >= 0). A full-attention ring never wraps, so rows past `last` are skipped
 outright: the loop stops at min(last + 1, L), and a short context costs what it holds, not the ring.
+
+The decode step (rotary, ring write, attention) has three forms: one program per (sequence, head) walking the
+ring; at small batches, each head's ring split over programs whose partial softmaxes the last one merges, or
+(short rings, the default there) the whole ring held by one program and read before the PDL wait.
 """
 from __future__ import annotations
 
