@@ -79,17 +79,25 @@ def _fold_rows(p_k, b_v, p_kv, p_ks, p_kp, p_vp, fa, fb, fc, o_f, o_v, m_v, F,
     registers over the read pass's at its default 64 rows x 2 warps (16 rows spill)."""
     m_f = o_f < F
     b_a, b_b, b_c = _feature_rows(fa, fb, fc, o_f, m_f)
+    b_s = tl.load(p_kv + o_f[:, None] * DV + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0.0)
+    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0)
+    _fold_into(b_s, b_z, b_a, b_b, b_c, p_k, b_v, p_kv, p_ks, p_kp, p_vp, o_f, o_v, m_v, F, D, DV, P, EVICT)
+
+
+@triton.jit
+def _fold_into(b_s, b_z, b_a, b_b, b_c, p_k, b_v, p_kv, p_ks, p_kp, p_vp, o_f, o_v, m_v, F,
+               D: tl.constexpr, DV: tl.constexpr, P: tl.constexpr, EVICT: tl.constexpr):
+    """_fold_rows on rows already loaded (b_s, b_z and their feature tables): add and store them."""
+    m_f = o_f < F
     b_fk = _phi(p_k, b_a, b_b, b_c)
-    p_s = p_kv + o_f[:, None] * DV + o_v[None, :]
-    m_s = m_f[:, None] & m_v[None, :]
-    b_s = tl.load(p_s, mask=m_s, other=0.0) + b_fk[:, None] * b_v[None, :]
-    b_z = tl.load(p_ks + o_f, mask=m_f, other=0.0) + b_fk
+    b_s += b_fk[:, None] * b_v[None, :]
+    b_z += b_fk
     for j in tl.static_range(P):
         b_fj = _phi(p_kp + j * D, b_a, b_b, b_c)
         b_vj = tl.load(p_vp + j * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_s += b_fj[:, None] * b_vj[None, :]
         b_z += b_fj
-    _store_rows(p_s, m_s, b_s, p_ks + o_f, m_f, b_z, EVICT)
+    _store_rows(p_kv + o_f[:, None] * DV + o_v[None, :], m_f[:, None] & m_v[None, :], b_s, p_ks + o_f, m_f, b_z, EVICT)
 
 
 @triton.jit
@@ -215,12 +223,14 @@ def _resident_part(p_q, p_k, b_v, b_s, b_z, b_a, b_b, b_c, p_kv, p_ks, o_f, o_v,
 def _taylor_step_resident_kernel(
     q, k, v, kv, ks, o, kp, vp, np_, fa, fb, fc, scale, eps,
     D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BF1: tl.constexpr, BF2: tl.constexpr, BV: tl.constexpr,
-    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, FOLD_ROWS: tl.constexpr, PDL: tl.constexpr,
+    P: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr,
 ):
     """_taylor_step_kernel for small batches, each head's whole state (rows in two tiles of BF1 and BF2) held by
     one program and read before the wait, with the pending buffer: only this layer's step a token ago wrote
     them, so under PDL the read overlaps the projection before. After the wait: the new token (from L2), the
-    arithmetic and the writes; no split over programs, so no partial results to merge."""
+    arithmetic and the writes; no split over programs, so no partial results to merge. The folding step folds
+    the rows it holds (the walk over the rows in small blocks that the other kernels take would be ~20
+    dependent round trips in one program)."""
     i_bh = tl.program_id(0).to(tl.int64)
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
@@ -247,10 +257,9 @@ def _taylor_step_resident_kernel(
     tl.store(o + i_bh * DV + o_v, (b_num / (b_den + eps)).to(o.dtype.element_ty), mask=m_v)
     if P > 0:
         fold = n == P
-        if fold:
-            for f0 in range(0, F, FOLD_ROWS):
-                _fold_rows(p_k, b_v, p_kv, p_ks, p_kp, p_vp, fa, fb, fc, f0 + tl.arange(0, FOLD_ROWS), o_v, m_v, F, D,
-                           DV, P, False)
+        if fold:  # from the rows in registers (the state before this token): no second read of them
+            _fold_into(s1, z1, a1, b1, c1, p_k, b_v, p_kv, p_ks, p_kp, p_vp, o_f1, o_v, m_v, F, D, DV, P, False)
+            _fold_into(s2, z2, a2, b2, c2, p_k, b_v, p_kv, p_ks, p_kp, p_vp, o_f2, o_v, m_v, F, D, DV, P, False)
         _pending_push(p_k, b_v, p_kp, p_vp, n, o_v, m_v, P, D, DV, BD)
         tl.store(np_ + i_bh, tl.where(fold, 0, n + 1))
 
@@ -354,7 +363,7 @@ def triton_taylor_linear_attn_step(
         launch = pdl_options(q.device, B * H)  # the state's read overlaps the projection before
         _taylor_step_resident_kernel[(B * H,)](
             q, k, v, kv_state, k_state, o, kp, vp, n, fa, fb, fc, float(scale), eps, BF1=BF1, BF2=BF2,
-            FOLD_ROWS=fold_rows, PDL=bool(launch), num_warps=num_warps or RESIDENT_WARPS, **shapes, **launch,
+            PDL=bool(launch), num_warps=num_warps or RESIDENT_WARPS, **shapes, **launch,
         )
         return o
     if split if split is not None else small:
