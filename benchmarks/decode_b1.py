@@ -23,13 +23,12 @@ import contextlib
 import datetime
 import importlib
 import json
-import time
 
 import torch
 import triton
 import triton.language as tl
 
-from based.bench.generate import build
+from based.bench.generate import build, elapsed_ms
 from based.bench.ops import _git_rev
 from based.generation import Decoder
 from based.layers import Attention, LinearAttention
@@ -78,18 +77,12 @@ def variant(name: str, d_model: int):
 
 def time_steps(decoder, steps: int, device: torch.device) -> float:
     """ms per step over `steps` steps."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
+
+    def steps_run():
         for _ in range(steps):
             decoder.step()
-        return (time.perf_counter() - t0) / steps * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        decoder.step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+
+    return elapsed_ms(device, steps_run) / steps
 
 
 @torch.no_grad()
