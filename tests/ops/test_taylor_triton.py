@@ -5,6 +5,7 @@ only this module's kernels are affected since nothing else in the CPU suite laun
 `gpu` tests run the same checks at real sizes: pytest -m gpu tests/ops/test_taylor_triton.py
 """
 import functools
+import importlib
 import os
 
 import torch
@@ -311,3 +312,23 @@ def test_gpu_decode(batch, feature_map):
         y_ref = taylor_linear_attn_step(q, k, v, kv_ref, ks_ref, feature_map, backend="torch")
         assert rel_err(y, y_ref) < 1e-2
     assert rel_err(kv, kv_ref) < 1e-5 and rel_err(ks, ks_ref) < 1e-5
+
+
+def test_resident_step_launches_with_its_own_warps(monkeypatch):
+    """The small-batch resident kernel takes RESIDENT_WARPS (a tuning knob), not the other forms' default: a
+    sweep of it once did not take effect because the default was set first."""
+    decode = importlib.import_module("based.ops.taylor.triton.decode")
+    launched = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.update(grid=grid, **kwargs)
+
+    monkeypatch.setattr(decode, "_taylor_step_resident_kernel", Recorder())
+    monkeypatch.setattr(decode, "RESIDENT_WARPS", 2)
+    B, H, d, dv = 1, 2, 4, 8
+    F = taylor_feature_dim(d, "compact")
+    q, k, v = (torch.randn(B, H, n, device=DEVICE) for n in (d, d, dv))
+    decode.triton_taylor_linear_attn_step(q, k, v, torch.zeros(B, H, F, dv, device=DEVICE),
+                                          torch.zeros(B, H, F, device=DEVICE))
+    assert launched["grid"] == (B * H,) and launched["num_warps"] == 2

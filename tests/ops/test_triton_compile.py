@@ -73,9 +73,9 @@ KERNELS["attention step, no rotary"] = KERNELS["attention step, rotary"][:3] + (
     {**KERNELS["attention step, rotary"][3], "ROTARY": False, "PDL": False}, 1)
 KERNELS["taylor step, resident state"] = (
     "based.ops.taylor.triton.decode", "_taylor_step_resident_kernel", KERNELS["taylor step"][2],
-    dict(D=16, DV=112, F=153, BF1=128, BF2=32, BV=128, P=7, BD=16, BP=8, PDL=True), 16)
+    dict(D=16, DV=112, F=153, BF1=128, BF2=32, BV=128, P=7, BD=16, BP=8, PDL=True), 4)
 KERNELS["taylor step, resident state, no pending buffer"] = KERNELS["taylor step, resident state"][:3] + (
-    {**KERNELS["taylor step, resident state"][3], "P": 0, "BP": 1}, 16)
+    {**KERNELS["taylor step, resident state"][3], "P": 0, "BP": 1}, 4)
 KERNELS["taylor step, cache hints"] = KERNELS["taylor step"][:3] + (
     {**KERNELS["taylor step"][3], "EVICT": True, "PDL": False}, 2)
 KERNELS["taylor step, no pending buffer"] = KERNELS["taylor step"][:3] + (

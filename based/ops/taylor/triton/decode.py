@@ -25,7 +25,7 @@ SPLIT_ROWS = 16
 # value width) are held whole by one program per head (_taylor_step_resident_kernel): 153 rows (128 + 32) x 128
 # in the 1.3b preset.
 RESIDENT_MAX_VALUES = 160 * 128
-RESIDENT_WARPS = 16
+RESIDENT_WARPS = 4  # what every measurement of it used (docs/generation.md); more warps are untried
 # State rows per iteration of the fold pass (one step in fold_every): fewer than the read pass's, whose
 # registers it would otherwise set (the kernel's count is its costliest part's).
 FOLD_ROWS = 8
@@ -355,7 +355,6 @@ def triton_taylor_linear_attn_step(
     o = torch.empty_like(v)
     BV = triton.next_power_of_2(DV)
     shapes = dict(D=D, DV=DV, F=F, BV=BV, P=P, BD=triton.next_power_of_2(D), BP=triton.next_power_of_2(max(P, 1)))
-    num_warps = num_warps or (2 if B * H >= 1024 else 4)
     small = B * H <= SPLIT_MAX_HEADS
     BF1, BF2 = _row_tiles(F)
     if resident if resident is not None else (
@@ -366,6 +365,7 @@ def triton_taylor_linear_attn_step(
             PDL=bool(launch), num_warps=num_warps or RESIDENT_WARPS, **shapes, **launch,
         )
         return o
+    num_warps = num_warps or (2 if B * H >= 1024 else 4)
     if split if split is not None else small:
         BF = block_f or SPLIT_ROWS
         NC = triton.cdiv(F, BF)
