@@ -14,6 +14,8 @@ times --repeats runs of --steps steps with CUDA events. Variants:
     split-steps         the steps' split forms (state / ring rows over programs, merged by the last one)
                         instead of one program per head holding the state or ring
 The stubbed variants compute something else (their tokens are not the model's): they only locate time.
+--set MODULE.NAME=VALUE sets a module constant for the run (a kernel knob), e.g.
+    --set based.ops.taylor.triton.decode.RESIDENT_WARPS=8 based.ops.decode_attn.triton.RING_WARPS=16
 --device cpu runs the wiring (eager, no graph, wall clock) for tests.
 """
 from __future__ import annotations
@@ -107,6 +109,26 @@ def run(preset: str, variants: list[str], steps: int, repeats: int, prompt_len: 
     return rows
 
 
+def set_knobs(assignments: list[str]) -> dict:
+    """Apply MODULE.NAME=VALUE assignments (VALUE read as JSON, else kept as text); returns them as a dict."""
+    knobs = {}
+    for item in assignments:
+        target, sep, text = item.partition("=")
+        module, _, name = target.rpartition(".")
+        if not sep or not module:
+            raise SystemExit(f"--set takes MODULE.NAME=VALUE, got {item!r}")
+        mod = importlib.import_module(module)
+        if not hasattr(mod, name):
+            raise SystemExit(f"--set: {module} has no {name}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        setattr(mod, name, value)
+        knobs[target] = value
+    return knobs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="1.3b")
@@ -115,17 +137,19 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=VALUE", help="module constants (kernel knobs)")
     p.add_argument("--git-rev", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("decode_b1.py needs a CUDA device (or --device cpu, to check the wiring)")
+    knobs = set_knobs(a.set)
     result = {
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "git_revision": a.git_rev or _git_rev(), "torch": torch.__version__, "preset": a.preset,
-        "batch": 1, "prompt_len": a.prompt_len, "steps": a.steps,
+        "batch": 1, "prompt_len": a.prompt_len, "steps": a.steps, "knobs": knobs,
         "rows": run(a.preset, a.variants, a.steps, a.repeats, a.prompt_len, device),
     }
     if a.out:

@@ -1,4 +1,5 @@
 """benchmarks/decode_b1.py's wiring on the CPU: every variant runs, patches what it says and undoes it."""
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -44,3 +45,16 @@ def test_stubbed_steps_change_the_step():
             prefill(model, state, ids[:, :5])
             logits[name] = model.step(ids[:, 5], state.layers, state.seqlen_offset)
     assert not torch.allclose(logits["as-is"], logits["no-mixer-steps"])
+
+
+def test_knobs_are_set_and_bad_ones_named(monkeypatch):
+    decode = importlib.import_module("based.ops.taylor.triton.decode")
+    monkeypatch.setattr(decode, "RESIDENT_WARPS", decode.RESIDENT_WARPS)  # restored after the test
+    b1 = _module()
+    assert b1.set_knobs(["based.ops.taylor.triton.decode.RESIDENT_WARPS=8"]) == {
+        "based.ops.taylor.triton.decode.RESIDENT_WARPS": 8}
+    assert decode.RESIDENT_WARPS == 8
+    with pytest.raises(SystemExit, match="has no"):
+        b1.set_knobs(["based.ops.taylor.triton.decode.NO_SUCH=1"])
+    with pytest.raises(SystemExit, match="MODULE.NAME=VALUE"):
+        b1.set_knobs(["RESIDENT_WARPS"])
