@@ -129,21 +129,27 @@ def _rotated_token(q, k, v, s_q, s_k, s_v, inv_freq, b_pos, i_b, i_h, H: tl.cons
 
 
 @triton.jit
+def _write_row(p_kc, p_vc, row, s_kl, s_vl, b_k1, b_k2, b_v, m_kw, m_vw, HALF: tl.constexpr, BH: tl.constexpr,
+               BDV: tl.constexpr):
+    """k's halves and v into ring row `row` of one head's caches (where the masks allow), in their dtype."""
+    o_h, o_dv = tl.arange(0, BH), tl.arange(0, BDV)
+    tl.store(p_kc + row * s_kl + o_h, b_k1.to(p_kc.dtype.element_ty), mask=m_kw)
+    tl.store(p_kc + row * s_kl + HALF + o_h, b_k2.to(p_kc.dtype.element_ty), mask=m_kw)
+    tl.store(p_vc + row * s_vl + o_dv, b_v.to(p_vc.dtype.element_ty), mask=m_vw)
+
+
+@triton.jit
 def _new_token(q, k, v, s_q, s_k, s_v, inv_freq, k_cache, v_cache, b_pos, i_b, i_h, L, s_kb, s_kl, s_vb, s_vl,
                H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BDV: tl.constexpr,
                ROTARY: tl.constexpr, WRITE):
     """_rotated_token, with k and v written into ring row b_pos % L where WRITE. Returns q's halves in fp32 and
     the head's cache pointers."""
     HALF: tl.constexpr = D // 2
-    o_h, o_dv = tl.arange(0, BH), tl.arange(0, BDV)
     b_q1, b_q2, b_k1, b_k2, b_v, m_kw, m_vw = _rotated_token(q, k, v, s_q, s_k, s_v, inv_freq, b_pos, i_b, i_h, H, D,
                                                              DV, BH, BDV, ROTARY, WRITE)
-    row = b_pos % L
     p_kc = k_cache + i_b * s_kb + i_h * D
     p_vc = v_cache + i_b * s_vb + i_h * DV
-    tl.store(p_kc + row * s_kl + o_h, b_k1.to(k_cache.dtype.element_ty), mask=m_kw)
-    tl.store(p_kc + row * s_kl + HALF + o_h, b_k2.to(k_cache.dtype.element_ty), mask=m_kw)
-    tl.store(p_vc + row * s_vl + o_dv, b_v.to(v_cache.dtype.element_ty), mask=m_vw)
+    _write_row(p_kc, p_vc, b_pos % L, s_kl, s_vl, b_k1, b_k2, b_v, m_kw, m_vw, HALF, BH, BDV)
     tl.debug_barrier()  # the row just written is read back by the caller, possibly by other threads
     return b_q1.to(tl.float32), b_q2.to(tl.float32), p_kc, p_vc
 
@@ -219,9 +225,7 @@ def _decode_attn_step_ring_kernel(
     row = b_pos % L
     b_k1, b_k2 = b_k1.to(k_cache.dtype.element_ty), b_k2.to(k_cache.dtype.element_ty)
     b_v = b_v.to(v_cache.dtype.element_ty)
-    tl.store(p_kc + row * s_kl + o_h, b_k1, mask=m_kw)
-    tl.store(p_kc + row * s_kl + HALF + o_h, b_k2, mask=m_kw)
-    tl.store(p_vc + row * s_vl + o_dv, b_v, mask=m_vw)
+    _write_row(p_kc, p_vc, row, s_kl, s_vl, b_k1, b_k2, b_v, m_kw, m_vw, HALF, BH, BDV)
     new = (o_r == row)[:, None]
     b_kt1 = tl.where(new, b_k1[None, :], b_kt1)
     b_kt2 = tl.where(new, b_k2[None, :], b_kt2)
