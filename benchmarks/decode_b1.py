@@ -17,6 +17,10 @@ The stubbed variants compute something else (their tokens are not the model's): 
 --set MODULE.NAME=VALUE sets a module constant for the run (a kernel knob), e.g.
     --set based.ops.taylor.triton.decode.RESIDENT_WARPS=8 based.ops.decode_attn.triton.RING_WARPS=16
 --device cpu runs the wiring (eager, no graph, wall clock) for tests.
+--trace N profiles N more steps of each variant (torch.profiler, the CUDA graph's kernels) and adds the
+kernel timeline: for each kernel of the step in order, its name, its duration and how much later it ends
+than the kernel before it (`after_us`; under PDL a kernel starts before the one before it ends, so these
+increments, not the durations, add up to the step's time).
 """
 from __future__ import annotations
 
@@ -88,7 +92,8 @@ def time_steps(decoder, steps: int, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def run(preset: str, variants: list[str], steps: int, repeats: int, prompt_len: int, device: torch.device) -> list:
+def run(preset: str, variants: list[str], steps: int, repeats: int, prompt_len: int, device: torch.device,
+        trace: int = 0) -> list:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(preset, dtype, device)
@@ -96,17 +101,56 @@ def run(preset: str, variants: list[str], steps: int, repeats: int, prompt_len: 
     rows = []
     for name in variants:
         with variant(name, model.config.d_model):
-            decoder = Decoder(model, 1, max_seq_len=prompt_len + 16 + steps * repeats + 1,
-                              cuda_graph=device.type == "cuda")
-            decoder.add(prompt)
-            for _ in range(16):
-                decoder.step()
+            def new_decoder():
+                decoder = Decoder(model, 1, max_seq_len=prompt_len + 16 + steps * repeats + 1,
+                                  cuda_graph=device.type == "cuda")
+                decoder.add(prompt)
+                for _ in range(16):
+                    decoder.step()
+                return decoder
+
+            decoder = new_decoder()
             ms = [time_steps(decoder, steps, device) for _ in range(repeats)]
             row = {"variant": name, "step": decoder.step_kind, "ms_per_step": ms, "best_ms": min(ms)}
             print(json.dumps(row), flush=True)
-            rows.append(row)
             del decoder
+            if trace and device.type == "cuda":
+                row["timeline"] = kernel_timeline(new_decoder, trace)
+            rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def kernel_timeline(new_decoder, steps: int) -> dict:
+    """Each kernel of a step, in order: name, mean duration and mean end-to-end increment (microseconds).
+
+    The decoder is made (and its graph captured) under the profiler: kernels of a graph captured before
+    profiling may not be reported one by one. A marker kernel separates the replays from the set-up."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder = new_decoder()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1000)  # ATen's spin_kernel: marks where the replays begin
+        for _ in range(steps):
+            decoder.step()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    marks = [i for i, k in enumerate(kernels) if "spin_kernel" in k[2]]
+    kernels = kernels[marks[-1] + 1:] if marks else kernels
+    if not kernels or len(kernels) % steps:
+        return {"error": f"{len(kernels)} kernel events for {steps} steps"}
+    n = len(kernels) // steps
+    rows = [{"name": kernels[i][2][:80], "us": 0.0, "after_us": 0.0} for i in range(n)]
+    for s in range(1, steps):  # the first step's first kernel has no predecessor: skip step 0
+        for i in range(n):
+            start, end, _ = kernels[s * n + i]
+            rows[i]["us"] += (end - start) / (steps - 1)
+            rows[i]["after_us"] += (end - kernels[s * n + i - 1][1]) / (steps - 1)
+    return {"kernels_per_step": n, "step_us": sum(r["after_us"] for r in rows), "kernels": rows}
 
 
 def set_knobs(assignments: list[str]) -> dict:
@@ -138,6 +182,7 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--device", default="cuda")
     p.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=VALUE", help="module constants (kernel knobs)")
+    p.add_argument("--trace", type=int, default=0, metavar="N", help="profile N more steps: the kernel timeline")
     p.add_argument("--git-rev", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -150,7 +195,7 @@ def main(argv=None):
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "git_revision": a.git_rev or _git_rev(), "torch": torch.__version__, "preset": a.preset,
         "batch": 1, "prompt_len": a.prompt_len, "steps": a.steps, "knobs": knobs,
-        "rows": run(a.preset, a.variants, a.steps, a.repeats, a.prompt_len, device),
+        "rows": run(a.preset, a.variants, a.steps, a.repeats, a.prompt_len, device, a.trace),
     }
     if a.out:
         with open(a.out, "w") as f:

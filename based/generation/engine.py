@@ -159,6 +159,10 @@ class Decoder:
                 raise ValueError(f"{name} must be in [0, {vocab}), got {ids}")
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # each slot's last token
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        # The fused step takes greedy tokens in its LM-head kernel, which also advances the positions; with eos
+        # ids they go to a scratch buffer first (finished slots emit pad_token_id instead).
+        self._head_argmax = fused and self.sampling.greedy
+        self._next = torch.zeros_like(self.tokens) if self._head_argmax and self.eos is not None else self.tokens
         self.graph = None
         if graph:
             self._capture()
@@ -198,9 +202,15 @@ class Decoder:
         return self.tokens
 
     def _step(self) -> None:
-        logits = self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset)
-        self.state.seqlen_offset.add_(1)
-        next_tokens = sample(logits, self.sampling)
+        if self._head_argmax:
+            self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset, next_tokens=self._next)
+            next_tokens = self._next
+        else:
+            logits = self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset)
+            self.state.seqlen_offset.add_(1)
+            next_tokens = sample(logits, self.sampling)
+        if next_tokens is self.tokens:  # written in place: greedy, no eos
+            return
         if self.eos is not None:
             next_tokens = torch.where(self.finished, self.pad_token_id, next_tokens)
             self.finished |= torch.isin(next_tokens, self.eos)
@@ -210,6 +220,11 @@ class Decoder:
     def _capture(self) -> None:
         # Warm-up on a side stream first (as torch.cuda.graphs asks): it compiles the Triton kernels and
         # picks cuBLAS algorithms, none of which may happen during capture. It writes into the state.
+        # Captured on a stream from torch's pool, not on the capture stream every graph shares by default: the
+        # split kernels' ticket counters are kept per stream (based.ops.launch.ticket_counters), and two
+        # decoders replayed at once must not share them (the pool's 32 streams a device are reused in turn).
+        # The warm-up runs on that same stream, so the counters exist before the capture: made during it, their
+        # zero fill would be a kernel of every replay.
         stream = torch.cuda.Stream(self.state.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -217,10 +232,7 @@ class Decoder:
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        # Captured on a stream from torch's pool, not on the capture stream every graph shares by default: the
-        # split kernels' ticket counters are kept per stream (based.ops.launch.ticket_counters), and two
-        # decoders replayed at once must not share them (the pool's 32 streams a device are reused in turn).
-        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.state.device)):
+        with torch.cuda.graph(self.graph, stream=stream):
             self._step()
         self.state.reset()
         self.tokens.zero_()

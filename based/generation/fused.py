@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..layers import Attention, BaseConv, LinearAttention
-from ..ops.gemv import MAX_ROWS, norm_glu, norm_linear
+from ..ops.gemv import MAX_ROWS, norm_glu, norm_linear, norm_linear_argmax
 
 FUSED_MAX_BATCH = 1  # slots up to which Decoder picks this step on CUDA by default (measured, docs/generation.md)
 
@@ -30,11 +30,18 @@ def fused_step(model, backend: str = "auto"):
     blocks = [_block_step(block, backend) for block in transformer.layers]
     ln_f, lm_head, vocab = transformer.ln_f, model.lm_head, model.config.vocab_size
 
-    def step(input_ids: torch.Tensor, state, seqlen_offset) -> torch.Tensor:
+    def step(input_ids: torch.Tensor, state, seqlen_offset, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """With next_tokens (long [B]), greedy decoding's choice is made in the LM head's kernel: the argmax
+        is written there and seqlen_offset advanced by one, with no kernel after the head."""
         x = transformer.embeddings(input_ids.reshape(-1))
         for block_step, s in zip(blocks, state):
             x = block_step(x, s, seqlen_offset)
-        logits = norm_linear(x, lm_head.weight, lm_head.bias, ln_f.weight, ln_f.eps, backend=backend)
+        head = (x, lm_head.weight, lm_head.bias, ln_f.weight, ln_f.eps)
+        if next_tokens is None:
+            logits = norm_linear(*head, backend=backend)
+        else:
+            logits, _ = norm_linear_argmax(*head, n_valid=vocab, out=next_tokens, advance=seqlen_offset,
+                                           backend=backend)
         return logits[:, :vocab]
 
     return step

@@ -384,6 +384,15 @@ def test_decoder_fused_choice_and_limit():
     assert Decoder(model, 2).step_kind == "eager"  # CPU: the fused step only on request
     assert Decoder(model, 2, fused=True).step_kind == "fused"
     assert Decoder(model, 2, compile=True, fused=False).step_kind == "compiled"
-    assert torch.equal(generate(model, ids, 12, fused=True), generate(model, ids, 12))
+    eager = generate(model, ids, 12)
+    assert torch.equal(generate(model, ids, 12, fused=True), eager)
+    # Greedy: the fused step's LM head writes the tokens and advances the positions itself; with an eos id
+    # they pass through the finished-slot bookkeeping (the first row's first token made its eos: pad after it).
+    eos = int(eager[0, 0])
+    pad = (eos + 1) % model.config.vocab_size
+    stopped = generate(model, ids, 12, eos_token_id=eos, pad_token_id=pad, check_every=1)
+    assert stopped[0, 0] == eos and (stopped[0, 1:] == pad).all()
+    assert torch.equal(generate(model, ids, 12, fused=True, eos_token_id=eos, pad_token_id=pad, check_every=1),
+                       stopped)
     with pytest.raises(ValueError, match=f"at most {MAX_ROWS} slots"):
         Decoder(model, MAX_ROWS + 1, fused=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from based.ops import conv_state_zeros
-from based.ops.gemv import MAX_K, MAX_ROWS, norm_glu, norm_linear
+from based.ops.gemv import MAX_K, MAX_ROWS, norm_glu, norm_linear, norm_linear_argmax
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,3 +169,65 @@ def test_programs_walk_many_blocks(block_n, per_sm):
         ref = norm_glu(x, w, None, nw, 1e-5, states[0], cw, cb, backend="torch")
         torch.testing.assert_close(got.cpu(), ref)
         torch.testing.assert_close(states[1].cpu(), states[0])
+
+
+def _argmax_case(nan=False, M=3, K=32, N=80, n_valid=65, dtype=torch.float32):
+    """x and W whose logits have their largest value twice in row 0 (a tie: the lower column, 20, wins) and a
+    larger one in a padding column past n_valid (never chosen); with nan, column 7 is NaN in every row (NaN
+    counts as the largest: 7 everywhere)."""
+    x, w = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / K**0.5
+    w[n_valid + 5] = 50 * x[0] / x[0].norm()
+    w[50] = w[20] = 10 * x[0] / x[0].norm()
+    if nan:
+        w[7, 0] = float("nan")
+    return x, w
+
+
+@pytest.mark.parametrize("nan", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_n,per_sm", [(None, None), (2, 1), (8, 2)])
+def test_norm_linear_argmax_is_argmax_rows_of_the_logits(nan, dtype, block_n, per_sm):
+    """The epilogue's choice equals argmax_rows over the rounded logits' real columns: ties to the lowest
+    column, NaN largest, padding never; with one program or many walking several blocks each; and the
+    positions in `advance` move on by exactly one."""
+    from based.ops import argmax_rows
+    from based.ops.gemv.triton import triton_norm_linear
+
+    M, n_valid = 3, 65
+    x, w = _argmax_case(nan, M, n_valid=n_valid, dtype=dtype)
+    nw = torch.rand(x.shape[1], dtype=dtype) + 0.5
+    logits = norm_linear(x, w, None, nw, 1e-5, backend="torch")
+    expected = argmax_rows(logits[:, :n_valid], backend="torch")
+    assert expected.tolist() == [7, 7, 7] if nan else expected[0] == 20  # the case is what it claims
+    x_d, w_d, nw_d = x.to(DEVICE), w.to(DEVICE), nw.to(DEVICE)
+    ids = torch.full((M,), -1, dtype=torch.long, device=DEVICE)
+    advance = torch.tensor([5, 0, 9], device=DEVICE)
+    got = triton_norm_linear(x_d, (w_d,), (None,), nw_d, 1e-5, None, block_n=block_n, per_sm=per_sm,
+                             argmax=(n_valid, ids, advance))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # bf16: the norm's and the output's roundings apart
+    torch.testing.assert_close(got.cpu(), logits, equal_nan=True, rtol=tol, atol=tol)
+    assert ids.cpu().tolist() == argmax_rows(got.cpu()[:, :n_valid], backend="torch").tolist()
+    if dtype == torch.float32:
+        assert ids.cpu().tolist() == expected.tolist()
+    assert advance.cpu().tolist() == [6, 1, 10]
+    # Again: the tickets were left at zero for the next launch.
+    triton_norm_linear(x_d, (w_d,), (None,), nw_d, 1e-5, None, block_n=block_n, per_sm=per_sm,
+                       argmax=(n_valid, ids, advance))
+    assert advance.cpu().tolist() == [7, 2, 11]
+
+
+def test_norm_linear_argmax_backends_agree_and_check_arguments():
+    x, w = _argmax_case()
+    for backend in ("torch", "triton"):
+        advance = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+        logits, ids = norm_linear_argmax(x.to(DEVICE), w.to(DEVICE), n_valid=65, advance=advance, backend=backend)
+        assert ids.cpu()[0] == 20 and advance.cpu().tolist() == [1, 1, 1]
+        assert logits.shape == (3, 80)
+    with pytest.raises(ValueError, match=r"n_valid must be in \[1, N=80\]"):
+        norm_linear_argmax(x, w, n_valid=81)
+    with pytest.raises(ValueError, match=r"out must be a torch.int64 tensor \[rows=3\]"):
+        norm_linear_argmax(x, w, out=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"advance must be a torch.int64 or torch.int32 tensor"):
+        norm_linear_argmax(x, w, advance=torch.zeros(3))
+    with pytest.raises(ValueError, match="one weight"):
+        norm_linear_argmax(x, [w, w])

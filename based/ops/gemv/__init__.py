@@ -8,6 +8,7 @@ whole, by a program that also normalises the input row itself (it is a few KB, r
 program), so a block of the model is four or five kernels.
 
     norm_linear: y = [residual +] norm(x) @ W.T [+ bias]                  (W may be several, same K)
+    norm_linear_argmax: the same (one W) and each row's argmax, for greedy decoding's LM head
     norm_glu:    [a, b] = norm(x) @ W.T [+ bias];  y = a * silu(b)         (SwiGLU's fc1)
                                                or y = silu(conv(a)) * b    (BaseConv's in_proj, one step)
 
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..argmax import argmax_rows
 from ..common import check_backend
 from ..conv import short_conv_step
 from ..taylor.common import triton_available
@@ -114,6 +116,52 @@ def norm_linear(
     return y if residual is None else residual + y
 
 
+def norm_linear_argmax(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    n_valid: int | None = None,
+    out: torch.Tensor | None = None,
+    advance: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_linear (one weight) with greedy decoding's choice in its epilogue: (logits [rows, N], ids [rows]).
+
+    ids are argmax_rows(logits[:, :n_valid]): the largest of the first n_valid columns (the LM head's real
+    vocabulary; default N), ties to the lowest column, NaN the largest. The kernel's programs each keep their
+    best and the last to finish combines them, so no argmax kernel reads the logits again.
+
+    Args:
+        out: long [rows] to write ids into (default a new tensor).
+        advance: integer [rows] to add one to once ids are written (a decode step's positions), or None.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError("norm_linear_argmax takes one weight")
+    _check(x, (weight,), (bias,), norm_weight)
+    rows, N = x.shape[0], weight.shape[0]
+    n_valid = N if n_valid is None else n_valid
+    if not 1 <= n_valid <= N:
+        raise ValueError(f"n_valid must be in [1, N={N}], got {n_valid}")
+    out = torch.empty(rows, dtype=torch.long, device=x.device) if out is None else out
+    for name, t, dtypes in (("out", out, (torch.long,)), ("advance", advance, (torch.long, torch.int32))):
+        if t is not None and (tuple(t.shape) != (rows,) or t.dtype not in dtypes or t.device != x.device):
+            raise ValueError(f"{name} must be a {' or '.join(map(str, dtypes))} tensor [rows={rows}] on {x.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if _use_triton(backend, x, (weight,)):
+        from .triton import triton_norm_linear
+
+        logits = triton_norm_linear(x, (weight,), (bias,), norm_weight, eps, None, argmax=(n_valid, out, advance))
+        return logits, out
+    logits = norm_linear(x, weight, bias, norm_weight, eps, backend="torch")
+    out.copy_(argmax_rows(logits[:, :n_valid], backend="torch"))
+    if advance is not None:
+        advance.add_(1)
+    return logits, out
+
+
 def norm_glu(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -157,4 +205,4 @@ def norm_glu(
     return short_conv_step(a, conv_state, conv_weight, conv_bias, activation="silu", gate=b, backend="torch")
 
 
-__all__ = ["norm_linear", "norm_glu", "rms_norm", "MAX_ROWS"]
+__all__ = ["norm_linear", "norm_linear_argmax", "norm_glu", "rms_norm", "MAX_ROWS"]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import grid_sms, interpreted, pdl_options, wait_for_inputs
+from ..launch import grid_sms, interpreted, pdl_options, ticket_counters, wait_for_inputs
 
 
 @triton.jit
@@ -65,10 +65,43 @@ def _load_vec(p, rows, mask, BN: tl.constexpr, LOAD: tl.constexpr):
 
 
 @triton.jit
+def _better(v, cols, n_valid, best_v, best_i):
+    """The running (best value, its column) after a block of logits v at columns cols: columns from n_valid on
+    (the LM head's padding) never count, NaN counts as +inf and ties go to the lowest column, as argmax_rows."""
+    v = tl.where(v != v, float("inf"), v)
+    v = tl.where(cols < n_valid, v, float("-inf"))
+    b_max = tl.max(v, 0)
+    first = tl.min(tl.where(v == b_max, cols, n_valid), 0)
+    # A block all -inf still offers its first column, so a row that is -inf everywhere gets column 0.
+    better = (b_max > best_v) | ((b_max == best_v) & (first < best_i))
+    return tl.where(better, b_max, best_v), tl.where(better, first, best_i)
+
+
+@triton.jit
+def _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, i_m, pid, G, n_valid, GP: tl.constexpr,
+                   ADVANCE: tl.constexpr):
+    """Store this program's answer for row i_m; the row's last program to finish (an atomic ticket) writes
+    the best of all G answers to ids[i_m] and, under ADVANCE, adds one to advance[i_m]."""
+    tl.store(part_v + i_m * G + pid, best_v)
+    tl.store(part_i + i_m * G + pid, best_i)
+    # acq_rel: the answers stored above are visible to whichever program takes the last ticket.
+    if tl.atomic_add(count + i_m, 1, sem="acq_rel") == G - 1:
+        o = tl.arange(0, GP)
+        vs = tl.load(part_v + i_m * G + o, mask=o < G, other=float("-inf"))
+        cols = tl.load(part_i + i_m * G + o, mask=o < G, other=n_valid)
+        best = tl.max(vs, 0)
+        tl.store(ids + i_m, tl.min(tl.where(vs == best, cols, n_valid), 0).to(tl.int64))
+        if ADVANCE:
+            tl.store(advance + i_m, tl.load(advance + i_m) + 1)
+        tl.store(count + i_m, 0)  # ready for the next launch (ticket_counters)
+
+
+@triton.jit
 def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
+    n_valid, part_v, part_i, count, ids, advance,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    PDL: tl.constexpr,
+    ARGMAX: tl.constexpr, ADVANCE: tl.constexpr, GP: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -82,6 +115,8 @@ def _norm_linear_kernel(
     b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
     p_r = res + i_m * s_r
     b_r = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
+    best_v = tl.full([], float("-inf"), tl.float32)  # ARGMAX: this program's best logit and its column
+    best_i = n_valid
     # Everything a block needs (weight rows, bias, residual) is loaded a block ahead: a load issued where it
     # is used would cost its whole latency on every block.
     for blk in range(pid, n_blocks, G):
@@ -95,7 +130,11 @@ def _norm_linear_kernel(
         if HAS_RES:
             out = (b_r + out.to(tl.float32)).to(y.dtype.element_ty)
         tl.store(y + i_m * s_y + col0 + rows, out, mask=rows < n)
+        if ARGMAX:
+            best_v, best_i = _better(out.to(tl.float32), col0 + rows, n_valid, best_v, best_i)
         b_w, b_b, b_r = b_w_next, b_b_next, b_r_next
+    if ARGMAX:
+        _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, i_m, pid, G, n_valid, GP, ADVANCE)
 
 
 @triton.jit
@@ -239,7 +278,8 @@ def _record(stats, kernel, block_n, warps, programs):
 
 @torch.compiler.disable
 def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None,
-                       maxnreg=None, stats=None):
+                       maxnreg=None, stats=None, argmax=None):
+    """argmax: None, or (n_valid, ids, advance) for norm_linear_argmax's epilogue (advance may be None)."""
     M, K = x.shape
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
@@ -253,11 +293,21 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     b += [b[0]] * pad
     block_n, BK, warps, per_sm, launch = _config("linear", K, x.device, block_n, num_warps, per_sm, maxnreg)
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
+    n_valid, ids, advance = argmax if argmax is not None else (0, out, None)
+    part_v = part_i = count = out
+    cap = 1
+    if argmax is not None:  # partial answers: one per program and row
+        cap = min(n_blocks, per_sm * grid_sms(x.device))
+        part_v = torch.empty(M, cap, dtype=torch.float32, device=x.device)
+        part_i = torch.empty(M, cap, dtype=torch.int32, device=x.device)
+        count = ticket_counters(x.device, M)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
-                HAS_RES=residual is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
+                HAS_RES=residual is not None, ARGMAX=argmax is not None, ADVANCE=advance is not None,
+                GP=triton.next_power_of_2(cap), PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
-            out, out.stride(0), K, *(Ns + [0] * pad), eps)
+            out, out.stride(0), K, *(Ns + [0] * pad), eps,
+            n_valid, part_v, part_i, count, ids, advance if advance is not None else ids)
     kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=M)
     _record(stats, kernel, block_n, warps, programs)
     return out
