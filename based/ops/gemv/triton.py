@@ -217,19 +217,21 @@ def _norm_glu_kernel(
 
 # Block size, warps and programs per SM: measured (benchmarks/gemv.py --sweep, NOTES-kernels.md; H200, batch
 # 1, the 1.3b preset's projections, results/gemv-sweep-h200-2026-11-29-v2.json), best near 8192 weight
-# values per block everywhere, and per kind of epilogue:
-#   plain projections (norm_linear): 4 warps, 4 programs per SM (fc2 4.3 us against 4.9 on 8 warps);
-#   SwiGLU's fc1 (norm_glu): one channel (two weight rows) per block, 4 warps, 8 programs per SM (8.0 us
-#   against 8.3 with two channels on 8 warps x 4; a whole batch-1 step 1.031 against 1.040 ms,
-#   results/gemv-sweep-h200-2026-11-29-v3.json and generation-b1-configs-h200-2026-11-29.json);
-#   BaseConv's in_proj with its conv step: 4 warps, 3 programs per SM (9.0 us against 12.6 on 8 warps x 4).
+# values per block, then retuned on whole batch-1 steps (python benchmarks/decode_b1.py with BASED_GEMV_CONFIG;
+# results/gemv-step-sweep-h200-2026-11-29.json), where a kernel's neighbours count too:
+#   plain projections (norm_linear): 4 warps, 8 programs per SM asked (as many as the registers fit); 4 per
+#   SM gave 0.954 ms a step, 5-8 0.942-0.946;
+#   SwiGLU's fc1 (norm_glu): two channels (four weight rows) per block, 4 warps, 6 programs per SM: 0.954-0.956
+#   ms a step against 0.974 with one channel at 8 per SM (the best of isolated kernel sweeps);
+#   BaseConv's in_proj with its conv step: 4 warps, 3 programs per SM (9.0 us against 12.6 on 8 warps x 4;
+#   one channel at 4-8 per SM was slower in the step).
 # The interpreter (CPU tests) runs programs one after another at milliseconds each: there, fewer and larger
 # blocks (INTERPRETED_BLOCK_VALUES).
 BLOCK_VALUES = 8192
 INTERPRETED_BLOCK_VALUES = 2**15
 # kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
 # '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
-CONFIGS = {"linear": (None, 4, 4), "glu": (1, 4, 8), "conv": (None, 4, 3)}
+CONFIGS = {"linear": (None, 4, 8), "glu": (2, 4, 6), "conv": (None, 4, 3)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
 
 
