@@ -133,6 +133,19 @@ def fold_cycle(model) -> int:
     return max((getattr(block.mixer, "fold_every", 1) for block in model.transformer.layers), default=1)
 
 
+LOG_LEN = 32  # steps between reads of the tokens, as generate's default check_every
+
+
+def run_steps(decoder, out: torch.Tensor, start: int, stop: int) -> None:
+    """Steps start .. stop-1, their tokens into out[:, start:stop] as generate takes them: from the decoder's
+    log, one read per LOG_LEN steps (not a copy kernel per step)."""
+    for i in range(start, stop):
+        decoder.step()
+        if (i + 1 - start) % LOG_LEN == 0 or i + 1 == stop:
+            n = (i - start) % LOG_LEN + 1
+            out[:, i + 1 - n : i + 1] = decoder.recent(n)
+
+
 def fill_slots(decoder, n: int) -> None:
     """Copy slots 0 .. n-1 (prefilled) into every other slot, in blocks of n (no full-size temporary)."""
     B = decoder.batch_size
@@ -261,7 +274,8 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        decoder = Decoder(model, B, max_seq_len=max_seq_len, compile=args.compile, fused=FUSED[args.fused])
+        decoder = Decoder(model, B, max_seq_len=max_seq_len, compile=args.compile, fused=FUSED[args.fused],
+                          log_len=LOG_LEN)
         n0 = min(B, prompt.shape[0])
         synchronize(device)
         t1 = time.perf_counter()
@@ -270,12 +284,10 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         prefill_s = time.perf_counter() - t1
         fill_slots(decoder, n0)
         out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
-        for i in range(3):  # estimate a step, then time as many as fit
-            out[:, i].copy_(decoder.step())
+        run_steps(decoder, out, 0, 3)  # estimate a step, then time as many as fit
         synchronize(device)
         est = time.perf_counter()
-        for i in range(3, 8):
-            out[:, i].copy_(decoder.step())
+        run_steps(decoder, out, 3, 8)
         synchronize(device)
         est = (time.perf_counter() - est) / 5
         # Whole fold cycles (linear attention writes its state every la_fold_every steps, a costlier step),
@@ -283,12 +295,10 @@ def bench_engine(preset: str, clock: Clock, args, copy_gbps: float, first_larges
         cycle = fold_cycle(model)
         steps = int(min(new_tokens - 16, -(-max(20, args.point_seconds / est) // cycle) * cycle))
         start = max(8, new_tokens // 2 - steps // 2) if grows else 8
-        for i in range(8, start):  # to the middle of the generation (see the module doc)
-            out[:, i].copy_(decoder.step())
+        run_steps(decoder, out, 8, start)  # to the middle of the generation (see the module doc)
 
         def timed_steps():
-            for i in range(start, start + steps):
-                out[:, i].copy_(decoder.step())
+            run_steps(decoder, out, start, start + steps)
 
         step_ms = elapsed_ms(device, timed_steps) / steps
         step_bytes = wbytes + B * (state_traffic_bytes(model, prompt_len + start + steps // 2, dtype) if grows else traffic)

@@ -122,6 +122,9 @@ class Decoder:
         fused: use the small-batch step of based.generation.fused (every projection one Triton kernel with
             its norm, residual, SwiGLU or short conv); default on CUDA at batch 1 (FUSED_MAX_BATCH) with the
             CUDA graph, where it is faster than `compile`, which it then replaces.
+        log_len: keep each slot's last log_len tokens on the device, written by the step itself (for greedy
+            decoding by the fused step's LM-head kernel), so that a caller decoding many steps takes them with
+            `recent` once per block instead of copying each step's tokens (a kernel outside the graph a step).
     """
 
     def __init__(
@@ -136,7 +139,10 @@ class Decoder:
         cuda_graph: bool | None = None,
         compile: bool = False,
         fused: bool | None = None,
+        log_len: int = 0,
     ):
+        if isinstance(log_len, bool) or not isinstance(log_len, int) or log_len < 0:
+            raise ValueError(f"log_len must be an int >= 0, got {log_len!r}")
         self.model = model
         self.sampling = sampling or SamplingParams()
         cuda = model.device.type == "cuda"
@@ -163,6 +169,7 @@ class Decoder:
         # ids they go to a scratch buffer first (finished slots emit pad_token_id instead).
         self._head_argmax = fused and self.sampling.greedy
         self._next = torch.zeros_like(self.tokens) if self._head_argmax and self.eos is not None else self.tokens
+        self.log = torch.zeros(batch_size, log_len, dtype=torch.long, device=device) if log_len else None
         self.graph = None
         if graph:
             self._capture()
@@ -201,20 +208,36 @@ class Decoder:
                 self._step()
         return self.tokens
 
+    def recent(self, n: int) -> torch.Tensor:
+        """Each slot's last n tokens [B, n], oldest first (n <= log_len), from the log the steps write: valid
+        for the slots that took all of the last n steps."""
+        L = 0 if self.log is None else self.log.shape[1]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= L:
+            raise ValueError(f"recent takes 1 <= n <= log_len={L} tokens, got {n!r}")
+        # The step at input position p wrote column p % L; the last n steps had positions offset-n .. offset-1.
+        columns = (self.state.seqlen_offset[:, None] - n + torch.arange(n, device=self.log.device)) % L
+        return self.log.gather(1, columns)
+
     def _step(self) -> None:
+        offset = self.state.seqlen_offset
+        # Greedy tokens with no eos: written in place by the LM head's kernel, log included.
+        in_kernel = self._head_argmax and self.eos is None
         if self._head_argmax:
-            self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset, next_tokens=self._next)
+            self._model_step(self.tokens, self.state.layers, offset, next_tokens=self._next,
+                             log=self.log if in_kernel else None)
             next_tokens = self._next
         else:
-            logits = self._model_step(self.tokens, self.state.layers, self.state.seqlen_offset)
-            self.state.seqlen_offset.add_(1)
+            logits = self._model_step(self.tokens, self.state.layers, offset)
+            offset.add_(1)
             next_tokens = sample(logits, self.sampling)
-        if next_tokens is self.tokens:  # written in place: greedy, no eos
+        if in_kernel:
             return
         if self.eos is not None:
             next_tokens = torch.where(self.finished, self.pad_token_id, next_tokens)
             self.finished |= torch.isin(next_tokens, self.eos)
         self.tokens.copy_(next_tokens)
+        if self.log is not None:
+            self.log.scatter_(1, ((offset - 1) % self.log.shape[1])[:, None], self.tokens[:, None])
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -330,20 +353,23 @@ def stream(
     decoder = Decoder(
         model, B, max_seq_len=T + max_new_tokens, sampling=sampling, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, cuda_graph=cuda_graph, compile=compile,
-        fused=fused,
+        fused=fused, log_len=chunk,
     )
-    block = torch.empty(B, chunk, dtype=torch.long, device=decoder.state.device)
-    block[:, 0] = decoder.add(input_ids, attention_mask)
-    filled = 1
-    for _ in range(max_new_tokens - 1):
-        if filled == chunk:
-            yield block.clone()
-            if decoder.eos is not None and bool(decoder.finished.all()):
-                return
-            filled = 0
-        block[:, filled] = decoder.step()
-        filled += 1
-    yield block[:, :filled].clone()
+    # The steps log their tokens on the device (Decoder.log_len): a block is read once, not copied per step.
+    first = decoder.add(input_ids, attention_mask)[:, None]
+    n = min(chunk, max_new_tokens) - 1
+    for _ in range(n):
+        decoder.step()
+    yield torch.cat([first, decoder.recent(n)], dim=1) if n else first.clone()
+    produced = n + 1
+    while produced < max_new_tokens:
+        if decoder.eos is not None and bool(decoder.finished.all()):
+            return
+        n = min(chunk, max_new_tokens - produced)
+        for _ in range(n):
+            decoder.step()
+        yield decoder.recent(n)
+        produced += n
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, check_every: int = 32, **kwargs) -> torch.Tensor:

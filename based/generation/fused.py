@@ -30,9 +30,11 @@ def fused_step(model, backend: str = "auto"):
     blocks = [_block_step(block, backend) for block in transformer.layers]
     ln_f, lm_head, vocab = transformer.ln_f, model.lm_head, model.config.vocab_size
 
-    def step(input_ids: torch.Tensor, state, seqlen_offset, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def step(input_ids: torch.Tensor, state, seqlen_offset, next_tokens: torch.Tensor | None = None,
+             log: torch.Tensor | None = None) -> torch.Tensor:
         """With next_tokens (long [B]), greedy decoding's choice is made in the LM head's kernel: the argmax
-        is written there and seqlen_offset advanced by one, with no kernel after the head."""
+        is written there (and into log [B, L] at column seqlen_offset % L, if given) and seqlen_offset advanced
+        by one, with no kernel after the head."""
         x = transformer.embeddings(input_ids.reshape(-1))
         for block_step, s in zip(blocks, state):
             x = block_step(x, s, seqlen_offset)
@@ -40,7 +42,7 @@ def fused_step(model, backend: str = "auto"):
         if next_tokens is None:
             logits = norm_linear(*head, backend=backend)
         else:
-            logits, _ = norm_linear_argmax(*head, n_valid=vocab, out=next_tokens, advance=seqlen_offset,
+            logits, _ = norm_linear_argmax(*head, n_valid=vocab, out=next_tokens, advance=seqlen_offset, log=log,
                                            backend=backend)
         return logits[:, :vocab]
 

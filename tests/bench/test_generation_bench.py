@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from based import BasedConfig, BasedForCausalLM
-from based.bench.generate import Clock, fold_cycle, state_traffic_bytes, summarize
+from based.bench.generate import LOG_LEN, Clock, fold_cycle, run_steps, state_traffic_bytes, summarize
 from based.models.presets import debug_preset
 from based.cli import main
 
@@ -98,3 +98,26 @@ def test_growing_caches_are_timed_mid_generation(tmp_path):
             assert row["steps_timed"] == steps and row["first_timed_position"] == first
             assert row["bytes_per_step"] == engine["weights_bytes"] + row["batch"] * state_traffic_bytes(
                 model, middle if preset.startswith("transformer") else 56, torch.float32)
+
+
+@torch.no_grad()
+def test_run_steps_takes_every_steps_token_from_the_log():
+    """The benchmark's steps read their tokens from the decoder's log in blocks: the same tokens as copying
+    each step's, across block edges and a partial last block."""
+    from based.generation import Decoder
+
+    model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    n = LOG_LEN + 5
+    tokens = []
+    for logged in (False, True):
+        decoder = Decoder(model, 2, log_len=LOG_LEN if logged else 0)
+        decoder.add(prompt)
+        if logged:
+            out = torch.full((2, n + 3), -1, dtype=torch.long)
+            run_steps(decoder, out, 0, 3)
+            run_steps(decoder, out, 3, n + 3)
+            tokens.append(out)
+        else:
+            tokens.append(torch.stack([decoder.step().clone() for _ in range(n + 3)], 1))
+    assert torch.equal(tokens[1], tokens[0])

@@ -396,3 +396,33 @@ def test_decoder_fused_choice_and_limit():
                        stopped)
     with pytest.raises(ValueError, match=f"at most {MAX_ROWS} slots"):
         Decoder(model, MAX_ROWS + 1, fused=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused,sampling,eos", [
+    (True, None, False),  # greedy, fused: the LM head's kernel writes tokens, positions and the log
+    (True, None, True),  # greedy with eos: the log takes the tokens after the finished-slot bookkeeping
+    (False, None, False),
+    (False, SamplingParams(0.9, top_k=20), True),
+])
+def test_decoder_log_holds_each_steps_token(fused, sampling, eos):
+    """Decoder(log_len=L).recent(n) returns the tokens the last n steps returned, in order, however the
+    positions (which differ per slot) wrap around the log."""
+    model = build()
+    ids = torch.tensor(prompts_of([9, 9], seed=6))
+    plain = Decoder(model, 2, fused=fused, sampling=sampling)
+    plain.add(ids[:, :5])
+    eos_id = int(plain.step()[0]) if eos else None  # an id that slot 0 emits (right away)
+    torch.manual_seed(2)
+    decoder = Decoder(model, 2, fused=fused, sampling=sampling, eos_token_id=eos_id, log_len=4)
+    decoder.add(ids[:1, :5], slots=[0])
+    decoder.add(ids[1:, :9], slots=[1])  # slot 1 ahead by 4 positions
+    returned = [decoder.step().clone() for _ in range(7)]
+    assert torch.equal(decoder.recent(4), torch.stack(returned[-4:], 1))
+    assert torch.equal(decoder.recent(1), returned[-1][:, None])
+    with pytest.raises(ValueError, match=r"1 <= n <= log_len=4"):
+        decoder.recent(5)
+    with pytest.raises(ValueError, match="log_len must be an int >= 0"):
+        Decoder(model, 2, log_len=-1)
+    with pytest.raises(ValueError, match=r"log_len=0"):
+        Decoder(model, 2).recent(1)

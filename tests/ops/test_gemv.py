@@ -202,27 +202,42 @@ def test_norm_linear_argmax_is_argmax_rows_of_the_logits(nan, dtype, block_n, pe
     x_d, w_d, nw_d = x.to(DEVICE), w.to(DEVICE), nw.to(DEVICE)
     ids = torch.full((M,), -1, dtype=torch.long, device=DEVICE)
     advance = torch.tensor([5, 0, 9], device=DEVICE)
+    log = torch.full((M, 4), -1, dtype=torch.long, device=DEVICE)
     got = triton_norm_linear(x_d, (w_d,), (None,), nw_d, 1e-5, None, block_n=block_n, per_sm=per_sm,
-                             argmax=(n_valid, ids, advance))
+                             argmax=(n_valid, ids, advance, log))
     tol = 1e-5 if dtype == torch.float32 else 5e-2  # bf16: the norm's and the output's roundings apart
     torch.testing.assert_close(got.cpu(), logits, equal_nan=True, rtol=tol, atol=tol)
     assert ids.cpu().tolist() == argmax_rows(got.cpu()[:, :n_valid], backend="torch").tolist()
     if dtype == torch.float32:
         assert ids.cpu().tolist() == expected.tolist()
     assert advance.cpu().tolist() == [6, 1, 10]
+    # The log got each id at column position % 4 (positions 5, 0, 9 before the call), nothing else.
+    first = ids.cpu().tolist()
+    expected_log = [[-1, first[0], -1, -1], [first[1], -1, -1, -1], [-1, first[2], -1, -1]]
+    assert log.cpu().tolist() == expected_log
     # Again: the tickets were left at zero for the next launch.
     triton_norm_linear(x_d, (w_d,), (None,), nw_d, 1e-5, None, block_n=block_n, per_sm=per_sm,
-                       argmax=(n_valid, ids, advance))
+                       argmax=(n_valid, ids, advance, log))
     assert advance.cpu().tolist() == [7, 2, 11]
+    assert log.cpu()[[0, 1, 2], [2, 1, 2]].tolist() == ids.cpu().tolist()  # positions 6, 1, 10 -> columns 2, 1, 2
+    assert log.cpu()[1, 2] == -1 and log.cpu()[0, 1] == first[0]
 
 
 def test_norm_linear_argmax_backends_agree_and_check_arguments():
     x, w = _argmax_case()
+    logs = []
     for backend in ("torch", "triton"):
-        advance = torch.zeros(3, dtype=torch.int32, device=DEVICE)
-        logits, ids = norm_linear_argmax(x.to(DEVICE), w.to(DEVICE), n_valid=65, advance=advance, backend=backend)
-        assert ids.cpu()[0] == 20 and advance.cpu().tolist() == [1, 1, 1]
+        advance = torch.tensor([0, 1, 5], dtype=torch.int32, device=DEVICE)
+        log = torch.zeros(3, 2, dtype=torch.long, device=DEVICE)
+        logits, ids = norm_linear_argmax(x.to(DEVICE), w.to(DEVICE), n_valid=65, advance=advance, log=log,
+                                         backend=backend)
+        assert ids.cpu()[0] == 20 and advance.cpu().tolist() == [1, 2, 6]
         assert logits.shape == (3, 80)
+        assert log.cpu()[[0, 1, 2], [0, 1, 1]].tolist() == ids.cpu().tolist()
+        logs.append(log.cpu())
+    assert torch.equal(logs[0], logs[1])
+    with pytest.raises(ValueError, match="log must be a torch.int64 tensor .* with advance"):
+        norm_linear_argmax(x, w, log=torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"n_valid must be in \[1, N=80\]"):
         norm_linear_argmax(x, w, n_valid=81)
     with pytest.raises(ValueError, match=r"out must be a torch.int64 tensor \[rows=3\]"):

@@ -42,13 +42,16 @@ KERNELS["fused projection, norm and residual"] = (
     "based.ops.gemv.triton", "_norm_linear_kernel",
     dict(x=BF16, s_x="i64", nw=BF16, w0=BF16, w1=BF16, w2=BF16, b0=BF16, b1=BF16, b2=BF16, res=BF16, s_r="i64",
          y=BF16, s_y="i64", K="i32", N0="i32", N1="i32", N2="i32", eps="fp32", n_valid="i32", part_v=F32,
-         part_i="*i32", count="*i32", ids=I64, advance=I64),
-    dict(BN=2, BK=4096, NORM=True, HAS_BIAS=True, HAS_RES=True, ARGMAX=False, ADVANCE=False, GP=1, PDL=True), 8)
+         part_i="*i32", count="*i32", ids=I64, advance=I64, log=I64, L="i32"),
+    dict(BN=2, BK=4096, NORM=True, HAS_BIAS=True, HAS_RES=True, ARGMAX=False, ADVANCE=False, LOG=False, GP=1,
+         PDL=True), 8)
 KERNELS["fused projection, no norm"] = KERNELS["fused projection, norm and residual"][:3] + (
-    dict(BN=4, BK=2048, NORM=False, HAS_BIAS=False, HAS_RES=False, ARGMAX=False, ADVANCE=False, GP=1, PDL=False),
+    dict(BN=4, BK=2048, NORM=False, HAS_BIAS=False, HAS_RES=False, ARGMAX=False, ADVANCE=False, LOG=False, GP=1,
+         PDL=False),
     8)
 KERNELS["fused LM head and greedy argmax"] = KERNELS["fused projection, norm and residual"][:3] + (
-    dict(BN=4, BK=2048, NORM=True, HAS_BIAS=False, HAS_RES=False, ARGMAX=True, ADVANCE=True, GP=1024, PDL=True),
+    dict(BN=4, BK=2048, NORM=True, HAS_BIAS=False, HAS_RES=False, ARGMAX=True, ADVANCE=True, LOG=True, GP=1024,
+         PDL=True),
     4)
 KERNELS["fused SwiGLU projection"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
                                       dict(BN=2, BK=2048, NORM=True, HAS_BIAS=False, CONV=False, TAPS=1,

@@ -126,6 +126,7 @@ def norm_linear_argmax(
     n_valid: int | None = None,
     out: torch.Tensor | None = None,
     advance: torch.Tensor | None = None,
+    log: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """norm_linear (one weight) with greedy decoding's choice in its epilogue: (logits [rows, N], ids [rows]).
@@ -137,6 +138,9 @@ def norm_linear_argmax(
     Args:
         out: long [rows] to write ids into (default a new tensor).
         advance: integer [rows] to add one to once ids are written (a decode step's positions), or None.
+        log: long [rows, L] (needs advance): each id is also written at column advance % L, advance as it was
+            before this call, so that a caller decoding many steps reads their tokens from it once per L steps
+            instead of copying every step's (Decoder's log_len).
     """
     if not isinstance(weight, torch.Tensor):
         raise ValueError("norm_linear_argmax takes one weight")
@@ -150,13 +154,20 @@ def norm_linear_argmax(
         if t is not None and (tuple(t.shape) != (rows,) or t.dtype not in dtypes or t.device != x.device):
             raise ValueError(f"{name} must be a {' or '.join(map(str, dtypes))} tensor [rows={rows}] on {x.device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if log is not None and (advance is None or log.dim() != 2 or log.shape[0] != rows or log.shape[1] < 1
+                            or log.dtype != torch.long or log.device != x.device):
+        raise ValueError(f"log must be a torch.int64 tensor [rows={rows}, L >= 1] on {x.device}, with advance, got "
+                         f"{log.dtype} {tuple(log.shape)} on {log.device} and advance={advance is not None}")
     if _use_triton(backend, x, (weight,)):
         from .triton import triton_norm_linear
 
-        logits = triton_norm_linear(x, (weight,), (bias,), norm_weight, eps, None, argmax=(n_valid, out, advance))
+        logits = triton_norm_linear(x, (weight,), (bias,), norm_weight, eps, None,
+                                    argmax=(n_valid, out, advance, log))
         return logits, out
     logits = norm_linear(x, weight, bias, norm_weight, eps, backend="torch")
     out.copy_(argmax_rows(logits[:, :n_valid], backend="torch"))
+    if log is not None:
+        log.scatter_(1, (advance % log.shape[1]).long()[:, None], out[:, None])
     if advance is not None:
         advance.add_(1)
     return logits, out

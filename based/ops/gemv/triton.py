@@ -78,10 +78,11 @@ def _better(v, cols, n_valid, best_v, best_i):
 
 
 @triton.jit
-def _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, i_m, pid, G, n_valid, GP: tl.constexpr,
-                   ADVANCE: tl.constexpr):
+def _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, log, L, i_m, pid, G, n_valid,
+                   GP: tl.constexpr, ADVANCE: tl.constexpr, LOG: tl.constexpr):
     """Store this program's answer for row i_m; the row's last program to finish (an atomic ticket) writes
-    the best of all G answers to ids[i_m] and, under ADVANCE, adds one to advance[i_m]."""
+    the best of all G answers to ids[i_m] and, under ADVANCE, adds one to advance[i_m] (under LOG after
+    writing the id to log[i_m, advance[i_m] % L] too)."""
     tl.store(part_v + i_m * G + pid, best_v)
     tl.store(part_i + i_m * G + pid, best_i)
     # acq_rel: the answers stored above are visible to whichever program takes the last ticket.
@@ -90,18 +91,22 @@ def _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, i_m, pid
         vs = tl.load(part_v + i_m * G + o, mask=o < G, other=float("-inf"))
         cols = tl.load(part_i + i_m * G + o, mask=o < G, other=n_valid)
         best = tl.max(vs, 0)
-        tl.store(ids + i_m, tl.min(tl.where(vs == best, cols, n_valid), 0).to(tl.int64))
+        first = tl.min(tl.where(vs == best, cols, n_valid), 0).to(tl.int64)
+        tl.store(ids + i_m, first)
         if ADVANCE:
-            tl.store(advance + i_m, tl.load(advance + i_m) + 1)
+            pos = tl.load(advance + i_m)
+            if LOG:
+                tl.store(log + i_m * L + pos % L, first)
+            tl.store(advance + i_m, pos + 1)
         tl.store(count + i_m, 0)  # ready for the next launch (ticket_counters)
 
 
 @triton.jit
 def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
-    n_valid, part_v, part_i, count, ids, advance,
+    n_valid, part_v, part_i, count, ids, advance, log, L,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    ARGMAX: tl.constexpr, ADVANCE: tl.constexpr, GP: tl.constexpr, PDL: tl.constexpr,
+    ARGMAX: tl.constexpr, ADVANCE: tl.constexpr, LOG: tl.constexpr, GP: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -134,7 +139,8 @@ def _norm_linear_kernel(
             best_v, best_i = _better(out.to(tl.float32), col0 + rows, n_valid, best_v, best_i)
         b_w, b_b, b_r = b_w_next, b_b_next, b_r_next
     if ARGMAX:
-        _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, i_m, pid, G, n_valid, GP, ADVANCE)
+        _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, log, L, i_m, pid, G, n_valid, GP,
+                       ADVANCE, LOG)
 
 
 @triton.jit
@@ -281,7 +287,8 @@ def _record(stats, kernel, block_n, warps, programs):
 @torch.compiler.disable
 def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None,
                        maxnreg=None, stats=None, argmax=None):
-    """argmax: None, or (n_valid, ids, advance) for norm_linear_argmax's epilogue (advance may be None)."""
+    """argmax: None, or (n_valid, ids, advance, log) for norm_linear_argmax's epilogue (advance and log may be
+    None; log needs advance)."""
     M, K = x.shape
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
@@ -295,7 +302,7 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
     b += [b[0]] * pad
     block_n, BK, warps, per_sm, launch = _config("linear", K, x.device, block_n, num_warps, per_sm, maxnreg)
     n_blocks = sum(triton.cdiv(n, block_n) for n in Ns)
-    n_valid, ids, advance = argmax if argmax is not None else (0, out, None)
+    n_valid, ids, advance, log = argmax if argmax is not None else (0, out, None, None)
     part_v = part_i = count = out
     cap = 1
     if argmax is not None:  # partial answers: one per program and row
@@ -305,11 +312,12 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
         count = ticket_counters(x.device, M)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
                 HAS_RES=residual is not None, ARGMAX=argmax is not None, ADVANCE=advance is not None,
-                GP=triton.next_power_of_2(cap), PDL="launch_pdl" in launch, num_warps=warps, **launch)
+                LOG=log is not None, GP=triton.next_power_of_2(cap), PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             out, out.stride(0), K, *(Ns + [0] * pad), eps,
-            n_valid, part_v, part_i, count, ids, advance if advance is not None else ids)
+            n_valid, part_v, part_i, count, ids, advance if advance is not None else ids,
+            log if log is not None else ids, log.shape[1] if log is not None else 1)
     kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=M)
     _record(stats, kernel, block_n, warps, programs)
     return out
