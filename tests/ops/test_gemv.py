@@ -246,3 +246,45 @@ def test_norm_linear_argmax_backends_agree_and_check_arguments():
         norm_linear_argmax(x, w, advance=torch.zeros(3))
     with pytest.raises(ValueError, match="one weight"):
         norm_linear_argmax(x, [w, w])
+
+
+def test_embedding_lookup_in_the_first_projection():
+    """index: the input rows are looked up in a table x (from a strided index, as a view of input_ids), and
+    gathered receives them; norm_linear and norm_glu's conv step, Triton against the PyTorch form."""
+    V, K, H = 40, 24, 5
+    table, nw = torch.randn(V, K), torch.randn(K)
+    index = torch.tensor([[7, 0], [39, 0], [7, 0]])[:, 0]  # stride 2; a row twice
+    w, cw, cb = torch.randn(2 * H, K), torch.randn(H, 3), torch.randn(H)
+    res = torch.randn(3, 2 * H)
+    for kind in ("linear", "conv"):
+        outs = []
+        for backend, device in (("torch", "cpu"), ("triton", DEVICE)):
+            gathered = torch.full((3, K), float("nan"), device=device)
+            args = (table.to(device), w.to(device), None, nw.to(device), 1e-5)
+            if kind == "linear":
+                y = norm_linear(*args, res.to(device), backend=backend, index=index.to(device), gathered=gathered)
+            else:
+                state = conv_state_zeros(3, H, 3, device=device)
+                state.copy_(torch.arange(3 * H * 3, dtype=torch.float32).view(3, H, 3))
+                y = norm_glu(*args, conv_state=state, conv_weight=cw.to(device), conv_bias=cb.to(device),
+                             backend=backend, index=index.to(device), gathered=gathered)
+            assert torch.equal(gathered.cpu(), table[index])
+            outs.append(y.cpu())
+        rows = table[index]
+        if kind == "linear":
+            expected = norm_linear(rows, w, None, nw, 1e-5, res, backend="torch")
+        else:
+            state = conv_state_zeros(3, H, 3)
+            state.copy_(torch.arange(3 * H * 3, dtype=torch.float32).view(3, H, 3))
+            expected = norm_glu(rows, w, None, nw, 1e-5, conv_state=state, conv_weight=cw, conv_bias=cb,
+                                backend="torch")
+        assert torch.equal(outs[0], expected)
+        torch.testing.assert_close(outs[1], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="index must be a torch.int64 tensor"):
+        norm_linear(table, w, index=index.int())
+    with pytest.raises(ValueError, match="gathered .* needs index"):
+        norm_linear(table, w, gathered=torch.zeros(3, K))
+    with pytest.raises(ValueError, match=r"gathered must be a contiguous torch.float32 tensor \[rows, K\]=\(3, 24\)"):
+        norm_glu(table, w, index=index, gathered=torch.zeros(2, K))
+    with pytest.raises(ValueError, match=r"residual must be \[rows, N\]=\(3, 10\)"):
+        norm_linear(table, w, residual=torch.zeros(V, 2 * H), index=index)

@@ -37,28 +37,28 @@ KERNELS = {
         dict(D=16, DV=112, F=153, BF=64, BV=128, P=7, BD=16, BP=8, FOLD_ROWS=8, EVICT=False, PDL=True), 2),
 }
 GLU = dict(x=BF16, s_x="i64", nw=BF16, w=BF16, b=BF16, y=BF16, s_y="i64", state=BF16, s_sb="i64", s_sk="i64",
-           cw=BF16, cb=BF16, K="i32", H="i32", eps="fp32")
+           cw=BF16, cb=BF16, K="i32", H="i32", eps="fp32", index=I64, gathered=BF16)
 KERNELS["fused projection, norm and residual"] = (
     "based.ops.gemv.triton", "_norm_linear_kernel",
     dict(x=BF16, s_x="i64", nw=BF16, w0=BF16, w1=BF16, w2=BF16, b0=BF16, b1=BF16, b2=BF16, res=BF16, s_r="i64",
          y=BF16, s_y="i64", K="i32", N0="i32", N1="i32", N2="i32", eps="fp32", n_valid="i32", part_v=F32,
-         part_i="*i32", count="*i32", ids=I64, advance=I64, log=I64, L="i32"),
+         part_i="*i32", count="*i32", ids=I64, advance=I64, log=I64, L="i32", index=I64, gathered=BF16),
     dict(BN=2, BK=4096, NORM=True, HAS_BIAS=True, HAS_RES=True, ARGMAX=False, ADVANCE=False, LOG=False, GP=1,
-         PDL=True), 8)
+         GATHER=False, PDL=True), 8)
 KERNELS["fused projection, no norm"] = KERNELS["fused projection, norm and residual"][:3] + (
     dict(BN=4, BK=2048, NORM=False, HAS_BIAS=False, HAS_RES=False, ARGMAX=False, ADVANCE=False, LOG=False, GP=1,
-         PDL=False),
+         GATHER=True, PDL=False),
     8)
 KERNELS["fused LM head and greedy argmax"] = KERNELS["fused projection, norm and residual"][:3] + (
     dict(BN=4, BK=2048, NORM=True, HAS_BIAS=False, HAS_RES=False, ARGMAX=True, ADVANCE=True, LOG=True, GP=1024,
-         PDL=True),
+         GATHER=False, PDL=True),
     4)
 KERNELS["fused SwiGLU projection"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
                                       dict(BN=2, BK=2048, NORM=True, HAS_BIAS=False, CONV=False, TAPS=1,
-                                           HAS_CB=False, PDL=True), 8)
+                                           HAS_CB=False, GATHER=False, PDL=True), 8)
 KERNELS["fused BaseConv projection and step"] = ("based.ops.gemv.triton", "_norm_glu_kernel", GLU,
                                                  dict(BN=2, BK=2048, NORM=True, HAS_BIAS=True, CONV=True, TAPS=3,
-                                                      HAS_CB=True, PDL=True), 8)
+                                                      HAS_CB=True, GATHER=True, PDL=True), 8)
 KERNELS["taylor step, split"] = (
     "based.ops.taylor.triton.decode", "_taylor_step_split_kernel",
     dict(q=BF16, k=BF16, v=BF16, kv=F32, ks=F32, o=BF16, kp=BF16, vp=BF16, np_="*i32", part=F32, count="*i32",

@@ -47,10 +47,20 @@ def _weights(weight, bias) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor
     return weights, biases
 
 
-def _check(x: torch.Tensor, weights, biases, norm_weight, residual=None, n_out=None) -> None:
+def _check(x: torch.Tensor, weights, biases, norm_weight, residual=None, n_out=None, index=None, gathered=None) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be [rows, K], got shape {tuple(x.shape)}")
     K = x.shape[1]
+    rows = x.shape[0] if index is None else index.shape[0] if index.dim() == 1 else -1
+    if index is not None and (index.dim() != 1 or index.dtype != torch.long or index.device != x.device):
+        raise ValueError(f"index must be a torch.int64 tensor [rows] on {x.device} (rows of the table x), got "
+                         f"{index.dtype} {tuple(index.shape)} on {index.device}")
+    if gathered is not None and index is None:
+        raise ValueError("gathered (the rows index picks, written for later use) needs index")
+    if gathered is not None and (tuple(gathered.shape) != (rows, K) or gathered.dtype != x.dtype
+                                 or not gathered.is_contiguous() or gathered.device != x.device):
+        raise ValueError(f"gathered must be a contiguous {x.dtype} tensor [rows, K]=({rows}, {K}) on {x.device}, "
+                         f"got {gathered.dtype} {tuple(gathered.shape)}")
     for w, b in zip(weights, biases):
         if w.dim() != 2 or w.shape[1] != K:
             raise ValueError(f"each weight must be [N, K={K}], got shape {tuple(w.shape)}")
@@ -58,13 +68,14 @@ def _check(x: torch.Tensor, weights, biases, norm_weight, residual=None, n_out=N
             raise ValueError(f"bias must be [N={w.shape[0]}], got shape {tuple(b.shape)}")
     if norm_weight is not None and tuple(norm_weight.shape) != (K,):
         raise ValueError(f"norm_weight must be [K={K}], got shape {tuple(norm_weight.shape)}")
-    if residual is not None and tuple(residual.shape) != (x.shape[0], n_out):
-        raise ValueError(f"residual must be [rows, N]=({x.shape[0]}, {n_out}), got shape {tuple(residual.shape)}")
+    if residual is not None and tuple(residual.shape) != (rows, n_out):
+        raise ValueError(f"residual must be [rows, N]=({rows}, {n_out}), got shape {tuple(residual.shape)}")
 
 
-def _use_triton(backend: str, x: torch.Tensor, weights) -> bool:
+def _use_triton(backend: str, x: torch.Tensor, weights, index=None) -> bool:
     check_backend(backend)
-    fits = (x.shape[0] <= MAX_ROWS and x.shape[1] <= MAX_K and x.stride(-1) == 1
+    rows = x.shape[0] if index is None else index.shape[0]
+    fits = (rows <= MAX_ROWS and x.shape[1] <= MAX_K and x.stride(-1) == 1
             and all(w.is_contiguous() for w in weights))
     if backend == "triton" and not fits:
         raise ValueError(
@@ -72,6 +83,14 @@ def _use_triton(backend: str, x: torch.Tensor, weights) -> bool:
             f"contiguous weights, got x {tuple(x.shape)} with strides {x.stride()}"
         )
     return backend == "triton" or (backend == "auto" and fits and triton_available(x))
+
+
+def _gathered(x: torch.Tensor, index, gathered) -> torch.Tensor:
+    """The PyTorch forms' input rows: x, or x[index] (also copied to gathered when given)."""
+    if index is None:
+        return x
+    rows = F.embedding(index, x)
+    return rows if gathered is None else gathered.copy_(rows)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -89,6 +108,8 @@ def norm_linear(
     eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     backend: str = "auto",
+    index: torch.Tensor | None = None,
+    gathered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[residual +] rms_norm(x) @ W.T [+ bias], for x [rows, K] and W [N, K] (nn.Linear's layout).
 
@@ -99,17 +120,20 @@ def norm_linear(
         norm_weight: RMSNorm's weight [K], or None for no norm.
         residual: [rows, sum N] added after the projection is rounded, as `x + layer(x)` does.
         backend: "auto" (Triton on CUDA up to MAX_ROWS rows, else PyTorch), "triton" or "torch".
+        index: long [rows]: x is then a table (an embedding) and the input rows are x[index], looked up in the
+            kernel (a decode step's first projection needs no embedding kernel before it).
+        gathered: [rows, K], with index: where the looked-up rows are written (the block's residual).
     Returns:
         [rows, sum N] in x's dtype.
     """
     weights, biases = _weights(weight, bias)
     n_out = sum(w.shape[0] for w in weights)
-    _check(x, weights, biases, norm_weight, residual, n_out)
-    if _use_triton(backend, x, weights):
+    _check(x, weights, biases, norm_weight, residual, n_out, index, gathered)
+    if _use_triton(backend, x, weights, index):
         from .triton import triton_norm_linear
 
-        return triton_norm_linear(x, weights, biases, norm_weight, eps, residual)
-    h = rms_norm(x, norm_weight, eps)
+        return triton_norm_linear(x, weights, biases, norm_weight, eps, residual, index=index, gathered=gathered)
+    h = rms_norm(_gathered(x, index, gathered), norm_weight, eps)
     y = torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1) if len(weights) > 1 else F.linear(
         h, weights[0], biases[0]
     )
@@ -183,6 +207,8 @@ def norm_glu(
     conv_weight: torch.Tensor | None = None,
     conv_bias: torch.Tensor | None = None,
     backend: str = "auto",
+    index: torch.Tensor | None = None,
+    gathered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A gated projection: [a, b] = rms_norm(x) @ W.T [+ bias], W [2H, K], then
 
@@ -190,27 +216,29 @@ def norm_glu(
     - with conv_state [rows, H, taps] (conv_state_zeros): silu(conv(a)) * b, one decode step of BaseConv, where
       a is shifted into conv_state in place and conv_weight [H, taps] / conv_bias [H] are the short conv's.
 
-    Returns [rows, H] in x's dtype. backend as for norm_linear.
+    Returns [rows, H] in x's dtype. backend, index and gathered as for norm_linear.
     """
     if weight.dim() != 2 or weight.shape[0] % 2:
         raise ValueError(f"weight must be [2H, K] (two halves a, b), got shape {tuple(weight.shape)}")
-    _check(x, (weight,), (bias,), norm_weight)
+    _check(x, (weight,), (bias,), norm_weight, index=index, gathered=gathered)
+    rows = x.shape[0] if index is None else index.shape[0]
     H = weight.shape[0] // 2
     if conv_state is not None:
         if conv_weight is None or conv_weight.dim() != 2 or conv_weight.shape[0] != H:
             raise ValueError(f"conv_weight must be [H={H}, taps] with a conv_state, got "
                              f"{None if conv_weight is None else tuple(conv_weight.shape)}")
-        if tuple(conv_state.shape) != (x.shape[0], H, conv_weight.shape[1]):
-            raise ValueError(f"conv_state must be [rows, H, taps]=({x.shape[0]}, {H}, {conv_weight.shape[1]}), "
+        if tuple(conv_state.shape) != (rows, H, conv_weight.shape[1]):
+            raise ValueError(f"conv_state must be [rows, H, taps]=({rows}, {H}, {conv_weight.shape[1]}), "
                              f"got {tuple(conv_state.shape)}")
     tap_major = conv_state is None or conv_state.transpose(1, 2).is_contiguous()
     if backend == "triton" and not tap_major:
         raise ValueError("the Triton norm_glu needs a tap-major conv_state: allocate it with conv_state_zeros")
-    if tap_major and _use_triton(backend, x, (weight,)):
+    if tap_major and _use_triton(backend, x, (weight,), index):
         from .triton import triton_norm_glu
 
-        return triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias)
-    a, b = F.linear(rms_norm(x, norm_weight, eps), weight, bias).chunk(2, dim=-1)
+        return triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias, index=index,
+                               gathered=gathered)
+    a, b = F.linear(rms_norm(_gathered(x, index, gathered), norm_weight, eps), weight, bias).chunk(2, dim=-1)
     if conv_state is None:
         return a * F.silu(b)
     return short_conv_step(a, conv_state, conv_weight, conv_bias, activation="silu", gate=b, backend="torch")

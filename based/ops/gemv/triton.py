@@ -34,6 +34,21 @@ def _normed_row(p_x, nw, K, eps, BK: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
+def _input_row(x, s_x, index, gathered, i_m, pid, nw, K, eps, BK: tl.constexpr, NORM: tl.constexpr,
+               GATHER: tl.constexpr):
+    """_normed_row of row i_m of x or, under GATHER, of row index[i_m] of the table x (an embedding lookup in
+    the kernel), which program 0 also copies to gathered[i_m] (contiguous rows of K) for a later residual."""
+    if GATHER:
+        p_x = x + tl.load(index + i_m) * s_x
+        if pid == 0:
+            cols = tl.arange(0, BK)
+            tl.store(gathered + i_m * K + cols, tl.load(p_x + cols, mask=cols < K), mask=cols < K)
+    else:
+        p_x = x + i_m * s_x
+    return _normed_row(p_x, nw, K, eps, BK, NORM)
+
+
+@triton.jit
 def _segment(blk, w0, w1, w2, b0, b1, b2, N0, N1, N2, BN: tl.constexpr):
     """Block blk of the concatenated outputs of up to three weights -> (weight, bias, its rows, the block's
     first row in it, its first output column). Blocks past the end get no rows (their loads are masked)."""
@@ -104,9 +119,10 @@ def _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, log, L, 
 @triton.jit
 def _norm_linear_kernel(
     x, s_x, nw, w0, w1, w2, b0, b1, b2, res, s_r, y, s_y, K, N0, N1, N2, eps,
-    n_valid, part_v, part_i, count, ids, advance, log, L,
+    n_valid, part_v, part_i, count, ids, advance, log, L, index, gathered,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    ARGMAX: tl.constexpr, ADVANCE: tl.constexpr, LOG: tl.constexpr, GP: tl.constexpr, PDL: tl.constexpr,
+    ARGMAX: tl.constexpr, ADVANCE: tl.constexpr, LOG: tl.constexpr, GP: tl.constexpr, GATHER: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -117,7 +133,7 @@ def _norm_linear_kernel(
     b_w = _load_rows(w, row0 + o, row0 + o < n, K, BK)  # in flight while the row is normalised
     b_b = _load_vec(b, row0 + o, row0 + o < n, BN, HAS_BIAS)
     wait_for_inputs(PDL)
-    b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
+    b_x = _input_row(x, s_x, index, gathered, i_m, pid, nw, K, eps, BK, NORM, GATHER).to(tl.float32)
     p_r = res + i_m * s_r
     b_r = _load_vec(p_r + col0, row0 + o, row0 + o < n, BN, HAS_RES)
     best_v = tl.full([], float("-inf"), tl.float32)  # ARGMAX: this program's best logit and its column
@@ -167,9 +183,9 @@ def _conv_operands(p_s, s_sk, cw, cb, blk, H, BN: tl.constexpr, TAPS: tl.constex
 
 @triton.jit
 def _norm_glu_kernel(
-    x, s_x, nw, w, b, y, s_y, state, s_sb, s_sk, cw, cb, K, H, eps,
+    x, s_x, nw, w, b, y, s_y, state, s_sb, s_sk, cw, cb, K, H, eps, index, gathered,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, CONV: tl.constexpr,
-    TAPS: tl.constexpr, HAS_CB: tl.constexpr, PDL: tl.constexpr,
+    TAPS: tl.constexpr, HAS_CB: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     G = tl.num_programs(0)
@@ -181,7 +197,7 @@ def _norm_glu_kernel(
     b_w = _load_rows(w, rows, mask, K, BK)  # in flight while the row is normalised
     b_b = _load_vec(b, rows, mask, 2 * BN, HAS_BIAS)
     wait_for_inputs(PDL)
-    b_x = _normed_row(x + i_m * s_x, nw, K, eps, BK, NORM).to(tl.float32)
+    b_x = _input_row(x, s_x, index, gathered, i_m, pid, nw, K, eps, BK, NORM, GATHER).to(tl.float32)
     p_s = state + i_m * s_sb
     # Everything a block needs (weight rows, biases, the conv state and weights) is loaded a block ahead: a
     # load issued where it is used would cost its whole latency on every block.
@@ -284,12 +300,21 @@ def _record(stats, kernel, block_n, warps, programs):
                      n_spills=getattr(kernel, "n_spills", None))
 
 
+def _rows(x, index) -> int:
+    return x.shape[0] if index is None else index.shape[0]
+
+
+def _gather(x, index, gathered) -> tuple:
+    """The kernels' (index, gathered) arguments: placeholders without a gather."""
+    return (index.contiguous(), gathered) if index is not None else (x, x)
+
+
 @torch.compiler.disable
 def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=None, num_warps=None, per_sm=None,
-                       maxnreg=None, stats=None, argmax=None):
+                       maxnreg=None, stats=None, argmax=None, index=None, gathered=None):
     """argmax: None, or (n_valid, ids, advance, log) for norm_linear_argmax's epilogue (advance and log may be
-    None; log needs advance)."""
-    M, K = x.shape
+    None; log needs advance). index / gathered: x is a table and its rows index are the input (_input_row)."""
+    M, K = _rows(x, index), x.shape[1]
     Ns = [w.shape[0] for w in weights]
     out = x.new_empty(M, sum(Ns))
     if M == 0 or out.shape[1] == 0:
@@ -312,12 +337,12 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
         count = ticket_counters(x.device, M)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
                 HAS_RES=residual is not None, ARGMAX=argmax is not None, ADVANCE=advance is not None,
-                LOG=log is not None, GP=triton.next_power_of_2(cap), PDL="launch_pdl" in launch, num_warps=warps, **launch)
+                LOG=log is not None, GP=triton.next_power_of_2(cap), GATHER=index is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             out, out.stride(0), K, *(Ns + [0] * pad), eps,
             n_valid, part_v, part_i, count, ids, advance if advance is not None else ids,
-            log if log is not None else ids, log.shape[1] if log is not None else 1)
+            log if log is not None else ids, log.shape[1] if log is not None else 1, *_gather(x, index, gathered))
     kernel, programs = _launch(_norm_linear_kernel, n_blocks, per_sm, x.device, args, meta, rows=M)
     _record(stats, kernel, block_n, warps, programs)
     return out
@@ -325,8 +350,8 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
 
 @torch.compiler.disable
 def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, conv_bias,
-                    block_n=None, num_warps=None, per_sm=None, maxnreg=None, stats=None):
-    M, K = x.shape
+                    block_n=None, num_warps=None, per_sm=None, maxnreg=None, stats=None, index=None, gathered=None):
+    M, K = _rows(x, index), x.shape[1]
     H = weight.shape[0] // 2
     out = x.new_empty(M, H)
     if M == 0 or H == 0:
@@ -338,10 +363,10 @@ def triton_norm_glu(x, weight, bias, norm_weight, eps, conv_state, conv_weight, 
                                                  maxnreg)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=bias is not None, CONV=conv,
                 TAPS=conv_weight.shape[1] if conv else 1, HAS_CB=conv and conv_bias is not None,
-                PDL="launch_pdl" in launch, num_warps=warps, **launch)
+                GATHER=index is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, weight, bias if bias is not None else x,
             out, out.stride(0), taps if conv else x, taps.stride(0) if conv else 0, taps.stride(1) if conv else 0,
-            cw, conv_bias if conv and conv_bias is not None else x, K, H, eps)
+            cw, conv_bias if conv and conv_bias is not None else x, K, H, eps, *_gather(x, index, gathered))
     kernel, programs = _launch(_norm_glu_kernel, triton.cdiv(H, block_n), per_sm, x.device, args, meta, rows=M)
     _record(stats, kernel, block_n, warps, programs)
     return out
