@@ -251,8 +251,9 @@ def _norm_glu_kernel(
 # blocks (INTERPRETED_BLOCK_VALUES).
 BLOCK_VALUES = 8192
 INTERPRETED_BLOCK_VALUES = 2**15
-# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM). BASED_GEMV_CONFIG (JSON, e.g.
-# '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without editing this table.
+# kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM[, registers per thread at most]).
+# BASED_GEMV_CONFIG (JSON, e.g. '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without
+# editing this table.
 CONFIGS = {"linear": (None, 4, 8), "glu": (2, 4, 6), "conv": (None, 4, 3)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
 
@@ -262,10 +263,11 @@ def _config(kind: str, K: int, device, block_n, num_warps, per_sm, maxnreg=None)
     glu and conv kinds read two weight rows per output. maxnreg caps the registers per thread (a tuning knob)."""
     pair = 1 if kind == "linear" else 2
     BK = triton.next_power_of_2(K)
-    default_n, warps, programs_per_sm = CONFIGS[kind]
+    default_n, warps, programs_per_sm, *cap = CONFIGS[kind]
+    maxnreg = maxnreg or (cap[0] if cap else None)
     values = BLOCK_VALUES
     if interpreted():  # the table's small blocks would take the CPU tests minutes: larger ones
-        default_n, values = None, INTERPRETED_BLOCK_VALUES
+        default_n, values, maxnreg = None, INTERPRETED_BLOCK_VALUES, None
     block_n = block_n or default_n or max(1, values // (pair * BK))
     launch = pdl_options(device)  # a persistent grid: few programs, each resident for the whole kernel
     if maxnreg:
