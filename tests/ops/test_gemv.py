@@ -288,3 +288,18 @@ def test_embedding_lookup_in_the_first_projection():
         norm_glu(table, w, index=index, gathered=torch.zeros(2, K))
     with pytest.raises(ValueError, match=r"residual must be \[rows, N\]=\(3, 10\)"):
         norm_linear(table, w, residual=torch.zeros(V, 2 * H), index=index)
+
+
+def test_configs_may_cap_registers(monkeypatch):
+    """A CONFIGS entry's fourth element caps the registers per thread (Triton's maxnreg) on the GPU; an
+    explicit maxnreg wins; the interpreter gets no cap."""
+    from based.ops.gemv import triton as G
+
+    monkeypatch.setitem(G.CONFIGS, "conv", (None, 4, 3, 168))
+    monkeypatch.setitem(G.CONFIGS, "linear", (None, 4, 8))
+    monkeypatch.setattr(G, "interpreted", lambda: False)
+    assert G._config("conv", 2048, torch.device("cpu"), None, None, None)[4].get("maxnreg") == 168
+    assert G._config("conv", 2048, torch.device("cpu"), None, None, None, maxnreg=200)[4].get("maxnreg") == 200
+    assert "maxnreg" not in G._config("linear", 2048, torch.device("cpu"), None, None, None)[4]
+    monkeypatch.setattr(G, "interpreted", lambda: True)
+    assert "maxnreg" not in G._config("conv", 2048, torch.device("cpu"), None, None, None)[4]

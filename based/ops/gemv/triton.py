@@ -246,7 +246,10 @@ def _norm_glu_kernel(
 #   SwiGLU's fc1 (norm_glu): two channels (four weight rows) per block, 4 warps, 6 programs per SM: 0.954-0.956
 #   ms a step against 0.974 with one channel at 8 per SM (the best of isolated kernel sweeps);
 #   BaseConv's in_proj with its conv step: 4 warps, 3 programs per SM (9.0 us against 12.6 on 8 warps x 4;
-#   one channel at 4-8 per SM was slower in the step).
+#   one channel at 4-8 per SM was slower in the step), at most 168 registers a thread: it compiles to 225,
+#   which fit 2 programs per SM; at 168 (62 bytes of spill stores) 3 fit, 0.936 ms a step against 0.944
+#   (results/gemv-maxnreg-sweep-h200-2026-11-29.json). Capping the other kinds at 128 (4 fit, no spills) was
+#   slower (0.964).
 # The interpreter (CPU tests) runs programs one after another at milliseconds each: there, fewer and larger
 # blocks (INTERPRETED_BLOCK_VALUES).
 BLOCK_VALUES = 8192
@@ -254,7 +257,7 @@ INTERPRETED_BLOCK_VALUES = 2**15
 # kind -> (block_n or None for BLOCK_VALUES per block, warps, programs per SM[, registers per thread at most]).
 # BASED_GEMV_CONFIG (JSON, e.g. '{"glu": [1, 4, 8]}') overrides kinds, for tuning a whole decode step without
 # editing this table.
-CONFIGS = {"linear": (None, 4, 8), "glu": (2, 4, 6), "conv": (None, 4, 3)}
+CONFIGS = {"linear": (None, 4, 8), "glu": (2, 4, 6), "conv": (None, 4, 3, 168)}
 CONFIGS.update({k: tuple(v) for k, v in json.loads(os.environ.get("BASED_GEMV_CONFIG", "{}")).items()})
 
 
