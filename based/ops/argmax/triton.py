@@ -30,6 +30,17 @@ def _row_best(p_x, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _best_of(part_v, part_i, n, none, NP: tl.constexpr):
+    """The best of n stored answers (value at part_v, column at part_i): the largest value, its lowest column
+    (none, a column past every real one, pads the NP lanes)."""
+    o = tl.arange(0, NP)
+    vs = tl.load(part_v + o, mask=o < n, other=float("-inf"))
+    cols = tl.load(part_i + o, mask=o < n, other=none)
+    best = tl.max(vs, 0)
+    return tl.min(tl.where(vs == best, cols, none), 0).to(tl.int64)
+
+
+@triton.jit
 def _argmax_rows_kernel(x, s_x, out, N, BLOCK: tl.constexpr):
     i_row = tl.program_id(0).to(tl.int64)
     _, first = _row_best(x + i_row * s_x, 0, N, BLOCK)
@@ -50,11 +61,7 @@ def _argmax_split_kernel(x, s_x, part_v, part_i, count, out, N, CHUNK, S: tl.con
     tl.store(part_i + i_row * S + i_c, first)
     # acq_rel: the answers stored above are visible to whichever program takes the last ticket.
     if tl.atomic_add(count + i_row, 1, sem="acq_rel") == S - 1:
-        o = tl.arange(0, SP)
-        vs = tl.load(part_v + i_row * S + o, mask=o < S, other=float("-inf"))
-        cols = tl.load(part_i + i_row * S + o, mask=o < S, other=N)
-        best = tl.max(vs, 0)
-        tl.store(out + i_row, tl.min(tl.where(vs == best, cols, N), 0).to(tl.int64))
+        tl.store(out + i_row, _best_of(part_v + i_row * S, part_i + i_row * S, S, N, SP))
         tl.store(count + i_row, 0)  # ready for the next launch (ticket_counters)
 
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..argmax.triton import _best_of
 from ..launch import grid_sms, interpreted, pdl_options, ticket_counters, wait_for_inputs
 
 
@@ -102,11 +103,7 @@ def _argmax_ticket(best_v, best_i, part_v, part_i, count, ids, advance, log, L, 
     tl.store(part_i + i_m * G + pid, best_i)
     # acq_rel: the answers stored above are visible to whichever program takes the last ticket.
     if tl.atomic_add(count + i_m, 1, sem="acq_rel") == G - 1:
-        o = tl.arange(0, GP)
-        vs = tl.load(part_v + i_m * G + o, mask=o < G, other=float("-inf"))
-        cols = tl.load(part_i + i_m * G + o, mask=o < G, other=n_valid)
-        best = tl.max(vs, 0)
-        first = tl.min(tl.where(vs == best, cols, n_valid), 0).to(tl.int64)
+        first = _best_of(part_v + i_m * G, part_i + i_m * G, G, n_valid, GP)
         tl.store(ids + i_m, first)
         if ADVANCE:
             pos = tl.load(advance + i_m)
