@@ -339,7 +339,8 @@ def triton_norm_linear(x, weights, biases, norm_weight, eps, residual, block_n=N
         count = ticket_counters(x.device, M)
     meta = dict(BN=block_n, BK=BK, NORM=norm_weight is not None, HAS_BIAS=biases[0] is not None,
                 HAS_RES=residual is not None, ARGMAX=argmax is not None, ADVANCE=advance is not None,
-                LOG=log is not None, GP=triton.next_power_of_2(cap), GATHER=index is not None, PDL="launch_pdl" in launch, num_warps=warps, **launch)
+                LOG=log is not None, GP=triton.next_power_of_2(cap), GATHER=index is not None,
+                PDL="launch_pdl" in launch, num_warps=warps, **launch)
     args = (x, x.stride(0), norm_weight if norm_weight is not None else x, *w, *b,
             residual if residual is not None else x, residual.stride(0) if residual is not None else 0,
             out, out.stride(0), K, *(Ns + [0] * pad), eps,
