@@ -14,7 +14,9 @@ class SamplingParams:
     """How the next token is chosen.
 
     Args:
-        temperature: 0 = greedy (argmax); else logits / temperature.
+        temperature: 0 = greedy (argmax); else logits / temperature, any finite value > 0: a temperature
+            so small that 1 / temperature overflows float32 samples among the most likely tokens (greedy
+            but for exact ties); inf is refused (it would erase the model's ranking that top-k/top-p use).
         top_k: keep the k most likely tokens (None = all).
         top_p: keep the smallest set of most likely tokens holding probability >= top_p (nucleus; 1 = all).
     """
@@ -28,6 +30,11 @@ class SamplingParams:
             self.temperature >= 0
         ):
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.temperature == float("inf"):
+            raise ValueError(
+                "temperature must be finite, got inf: it would make every token equally likely (uniform noise); "
+                "use a large finite value such as 100 for a flat distribution"
+            )
         top_k = self.top_k
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
@@ -51,7 +58,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """
     if params.greedy:
         return argmax_rows(logits)  # a Triton pass over the logits at large batch on CUDA
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # (logits - max) / T: the best token's scaled logit is exactly 0 and the others are <= 0, so neither a
+    # tiny T (whose reciprocal is capped at float32's max instead of becoming inf, and inf * 0 = NaN) nor a
+    # huge one can overflow softmax; subtracting the row's max leaves softmax unchanged.
+    inv_temperature = min(1 / params.temperature, torch.finfo(torch.float32).max)
+    logits = (logits - logits.amax(-1, keepdim=True)) * inv_temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

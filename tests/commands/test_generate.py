@@ -3,6 +3,7 @@ tokenizers load from disk, bad input exits with a message."""
 import sys
 
 import pytest
+import torch
 
 import based.commands.generate as command
 from based import BasedConfig, BasedForCausalLM
@@ -79,3 +80,41 @@ def test_positional_limit_and_missing_checkpoint(tmp_path, capsys, monkeypatch):
     assert code == 2 and "max_position_embeddings=512" in err
     code, _, err, _ = run(capsys, monkeypatch, "--checkpoint", str(tmp_path), "--prompt", "x")
     assert code == 2 and "has no config.json" in err
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-300, 1e-6])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature):
+    # Before the fix logits / T overflowed to inf, softmax gave NaN and every row drew token 0.
+    from based.generation import SamplingParams, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 300) * 5
+    params = SamplingParams(temperature)
+    assert not params.greedy
+    assert torch.equal(sample(logits, params), logits.argmax(-1))
+    assert torch.equal(sample(logits, SamplingParams(temperature, top_k=5, top_p=0.5)), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [100.0, 1e6, 1e300])
+def test_a_huge_temperature_samples_every_token(temperature):
+    from based.generation import SamplingParams, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 16).expand(4000, -1) * 5
+    ids = sample(logits, SamplingParams(temperature))
+    counts = torch.bincount(ids, minlength=16)
+    assert counts.sum() == 4000 and counts.min() > 150  # about uniform: 250 each
+
+
+def test_tiny_temperature_on_the_command_line_is_greedy(capsys, monkeypatch):
+    args = ["--preset", "debug", "--prompt", "Return the", "--max-new-tokens", "8"]
+    code, greedy, _, _ = run(capsys, monkeypatch, *args, "--temperature", "0")
+    assert code == 0
+    for t in ("1e-300", "1e-39", "1e-45"):
+        code, out, err, _ = run(capsys, monkeypatch, *args, "--temperature", t)
+        assert (code, out) == (0, greedy), err
+
+
+def test_infinite_temperature_is_refused(capsys, monkeypatch):
+    code, out, err, _ = run(capsys, monkeypatch, "--preset", "debug", "--prompt", "x", "--temperature", "inf")
+    assert code == 2 and "temperature must be finite" in err and out == ""
