@@ -1,6 +1,7 @@
 """BasedConfig: one config for any stack of BASED mixers (the layout is data: `mixer_types`)."""
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import field
 
@@ -15,6 +16,13 @@ MIXER_TYPES = ("base_conv", "linear_attn", "sliding_window", "attention", "mamba
                "rwkv")
 # Taylor's two state layouts, then the other feature maps of the paper's ablation ("taylor" = "compact").
 LA_FEATURE_MAPS = FEATURE_MAPS + FEATURE_MAP_ABLATIONS
+
+
+def unknown_field_message(name: str, valid) -> str:
+    """"unknown field 'd_modle' (did you mean 'd_model'?); valid fields: ..." for a config error."""
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown field {name!r}{hint}; valid fields: {', '.join(sorted(valid))}"
 
 
 def _positive(**values) -> None:
@@ -160,10 +168,20 @@ class BasedConfig(PretrainedConfig):
         return self.mlp_hidden_size or 2 * self.d_model
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        """What a preset override may set: the model's fields, their transformers aliases (hidden_size, ...)
+        and the special-token ids training writes. PretrainedConfig keeps any other keyword as an attribute
+        nothing reads, so a misspelt field would otherwise be dropped without a word."""
+        return set(cls.__annotations__) | set(cls.attribute_map) | {"bos_token_id", "eos_token_id", "pad_token_id"}
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "BasedConfig":
         """A named configuration (see based.models.PRESETS), with any field overridden."""
         if name not in PRESET_CONFIGS:
             raise ValueError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+        for key in overrides:
+            if key not in cls.field_names():
+                raise ValueError(f"preset override: {unknown_field_message(key, cls.field_names())}")
         return cls(**{**PRESET_CONFIGS[name], **overrides})
 
     @classmethod

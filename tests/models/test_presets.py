@@ -98,6 +98,14 @@ def test_preset_overrides_and_unknown_preset():
         BasedConfig.from_preset("gpt5")
 
 
+def test_unknown_preset_override_is_an_error_naming_the_field():
+    # PretrainedConfig keeps unknown keywords as attributes nothing reads: the window would stay 16.
+    with pytest.raises(ValueError, match=r"unknown field 'windw_size' \(did you mean 'window_size'\?\); valid fields: .*"
+                                         r"d_model, .*window_size"):
+        BasedConfig.from_preset("debug", windw_size=64)
+    assert BasedConfig.from_preset("debug", hidden_size=32, num_hidden_layers=4).d_model == 32  # aliases pass
+
+
 def test_default_config_is_360m():
     assert BasedConfig().to_dict()["mixer_types"] == BasedConfig.from_preset("360m").mixer_types
 
