@@ -22,6 +22,11 @@ Semantics that differ in name only:
     - their Taylor map is the full 1 + d + d^2 one: converted models use feature_map="full" (the
       compact map gives the same kernel values, hence the same outputs);
     - their linear-attention normaliser adds eps = 1e-12: kept as la_eps.
+fixed_decay (based-1b's config): their GPTModel then holds a buffer transformer.decay.decay [n_head],
+log(1 - 2^(decay_const - h)), computed from the config, and passes the mask built from it as `decay=` to
+every mixer; BaseConv, LinearAttention and SlidingAttention take it in **kwargs and never read it (their
+recurrent_forward has a decay argument that forward never passes). So the buffer changes no output: its
+shape is checked and it is dropped (decay_const and decay_denom are ignored with it).
 Biases: their BaseConv conv has none unless trained with the causal-conv1d kernel, and in_proj/out_proj
 have none when use_bias is false: ours are set to zero then. Other biases (Wqkv, attention out_proj,
 MLP) are not supported and are reported as unexpected keys.
@@ -38,8 +43,10 @@ from ..models import BasedConfig, BasedForCausalLM
 from ..ops import FEATURE_MAPS
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Buffers or bookkeeping that some of their checkpoints hold and that carry no weights.
-_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$|metrics)")
+# Buffers or bookkeeping that some of their checkpoints hold and that carry no weights: rotary tables and
+# the torchmetrics counters their Lightning module saves beside its `model.` ("train_metrics.num-tokens.count").
+_IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$|^(train|val|test)_metrics\.)")
+DECAY_KEY = "transformer.decay.decay"
 
 
 class ConversionError(ValueError):
@@ -160,14 +167,18 @@ def config_to_hazyresearch(config: BasedConfig) -> dict:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch pickle (read with weights_only=True). Lightning-style
-    {"state_dict": ...} wrappers, a leading "model." on every key and metric counters are removed."""
+    {"state_dict": ...} wrappers, a leading "model." on any key and then metric counters are removed, as
+    their own loader does (the counters carry no "model." prefix)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd = load_file(path)
+        try:
+            sd = load_file(path)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types, and OSError)
+            raise ConversionError(f"{path} is not a readable safetensors file (truncated or empty?): {e}") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -177,9 +188,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path} does not hold a state dict of tensors")
-    if sd and all(k.startswith("model.") for k in sd):
-        sd = {k[len("model.") :]: v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if not _IGNORED.search(k)}
+    stripped = {k.removeprefix("model."): v for k, v in sd.items()}
+    if len(stripped) != len(sd):
+        twice = sorted(k for k in sd if k.startswith("model.") and k.removeprefix("model.") in sd)
+        raise ConversionError(f"{path} holds keys both with and without the model. prefix: {_describe(twice)}")
+    return {k: v for k, v in stripped.items() if not _IGNORED.search(k)}
+
+
+def drop_fixed_decay(sd: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+    """Their state dict less the fixed_decay buffer, which no mixer we convert reads (module doc); without
+    fixed_decay in the config the buffer is left in, to be reported as an unexpected key."""
+    if not cfg.get("fixed_decay") or DECAY_KEY not in sd:
+        return sd
+    sd = dict(sd)
+    decay, n_head = sd.pop(DECAY_KEY), cfg.get("n_head")
+    if tuple(decay.shape) != (n_head,):
+        raise ConversionError(f"{DECAY_KEY} has shape {tuple(decay.shape)}: expected [n_head] = [{n_head}]")
+    return sd
 
 
 def _describe(keys: list[str], limit: int = 8) -> str:
@@ -257,7 +282,7 @@ def load_hazyresearch(checkpoint: str | Path, config: str | Path | None = None) 
     except json.JSONDecodeError as e:
         raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
     our_config = config_from_hazyresearch(cfg)
-    sd = state_dict_from_hazyresearch(read_state_dict(weights), our_config)
+    sd = state_dict_from_hazyresearch(drop_fixed_decay(read_state_dict(weights), cfg), our_config)
     dtype = sd["transformer.embeddings.word_embeddings.weight"].dtype
     model = BasedForCausalLM(our_config).to(dtype)
     model.load_state_dict({**sd, "lm_head.weight": sd["transformer.embeddings.word_embeddings.weight"]})

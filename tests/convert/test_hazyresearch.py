@@ -241,3 +241,50 @@ def test_cli_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="not a readable PyTorch checkpoint"):
         main(["convert", "--from", "hazyresearch", "--checkpoint", str(tmp_path / "junk.bin"),
               "--config", str(tmp_path / "t" / "config.json"), "--out", str(tmp_path / "o")])
+
+
+def test_their_lightning_layout_with_metric_counters_converts(tmp_path):
+    # Their Lightning checkpoints: every weight under "model." and torchmetrics counters beside them,
+    # without the prefix. Before, the prefix was only stripped when every key had it.
+    sd = {f"model.{k}": v for k, v in their_state_dict().items()}
+    sd |= {"train_metrics.num-tokens.count": torch.tensor(7.0), "val_metrics.num-tokens.count": torch.tensor(3.0),
+           "test_metrics.num-tokens.count": torch.tensor(1.0)}
+    weights, config = write_theirs(tmp_path, {"state_dict": sd})
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        assert rel_err(load_hazyresearch(weights, config)(ids).logits, reference_logits(their_state_dict(), ids)) < 1e-5
+    both = {**sd, "transformer.ln_f.weight": torch.ones(D)}
+    weights, config = write_theirs(tmp_path / "both", both)
+    with pytest.raises(ConversionError, match="both with and without the model. prefix: model.transformer.ln_f"):
+        load_hazyresearch(weights, config)
+
+
+def test_the_fixed_decay_buffer_is_checked_and_dropped(tmp_path):
+    # based-1b's layout: fixed_decay adds transformer.decay.decay [n_head], a function of the config that
+    # none of the three mixers reads (see the module doc).
+    decay = torch.log(1 - 2 ** (-5 - torch.arange(HEADS, dtype=torch.float)))
+    config = {**THEIR_CONFIG, "fixed_decay": True, "decay_const": -5}
+    weights, config_path = write_theirs(tmp_path / "a", {**their_state_dict(), "transformer.decay.decay": decay},
+                                        config, name="model.safetensors")
+    ids = torch.randint(0, VOCAB, (1, 20))
+    with torch.no_grad():
+        logits = load_hazyresearch(weights, config_path)(ids).logits
+    assert rel_err(logits, reference_logits(their_state_dict(), ids)) < 1e-5
+    weights, config_path = write_theirs(tmp_path / "b", {**their_state_dict(), "transformer.decay.decay": decay[:2]},
+                                        config)
+    with pytest.raises(ConversionError, match=r"transformer.decay.decay has shape \(2,\): expected \[n_head\] = \[4\]"):
+        load_hazyresearch(weights, config_path)
+    # Without fixed_decay the buffer is not theirs either: still an unexpected key.
+    weights, config_path = write_theirs(tmp_path / "c", {**their_state_dict(), "transformer.decay.decay": decay})
+    with pytest.raises(ConversionError, match="unexpected keys: transformer.decay.decay"):
+        load_hazyresearch(weights, config_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":"])
+def test_a_truncated_or_empty_safetensors_file_is_one_line(tmp_path, content, capsys):
+    theirs = tmp_path / "theirs"
+    write_theirs(theirs)
+    (theirs / "model.safetensors").write_bytes(content)
+    with pytest.raises(SystemExit, match="model.safetensors is not a readable safetensors file"):
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(theirs / "model.safetensors"),
+              "--config", str(theirs / "config.json"), "--out", str(tmp_path / "o")])
