@@ -3,7 +3,7 @@
     [x0, x1, v] = short_conv(in_proj(x))          (depthwise, kernel 3)
     y = out_proj(x0 * (h * (x1 * v) + bias * (x1 * v)))
 
-The filter h[c, t] = MLP(z_t)[c] * exp(-alpha_c t / L) is a function of the position t (z_t: t/L and
+The filter h[c, t] = MLP(z_t)[c] * exp(-alpha_c t / (L - 1)) is a function of the position t (z_t: t/L and
 sin/cos bands; sine activations), so it is defined at any length and costs O(T log T) by FFT. Decoding
 needs every past input of the long conv: the state is d_model * L, the field's count for long convs. A step
 writes the new input x1 * v at its position and takes the dot product of the filter with that history,
@@ -71,8 +71,10 @@ class HyenaFilter(nn.Module):
     def forward(self, seq_len: int) -> torch.Tensor:
         device = self.mlp[0].weight.device
         bands = (self.emb_dim - 1) // 2
-        t = torch.arange(seq_len, device=device, dtype=torch.float32).unsqueeze(-1) / self.max_seq_len  # [T, 1]
-        angles = 2 * math.pi * t * torch.linspace(1e-4, bands - 1, bands, device=device)  # [T, bands]
+        i = torch.arange(seq_len, device=device, dtype=torch.float32).unsqueeze(-1)  # [T, 1]
+        # As the reference: t runs from 0 to 1 over the L positions (linspace), the bands' angle is 2 pi i / L.
+        t = i / max(self.max_seq_len - 1, 1)
+        angles = 2 * math.pi * i / self.max_seq_len * torch.linspace(1e-4, bands - 1, bands, device=device)
         z = torch.cat([t, angles.cos(), -angles.sin()], dim=-1)  # [T, emb_dim]
         decay = torch.exp(-t * torch.linspace(*self.decay_range, self.d_model, device=device).abs())
         return (self.mlp(z.to(self.mlp[0].weight.dtype)).float() * decay).transpose(0, 1)  # [d_model, T]

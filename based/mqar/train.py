@@ -42,6 +42,8 @@ class MQARRun:
         vocab_size, power_a: MQAR generator settings shared by all tasks.
         epochs, batch_size, weight_decay, warmup_frac: optimisation.
         seed: model init and batch order; data_seed: the examples (shared by every run of a sweep).
+        layout: "paper" (figure 2's model for the mixer, the default) or "conv_hybrid" (BaseConv under
+            every mixer, this package's earlier layout); see based.mqar.model.
     """
 
     mixer: str
@@ -58,6 +60,7 @@ class MQARRun:
     warmup_frac: float = 0.05
     seed: int = 0
     data_seed: int = 0
+    layout: str = "paper"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,11 +81,13 @@ class MQARRun:
     def model_name(self) -> str:
         """The model without its learning rate, e.g. "linear_attn d_model=64 feature_dim=16"."""
         extra = " ".join(f"{k}={v}" for k, v in sorted(self.mixer_kwargs.items()))
-        return f"{self.mixer} d_model={self.d_model}" + (f" {extra}" if extra else "")
+        name = f"{self.mixer} d_model={self.d_model}" + (f" {extra}" if extra else "")
+        return name if self.layout == "paper" else f"{name} layout={self.layout}"
 
     def config(self):
         max_len = max(t.seq_len for t in (*self.train, *self.test))
-        return mqar_config(self.mixer, self.d_model, self.vocab_size, max_seq_len=max_len, **self.mixer_kwargs)
+        return mqar_config(self.mixer, self.d_model, self.vocab_size, max_seq_len=max_len, layout=self.layout,
+                           **self.mixer_kwargs)
 
 
 @lru_cache(maxsize=32)
