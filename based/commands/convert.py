@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+
+# based.convert.FORMATS, named here so that building the parser does not import the converter (torch);
+# tests/test_cli.py checks that the two agree.
+FORMATS = ("hazyresearch",)
 
 
 def register(sub) -> None:
-    from based.convert import FORMATS
-
     p = sub.add_parser(
         "convert", help="convert HazyResearch/based checkpoints to or from this package's format",
         description="--from hazyresearch: their pytorch_model.bin or .safetensors plus config.json -> OUT "
@@ -23,23 +25,22 @@ def register(sub) -> None:
     p.add_argument("--config", help="their config.json (default: beside the checkpoint)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", help="a local tokenizer directory to save with the model (theirs is GPT-2's)")
-    p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep")
+    p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
+                   help="dtype of the written weights (keep: as read)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from based import BasedForCausalLM
     from based.convert import ConversionError, load_hazyresearch, save_hazyresearch
-    from based.eval.checkpoint import DTYPES, load_tokenizer
+    from based.eval.checkpoint import DTYPES, load_model, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         if args.source:
             model = load_hazyresearch(args.checkpoint, args.config)
-        elif not Path(args.checkpoint).is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
-        else:
-            model = BasedForCausalLM.from_pretrained(args.checkpoint)
+        else:  # a damaged safetensors file, config.json or tensor set is one line naming it
+            model = load_model(args.checkpoint, BasedForCausalLM)
         if args.dtype != "keep":
             model = model.to(DTYPES[args.dtype])
         if args.source:

@@ -1,8 +1,9 @@
 """`based generate`: continue a prompt with a preset (random weights) or a checkpoint, streaming the text.
 
 Text becomes tokens with the checkpoint's own tokenizer when its directory has one (tokenizer.json,
-loaded locally), else byte by byte (ids 0..255 = bytes; ids above 255 print as U+FFFD). Nothing is
-ever downloaded.
+loaded locally), else byte by byte (ids 0..255 = bytes; ids above 255 print as U+FFFD): for a checkpoint
+only when its vocabulary is the 256 bytes, since bytes fed to a model trained on BPE ids print garbage.
+Nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -15,22 +16,27 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from based.models import PRESETS
+    from based.commands import PRESETS
 
     p = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=PRESETS, help="random-weight model of this preset")
+    source.add_argument("--preset", choices=PRESETS, metavar="PRESET",
+                        help="random-weight model of this preset: %(choices)s")
     source.add_argument("--checkpoint", type=Path, help="directory written by save_pretrained")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated after the prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (and of a preset's random weights)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the likeliest tokens of this total "
+                   "probability (1 = all)")
     p.add_argument("--batch-size", type=int, default=1, help="samples of the same prompt")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.set_defaults(func=run)
+
+
+BYTE_VOCAB = 256
 
 
 class ByteTokenizer:
@@ -84,10 +90,16 @@ def load(args):
     from based import BasedConfig, BasedForCausalLM
 
     if args.checkpoint is not None:
-        if not (args.checkpoint / "config.json").is_file():
-            raise ValueError(f"{args.checkpoint} has no config.json: pass a directory written by save_pretrained")
-        model = BasedForCausalLM.from_pretrained(args.checkpoint, local_files_only=True)
+        from based.eval.checkpoint import load_model
+
+        model = load_model(args.checkpoint, BasedForCausalLM)  # missing or unexpected tensors are errors
         has_tokenizer = any((args.checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        if not has_tokenizer and model.config.vocab_size != BYTE_VOCAB:
+            raise ValueError(
+                f"{args.checkpoint} has no tokenizer.json or tokenizer_config.json and its vocabulary of "
+                f"{model.config.vocab_size} tokens is not bytes ({BYTE_VOCAB}): copy the tokenizer files of the "
+                "run that trained it into that directory"
+            )
         tokenizer = HFTokenizer(args.checkpoint) if has_tokenizer else ByteTokenizer()
         what = f"checkpoint {args.checkpoint}"
     else:
@@ -102,7 +114,7 @@ def load(args):
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (ValueError, MemoryError) as e:
+    except (ValueError, MemoryError, FileNotFoundError) as e:
         print(f"based generate: error: {e}", file=sys.stderr)
         return 2
 
@@ -113,6 +125,12 @@ def _run(args: argparse.Namespace) -> int:
     from based.generation import SamplingParams, check_lengths, stream
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)  # checks the values first
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        raise ValueError(
+            f"--prompt is not valid UTF-8 text (an undecodable byte at character {e.start}): pass UTF-8 text"
+        ) from None
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
