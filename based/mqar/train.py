@@ -102,12 +102,41 @@ def task_data(run: MQARRun, split: str, i: int) -> tuple[torch.Tensor, torch.Ten
     return _data(task, run.vocab_size, run.power_a, 1000 * run.data_seed + (0 if split == "train" else 500) + i)
 
 
+def decays(p: torch.Tensor) -> bool:
+    """Whether AdamW decays p: matrices only, not biases, norms, or SSM dynamics marked _no_weight_decay (as
+    mamba does)."""
+    return p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: not biases, norms, or SSM dynamics marked _no_weight_decay (as mamba does)."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
+        (decay if decays(p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def steps_per_epoch(run: MQARRun) -> int:
+    return sum(math.ceil(t.num_examples / run.batch_size) for t in run.train)
+
+
+def lr_factor(step: int, run: MQARRun) -> float:
+    """The schedule at optimizer step `step` (from 0): linear warm-up, then cosine decay to 0 at the end."""
+    total_steps = run.epochs * steps_per_epoch(run)
+    warmup = max(1, int(run.warmup_frac * total_steps))
+    return min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(step / total_steps, 1.0))))
+
+
+def batch_order(run: MQARRun):
+    """Yields (train task index, example indices [<= batch_size]) for every step of the run, in order: batches
+    never mix tasks (their lengths differ); the order of all batches is shuffled per epoch, from run.seed."""
+    sizes = [t.num_examples for t in run.train]
+    g = torch.Generator().manual_seed(run.seed)
+    batches_per_epoch = [(i, b) for i, n in enumerate(sizes) for b in range(math.ceil(n / run.batch_size))]
+    for _ in range(run.epochs):
+        perms = [torch.randperm(n, generator=g) for n in sizes]
+        for j in torch.randperm(len(batches_per_epoch), generator=g).tolist():
+            i, b = batches_per_epoch[j]
+            yield i, perms[i][b * run.batch_size : (b + 1) * run.batch_size]
 
 
 def query_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,38 +186,49 @@ def train_mqar(run: MQARRun, device: str = "cpu") -> dict:
         torch.set_float32_matmul_precision(previous)
 
 
+def check_run(run: MQARRun) -> None:
+    """Settings no training can start from, named."""
+    if run.epochs < 1 or run.batch_size < 1 or not run.train or not run.test:
+        raise ValueError(f"MQAR run {run.model_name}: epochs and batch_size must be >= 1 and the train and test "
+                         f"tasks non-empty, got epochs={run.epochs}, batch_size={run.batch_size}")
+
+
 def _train_and_test(run: MQARRun, device: str) -> dict:
     start_time = time.perf_counter()
+    model, loss = fit(run, device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the steps were only queued: count the time they took
+    return result_row(run, model, loss.item(), start_time, time.perf_counter() - start_time, device)
+
+
+def fit(run: MQARRun, device="cpu", step_losses: list[float] | None = None) -> tuple[MQARModel, torch.Tensor]:
+    """Train run's model; returns it and the last step's loss. step_losses, if given, gets every step's loss
+    (a host sync per step: for tests)."""
+    check_run(run)
     torch.manual_seed(run.seed)
     model = MQARModel(run.config()).to(device)
     # Each task's inputs, query positions and values, moved to the device once.
     train = [(x.to(device), *(t.to(device) for t in query_positions(y)))
              for x, y in (task_data(run, "train", i) for i in range(len(run.train)))]
-    g = torch.Generator().manual_seed(run.seed)
-    # Batches never mix tasks (their lengths differ); the order of all batches is shuffled per epoch.
-    batches_per_epoch = [(i, b) for i, (x, *_) in enumerate(train) for b in range(math.ceil(len(x) / run.batch_size))]
-    total_steps = run.epochs * len(batches_per_epoch)
-    warmup = max(1, int(run.warmup_frac * total_steps))
     optimizer = torch.optim.AdamW(_param_groups(model, run.weight_decay), lr=run.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0))))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run))
     loss = torch.tensor(float("nan"))
-    for _ in range(run.epochs):
-        perms = [torch.randperm(len(x), generator=g).to(device) for x, *_ in train]
-        for j in torch.randperm(len(batches_per_epoch), generator=g).tolist():
-            i, b = batches_per_epoch[j]
-            idx = perms[i][b * run.batch_size : (b + 1) * run.batch_size]
-            x, positions, targets = (t[idx] for t in train[i])
-            loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)  # the steps were only queued: count the time they took
-    train_seconds = time.perf_counter() - start_time
+    for i, idx in batch_order(run):
+        x, positions, targets = (t[idx.to(device)] for t in train[i])
+        loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step_losses is not None:
+            step_losses.append(loss.item())
+    return model, loss.detach()
+
+
+def result_row(run: MQARRun, model: MQARModel, final_loss: float, start_time: float, train_seconds: float,
+               device) -> dict:
+    """Test the trained model on every test task; the run's results.jsonl row."""
     accuracy = {
         task.name: evaluate(model, *task_data(run, "test", i), batch_size=run.batch_size, device=device)
         for i, task in enumerate(run.test)
@@ -205,8 +245,8 @@ def _train_and_test(run: MQARRun, device: str) -> dict:
         # The mixer under test, values per sequence, at each test length (attention and Hyena grow with it).
         "state_size": {str(L): model.state_size(L) for L in lengths},
         "accuracy": accuracy,
-        "final_train_loss": round(loss.item(), 4),
-        "train_steps": total_steps,
+        "final_train_loss": round(final_loss, 4),
+        "train_steps": run.epochs * steps_per_epoch(run),
         "seconds": round(time.perf_counter() - start_time, 1),
         "train_seconds": round(train_seconds, 1),
         "device": str(device),

@@ -70,7 +70,9 @@ def chunk_rwkv5_attn(
         before.append(S)
         S = chunk_decay[:, :, n] * S + contrib[:, :, n]
     o = (rc * torch.exp(lam5 * pos)) @ torch.stack(before, dim=2)  # [B, H, N, C, dv]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, w_log)):
+    # Not under torch.func transforms (stacked MQAR training vmaps grad): they refuse checkpoint's hooks.
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in (r, k, w_log))
+            and not torch._C._functorch.is_functorch_wrapped_tensor(rc)):
         A = checkpoint(_intra_scores, rc, kc, lam, use_reentrant=False)
     else:
         A = _intra_scores(rc, kc, lam)

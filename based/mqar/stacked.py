@@ -1,0 +1,222 @@
+"""Several MQAR runs of one model shape trained at once, as one stacked model (issue 20).
+
+Runs that differ only in their learning rate (a sweep's 4 lrs of one model) start from the same init (same
+seed) and see the same batches in the same order (same seed): only their updates differ. So their parameters
+are stacked on a leading dim k, one batch is gathered for all of them, and torch.func computes the k losses
+and gradients in one vmapped forward and backward: the kernels of one model, each k times as large. These
+models are launch-bound (a few hundred small kernels per step), so that is nearly k runs for the price of one.
+
+The rest of the step works on the stacked parameters flattened into one [k, P] buffer: per-run global-norm
+clipping at 1.0 and AdamW (torch.optim.AdamW's arithmetic, decoupled decay on the tensors `decays` picks, the
+per-run lr times the warm-up + cosine schedule), each a handful of kernels. On CUDA the whole step (batch
+gather from device-resident data by a device step counter, forward, backward, clipping, AdamW, schedule) is
+captured once per batch shape as a CUDA graph and replayed, so the host launches one graph per step.
+
+The model is used only through its parameters and forward (torch.func.functional_call), whatever the layout
+mqar_config builds. Each run's row is the one train_mqar would write, plus "stacked": k; a run trained here
+equals the same run trained alone up to fp32 rounding (tests/mqar/test_stacked.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .model import MQARModel
+from .train import (
+    MQARRun, _query_logits, batch_order, check_run, decays, lr_factor, query_positions, result_row, steps_per_epoch,
+    task_data,
+)
+
+# torch.optim.AdamW's defaults, which train_mqar uses.
+BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
+
+
+def stack_key(run: MQARRun) -> str:
+    """Runs with the same key differ only in lr, so they train stacked."""
+    return dataclasses.replace(run, lr=0.0).run_id
+
+
+def group_runs(runs: list[MQARRun], max_stack: int | None = None) -> list[list[MQARRun]]:
+    """The runs in groups that train stacked (at most max_stack each), in order of each group's first run."""
+    groups: dict[str, list[list[MQARRun]]] = {}
+    order: list[list[MQARRun]] = []
+    for run in runs:
+        chunks = groups.setdefault(stack_key(run), [])
+        if not chunks or (max_stack is not None and len(chunks[-1]) >= max_stack):
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(run)
+    return order
+
+
+class _QueryLoss(nn.Module):
+    """The training loss of train_mqar as a module, so functional_call can swap the model's parameters."""
+
+    def __init__(self, model: MQARModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = _query_logits(self.model, x, positions)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class StackedTrainer:
+    """k runs of one shape (group_runs) and their state on `device`: step() trains all of them one step.
+
+    Args:
+        runs: k runs with one stack_key.
+        device: where to train.
+        cuda_graphs: capture each batch shape's step as a CUDA graph (CUDA only).
+    """
+
+    def __init__(self, runs: list[MQARRun], device="cpu", cuda_graphs: bool = False):
+        if len({stack_key(r) for r in runs}) != 1:
+            raise ValueError("stacked runs must differ in lr only")
+        for run in runs:
+            check_run(run)
+        self.runs, self.k, self.device = runs, len(runs), torch.device(device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        base = runs[0]
+        torch.manual_seed(base.seed)  # the init of each run trained alone
+        self.model = MQARModel(base.config()).to(device)
+        self.loss_module = _QueryLoss(self.model)
+        named = [(f"model.{n}", p) for n, p in self.model.named_parameters()]
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        sizes = [p.numel() for _, p in named]
+        k = self.k
+        # Every run's parameters in one row of a [k, P] buffer; the forward sees per-parameter views of it.
+        self.flat = torch.cat([p.detach().reshape(1, -1) for _, p in named], 1).repeat(k, 1).contiguous()
+        self.params = dict(zip(self.names, (v.view(k, *s) for v, s in zip(self.flat.split(sizes, 1), self.shapes))))
+        self.buffers = {f"model.{n}": b for n, b in self.model.named_buffers()}
+        self.decay_mask = torch.cat([torch.full((n,), float(decays(p)), device=device) for (_, p), n in zip(named, sizes)])
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+
+        # Data on the device once; every step's example indices in a [steps, batch_size] table (padded).
+        self.train = [tuple(t.to(device) for t in (x, *query_positions(y)))
+                      for x, y in (task_data(base, "train", i) for i in range(len(base.train)))]
+        order = list(batch_order(base))
+        self.total_steps = len(order)
+        self.tasks = [i for i, _ in order]
+        self.sizes = [len(idx) for _, idx in order]
+        table = torch.zeros(self.total_steps, base.batch_size, dtype=torch.long)
+        for s, (_, idx) in enumerate(order):
+            table[s, : len(idx)] = idx
+        self.index_table = table.to(device)
+
+        # AdamW's per-step scalars in float64 (as torch.optim computes them), stored per step and run.
+        beta1, beta2 = BETAS
+        lrs = torch.tensor([r.lr for r in runs], dtype=torch.float64)
+        steps = torch.arange(1, self.total_steps + 1, dtype=torch.float64)
+        lr = torch.tensor([lr_factor(s, base) for s in range(self.total_steps)], dtype=torch.float64)[:, None] * lrs
+        self.decay_table = (1 - lr * base.weight_decay).float().to(device)  # [steps, k]
+        self.step_size_table = (lr / (1 - beta1**steps)[:, None]).float().to(device)  # [steps, k]
+        self.bc2_sqrt_table = ((1 - beta2**steps) ** 0.5).float().to(device)  # [steps]
+        self.step_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.losses = torch.full((k,), float("nan"), device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.steps_done = 0
+
+    def _loss(self, params: dict, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.loss_module, {**params, **self.buffers}, (x, positions, targets))
+
+    def _step(self, task: int, n: int) -> None:
+        """One step of all k runs on a batch of n examples of train task `task`; only device tensors, so it
+        can be captured."""
+        rows = self.index_table.index_select(0, self.step_t)[0, :n]
+        x, positions, targets = (t.index_select(0, rows) for t in self.train[task])
+        grads, loss = vmap(grad_and_value(self._loss), in_dims=(0, None, None, None))(self.params, x, positions, targets)
+        g = torch.cat([grads[name].reshape(self.k, -1) for name in self.names], 1)  # [k, P]
+        # torch.nn.utils.clip_grad_norm_ per run: one global norm over all of a run's gradients.
+        coef = (MAX_GRAD_NORM / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+        g = g * coef
+        # torch.optim.AdamW (single-tensor form): decoupled decay, moments, bias-corrected update.
+        beta1, beta2 = BETAS
+        decay = self.decay_table.index_select(0, self.step_t).view(self.k, 1)
+        self.flat.mul_(torch.where(self.decay_mask.bool(), decay, torch.ones_like(decay)))
+        self.exp_avg.lerp_(g, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (self.exp_avg_sq.sqrt() / self.bc2_sqrt_table.index_select(0, self.step_t)).add_(EPS)
+        step_size = self.step_size_table.index_select(0, self.step_t).view(self.k, 1)
+        self.flat.sub_(step_size * (self.exp_avg / denom))
+        self.losses.copy_(loss.detach())
+        self.step_t.add_(1)
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.flat, self.exp_avg, self.exp_avg_sq, self.step_t, self.losses]
+
+    def _capture(self) -> None:
+        """One graph per batch shape (task, batch size), sharing one memory pool (they never run at once).
+        Warm-up steps run first on a side stream, as capture needs; the state is restored after them."""
+        saved = [t.clone() for t in self._state()]
+        shapes = sorted(set(zip(self.tasks, self.sizes)))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for shape in shapes:
+                for _ in range(2):
+                    self._step(*shape)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        for shape in shapes:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._step(*shape)
+            self.graphs[shape] = graph
+        for t, s in zip(self._state(), saved):
+            t.copy_(s)
+
+    def step(self) -> None:
+        """The next training step of all k runs."""
+        s = self.steps_done
+        shape = (self.tasks[s], self.sizes[s])
+        if self.cuda_graphs:
+            if not self.graphs:
+                self._capture()
+            self.graphs[shape].replay()
+        else:
+            self._step(*shape)
+        self.steps_done += 1
+
+    def load_run(self, i: int) -> MQARModel:
+        """The model with run i's current parameters."""
+        with torch.no_grad():
+            for (name, shape), p in zip(zip(self.names, self.shapes), self.model.parameters()):
+                p.copy_(self.params[name][i].reshape(shape))
+        return self.model
+
+
+def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = None) -> list[dict]:
+    """Train the runs (one stack_key) together and test each; returns their rows, in the order of `runs`.
+
+    cuda_graphs: capture the step as CUDA graphs (default: on CUDA). Matmuls run as TF32 on CUDA, as in
+    train_mqar.
+    """
+    tf32 = torch.device(device).type == "cuda"
+    previous = torch.get_float32_matmul_precision()
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    try:
+        start = time.perf_counter()
+        trainer = StackedTrainer(runs, device, cuda_graphs=tf32 if cuda_graphs is None else cuda_graphs)
+        for _ in range(trainer.total_steps):
+            trainer.step()
+        losses = trainer.losses.tolist()  # waits for the queued steps
+        train_seconds = time.perf_counter() - start
+        rows = []
+        for i, run in enumerate(runs):
+            row = result_row(run, trainer.load_run(i), losses[i], start, train_seconds, device)
+            rows.append({**row, "tf32": tf32, "stacked": len(runs), "cuda_graphs": trainer.cuda_graphs})
+        return rows
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+__all__ = ["StackedTrainer", "group_runs", "stack_key", "steps_per_epoch", "train_stacked"]

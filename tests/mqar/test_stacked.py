@@ -1,0 +1,61 @@
+"""Stacked training (based/mqar/stacked.py) against the runs trained one by one (train.fit)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from based.mqar import MQARRun, MQARTask
+from based.mqar.stacked import StackedTrainer, group_runs, train_stacked
+from based.mqar.train import fit
+
+TINY = dict(train=(MQARTask(16, 2, 40), MQARTask(24, 3, 24)), test=(MQARTask(16, 2, 8),), vocab_size=32, epochs=2,
+            batch_size=16, warmup_frac=0.3)
+# Up to 1e-2: at 3e-2 RWKV's parameters drift apart by 2e-5 in 10 steps. Adam divides each gradient by its
+# own running size, so elements whose gradients are ~0 take full steps of any sign, and the last-bit
+# differences of a batched matmul against an unbatched one show up at the scale of lr there.
+LRS = (1e-3, 3e-3, 1e-2)
+
+
+@pytest.mark.parametrize("mixer, d_model, kwargs", [
+    ("linear_attn", 16, {"feature_dim": 4}),
+    ("mamba", 16, {"ssm_state_size": 4}),
+    ("rwkv", 64, {}),
+])
+def test_stacked_runs_equal_runs_trained_one_by_one(mixer, d_model, kwargs):
+    """Same losses at every step and same final parameters (fp32, within 1e-5), k = 3 learning rates;
+    batches of two lengths and a short last batch per task (40 = 16 + 16 + 8), so three shapes per task."""
+    runs = [MQARRun(mixer, d_model, lr, kwargs, **TINY) for lr in LRS]
+    trainer = StackedTrainer(runs)
+    stacked_losses = []
+    for _ in range(trainer.total_steps):
+        trainer.step()
+        stacked_losses.append(trainer.losses.tolist())
+    assert trainer.total_steps == 2 * (3 + 2)
+    for i, run in enumerate(runs):
+        losses = []
+        model, _ = fit(run, step_losses=losses)
+        assert [s[i] for s in stacked_losses] == pytest.approx(losses, abs=1e-5, rel=1e-5)
+        stacked = trainer.load_run(i).state_dict()
+        for name, p in model.state_dict().items():
+            torch.testing.assert_close(stacked[name], p, atol=1e-5, rtol=1e-5, msg=f"{run.lr} {name}")
+    assert losses[-1] < losses[0]  # something was learned, so the comparison is not between two inits
+
+
+def test_train_stacked_rows():
+    runs = [MQARRun("attention", 16, lr, **TINY) for lr in LRS[:2]]
+    rows = train_stacked(runs)
+    assert [r["lr"] for r in rows] == list(LRS[:2]) and [r["run_id"] for r in rows] == [r.run_id for r in runs]
+    assert all(r["stacked"] == 2 and set(r["accuracy"]) == {"T16_kv2"} and r["train_steps"] == 10 for r in rows)
+    assert rows[0]["final_train_loss"] != rows[1]["final_train_loss"]
+
+
+def test_group_runs():
+    a = [MQARRun("attention", 16, lr, **TINY) for lr in LRS]
+    b = [MQARRun("attention", 32, lr, **TINY) for lr in LRS]
+    seeded = dataclasses.replace(a[0], seed=1)
+    groups = group_runs([a[0], b[0], a[1], seeded, b[1], a[2], b[2]])
+    assert groups == [a, b, [seeded]]
+    assert group_runs(a + b, max_stack=2) == [a[:2], a[2:], b[:2], b[2:]]
+    with pytest.raises(ValueError, match="lr only"):
+        StackedTrainer([a[0], b[0]])
