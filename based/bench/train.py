@@ -128,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in args.presets if name not in PRESETS]
     if unknown:
         p.error(f"unknown preset(s) {unknown}: use names from {', '.join(PRESETS)}")
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
+    from based import BasedConfig
+
+    for preset in (f"transformer-{args.size}", args.size, *args.presets):
+        if preset not in PRESETS:
+            p.error(f"--size {args.size}: no preset {preset!r}; sizes: debug, 360m, 1.3b")
+        config = BasedConfig.from_preset(preset)
+        limit = config.max_position_embeddings
+        if {"attention", "hyena"} & set(config.mixer_types) and args.seq_len > limit:  # contexts bounded by it
+            p.error(f"--seq-len {args.seq_len} exceeds {preset}'s max_position_embeddings={limit} (full attention "
+                    f"or Hyena; generation refuses longer sequences): lower --seq-len to at most {limit}")
 
     device = torch.device(args.device)
     if device.type == "cuda":

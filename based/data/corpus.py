@@ -16,6 +16,7 @@ hidden files skipped) or a Hugging Face datasets folder written by `save_to_disk
 from __future__ import annotations
 
 import ast
+import codecs
 import hashlib
 import json
 import os
@@ -32,6 +33,20 @@ CORPUS_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
               "turtledemo", "_bundled"}
 _MIN_WORDS = 8
+# Share of a text or JSONL file's bytes that may be other than UTF-8 text (invalid sequences, NUL bytes)
+# before it is refused as binary or in another encoding; below it each is read as U+FFFD, with a warning.
+MAX_BAD_FRACTION = 0.01
+_COUNT_BAD = "based-count-bad-bytes"
+_bad_bytes = 0  # invalid UTF-8 bytes the decoder has met (read as a difference around each file)
+
+
+def _count_bad(error: UnicodeDecodeError) -> tuple[str, int]:
+    global _bad_bytes
+    _bad_bytes += error.end - error.start
+    return "\ufffd", error.end
+
+
+codecs.register_error(_COUNT_BAD, _count_bad)
 
 
 class DataError(ValueError):
@@ -134,12 +149,37 @@ def corpus_fingerprint(path: Path, text_field: str = "text") -> str:
     return h.hexdigest()
 
 
+def check_text_bytes(path: Path, bad: int, total: int) -> None:
+    """DataError when more than MAX_BAD_FRACTION of a file's bytes are not UTF-8 text, else a warning on
+    stderr for any such byte (read as U+FFFD)."""
+    if not bad:
+        return
+    share = f"{bad:,} of {total:,} bytes ({bad / max(total, 1):.2%})"
+    if bad > MAX_BAD_FRACTION * total:
+        raise DataError(
+            f"{path}: {share} are not UTF-8 text (a binary file, or text in another encoding): convert it to "
+            f"UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or leave it out of --data; at most "
+            f"{MAX_BAD_FRACTION:.0%} is read, as U+FFFD"
+        )
+    print(f"warning: {path}: {share} are not UTF-8 text; each is read as U+FFFD", file=sys.stderr, flush=True)
+
+
 def _text_documents(path: Path) -> Iterator[str]:
-    yield path.read_text(encoding="utf-8", errors="replace")
+    data = path.read_bytes()
+    before = _bad_bytes
+    text = data.decode("utf-8", errors=_COUNT_BAD)
+    check_text_bytes(path, _bad_bytes - before + text.count("\0"), len(data))  # NUL: never in text
+    yield text
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    before = _bad_bytes
+    yield from _jsonl_rows(path, text_field)
+    check_text_bytes(path, _bad_bytes - before, path.stat().st_size)
+
+
+def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors=_COUNT_BAD) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

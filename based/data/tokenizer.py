@@ -2,7 +2,8 @@
 
 A trained tokenizer is saved as a Hugging Face folder (tokenizer.json + tokenizer_config.json), so
 `transformers.AutoTokenizer.from_pretrained(DIR)` loads it with no network. "<|endoftext|>" is its only
-special token: it separates documents in the packed token stream and is the eos token.
+special token: it separates documents in the packed token stream and is the eos (and bos, pad and unk)
+token; padding with it lets `pipeline("text-generation")` batch prompts with no set-up.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from .corpus import DataError, cache_dir, corpus_fingerprint, iter_documents, re
 
 EOS = "<|endoftext|>"
 MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
+# 4x the largest vocabularies in use (Gemma's 262,144). The BPE trainer sizes its tables from vocab_size
+# up front: 10^9 made it abort (exit 134) trying to allocate 70 GB.
+MAX_VOCAB = 2**20
 DEFAULT_VOCAB = 4096
 
 
@@ -28,6 +32,11 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise DataError(f"vocab size must be an int >= {MIN_VOCAB} (256 bytes + {EOS}), got {vocab_size!r}")
+    if vocab_size > MAX_VOCAB:
+        raise DataError(f"vocab size {vocab_size:,} is over the bound of {MAX_VOCAB:,} tokens (the largest "
+                        f"vocabularies in use have about 262,000): pass a smaller --vocab-size")
+    out = Path(out_dir)
+    check_tokenizer_out(out)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -36,8 +45,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-    out = Path(out_dir)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                   pad_token=EOS)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
@@ -46,6 +55,17 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return load_tokenizer(out)
+
+
+def check_tokenizer_out(out: Path) -> None:
+    """DataError unless `out` can be (re)written as a tokenizer folder: it is replaced as a whole, so it must
+    not be a file or a folder holding anything but a tokenizer's files."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is an existing file, not a folder: choose another --out")
+    if out.is_dir():
+        if any(out.iterdir()) and not (out / "tokenizer.json").exists():
+            raise DataError(f"--out {out} is a folder holding other files, which training a tokenizer there would "
+                            f"delete: choose an empty or new folder")
 
 
 def load_tokenizer(path: str | os.PathLike):

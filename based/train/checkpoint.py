@@ -12,6 +12,7 @@ resumes on any other world size.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -68,18 +69,38 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def special_token_ids(tokenizer) -> dict:
+    """bos / eos / pad ids for config.json and generation_config.json. A tokenizer without a pad token
+    pads with eos (GPT-2's convention), so batched `generate` and `pipeline` need no set-up."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+
+
 def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
-    """config.json + model.safetensors (+ tokenizer files) into the existing folder `path`; the tied LM
-    head is left out, as save_pretrained does, and restored from the embedding on load."""
+    """config.json + generation_config.json + model.safetensors (+ tokenizer files) into the existing
+    folder `path`; the tied LM head is left out, as save_pretrained does, and restored from the embedding
+    on load. With a tokenizer, its bos / eos / pad ids go into both configs (Hugging Face `generate` stops
+    at eos_token_id and pads with pad_token_id) and the saved tokenizer gets eos as its pad token if it
+    has none."""
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
 
     tensors = {k: v.detach().contiguous() for k, v in model_state.items()
                if not (config.tie_word_embeddings and k == _TIED_HEAD)}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config.architectures = ["BasedForCausalLM"]
-    config.save_pretrained(path)
     if tokenizer is not None:
+        ids = special_token_ids(tokenizer)
+        for name, value in ids.items():
+            setattr(config, name, value)
+        GenerationConfig(**ids).save_pretrained(path)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
+            tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(path)
+    config.save_pretrained(path)
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, config, tokenizer, trainer_state: dict,
@@ -100,12 +121,21 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, config, t
         torch.save(state, tmp / TRAINER_STATE)
         _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         for old in list_checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     barrier(info)
     return final
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint folder: renamed to a .tmp- name first (atomic), so a kill during the deletion
+    leaves a half-deleted folder that clean_partial removes, never a `step-N` missing files."""
+    doomed = ckpt.with_name(f".tmp-deleting-{ckpt.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(out: Path) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..data.tokenizer import MAX_VOCAB
 from ..models.presets import debug_preset
 
 # Fields left None take these values. The small presets are tuned so the README's command trains on
@@ -53,6 +54,7 @@ class TrainConfig:
     resume: bool = False
     fsdp: bool = False
     compile: bool = False  # torch.compile each block and the loss (based.train.distributed.compile_blocks)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
     bf16: bool = True  # bf16 autocast on GPU (the CPU always trains in fp32)
     peak_flops: float | None = None  # for MFU; None: looked up from the GPU name
@@ -80,6 +82,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.tokenizer_vocab > MAX_VOCAB:
+            raise ValueError(f"tokenizer_vocab={self.tokenizer_vocab} is over the bound of {MAX_VOCAB:,} tokens "
+                             f"(the BPE trainer would abort trying to allocate for it): lower --tokenizer-vocab")
         if self.warmup is None or self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
         if not (self.lr and self.lr > 0):

@@ -14,6 +14,7 @@ as an uninterrupted run; bit for bit on the CPU.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import math
 import random
@@ -30,7 +31,9 @@ from torch import nn
 from ..data.corpus import DataError, resolve_corpus
 from ..data.packed import WindowSampler, check_splits, num_windows, pack_corpus, windows
 from ..data.tokenizer import resolve_tokenizer, tokenizer_fingerprint, vocab_size
+from ..generation.state import full_attention_limit
 from ..models import BasedConfig, BasedForCausalLM
+from ..models.config import unknown_field_message
 from . import distributed
 from .checkpoint import (
     CheckpointError,
@@ -45,7 +48,12 @@ from .distributed import (
     DistInfo, all_reduce_sum, barrier, compile_blocks, gradient_sync, parallelize, setup, teardown,
 )
 from .flops import flops_per_token, peak_flops
+from .lock import RunLock, RunLocked
 from .metrics import MetricsLog, plot_losses
+
+# TrainConfig fields that may differ between a run and its resumption without being recorded as a change:
+# they say how the command runs, not what is trained.
+_NOT_SETTINGS = ("resume", "stop_at", "progress", "sample_prompt", "sample_tokens")
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
@@ -56,6 +64,14 @@ def model_fields() -> list[str]:
     return list(BasedConfig.__annotations__)
 
 
+def _bookkeeping_keys() -> set[str]:
+    """Keys transformers writes into a config.json beside the model's fields (model_type, architectures,
+    transformers_version, ...): a --config copied from a checkpoint may hold them; they are ignored."""
+    from transformers import PretrainedConfig
+
+    return set(PretrainedConfig().to_dict()) | {"auto_map", "torch_dtype", "use_cache"}
+
+
 def build_model_config(cfg: TrainConfig, n_vocab: int) -> BasedConfig:
     """The preset, or the config file, with vocab_size from the tokenizer. A config file that sets
     vocab_size forces it: the tokenizer must then fit in it."""
@@ -64,10 +80,17 @@ def build_model_config(cfg: TrainConfig, n_vocab: int) -> BasedConfig:
     path = Path(cfg.config)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainError(f"cannot read model config {path}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: invalid JSON or not UTF-8
+        raise TrainError(f"cannot read model config {path} (--config): {e}") from None
+    if not isinstance(raw, dict):
+        raise TrainError(f"model config {path} (--config) holds a JSON {type(raw).__name__}; it must be an object "
+                         f'of BasedConfig fields, e.g. {{"preset": "debug", "d_model": 32}}')
+    valid = BasedConfig.field_names() | {"preset"}
+    for key in raw:
+        if key not in valid and key not in _bookkeeping_keys():
+            raise TrainError(f"model config {path} (--config): {unknown_field_message(key, valid)}")
     preset = raw.pop("preset", None)
-    fields = {k: v for k, v in raw.items() if k in model_fields()}  # drops transformers' bookkeeping
+    fields = {k: v for k, v in raw.items() if k in valid}  # drops transformers' bookkeeping
     forced = fields.get("vocab_size")
     if forced is None:
         fields["vocab_size"] = n_vocab
@@ -201,13 +224,72 @@ def _prepare_data(cfg: TrainConfig, info: DistInfo):
     return tokenizer, packed
 
 
+def _model_files(ckpt: Path) -> list[Path]:
+    return sorted(f for f in ckpt.iterdir() if f.name != "trainer.pt")
+
+
+def is_exported(ckpt: Path, out: Path) -> bool:
+    """Whether OUT holds the model and tokenizer files of checkpoint `ckpt` (copies keep the modification
+    time, so an exported file is recognised from its size and time without reading it)."""
+    return all((out / f.name).is_file() and filecmp.cmp(f, out / f.name, shallow=True) for f in _model_files(ckpt))
+
+
 def _export(ckpt: Path, out: Path) -> None:
-    """Copy the final checkpoint's model and tokenizer files into OUT (each file atomically)."""
-    for f in ckpt.iterdir():
-        if f.name != "trainer.pt":
-            tmp = out / f".tmp-{f.name}"
-            shutil.copy2(f, tmp)
-            tmp.replace(out / f.name)
+    """Copy a checkpoint's model and tokenizer files into OUT (each file atomically). Done after every
+    checkpoint, and at any start that finds OUT behind the newest one (a kill between the two): OUT's
+    model is always the newest checkpoint's."""
+    for f in _model_files(ckpt):
+        tmp = out / f".tmp-{f.name}"
+        shutil.copy2(f, tmp)
+        tmp.replace(out / f.name)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, numpy's MemoryError."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
+    """After a checkpoint is loaded: this run's --lr, --beta1/2 and --weight-decay replace the saved ones
+    (the schedule's shape, --warmup / --max-steps / --min-lr-ratio, and --grad-clip are read from this
+    run's config anyway), so what run.json records is what runs. With the same settings nothing changes:
+    the LR is recomputed by the scheduler's own expression."""
+    factor = scheduler.lr_lambdas[0]
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):  # param_groups' order
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["weight_decay"] = decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def settings_changed(saved: dict, cfg: TrainConfig) -> dict:
+    """{field: [value in the checkpoint's run, value now]} for the settings a resumed run changes."""
+    now = asdict(cfg)
+    return {k: [saved.get(k), v] for k, v in now.items() if k not in _NOT_SETTINGS and saved.get(k) != v}
+
+
+def _write_run_json(out: Path, cfg: TrainConfig, info: DistInfo, n_params: int, start: int, changed: dict) -> None:
+    """OUT/run.json: the settings in force from this start on; `changes` lists every resumption that
+    changed a setting (the step it took effect after, {field: [before, after]}), earlier ones kept."""
+    path = out / "run.json"
+    changes = []
+    if start > 0 and path.exists():
+        try:
+            changes = [c for c in json.loads(path.read_text()).get("changes", []) if c.get("step", 0) < start]
+        except (ValueError, AttributeError):
+            changes = []
+    if changed:
+        changes.append({"step": start, "changed": changed})
+    record = {**asdict(cfg), "world_size": info.world_size, "parameters": n_params, "start_step": start,
+              "changes": changes}
+    tmp = out / ".tmp-run.json"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
 
 
 def _load_quietly(path: Path) -> BasedForCausalLM:
@@ -224,11 +306,22 @@ def _load_quietly(path: Path) -> BasedForCausalLM:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns a summary of the last step."""
+    """Run (or resume) training as configured; returns a summary of the last step. Rank 0 holds
+    OUT/train.lock throughout (based.train.lock): a second trainer on the same OUT is refused."""
     cfg = cfg.resolved()
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is an existing file, not a folder: choose another --out")
     info = setup(cfg.device)
     try:
-        return _train(cfg, info)
+        with RunLock(out) if info.is_main else contextlib.nullcontext() as lock:
+            if lock is not None and lock.took_over:
+                held = lock.took_over
+                print(f"taking over {lock.path} from pid {held.get('pid')} (started {held.get('started')}), "
+                      f"which is no longer running")
+            return _train(cfg, info)
+    except RunLocked as e:
+        raise TrainError(str(e)) from None
     finally:
         teardown()
 
@@ -255,12 +348,26 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if ckpt is not None:
         model_state, trainer_state, saved_config = read_checkpoint(ckpt)
         check_resumable(ckpt, saved_config, config, trainer_state, tok_hash)
+        if info.is_main and not is_exported(ckpt, out):  # killed between the checkpoint and its export
+            _export(ckpt, out)
+            say(f"exported {ckpt.name}, the newest checkpoint, to {out}")
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = BasedForCausalLM(config).to(info.device)
     n_params = model.num_parameters()
+    limit = full_attention_limit(model)
+    if limit is not None and T > limit:
+        raise TrainError(
+            f"--seq-len {T} exceeds this model's max_position_embeddings={limit} (full attention or Hyena; "
+            f"generation refuses longer sequences): lower --seq-len to at most {limit}, or raise "
+            f"max_position_embeddings with --config (a JSON with \"preset\" and \"max_position_embeddings\")")
+    if cfg.grad_checkpointing:  # before compile and DDP / FSDP wrap the blocks
+        try:
+            model.gradient_checkpointing_enable()
+        except ValueError as e:
+            raise TrainError(f"--grad-checkpointing: {e}") from None
     if cfg.compile:  # before DDP / FSDP wrap the blocks, as torchtitan does
         compile_blocks(model)
     exempt = no_weight_decay_names(model)
@@ -270,12 +377,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, exempt), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
-    start, cursor = 0, 0
+    start, cursor, changed = 0, 0, {}
     if ckpt is not None:
         load_into(model, optimizer, scheduler, model_state, trainer_state, config)
+        apply_optimizer_settings(optimizer, scheduler, cfg)
         start, cursor = trainer_state["step"], trainer_state["samples_seen"]
+        changed = settings_changed(trainer_state.get("train_config", {}), cfg)
         del model_state, trainer_state
         say(f"resumed from {ckpt} (step {start})")
+        if changed:
+            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            say(f"--resume: from step {start + 1} on, {shown} (recorded in run.json)")
     end = cfg.stop_at or cfg.max_steps
     if start >= end:
         say(f"{out} is already at step {start} (of {end}): nothing to do")
@@ -285,8 +397,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         clean_partial(out)
-        (out / "run.json").write_text(json.dumps({**asdict(cfg), "world_size": info.world_size,
-                                                  "parameters": n_params}, indent=1))
+        _write_run_json(out, cfg, info, n_params, start, changed)
         metrics = MetricsLog(out / "metrics.jsonl", start if ckpt is not None else None)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -304,57 +415,72 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     bar = tqdm(total=end, initial=start, unit="step", disable=not (info.is_main and cfg.progress),
                dynamic_ncols=True)
     last_ckpt, row, val_loss, t_run = ckpt, {}, None, time.perf_counter()
-    for step in range(start + 1, end + 1):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=info.device)
-        for micro in range(K):
-            x, y = sampler.batch(cursor + info.rank * local_bs, local_bs)
-            cursor += cfg.batch_size
-            with gradient_sync(model, micro == K - 1):
-                with autocast:
-                    loss = _loss(model, x.to(info.device), y.to(info.device), loss_fn=loss_fn)
-                (loss / K).backward()
-            loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        loss_t = all_reduce_sum(loss_sum / K, info) / info.world_size
-        loss_val, norm_val = loss_t.item(), grad_norm.item()
-        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            bar.close()
+    step = start
+    try:
+        for step in range(start + 1, end + 1):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(K):
+                x, y = sampler.batch(cursor + info.rank * local_bs, local_bs)
+                cursor += cfg.batch_size
+                with gradient_sync(model, micro == K - 1):
+                    with autocast:
+                        loss = _loss(model, x.to(info.device), y.to(info.device), loss_fn=loss_fn)
+                    (loss / K).backward()
+                loss_sum += loss.detach()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            loss_t = all_reduce_sum(loss_sum / K, info) / info.world_size
+            loss_val, norm_val = loss_t.item(), grad_norm.item()
+            if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+                bar.close()
+                if metrics:
+                    metrics.close()
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise TrainError(f"loss is {loss_val} (grad norm {norm_val}) at step {step}: stopped before updating "
+                                 f"the weights; {where} (resume from it with --resume and a lower --lr, which "
+                                 f"applies from the resumed step on)")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            tps = tokens_per_step / dt
+            mfu = flops_tok * tps / (peak * info.world_size) if peak else None
+            row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": cursor * T,
+                   "tokens_per_s": round(tps, 1), "mfu": None if mfu is None else round(mfu, 4),
+                   "time": round(time.perf_counter() - t_run, 3)}
             if metrics:
-                metrics.close()
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise TrainError(f"loss is {loss_val} (grad norm {norm_val}) at step {step}: stopped before updating "
-                             f"the weights; {where} (resume from it with --resume and a lower --lr)")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
-        mfu = flops_tok * tps / (peak * info.world_size) if peak else None
-        row = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": norm_val, "tokens": cursor * T,
-               "tokens_per_s": round(tps, 1), "mfu": None if mfu is None else round(mfu, 4),
-               "time": round(time.perf_counter() - t_run, 3)}
-        if metrics:
-            metrics.write(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                metrics.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
 
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val_loss = evaluate(model, packed.val, T, local_bs, max(1, cfg.eval_tokens // T), info, autocast,
-                                loss_fn)
-            if metrics:
-                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
-            if info.is_main:
-                bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}, "
-                          f"val perplexity {math.exp(min(val_loss, 80)):.2f}")
-        if step % cfg.save_every == 0 or step == end:
-            state = {"samples_seen": cursor, "tokenizer": tok_hash, "train_config": asdict(cfg),
-                     "world_size": info.world_size}
-            last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, config, tokenizer, state, info,
-                                        cfg.keep_checkpoints)
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val_loss = evaluate(model, packed.val, T, local_bs, max(1, cfg.eval_tokens // T), info, autocast,
+                                    loss_fn)
+                if metrics:
+                    metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 80))})
+                if info.is_main:
+                    bar.write(f"step {step}: train loss {loss_val:.4f}, val loss {val_loss:.4f}, "
+                              f"val perplexity {math.exp(min(val_loss, 80)):.2f}")
+            if step % cfg.save_every == 0 or step == end:
+                state = {"samples_seen": cursor, "tokenizer": tok_hash, "train_config": asdict(cfg),
+                         "world_size": info.world_size}
+                last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, config, tokenizer, state, info,
+                                            cfg.keep_checkpoints)
+                if info.is_main:
+                    _export(last_ckpt, out)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        bar.close()
+        if metrics:
+            metrics.close()
+        raise TrainError(
+            f"out of memory at step {step} on {info.device} with --batch-size {cfg.batch_size} (x --seq-len {T}): "
+            f"lower --batch-size (raising --grad-accum keeps the tokens per step) or --seq-len"
+        ) from None
     bar.close()
 
     summary = {"out": str(out), "step": end, "loss": row.get("loss"), "val_loss": val_loss,
@@ -363,7 +489,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         metrics.close()
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     if end == cfg.max_steps and info.is_main and last_ckpt is not None:
-        _export(last_ckpt, out)
         final = _load_quietly(out).to(info.device).eval()
         summary["sample"] = greedy_sample(final, tokenizer, cfg.sample_prompt, cfg.sample_tokens)
         wall = time.perf_counter() - t_run

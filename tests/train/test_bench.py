@@ -46,3 +46,16 @@ def test_bench_train_compiled_on_cpu(tmp_path, monkeypatch):
     for row in json.loads(out.read_text())["results"]:
         assert row["compile"] and row["graphs"] >= 2  # a block type or more, and the loss
         assert row["graph_breaks"] == 0  # on the CPU: no Triton op, no FlexAttention mask to run eagerly
+
+
+def test_bench_train_refuses_bad_counts_and_lengths(capsys):
+    import pytest
+
+    for flag, value in (("--steps", "-1"), ("--steps", "0"), ("--batch-size", "0"), ("--warmup", "-2")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "train", "--size", "debug", "--device", "cpu", flag, value])
+        assert e.value.code == 2 and f"{flag} must be at least" in capsys.readouterr().err
+    # transformer-debug attends over at most max_position_embeddings=512 positions, as generation does.
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--size", "debug", "--device", "cpu", "--seq-len", "600", "--steps", "1"])
+    assert "--seq-len 600 exceeds transformer-debug's max_position_embeddings=512" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Pieces of the trainer: FLOP counts, weight-decay groups, LR schedule, checkpoint files, metrics."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,35 @@ def test_a_kill_mid_write_leaves_no_checkpoint(tmp_path):
     assert list_checkpoints(tmp_path) == []
     clean_partial(tmp_path)
     assert not partial.exists()
+
+
+def test_a_kill_mid_pruning_leaves_only_complete_checkpoints(tmp_path, small_tokenizer, monkeypatch):
+    import based.train.checkpoint as checkpoint
+    from based.data.tokenizer import load_tokenizer
+
+    model = BasedForCausalLM(BasedConfig.from_preset("debug", vocab_size=512))
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    args = (model, opt, sched, model.config, load_tokenizer(small_tokenizer), {"samples_seen": 0})
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, *args, DistInfo(), keep=2)
+    complete = sorted(f.name for f in list_checkpoints(tmp_path)[0].iterdir())
+    assert "tokenizer.json" in complete
+
+    def killed_midway(path, ignore_errors=False):  # deletes one file, then the process is gone
+        if Path(path).exists():
+            (Path(path) / "tokenizer.json").unlink()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, *args, DistInfo(), keep=2)  # pruning step 1 is cut short
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
+    for ckpt in list_checkpoints(tmp_path):
+        assert sorted(f.name for f in ckpt.iterdir()) == complete, ckpt
+    clean_partial(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
 
 
 def test_metrics_resume_drops_rows_past_the_checkpoint(tmp_path):
