@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..ops.argmax import argmax_rows
+from .batch_sampling import SlotSampling
 from .fused import FUSED_MAX_BATCH, MAX_ROWS, fused_step
 from .sampling import SamplingParams, sample
 from .state import InferenceState, check_lengths, full_attention_limit
@@ -89,6 +91,24 @@ def prefill(
     return logits
 
 
+@torch.no_grad()
+def prefill_chunk(model, layers: list, input_ids: torch.Tensor, seqlen_offset: int) -> torch.Tensor:
+    """Prefill the next piece of n prompts into their states, from position seqlen_offset (0 = fresh states).
+
+    A long prompt prefilled piece by piece (into a scratch state, then `Decoder.admit`) lets a server keep
+    decoding its running sequences between the pieces. The pieces give the states a prompt prefilled whole
+    gives (every mixer's forward continues from the state it is handed).
+
+    Args:
+        layers: per-layer states of the n sequences (model.allocate_inference_cache(n, ...)).
+        input_ids: [n, T], the tokens at positions seqlen_offset .. seqlen_offset + T - 1.
+    Returns:
+        logits of each piece's last token, [n, vocab_size].
+    """
+    hidden = model.transformer(input_ids, state=layers, seqlen_offset=seqlen_offset, return_dict=False)[0]
+    return model._logits(hidden[:, -1])
+
+
 def _check_prompt(model, prompt_len: int, state: InferenceState) -> None:
     check_lengths(model, prompt_len)
     if full_attention_limit(model) is not None and prompt_len > state.max_seq_len:
@@ -125,6 +145,11 @@ class Decoder:
         log_len: keep each slot's last log_len tokens on the device, written by the step itself (for greedy
             decoding by the fused step's LM-head kernel), so that a caller decoding many steps takes them with
             `recent` once per block instead of copying each step's tokens (a kernel outside the graph a step).
+        slot_sampling: every slot its own temperature, top-k, top-p and seed (`slots`, a
+            based.generation.batch_sampling.SlotSampling; `sampling` is then unused), set by `admit`; only
+            active slots advance their position (a free slot stays at 0, never past a KV cache). `step(rows)`
+            then steps the first `rows` slots rounded up to a bucket, argmax while every slot is greedy, the
+            per-slot sampler otherwise; on CUDA each (bucket, kind) is its own captured graph.
     """
 
     def __init__(
@@ -140,6 +165,7 @@ class Decoder:
         compile: bool = False,
         fused: bool | None = None,
         log_len: int = 0,
+        slot_sampling: bool = False,
     ):
         if isinstance(log_len, bool) or not isinstance(log_len, int) or log_len < 0:
             raise ValueError(f"log_len must be an int >= 0, got {log_len!r}")
@@ -155,6 +181,8 @@ class Decoder:
         self._model_step = fused_step(model) if fused else compiled_step(model) if compile else model.step
         self.state = InferenceState.allocate(model, batch_size, dtype, model.device, max_seq_len)
         device = self.state.device
+        self.slots = SlotSampling(batch_size, device) if slot_sampling else None
+        self.active = torch.zeros(batch_size, dtype=torch.long, device=device) if slot_sampling else None
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -167,12 +195,16 @@ class Decoder:
         self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
         # The fused step takes greedy tokens in its LM-head kernel, which also advances the positions; with eos
         # ids they go to a scratch buffer first (finished slots emit pad_token_id instead).
-        self._head_argmax = fused and self.sampling.greedy
+        self._head_argmax = fused and self.sampling.greedy and not slot_sampling
         self._next = torch.zeros_like(self.tokens) if self._head_argmax and self.eos is not None else self.tokens
         self.log = torch.zeros(batch_size, log_len, dtype=torch.long, device=device) if log_len else None
         self.graph = None
+        # Slot sampling: the step of the first `rows` slots, for each of `buckets` (rows grow by ~1.5x), greedy or
+        # sampled; a server keeps its sequences in the lowest slots, so a step costs what its sequences need.
+        self.buckets = _buckets(batch_size) if slot_sampling else []
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         if graph:
-            self._capture()
+            self._capture_slots() if slot_sampling else self._capture()
 
     @property
     def batch_size(self) -> int:
@@ -199,9 +231,68 @@ class Decoder:
         self.tokens[slot] = self.pad_token_id
         self.finished[slot] = True
 
-    def step(self) -> torch.Tensor:
-        """Decode one token in every slot. Returns the tokens [B], a buffer the next step overwrites."""
-        if self.graph is not None:
+    @torch.no_grad()
+    def admit(
+        self,
+        slots: Sequence[int],
+        lengths: Sequence[int],
+        logits: torch.Tensor,
+        *,
+        temperature: Sequence[float],
+        top_k: Sequence[int],
+        top_p: Sequence[float],
+        seed: Sequence[int],
+        layers: list | None = None,
+    ) -> torch.Tensor:
+        """Start sequences in `slots` (slot_sampling only) from their prefilled prompts and sample their first
+        tokens [n] with their own parameters.
+
+        Args:
+            slots: n distinct free slots.
+            lengths: prompt tokens of each (the position its first new token takes).
+            logits: [n, V], each prompt's last logits (from `prefill` or `prefill_chunk`).
+            layers: per-layer states of the n sequences (from `prefill_chunk`) to copy into the slots; None when
+                `prefill` already wrote them there.
+            temperature, top_k (0 = all), top_p, seed: one value per slot (checked by the caller).
+        """
+        if self.slots is None:
+            raise RuntimeError("admit needs a Decoder built with slot_sampling=True")
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.state.device)
+        if layers is not None:
+            self.state.put(index, layers)
+        positions = torch.tensor(list(lengths), dtype=torch.long).to(self.state.device)
+        self.state.seqlen_offset[index] = positions
+        self.slots.set(list(slots), list(temperature), list(top_k), list(top_p), list(seed))
+        first = self.slots.sample(logits, positions, index)
+        self.tokens[index] = first
+        self.finished[index] = False
+        self.active[index] = 1
+        return first
+
+    def free(self, slots: Sequence[int]) -> None:
+        """Release slots (slot_sampling only) without clearing their states, which the next `admit`
+        overwrites: two small kernels however many slots leave."""
+        if not slots:
+            return
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.state.device)
+        self.active[index] = 0
+        self.state.seqlen_offset[index] = 0
+        self.slots.clear(list(slots))
+
+    def step(self, rows: int | None = None) -> torch.Tensor:
+        """Decode one token in every slot (slot sampling: in at least the first `rows` slots, default all).
+        Returns the tokens [B], a buffer the next step overwrites."""
+        if self.slots is not None:
+            rows = self.batch_size if rows is None else rows
+            bucket = next(b for b in self.buckets if b >= rows)
+            sampled = self.slots.any_random
+            graph = self._graphs.get((bucket, sampled))
+            if graph is not None:
+                graph.replay()
+            else:
+                with torch.no_grad():
+                    self._slot_step(bucket, sampled)
+        elif self.graph is not None:
             self.graph.replay()
         else:
             with torch.no_grad():
@@ -239,6 +330,35 @@ class Decoder:
         if self.log is not None:
             self.log.scatter_(1, ((offset - 1) % self.log.shape[1])[:, None], self.tokens[:, None])
 
+    def _slot_step(self, rows: int, sampled: bool) -> None:
+        # Views of the first `rows` slots: slots are dim 0 of every state tensor.
+        offset, tokens = self.state.seqlen_offset[:rows], self.tokens[:rows]
+        layers = [tuple(t[:rows] for t in layer) for layer in self.state.layers]
+        logits = self._model_step(tokens, layers, offset)
+        offset.add_(self.active[:rows])
+        tokens.copy_(self.slots.sample(logits, offset, rows=rows) if sampled else argmax_rows(logits))
+
+    @torch.no_grad()
+    def _capture_slots(self) -> None:
+        # As _capture, one graph per (bucket, greedy or sampled), all in one memory pool; largest first, so
+        # that the pool's blocks fit the smaller ones.
+        stream = torch.cuda.Stream(self.state.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        pool = None
+        for rows in reversed(self.buckets):
+            for sampled in (False, True):
+                with torch.cuda.stream(stream):
+                    for _ in range(3 if pool is None else 1):
+                        self._slot_step(rows, sampled)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream, pool=pool):
+                    self._slot_step(rows, sampled)
+                pool = graph.pool()
+                self._graphs[rows, sampled] = graph
+        self.state.reset()
+        self.tokens.zero_()
+
     @torch.no_grad()
     def _capture(self) -> None:
         # Warm-up on a side stream first (as torch.cuda.graphs asks): it compiles the Triton kernels and
@@ -260,6 +380,15 @@ class Decoder:
         self.state.reset()
         self.tokens.zero_()
         self.finished.zero_()
+
+
+def _buckets(batch_size: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, ... (powers of two and 1.5 times them) below batch_size, then batch_size."""
+    out, p = [], 1
+    while p < batch_size:
+        out += [b for b in dict.fromkeys((p, p + p // 2)) if b < batch_size]
+        p *= 2
+    return out + [batch_size]
 
 
 def compiled_step(model):

@@ -1,0 +1,166 @@
+"""`based serve`: an OpenAI-compatible HTTP server with continuous batching (docs/serving.md).
+
+    based serve --preset debug                      # random weights, byte tokens, CPU: starts in seconds
+    based serve --checkpoint runs/debug --port 8000 # a `based train` checkpoint and its tokenizer
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+CPU_MAX_SLOTS = 64  # every slot up to the highest one in use steps: on a CPU a few dozen is plenty
+
+
+def register(sub) -> None:
+    from based.commands import PRESETS
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching (pip install -e '.[serve]')",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="directory written by save_pretrained / based train")
+    source.add_argument("--preset", choices=PRESETS, help="random-weight model of this preset (byte tokens)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--max-slots", type=int, default=None,
+                   help="decoder slots (default: the most whose state fits --memory-fraction of free memory; "
+                        f"at most {CPU_MAX_SLOTS} on a CPU)")
+    p.add_argument("--memory-fraction", type=float, default=0.8,
+                   help="share of the free memory (after the model) the default --max-slots may fill")
+    p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the free slots; then 429")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine pass; longer prompts go in pieces of this size")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="initialises a preset's random weights")
+    p.add_argument("--model-name", default=None, help="the id /v1/models lists (default the checkpoint or preset)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before ending them with an error")
+    p.add_argument("--no-cuda-graph", action="store_true", help="step eagerly on CUDA (debugging)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"based serve: error: {e.name} is missing: pip install -e '.[serve]'", file=sys.stderr)
+        return 2
+    try:
+        server = build(args)
+    except (ValueError, MemoryError, OSError) as e:
+        print(f"based serve: error: {e}", file=sys.stderr)
+        return 2
+    server.run()
+    return 0
+
+
+def default_slots(model, dtype, device, max_seq_len: int, fraction: float) -> tuple[int, int, int | None]:
+    """(slots, bytes per slot, free bytes): the most slots whose states, logits and activations fit
+    `fraction` of the free memory (the model already loaded)."""
+    from based.generation.state import free_memory_bytes
+
+    per_slot = model.inference_state_bytes(max_seq_len, 1, dtype)
+    # Beside the state, per slot: fp32 logits and the sampler's sorted copy and indices, a few activations.
+    per_slot_total = per_slot + 24 * model.config.vocab_size + 64 * model.config.d_model
+    free = free_memory_bytes(device)
+    if free is None:
+        return 1, per_slot, None
+    slots = int(free * fraction // per_slot_total)
+    if device.type == "cpu":
+        slots = min(slots, CPU_MAX_SLOTS)
+    return max(slots, 0), per_slot, free
+
+
+def build(args: argparse.Namespace):
+    import torch
+
+    from based.generation.state import full_attention_limit
+    from based.serve.app import create_app
+    from based.serve.scheduler import Scheduler
+    from based.serve.text import load_tokenizer
+
+    from .generate import load
+
+    for flag, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.max_slots is not None and args.max_slots < 1:
+        raise ValueError(f"--max-slots must be >= 1, got {args.max_slots}")
+    if not 0 < args.memory_fraction <= 1:
+        raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model, _, what = load(args)  # the checkpoint's or a preset's model; the tokenizer is ours (batch decoding)
+    tokenizer = load_tokenizer(args.checkpoint)
+    if tokenizer.eos_token_id is None and args.checkpoint is not None and model.config.vocab_size < 256:
+        raise ValueError(f"byte-level tokens need vocab_size >= 256, the model has {model.config.vocab_size}")
+    model = model.to(device=device, dtype=dtype).eval()
+    limit = full_attention_limit(model)
+    max_seq_len = model.config.max_position_embeddings
+    slots, per_slot, free = default_slots(model, dtype, device, max_seq_len, args.memory_fraction)
+    if args.max_slots is not None:
+        slots = args.max_slots
+    elif slots < 1:
+        raise MemoryError(f"not one slot's decode state ({per_slot / 2**20:.1f} MiB) fits {args.memory_fraction} of "
+                          f"the free memory on {device}: raise --memory-fraction or free memory")
+    free_text = "unknown" if free is None else f"{free / 2**30:.1f} GiB"
+    print(f"based serve: {what} on {device} ({str(dtype).replace('torch.', '')}); {slots} slots x "
+          f"{per_slot / 2**20:.3f} MiB of state ({'--max-slots' if args.max_slots else f'{args.memory_fraction:.0%} of {free_text} free'}"
+          f"{f', at most {CPU_MAX_SLOTS} on a CPU' if device.type == 'cpu' and not args.max_slots else ''})",
+          file=sys.stderr, flush=True)
+    scheduler = Scheduler(model, tokenizer, slots, args.max_waiting, args.prefill_chunk, max_seq_len=max_seq_len,
+                          cuda_graph=False if args.no_cuda_graph else None)
+    name = args.model_name or (str(args.checkpoint) if args.checkpoint else args.preset)
+    app = create_app(scheduler, name, limit)
+    return Server(app, scheduler, args)
+
+
+class Server:
+    """uvicorn around the app, with our SIGTERM: stop accepting, let running requests finish for --grace
+    seconds, end the rest with an error, exit 0."""
+
+    def __init__(self, app, scheduler, args):
+        import uvicorn
+
+        self.scheduler, self.grace = scheduler, args.grace
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                timeout_graceful_shutdown=int(args.grace) + 10)
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                # Not uvicorn's own: it re-raises the signal after shutdown, which would end the process with
+                # SIGTERM's status instead of 0.
+                if self.should_exit:
+                    self.force_exit = True
+                    return
+                outer.scheduler.drain()
+                threading.Thread(target=outer._finish_or_abort, daemon=True).start()
+                self.should_exit = True
+
+        self.server = _Server(config)
+
+    def _finish_or_abort(self) -> None:
+        import time
+
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline:
+            if self.scheduler.idle():
+                return
+            time.sleep(0.05)
+        self.scheduler.abort(f"the server shut down before this request finished (--grace {self.grace:g} s)")
+
+    def run(self) -> None:
+        print(f"based serve: listening on http://{self.server.config.host}:{self.server.config.port}",
+              file=sys.stderr, flush=True)
+        self.server.run()

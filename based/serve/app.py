@@ -1,0 +1,258 @@
+"""The HTTP side: FastAPI endpoints following OpenAI's API, in front of the engine loop (scheduler.py).
+
+Every request becomes n Sequences; their Outputs arrive on this event loop (the engine thread posts them with
+call_soon_threadsafe, one call a step) into a queue per request. A client that goes away (its stream closed,
+or the socket of a plain request) cancels its sequences, whose slots are free from the engine's next pass.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .protocol import ChatRequest, CompletionRequest, error_body, field_of
+from .scheduler import Output, QueueFull, Scheduler, Sequence, ShuttingDown
+from .text import default_chat_template, render_chat
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None = None) -> FastAPI:
+    """The server's app.
+
+    Args:
+        scheduler: the engine loop (started with the app, stopped with it).
+        model_name: the id /v1/models lists.
+        max_positions: a full-attention model's limit on prompt + max_tokens (None: no limit).
+    """
+    tokenizer = scheduler.tokenizer
+    template = tokenizer.chat_template or default_chat_template()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+
+        def deliver(items):
+            for seq, out in items:
+                seq.deliver(out)
+
+        scheduler.post = lambda items: items and loop.call_soon_threadsafe(deliver, items)
+        scheduler.start()
+        yield
+        scheduler.abort("the server is shutting down")
+        await asyncio.to_thread(scheduler.stop, 10)
+
+    app = FastAPI(title="based serve", lifespan=lifespan)
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        param = field_of(tuple(err.get("loc", ())))
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {msg}", None), status_code=400)
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            head = msg.split(":", 1)[0]
+            if param == "body" and head.replace("_", "").isalnum():
+                param = head
+        elif err.get("type") == "extra_forbidden":
+            msg = f"{param}: unknown field"
+        elif err.get("type") == "missing":
+            msg = f"{param}: required field missing"
+        else:
+            msg = f"{param}: {msg}"
+        return JSONResponse(error_body(msg, param), status_code=400)
+
+    @app.exception_handler(BadRequest)
+    async def bad(request, exc: BadRequest):
+        return JSONResponse(error_body(str(exc), exc.param), status_code=400)
+
+    @app.exception_handler(QueueFull)
+    async def full(request, exc: QueueFull):
+        return JSONResponse(error_body(f"server busy: {exc}; retry later", None, "rate_limit_error"),
+                            status_code=429, headers={"Retry-After": "1"})
+
+    @app.exception_handler(ShuttingDown)
+    async def closing(request, exc: ShuttingDown):
+        return JSONResponse(error_body(str(exc), None, "server_error"), status_code=503)
+
+    @app.get("/health")
+    async def health():
+        ok = scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped", **scheduler.counts()},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(scheduler.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "based"}]}
+
+    def sequences(body, prompt: str, queue: asyncio.Queue, base_index: int) -> list[Sequence]:
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise BadRequest("prompt: encodes to no tokens", "prompt")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens is None:  # chat: as much as fits, else a bound of its own
+            max_tokens = max(1, max_positions - len(ids)) if max_positions else 1024
+        if max_positions is not None and len(ids) + max_tokens > max_positions:
+            param = "prompt" if len(ids) >= max_positions else "max_tokens"
+            raise BadRequest(
+                f"{param}: the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's "
+                f"{max_positions} positions (full attention)", param)
+        seed = body.seed if body.seed is not None else random.getrandbits(63)
+        out = []
+        for j in range(body.n):
+            index = base_index + j
+            out.append(Sequence(
+                prompt=ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                top_k=max(0, body.top_k), seed=seed + j, stop=body.stops, ignore_eos=body.ignore_eos,
+                deliver=lambda o, i=index: queue.put_nowait((i, o)),
+            ))
+        return out
+
+    async def submit(body, prompts: list[str]):
+        queue: asyncio.Queue = asyncio.Queue()
+        seqs = [s for i, p in enumerate(prompts) for s in sequences(body, p, queue, i * body.n)]
+        scheduler.submit(seqs)
+        return queue, seqs
+
+    def usage(outs: dict[int, Output]) -> dict:
+        prompt = sum(o.prompt_tokens for o in outs.values())
+        completion = sum(o.completion_tokens for o in outs.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def collect(request: Request, queue, seqs) -> dict[int, tuple[str, Output]]:
+        """Wait for every sequence's end; a client gone meanwhile cancels them."""
+        texts, ends = {i: [] for i in range(len(seqs))}, {}
+
+        async def gather():
+            while len(ends) < len(seqs):
+                i, out = await queue.get()
+                texts[i].append(out.text)
+                if out.finish_reason is not None:
+                    ends[i] = out
+
+        async def gone():
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        work, watch = asyncio.create_task(gather()), asyncio.create_task(gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                for s in seqs:
+                    scheduler.cancel(s)
+        if not work.done() or work.cancelled():
+            return None
+        return {i: ("".join(texts[i]), ends[i]) for i in ends}
+
+    def failed(results) -> JSONResponse | None:
+        errors = [o.error for _, o in results.values() if o.error]
+        if errors:
+            return JSONResponse(error_body(errors[0], None, "server_error"), status_code=503)
+        return None
+
+    async def stream(request: Request, queue, seqs, chunk, include_usage: bool):
+        """Server-sent events: one chunk per Output, a last chunk with usage, then [DONE]."""
+        ends: dict[int, Output] = {}
+        try:
+            for i in range(len(seqs)):
+                first = chunk(i, None, None, first=True)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+            while len(ends) < len(seqs):
+                i, out = await queue.get()
+                if out.error:
+                    yield f"data: {json.dumps(error_body(out.error, None, 'server_error'))}\n\n"
+                    return
+                if out.finish_reason is not None:
+                    ends[i] = out
+                if out.text or out.finish_reason is not None:
+                    yield f"data: {json.dumps(chunk(i, out.text, out.finish_reason))}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps(chunk(None, None, None) | {'choices': [], 'usage': usage(ends)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if len(ends) < len(seqs):
+                for s in seqs:
+                    scheduler.cancel(s)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        queue, seqs = await submit(body, prompts)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        if body.stream:
+            def chunk(i, text, reason, first=False):
+                if first:
+                    return None
+                if i is None:
+                    return dict(head)
+                return head | {"choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+            include = body.stream_options.include_usage if body.stream_options else True
+            return StreamingResponse(stream(request, queue, seqs, chunk, include), media_type="text/event-stream")
+        results = await collect(request, queue, seqs)
+        if results is None:
+            return Response(status_code=499)
+        error = failed(results)
+        if error is not None:
+            return error
+        choices = [{"index": i, "text": text, "finish_reason": out.finish_reason, "logprobs": None}
+                   for i, (text, out) in sorted(results.items())]
+        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()})}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            prompt = render_chat(template, messages, tokenizer.eos_token, tokenizer.bos_token)
+        except Exception as e:  # noqa: BLE001 - a template error is the request's (e.g. roles it refuses)
+            raise BadRequest(f"messages: the chat template failed on them: {e}", "messages") from None
+        queue, seqs = await submit(body, [prompt])
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion", "created": created, "model": model_name}
+        if body.stream:
+            head["object"] = "chat.completion.chunk"
+
+            def chunk(i, text, reason, first=False):
+                if i is None:
+                    return dict(head)
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return head | {"choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+
+            include = body.stream_options.include_usage if body.stream_options else True
+            return StreamingResponse(stream(request, queue, seqs, chunk, include), media_type="text/event-stream")
+        results = await collect(request, queue, seqs)
+        if results is None:
+            return Response(status_code=499)
+        error = failed(results)
+        if error is not None:
+            return error
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason,
+                    "logprobs": None} for i, (text, out) in sorted(results.items())]
+        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()})}
+
+    return app

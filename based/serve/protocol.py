@@ -1,0 +1,104 @@
+"""Request bodies of the OpenAI API as pydantic models (strict types, unknown fields refused) and its error body.
+
+Fields OpenAI defines but this server does not implement (logprobs, echo, penalties, ...) are accepted only
+at their neutral value, so a client that sends its defaults works and one that asks for more hears why not.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_N = 64
+MAX_STOP = 4
+
+
+def error_body(message: str, param: str | None = None, type_: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = True
+
+
+class Sampling(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=-1, description="0 or -1: all tokens")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    # OpenAI fields accepted at their neutral value only.
+    logprobs: bool | int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ValueError(f"stop: at most {MAX_STOP} stop strings, got {len(self.stop)}")
+        for name in ("logprobs", "frequency_penalty", "presence_penalty", "logit_bias"):
+            value = getattr(self, name)
+            if value is not None and value != 0 and value != {}:
+                raise ValueError(f"{name}: not supported by this server (leave it out)")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self):
+        if self.echo:
+            raise ValueError("echo: not supported by this server (leave it out)")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of: not supported by this server (leave it out or use n)")
+        if self.suffix:
+            raise ValueError("suffix: not supported by this server (leave it out)")
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts or any(p == "" for p in prompts):
+            raise ValueError("prompt: must not be empty")
+        return self
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+def field_of(loc: tuple) -> str:
+    """'temperature' or 'messages.0.role' from a pydantic error location (without 'body')."""
+    parts = [str(p) for p in loc if p != "body"]
+    # Union members show up in the location (e.g. 'stop.str'): keep the field path only.
+    kept = [p for p in parts if p not in ("str", "list[str]", "int", "float", "bool", "dict", "function-after",
+                                          "list[function-after[_check(), Message]]")]
+    return ".".join(kept) or "body"

@@ -1,0 +1,391 @@
+"""The engine loop: one thread owns the model and the Decoder; sequences join and leave its slots between steps.
+
+Each pass of the loop
+  1. takes cancellations (a client gone) and gives queued sequences the free slots;
+  2. prefills up to `prefill_chunk` prompt tokens: whole prompts that fit go in one batched `prefill` straight
+     into their slots; a longer prompt is prefilled a piece a pass into a scratch state of its own (so the
+     running slots keep decoding meanwhile) and copied into its slot when complete (`Decoder.admit`);
+  3. runs one decode step of every slot (free slots are inactive: their position stays at 0);
+  4. reads back the tokens of the *previous* pass and hands out their text. The read-back of pass k waits
+     for the device while pass k + 1 is already queued on it, so the host work (detokenising, stop strings,
+     delivery) overlaps the next step. A sequence that finished is therefore stepped once more, and that
+     token is dropped; its slot is free from the next pass on.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation.engine import Decoder, prefill, prefill_chunk
+from .metrics import Metrics
+from .text import Detokenizer, StopMatcher
+
+log = logging.getLogger("based.serve")
+
+
+class QueueFull(Exception):
+    """More sequences would wait than max_waiting."""
+
+
+class ShuttingDown(Exception):
+    """The server no longer accepts requests."""
+
+
+@dataclass
+class Output:
+    """What a sequence received in one pass: new text, and at the end its finish reason (or an error)."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence to generate (a request with n > 1 is n of them). `deliver(Output)` is called on the
+    thread that `Scheduler.post` hands outputs to."""
+
+    prompt: list[int]
+    max_tokens: int
+    deliver: Callable[[Output], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    # Owned by the engine loop from here on.
+    slot: int | None = None
+    prefilled: int = 0
+    scratch: list | None = None
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0  # Detokenizer offsets
+    read: int = 0
+    text: str = ""
+    sent: int = 0
+    done: bool = False
+    cancelled: bool = False
+
+
+class Scheduler:
+    """Continuous batching over a Decoder with per-slot sampling.
+
+    Args:
+        model: BasedForCausalLM in eval mode, on its device.
+        tokenizer: a based.serve.text tokenizer (encode, decode_batch, eos_token_id).
+        max_slots: the Decoder's batch size.
+        max_waiting: sequences that may queue for a slot; more are refused (QueueFull).
+        prefill_chunk: prompt tokens prefilled per pass of the loop (and the size of a long prompt's pieces).
+        max_seq_len: positions a full-attention KV cache holds (prompt + max_tokens).
+        post: runs a list of (Sequence, Output) deliveries where they belong (the asyncio loop of the server);
+            default: in the engine thread.
+    """
+
+    def __init__(self, model, tokenizer, max_slots: int, max_waiting: int, prefill_chunk: int,
+                 max_seq_len: int | None = None, cuda_graph: bool | None = None,
+                 post: Callable[[list[tuple[Sequence, Output]]], None] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_waiting, self.prefill_chunk = max_waiting, prefill_chunk
+        self.decoder = Decoder(model, max_slots, max_seq_len=max_seq_len, cuda_graph=cuda_graph, slot_sampling=True)
+        self.state_bytes_per_slot = model.inference_state_bytes(self.decoder.state.max_seq_len, 1, self.decoder.state.dtype)
+        self.metrics = Metrics(max_slots, self.state_bytes_per_slot)
+        self.detokenizer = Detokenizer(tokenizer)
+        self.eos = tokenizer.eos_token_id
+        self.post = post or (lambda items: [seq.deliver(out) for seq, out in items])
+        self.cuda = model.device.type == "cuda"
+        self.cond = threading.Condition()
+        self.waiting: deque[Sequence] = deque()
+        self.cancels: list[Sequence] = []
+        self.free = list(range(max_slots))  # a heap: the lowest free slot first, so steps stay short
+        self.prefilling: list[Sequence] = []
+        self.running: dict[int, Sequence] = {}
+        self.pending = None  # the last pass, whose tokens are not read yet
+        self.accepting = True
+        self._abort: str | None = None
+        self._stop = False
+        self._last_read = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="based-engine", daemon=True)
+        self.alive = False
+
+    @property
+    def max_slots(self) -> int:
+        return self.decoder.batch_size
+
+    def start(self) -> None:
+        self.alive = True
+        self.thread.start()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none)."""
+        with self.cond:
+            if not self.accepting or not self.alive:
+                self.metrics.rejected.inc()
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_waiting + len(self.free):
+                self.metrics.rejected.inc()
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-waiting {self.max_waiting})")
+            self.waiting.extend(seqs)
+            self._occupancy()
+            self.cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client is gone: drop the sequence, freeing its slot by the next pass."""
+        with self.cond:
+            if seq.done or seq.cancelled:
+                return
+            seq.cancelled = True
+            try:
+                self.waiting.remove(seq)
+                seq.done = True
+                self.metrics.finished.labels("cancelled").inc()
+                self._occupancy()
+            except ValueError:
+                self.cancels.append(seq)
+            self.cond.notify()
+
+    def drain(self) -> None:
+        """Accept nothing more; what is queued or running goes on."""
+        with self.cond:
+            self.accepting = False
+
+    def abort(self, reason: str) -> None:
+        """End every queued and running sequence with an error (a shutdown's grace period is over)."""
+        with self.cond:
+            self.accepting = False
+            self._abort = reason
+            self.cond.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not (self.waiting or self.prefilling or self.running)
+
+    def counts(self) -> dict:
+        with self.cond:
+            return {"running": len(self.prefilling) + len(self.running), "waiting": len(self.waiting),
+                    "slots_free": len(self.free), "slots": self.max_slots}
+
+    def _occupancy(self) -> None:
+        self.metrics.set_occupancy(len(self.prefilling) + len(self.running), len(self.waiting))
+
+    def _run(self) -> None:
+        cpu = time.thread_time()
+        while True:
+            try:
+                if not self._pass():
+                    break
+            except Exception:  # noqa: BLE001 - a failed pass ends its sequences, never the loop
+                log.error("engine pass failed:\n%s", traceback.format_exc())
+                self._fail_all("internal error in the engine loop (see the server log)")
+            now = time.thread_time()
+            self.metrics.engine_cpu.inc(now - cpu)
+            cpu = now
+        self.alive = False
+
+    @torch.no_grad()
+    def _pass(self) -> bool:
+        with self.cond:
+            while not (self.waiting or self.prefilling or self.running or self.cancels or self.pending
+                       or self._stop or self._abort):
+                self.cond.wait()
+            if self._abort:
+                reason, self._abort = self._abort, None
+                doomed = [*self.waiting, *self.prefilling, *self.running.values()]
+                self.waiting.clear()
+            else:
+                doomed = []
+            cancels, self.cancels = self.cancels, []
+            while self.free and self.waiting:
+                seq = self.waiting.popleft()
+                seq.slot = heapq.heappop(self.free)
+                self.prefilling.append(seq)
+            if self._stop and not (self.prefilling or self.running or self.pending):
+                return False
+        if doomed:
+            self._read_pending()
+            self._finish([(s, "abort") for s in doomed], error=reason)
+        self._finish([(s, "cancelled") for s in cancels if not s.done], deliver=False)
+
+        first_seqs, first_tokens = self._prefill()
+        stepped = bool(self.running)
+        if stepped:
+            self.decoder.step(rows=max(self.running) + 1)
+            self.metrics.steps.inc()
+        if not first_seqs and not stepped:
+            self._read_pending()
+            return True
+        out = torch.cat([*first_tokens, self.decoder.tokens]) if stepped else torch.cat(first_tokens)
+        if self.cuda:
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = out.clone(), None
+        launched = (ready, host, first_seqs, list(self.running.items()) if stepped else [])
+        self._read_pending()
+        self.pending = launched
+        return True
+
+    def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor]]:
+        """Up to prefill_chunk prompt tokens of the sequences holding a slot; returns those that completed
+        their prompt and their first tokens (device tensors)."""
+        budget, whole, done, firsts = self.prefill_chunk, [], [], []
+        state = self.decoder.state
+        for seq in list(self.prefilling):
+            if budget <= 0:
+                break
+            left = len(seq.prompt) - seq.prefilled
+            if seq.prefilled == 0 and left <= budget:
+                whole.append(seq)
+                budget -= left
+                continue
+            n = min(left, budget)
+            if seq.scratch is None:
+                seq.scratch = self.model.allocate_inference_cache(1, state.dtype, state.device, state.max_seq_len)
+            piece = torch.tensor([seq.prompt[seq.prefilled:seq.prefilled + n]], device=state.device)
+            logits = prefill_chunk(self.model, seq.scratch, piece, seq.prefilled)
+            seq.prefilled += n
+            budget -= n
+            self.metrics.prompt_tokens.inc(n)
+            if seq.prefilled == len(seq.prompt):
+                firsts.append(self._admit([seq], logits, seq.scratch))
+                seq.scratch = None
+                done.append(seq)
+        if whole:
+            T = max(len(s.prompt) for s in whole)
+            ids = torch.zeros(len(whole), T, dtype=torch.long)
+            mask = torch.zeros(len(whole), T, dtype=torch.long)
+            for i, s in enumerate(whole):
+                ids[i, T - len(s.prompt):] = torch.tensor(s.prompt)
+                mask[i, T - len(s.prompt):] = 1
+            logits = prefill(self.model, state, ids.to(state.device), mask.to(state.device), [s.slot for s in whole])
+            for s in whole:
+                s.prefilled = len(s.prompt)
+            self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in whole))
+            firsts.append(self._admit(whole, logits, None))
+            done.extend(whole)
+        return done, firsts
+
+    def _admit(self, seqs: list[Sequence], logits: torch.Tensor, layers) -> torch.Tensor:
+        first = self.decoder.admit(
+            [s.slot for s in seqs], [len(s.prompt) for s in seqs], logits, layers=layers,
+            temperature=[s.temperature for s in seqs], top_k=[s.top_k for s in seqs],
+            top_p=[s.top_p for s in seqs], seed=[s.seed for s in seqs],
+        )
+        with self.cond:
+            for s in seqs:
+                self.prefilling.remove(s)
+                self.running[s.slot] = s
+        return first
+
+    def _read_pending(self) -> None:
+        """Hand out the tokens of the pass before: detokenise (one batch call), stop strings, finishes."""
+        if self.pending is None:
+            return
+        ready, host, first_seqs, stepped, = self.pending
+        self.pending = None
+        if ready is not None:
+            ready.synchronize()
+        values = host.tolist()
+        now = time.monotonic()
+        new: dict[Sequence, list[int]] = {}
+        for seq, token in zip(first_seqs, values):
+            if not seq.done:
+                new[seq] = [token]
+        base = len(first_seqs)
+        continuing = 0
+        for slot, seq in stepped:
+            if not seq.done:
+                if seq in new:
+                    new[seq].append(values[base + slot])
+                else:
+                    new[seq] = [values[base + slot]]
+                    continuing += 1
+        if not new:
+            return
+        self.metrics.itl.observe(now - self._last_read, continuing)
+        self._last_read = now
+        streams, final, reasons = [], [], {}
+        produced = 0
+        for seq, ids in new.items():
+            if not seq.ids:
+                self.metrics.ttft.observe(now - seq.arrival)
+            room = seq.max_tokens - len(seq.ids)
+            if not seq.ignore_eos and self.eos is not None and self.eos in ids[:room]:
+                ids, reasons[seq] = ids[:ids.index(self.eos)], "stop"
+            elif len(ids) >= room:
+                ids, reasons[seq] = ids[:room], "length"
+            seq.ids.extend(ids)
+            produced += len(ids)
+            streams.append(seq)
+            final.append(seq in reasons)
+        self.metrics.add_tokens(produced)
+        texts = self.detokenizer.step(streams, final)
+        outputs, finished = [], []
+        for seq, piece in zip(streams, texts):
+            before = len(seq.text)
+            seq.text += piece
+            matcher = StopMatcher(seq.stop) if seq.stop else None
+            if matcher is not None:
+                at = matcher.find(seq.text, before)
+                if at is not None:
+                    seq.text, reasons[seq] = seq.text[:at], "stop"
+            reason = reasons.get(seq)
+            end = len(seq.text) if reason or matcher is None else len(seq.text) - matcher.held(seq.text)
+            if reason:
+                finished.append((seq, reason))  # _finish sends the rest of the text
+            elif end > seq.sent:
+                outputs.append((seq, Output(seq.text[seq.sent:end])))
+                seq.sent = end
+        self.post(outputs)
+        self._finish(finished, deltas=True)
+
+    def _finish(self, items: list[tuple[Sequence, str]], error: str | None = None, deliver: bool = True,
+                deltas: bool = False) -> None:
+        """End sequences: free their slots, count them, and send each its last Output."""
+        if not items:
+            return
+        slots, outputs = [], []
+        with self.cond:
+            for seq, reason in items:
+                seq.done = True
+                if seq.slot is not None:
+                    if self.running.get(seq.slot) is seq:
+                        del self.running[seq.slot]
+                        slots.append(seq.slot)
+                    elif seq in self.prefilling:
+                        self.prefilling.remove(seq)
+                    heapq.heappush(self.free, seq.slot)
+                    seq.slot, seq.scratch = None, None
+                self.metrics.finished.labels(reason).inc()
+                if deliver:
+                    text = seq.text[seq.sent:] if deltas else ""
+                    seq.sent = len(seq.text)
+                    outputs.append((seq, Output(text, reason, len(seq.prompt), len(seq.ids), error)))
+            self._occupancy()
+        self.decoder.free(slots)
+        self.post(outputs)
+
+    def _fail_all(self, error: str) -> None:
+        self.pending = None
+        with self.cond:
+            doomed = [*self.prefilling, *self.running.values()]
+        self._finish([(s, "error") for s in doomed], error=error)
