@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from ..commands import HelpFormatter
 from ..models.presets import debug_preset
 
 PROMPT, NEW_TOKENS = 512, 1024
@@ -472,23 +473,25 @@ def parse_overrides(items: list[str]) -> dict:
 def main(argv=None) -> int:
     from based.models.presets import PRESETS
 
-    p = argparse.ArgumentParser(prog="based bench generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="based bench generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/generation-<gpu>-<date>.json)")
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds; later (larger) points are skipped")
     p.add_argument("--reserve-s", type=float, default=25.0, help="stop starting points with less time left")
     p.add_argument("--point-seconds", type=float, default=2.0, help="decode time per point (full 1023 steps if less)")
-    p.add_argument("--prefill-batch", type=int, default=64)
-    p.add_argument("--headroom-gb", type=float, default=10.0)
-    p.add_argument("--hf-new-tokens", type=int, default=24)
+    p.add_argument("--prefill-batch", type=int, default=64, help="prompts prefilled at once (at most the batch)")
+    p.add_argument("--headroom-gb", type=float, default=10.0,
+                   help="GPU memory (GiB) left free when sizing the largest batch")
+    p.add_argument("--hf-new-tokens", type=int, default=24, help="tokens each transformers Llama generate() decodes")
     p.add_argument("--git-rev", default=None, help="recorded revision (default: git rev-parse HEAD)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["smoke", "based", "transformer", "hf_llama"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["smoke", "based", "transformer", "hf_llama"],
+                   help="sections not run")
     p.add_argument("--presets", nargs="*", default=[], metavar="PRESET",
                    help="more engines, one per preset (e.g. rwkv-1.3b lightning-1.3b mamba2-1.3b "
                         "mamba2-hybrid-1.3b), recorded under the preset's name; their debug presets join the smoke")
     p.add_argument("--quick", action="store_true", help="two batch sizes per engine")
     p.add_argument("--batches", nargs="*", default=None, help="batch sizes of every engine ('max' = largest that fits)")
-    p.add_argument("--prompt-len", type=int, default=PROMPT)
+    p.add_argument("--prompt-len", type=int, default=PROMPT, help="prompt tokens prefilled before decoding")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode positions each point has room for")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (fp32, wall clock: checks the wiring only)")
     p.add_argument("--profile-top", type=int, default=8,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..commands import HelpFormatter
+
 B, H, D, DV = 8, 16, 16, 64
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 DECODE_BATCHES = (1, 16, 64, 256, 1024, 4096)
@@ -153,10 +155,11 @@ def _table(prefill, decode, copy_gbps) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="based bench ops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="based bench ops", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/ops-<gpu>-<date>.json)")
     p.add_argument("--quick", action="store_true", help="T in (1024, 8192) and three decode batches")
-    p.add_argument("--lengths", type=int, nargs="*", default=None)
+    p.add_argument("--lengths", type=int, nargs="*", default=None,
+                   help="sequence lengths T of the prefill table (default: 1024 to 16384, doubling)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-step table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

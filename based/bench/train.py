@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..commands import HelpFormatter
 from .ops import _git_rev  # honours BASED_GIT_REV (GPU copies of the tree have no .git)
 
 
@@ -110,16 +111,17 @@ def bench_preset(preset: str, seq_len: int, batch_size: int, steps: int, warmup:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="based bench train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="based bench train", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--size", default="360m", help="preset size: debug, 360m or 1.3b (BASED and transformer-SIZE)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per preset")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block and the loss, as based train --compile does")
     p.add_argument("--presets", nargs="*", default=[], help="more presets to time after the two")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--git-rev", help="recorded in the JSON (default: git rev-parse HEAD, where git works)")
     args = p.parse_args(argv)

@@ -1,1 +1,39 @@
-"""Subcommands of `based`, one module each (see based/cli.py)."""
+"""Subcommands of `based`, one module each (see based/cli.py), and what their parsers share.
+
+Nothing here (nor at the top of a subcommand module) imports torch or transformers: building the parser
+must stay cheap, so `based --help` answers at once; each subcommand imports what it needs when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import runpy
+import textwrap
+from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default; descriptions keep their line breaks (module docstrings are
+    laid out by hand) while lines too long for the terminal are wrapped."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # None and empty defaults mean "not given" (the help says what happens then); switches have no value.
+        if action.default is None or action.default == [] or action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in textwrap.dedent(text).strip("\n").splitlines():
+            lead = indent + line[: len(line) - len(line.lstrip())]
+            lines.append(textwrap.fill(line.strip(), width, initial_indent=lead, subsequent_indent=lead) or "")
+        return "\n".join(lines)
+
+
+def _preset_names() -> tuple[str, ...]:
+    # based/models/presets.py imports nothing, but importing it as a module runs based/models/__init__.py,
+    # which imports transformers and torch (seconds): the CLI reads the names by running the file alone.
+    return tuple(runpy.run_path(str(Path(__file__).parent.parent / "models" / "presets.py"))["PRESETS"])
+
+
+PRESETS = _preset_names()
+"""based.models.PRESETS, for `choices=` (tests/test_cli.py checks they are the same)."""

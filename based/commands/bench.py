@@ -9,7 +9,7 @@ BENCHMARKS = ("ops", "generate", "train")
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (GPU): `based bench ops --help`, `based bench generate --help`")
-    p.add_argument("what", choices=BENCHMARKS)
+    p.add_argument("what", choices=BENCHMARKS, help="which benchmark: %(choices)s")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     p.set_defaults(func=run)
 

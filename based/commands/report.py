@@ -7,12 +7,13 @@ import time
 
 
 def register(sub) -> None:
-    from based.models import PRESETS
+    from based.commands import PRESETS
 
     p = sub.add_parser("report", help="forward pass of a preset on built-in text; parameters and decode-state sizes")
-    p.add_argument("--preset", default="debug", choices=PRESETS)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="debug", choices=PRESETS, metavar="PRESET",
+                   help="model preset, random weights: %(choices)s")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens of built-in text in the forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,150 @@
+"""The `based` command itself: its help (every flag described, defaults shown), --version, unknown flags
+reported by the subcommand's own parser, and a parser that is built without importing torch."""
+import argparse
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from based import cli, commands
+from based.commands import HelpFormatter
+from based.commands.bench import BENCHMARKS
+
+
+class _Built(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def bench_parser(what: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser that `based bench WHAT` builds inside its main(argv), caught as it starts parsing."""
+
+    def catch(parser, *args, **kwargs):
+        raise _Built(parser)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(_Built) as built:
+        importlib.import_module(f"based.bench.{what}").main([])
+    return built.value.parser
+
+
+def all_parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
+    """Every parser a user reaches: `based`, each subcommand, nested ones (`based tokenizer train`) and
+    the benchmarks' own (`based bench ops`)."""
+    top = cli.build_parser()
+    found = {top.prog: top, **{child.prog: child for child, _ in cli._subparsers(top)}}
+    for what in BENCHMARKS:
+        parser = bench_parser(what, monkeypatch)
+        found[parser.prog] = parser
+    return found
+
+
+def test_every_subcommand_is_walked(monkeypatch):
+    progs = set(all_parsers(monkeypatch))
+    assert {"based train", "based report", "based tokenizer train", "based bench ops", "based bench train",
+            "based bench generate"} <= progs
+
+
+def test_every_flag_has_help_and_every_default_is_shown(monkeypatch):
+    for prog, parser in all_parsers(monkeypatch).items():
+        assert issubclass(parser.formatter_class, HelpFormatter), prog
+        assert parser.description, f"{prog} has no description"
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help and action.help.strip(), f"`{prog} {name}` has no help text"
+            shown = " ".join(parser._get_formatter()._expand_help(action).split())
+            if action.nargs != 0 and action.default not in (None, [], argparse.SUPPRESS):
+                assert f"default: {action.default}" in shown, f"`{prog} {name}` does not show its default"
+
+
+def test_help_shows_defaults_and_describes_the_report_flags(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["report", "--help"])
+    assert exit.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--seq-len SEQ_LEN tokens of built-in text in the forward pass (default: 256)" in out
+    assert "(default: debug)" in out
+
+
+def test_train_help_states_the_train_config_defaults():
+    # Unset train flags stay None so that TrainConfig fills them in (by preset size): the help must say
+    # what TrainConfig will use.
+    from based.train.config import LARGE_DEFAULTS, SMALL_DEFAULTS, TrainConfig
+
+    top = cli.build_parser()
+    train = next(child for child, _ in cli._subparsers(top) if child.prog == "based train")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    checked = 0
+    for action in train._actions:
+        if action.dest not in defaults or action.nargs == 0:
+            continue
+        shown = " ".join(action.help.split())
+        if action.dest in SMALL_DEFAULTS:
+            small, large = SMALL_DEFAULTS[action.dest], LARGE_DEFAULTS[action.dest]
+            assert f"(default: {small} with a *debug preset, else {large})" in shown, action.dest
+            checked += 1
+        elif defaults[action.dest] is not None:
+            assert f"default: {defaults[action.dest]}" in shown, action.dest
+            checked += 1
+    assert checked >= 15
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"based {version('based')}\n"
+
+
+@pytest.mark.parametrize("argv, prog", [
+    (["train", "--out", "runs/x", "--bogus"], "based train"),
+    (["tokenizer", "train", "--out", "tok", "--bogus", "1"], "based tokenizer train"),
+    (["report", "--preset", "debug", "--bogus"], "based report"),
+])
+def test_an_unknown_flag_is_reported_by_the_subcommands_parser(argv, prog, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: {prog} ")
+    assert err.rstrip().endswith(f"{prog}: error: unrecognized arguments: {' '.join(argv[argv.index('--bogus'):])}")
+
+
+def test_parser_choices_match_the_package():
+    from based.convert import FORMATS
+    from based.models import PRESETS
+
+    assert commands.PRESETS == PRESETS
+    assert commands.convert.FORMATS == FORMATS
+
+
+LAZY = r"""
+import json, sys, time
+start = time.perf_counter()
+import based.cli
+based.cli.build_parser()
+seconds = time.perf_counter() - start
+heavy = sorted(m for m in ("torch", "transformers", "matplotlib", "numpy", "triton") if m in sys.modules)
+# A bare `import based` still lets the Auto classes resolve model_type "based" (docs/eval.md).
+import based
+from transformers import AutoConfig
+config = AutoConfig.for_model("based")
+from based import BasedConfig, BasedForCausalLM
+from based.ops import FEATURE_MAPS
+print(json.dumps({"heavy": heavy, "seconds": seconds, "config": type(config).__name__,
+                  "same": type(config) is BasedConfig, "model": BasedForCausalLM.__name__}))
+"""
+
+
+def test_the_parser_is_built_without_torch_and_import_based_stays_whole():
+    result = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["heavy"] == [], f"building the parser imported {out['heavy']}"
+    assert (out["config"], out["same"], out["model"]) == ("BasedConfig", True, "BasedForCausalLM")
