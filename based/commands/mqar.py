@@ -25,30 +25,71 @@ def register(sub) -> None:
                    help="start no new run after this many seconds (runs under way finish; rerun to go on)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every example count (smoke tests of the sweep machinery only)")
-    p.add_argument("--epochs", type=int, default=None, help="override the sweep's epochs (smoke tests)")
+    p.add_argument("--epochs", type=int, default=None, help="override the sweep's epochs (smoke tests; >= 1)")
+    p.add_argument("--stacked", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the runs of one model (its learning rates) as one stacked model, its step a CUDA "
+                   "graph (default: on for CUDA devices)")
+    p.add_argument("--max-stack", type=int, default=None, metavar="K",
+                   help="at most K runs per stacked model (default: all learning rates of a model)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="train only shard I of N (0 <= I < N) of the sweep, e.g. one Slurm array task each: "
+                   "shards append to the same OUT/results.jsonl; a model's runs stay in one shard")
     p.add_argument("--plot-only", action="store_true", help="redraw pareto.png from results.jsonl, train nothing")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
+    import sys
     from pathlib import Path
 
     from based.mqar import SWEEPS, plot_pareto, read_results, run_sweep
+    from based.mqar.sweeps import best_table, parse_shard
 
     if args.jobs is None:
         args.jobs = min(os.cpu_count() or 1, 4) if args.sweep == "quick" else 1
     if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
             or (args.time_limit is not None and args.time_limit < 0)):
         raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0")
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit(f"--epochs must be >= 1 (it replaces the sweep's number of epochs), got {args.epochs}")
+    if args.max_stack is not None and args.max_stack < 1:
+        raise SystemExit(f"--max-stack must be >= 1, got {args.max_stack}")
+    try:
+        shard = None if args.shard is None else parse_shard(args.shard)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.plot_only:
         rows = read_results(Path(args.out) / "results.jsonl")
         if not rows:
             raise SystemExit(f"no results in {args.out}/results.jsonl")
         print(plot_pareto(rows, Path(args.out) / "pareto.png"))
         return 0
-    kwargs = {"scale": args.scale} | ({"epochs": args.epochs} if args.epochs else {})
+    _check_device(args.device)
+    kwargs = {"scale": args.scale} | ({"epochs": args.epochs} if args.epochs is not None else {})
     runs = SWEEPS[args.sweep](**kwargs)
-    rows = run_sweep(runs, args.out, device=args.device, jobs=args.jobs, limit=args.limit, time_limit=args.time_limit)
-    print(f"{len(rows)} of {len(runs)} runs of '{args.sweep}' in {args.out}/results.jsonl; plot: {args.out}/pareto.png")
+    rows = run_sweep(runs, args.out, device=args.device, jobs=args.jobs, limit=args.limit, time_limit=args.time_limit,
+                     stacked=args.stacked, shard=shard, max_stack=args.max_stack)
+    ids = {r.run_id for r in runs}
+    print(best_table([r for r in rows if r["run_id"] in ids]))
+    print(f"{sum(r['run_id'] in ids for r in rows)} of {len(runs)} runs of '{args.sweep}' in {args.out}/results.jsonl; "
+          f"plot: {args.out}/pareto.png")
+    if rows.failed:
+        print(f"{len(rows.failed)} runs failed (not recorded; a rerun tries them again): tracebacks in "
+              f"{Path(args.out) / 'failures'}/<run_id>.txt", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_device(device: str) -> None:
+    """--device must name a device torch knows and this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")

@@ -2,6 +2,8 @@
 the mixer under test, one panel per test length, the best learning rate of each model, frontier drawn."""
 from __future__ import annotations
 
+import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +27,9 @@ _NAMES = {"attention": "Attention", "sliding_window": "Sliding window", "mamba":
 # The hyperparameter that moves each family along the x-axis, shown next to its points.
 _DIAL = {"feature_dim": "d", "window_size": "w", "ssm_state_size": "N", "h3_state_size": "N",
          "lightning_num_heads": "H"}
-_LABEL_OFFSETS = ((5, -9), (5, 4))  # points, below or above by family in turn
+# Points closer than this in accuracy at one state size overlap: they are spread sideways (log x) by
+# _SPREAD per point, labels stacked _LABEL_STEP points apart.
+_OVERLAP, _SPREAD, _LABEL_STEP = 0.04, 0.12, 8
 
 
 def family(row: dict) -> str:
@@ -63,6 +67,19 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
+def overlapping(panel: list[tuple]) -> list[list[tuple]]:
+    """(x, y, ...) points in clusters that would hide each other: one x, accuracies within _OVERLAP of the
+    next; each cluster by descending y, so stacked labels read in the points' order."""
+    clusters: list[list[tuple]] = []
+    for point in sorted(panel, key=lambda p: (p[0], -p[1])):
+        last = clusters[-1][-1] if clusters else None
+        if last is not None and last[0] == point[0] and last[1] - point[1] < _OVERLAP:
+            clusters[-1].append(point)
+        else:
+            clusters.append([point])
+    return clusters
+
+
 def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Write the figure to `path` (PNG); rows are results.jsonl rows."""
     import matplotlib
@@ -82,18 +99,24 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) ->
     lengths = sorted(by_len)
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 4.2), sharey=True, squeeze=False)
     for ax, L in zip(axes[0], lengths):
-        points = []
-        for row in rows:
-            if str(L) not in row["state_size"]:
-                continue
-            x, y = row["state_size"][str(L)], mean_accuracy(row, L)
-            points.append((x, y))
-            ax.scatter(x, y, s=18 + row["d_model"] / 4, color=colors[family(row)], edgecolor="black",
-                       linewidth=0.4, zorder=3, label=family(row))
-            dial = [f"{_DIAL[k]}={v}" for k, v in row["hparams"].items() if k in _DIAL]
-            if dial:  # families label on different sides, so labels of points that coincide stay legible
-                side = _LABEL_OFFSETS[list(colors).index(family(row)) % len(_LABEL_OFFSETS)]
-                ax.annotate(dial[0], (x, y), textcoords="offset points", xytext=side, fontsize=6, color="dimgray")
+        panel = [(row["state_size"][str(L)], mean_accuracy(row, L), row) for row in rows if str(L) in row["state_size"]]
+        points = [(x, y) for x, y, _ in panel]
+        for cluster in overlapping(panel):
+            m = len(cluster)
+            for j, (x, y, row) in enumerate(cluster):
+                # Spread in log x around the true state size; the frontier uses the true one.
+                xj = x * math.exp(_SPREAD * (j - (m - 1) / 2))
+                ax.scatter(xj, y, s=18 + row["d_model"] / 4, color=colors[family(row)], edgecolor="black",
+                           linewidth=0.4, zorder=3, label=family(row))
+                dial = [f"{_DIAL[k]}={v}" for k, v in row["hparams"].items() if k in _DIAL]
+                text = dial[0] if dial else f"d={row['d_model']}"
+                if m > 1:  # labels stacked beside the cluster, one line each, in the points' order
+                    right = x * math.exp(_SPREAD * (m - 1) / 2)
+                    mid = sum(c[1] for c in cluster) / m
+                    ax.annotate(text, (right, mid), textcoords="offset points", fontsize=6, va="center",
+                                xytext=(7, _LABEL_STEP * ((m - 1) / 2 - j)), color=colors[family(row)])
+                elif dial:
+                    ax.annotate(text, (xj, y), textcoords="offset points", xytext=(5, -9), fontsize=6, color="dimgray")
         edge = frontier(points)
         if edge:
             xs, ys = zip(*edge)
@@ -105,7 +128,7 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) ->
         ax.set_xlabel("recurrent state size (values per sequence)")
         ax.grid(True, which="major", alpha=0.3)
         ax.set_ylim(-0.03, 1.03)
-    axes[0][0].set_ylabel("MQAR accuracy")
+    axes[0][0].set_ylabel("MQAR accuracy\n(mean over the panel's test tasks, best lr)")
     handles = {}
     for ax in axes[0]:
         for h, label in zip(*ax.get_legend_handles_labels()):
@@ -117,6 +140,9 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) ->
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    # Written aside and moved in place: shards of one sweep may redraw the same plot at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=150, bbox_inches="tight")
+    os.replace(tmp, path)
     plt.close(fig)
     return path

@@ -1,8 +1,10 @@
 """MQAR sweeps: the BASED paper's figure 2 and a CPU-sized quick version; resumable run by run."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -112,10 +114,93 @@ SWEEPS = {"quick": quick_runs, "figure2": figure2_runs, "figure2-short": figure2
 
 
 def read_results(path: str | Path) -> list[dict]:
+    """The rows of a results.jsonl. A broken line (a write cut off by a kill, a bad merge) is reported on
+    stderr with its line number and skipped, so a resumed sweep trains its run again."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "run_id" not in row:
+                raise ValueError("not a results row (no run_id)")
+        except ValueError as error:
+            print(f"warning: {path} line {number} is broken ({error}): skipped, its run will be trained again",
+                  file=sys.stderr)
+            continue
+        rows.append(row)
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row as one write under an exclusive lock, so several processes (shards of one sweep on a
+    shared folder) appending to one results.jsonl never interleave lines. A last line left without its
+    newline (a writer killed mid-row) is ended first, so the new row stays a line of its own."""
+    line = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" (0 <= I < N) -> (I, N), e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be I/N with integers 0 <= I < N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def shard_groups(groups: list[list[MQARRun]], shard: tuple[int, int] | None) -> list[list[MQARRun]]:
+    """Shard I of N takes groups I, I + N, I + 2N, ... of the whole sweep's groups (finished runs included,
+    so the assignment does not move as the sweep progresses): every shard computes the same split, no
+    scheduler of our own decides it, and a stacked group is never split."""
+    if shard is None:
+        return groups
+    i, n = shard
+    return groups[i::n]
+
+
+def run_line(row: dict) -> str:
+    """One finished run: mixer, width, lr, accuracy per test task, seconds."""
+    accs = " ".join(f"{task}={acc:.3f}" for task, acc in row["accuracy"].items())
+    return f"{row['model']} lr={row['lr']:.2g}: {accs} ({row['seconds']:.0f} s)"
+
+
+def best_table(rows: list[dict]) -> str:
+    """The best run of each model (its lr with the best accuracy averaged over the test tasks), a table."""
+    from .plot import best_per_model, mean_accuracy
+
+    best = best_per_model(rows)
+    if not best:
+        return "no finished runs"
+    width = max(len(r["model"]) for r in best)
+    lines = [f"{'model':<{width}}  {'best lr':>8}  {'mean acc':>8}  {'state':>10}  runs"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["model"]] = counts.get(r["model"], 0) + 1
+    for r in best:
+        state = max(r["state_size"].values()) if r["state_size"] else 0
+        lines.append(f"{r['model']:<{width}}  {r['lr']:>8.2g}  {mean_accuracy(r):>8.3f}  {state:>10,}  {counts[r['model']]}")
+    return "\n".join(lines)
+
+
+class SweepRows(list):
+    """run_sweep's rows (every row of results.jsonl), with the runs of this call that failed:
+    `failed` [(run, path of its traceback)]."""
+
+    failed: list[tuple[MQARRun, Path]]
 
 
 def _init_worker(threads: int) -> None:
@@ -135,52 +220,92 @@ def _devices(device: str, jobs: int) -> list[str]:
     return [device]
 
 
+def train_group(runs: list[MQARRun], device: str, stacked: bool) -> list[dict]:
+    """Rows of the runs of one group: stacked, or one by one. A stacked group that does not fit the device's
+    memory is halved and tried again (k = 1 trains alone)."""
+    import torch
+
+    if not stacked:
+        return [train_mqar(run, device) for run in runs]
+    from .stacked import train_stacked
+
+    try:
+        return train_stacked(runs, device)
+    except torch.OutOfMemoryError:
+        if len(runs) == 1:
+            raise
+        torch.cuda.empty_cache()
+        half = len(runs) // 2
+        return train_group(runs[:half], device, stacked) + train_group(runs[half:], device, stacked)
+
+
 def run_sweep(
     runs: list[MQARRun], out_dir: str | Path, device: str = "cpu", jobs: int = 1, limit: int | None = None,
-    progress: bool = True, time_limit: float | None = None,
-) -> list[dict]:
+    progress: bool = True, time_limit: float | None = None, stacked: bool | None = None,
+    shard: tuple[int, int] | None = None, max_stack: int | None = None,
+) -> SweepRows:
     """Train the runs not yet in out_dir/results.jsonl (at most `limit` of them), appending one row per
-    finished run, then redraw out_dir/pareto.png from every row. Returns all rows.
+    finished run and printing it as one line, then redraw out_dir/pareto.png from every row. Returns all
+    rows (SweepRows: with the failed runs of this call).
 
-    time_limit: seconds after which no new run starts (runs already started, and with jobs > 1 the one
-    queued behind them, still finish). A run that raises is reported on stderr and left out of
-    results.jsonl, so a rerun tries it again; the others go on.
+    stacked: train the runs that differ only in lr as one stacked model (based/mqar/stacked.py; default:
+    on CUDA), at most max_stack at once. shard (I, N): train only this shard's groups (shard_groups).
+    time_limit: seconds after which no new group starts (groups already started, and with jobs > 1 the one
+    queued behind them, still finish). A run that raises is left out of results.jsonl (a rerun tries it
+    again), its traceback written to out_dir/failures/<run_id>.txt; the others go on.
     """
-    import sys
     import time
     import traceback
 
     from tqdm import tqdm
 
     from .plot import plot_pareto
+    from .stacked import group_runs
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
+    if stacked is None:
+        stacked = device.startswith("cuda")
     done = {row["run_id"] for row in read_results(results)}
-    todo = [r for r in runs if r.run_id not in done][:limit]
+    mine = [r for g in shard_groups(group_runs(runs), shard) for r in g]
+    todo = [r for r in mine if r.run_id not in done][:limit]
+    groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
     devices = _devices(device, jobs)
     deadline = None if time_limit is None else time.monotonic() + time_limit
-
-    def record(row: dict) -> None:
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def failed(run: MQARRun, error: BaseException) -> None:
-        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        print(f"MQAR run {run.model_name} lr={run.lr:.3g} failed, not recorded:\n{tb}", file=sys.stderr)
+    failed: list[tuple[MQARRun, Path]] = []
 
     bar = tqdm(total=len(todo), desc=f"MQAR runs ({len(done)} done before)", disable=not progress)
+
+    def finished(rows: list[dict]) -> None:
+        for row in rows:
+            append_row(results, row)
+            (out / "failures" / f"{row['run_id']}.txt").unlink(missing_ok=True)  # an earlier failure, now fixed
+            tqdm.write(run_line(row), file=sys.stdout)
+        bar.update(len(rows))
+
+    def failed_group(group: list[MQARRun], error: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        (out / "failures").mkdir(exist_ok=True)
+        for run in group:
+            path = out / "failures" / f"{run.run_id}.txt"
+            path.write_text(f"{run.model_name} lr={run.lr:.3g} on {device}\n{json.dumps(run.to_dict())}\n\n{tb}")
+            failed.append((run, path))
+            tqdm.write(f"FAILED {run.model_name} lr={run.lr:.2g}: {type(error).__name__}: {error} ({path})",
+                       file=sys.stderr)
+        bar.update(len(group))
+
     if jobs <= 1:
-        for run in todo:
+        for group in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
-            bar.set_postfix_str(run.model_name)
+            bar.set_postfix_str(group[0].model_name)
             try:
-                record(train_mqar(run, device))
+                rows = train_group(group, device, stacked)
             except Exception as error:  # one broken mixer must not stop the sweep
-                failed(run, error)
-            bar.update()
+                failed_group(group, error)
+            else:
+                finished(rows)
     else:
         # Processes rather than threads: the small ops of these models scale better one core each.
         threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -188,28 +313,28 @@ def run_sweep(
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(train_mqar, run, devices[k % len(devices)]): run for k, run in enumerate(todo)}
+            futures = {pool.submit(train_group, group, devices[k % len(devices)], stacked): group
+                       for k, group in enumerate(groups)}
             pending = set(futures)
             while pending:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                finished, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
-                for future in finished:
+                done_now, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                for future in done_now:
                     if future.cancelled():
                         continue
                     try:
-                        row = future.result()
+                        rows = future.result()
                     except Exception as error:
-                        failed(futures[future], error)
+                        failed_group(futures[future], error)
                     else:
-                        record(row)
-                        bar.set_postfix_str(row["model"])
-                    bar.update()
+                        finished(rows)
                 if deadline is not None and time.monotonic() > deadline:
                     for future in pending:
-                        future.cancel()  # runs not yet handed to a worker
+                        future.cancel()  # groups not yet handed to a worker
                     deadline = None
     bar.close()
-    rows = read_results(results)
+    rows = SweepRows(read_results(results))
+    rows.failed = failed
     if rows:
         plot_pareto(rows, out / "pareto.png")
     return rows

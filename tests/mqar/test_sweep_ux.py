@@ -1,0 +1,115 @@
+"""What a user of the MQAR sweep sees (issue 20 section 4): one line per run, the best-run table, failures
+that end non-zero with their tracebacks on disk, refused settings, broken results lines, shards."""
+
+import json
+import multiprocessing
+
+import pytest
+
+import based.mqar.sweeps as sweeps
+from based.cli import main
+from based.mqar import MQARRun, MQARTask, figure2_runs, read_results, run_sweep
+from based.mqar.plot import overlapping
+from based.mqar.stacked import group_runs, stack_key
+from based.mqar.sweeps import append_row, parse_shard, shard_groups
+
+TINY = dict(train=(MQARTask(16, 2, 32),), test=(MQARTask(16, 2, 8), MQARTask(16, 1, 8)), vocab_size=32, epochs=1,
+            batch_size=16)
+
+
+def tiny_sweep(scale=1.0, epochs=1):
+    return [MQARRun(m, 16, lr, **{**TINY, "epochs": epochs}) for m in ("attention", "sliding_window")
+            for lr in (1e-3, 1e-2)]
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    monkeypatch.setitem(sweeps.SWEEPS, "quick", tiny_sweep)
+
+
+def test_failed_runs_exit_nonzero_and_leave_their_tracebacks(tmp_path, capsys, monkeypatch, tiny_cli):
+    real = sweeps.train_mqar
+
+    def flaky(run, device):
+        if run.mixer == "sliding_window":
+            raise RuntimeError("planted failure")
+        return real(run, device)
+
+    monkeypatch.setattr(sweeps, "train_mqar", flaky)
+    assert main(["mqar", "--quick", "--jobs", "1", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "2 runs failed" in err and str(tmp_path / "failures") in err
+    failures = sorted((tmp_path / "failures").glob("*.txt"))
+    assert len(failures) == 2 and all("planted failure" in f.read_text() for f in failures)
+    # One line per finished run (model, lr, accuracy per test task, seconds), then the best-run table.
+    lines = [line for line in out.splitlines() if line.startswith("attention d_model=16 lr=")]
+    assert len(lines) == 2 and all("T16_kv2=" in line and "T16_kv1=" in line and " s)" in line for line in lines)
+    assert "best lr" in out and "mean acc" in out
+    # Fixed, the rerun trains only the failed runs and clears their traceback files.
+    monkeypatch.setattr(sweeps, "train_mqar", real)
+    assert main(["mqar", "--quick", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    assert len(read_results(tmp_path / "results.jsonl")) == 4 and not list((tmp_path / "failures").glob("*.txt"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "nope"], "--device 'nope' is not a torch device"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
+    (["--shard", "a"], "--shard must be I/N"),
+])
+def test_bad_settings_are_refused(tmp_path, flags, message, tiny_cli):
+    with pytest.raises(SystemExit, match=message):
+        main(["mqar", "--quick", "--out", str(tmp_path), *flags])
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_a_broken_line_is_reported_skipped_and_its_run_redone(tmp_path, capsys):
+    runs = tiny_sweep()[:3]
+    run_sweep(runs, tmp_path, progress=False)
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines()
+    # Line 2 mangled; line 3 cut off mid-row without its newline (a writer killed mid-write).
+    path.write_text(f"{lines[0]}\n{lines[1][:40]}}}\n{lines[2][:50]}")
+    capsys.readouterr()
+    assert [r["run_id"] for r in read_results(path)] == [runs[0].run_id]
+    err = capsys.readouterr().err
+    assert f"{path} line 2 is broken" in err and f"{path} line 3 is broken" in err
+    rows = run_sweep(runs, tmp_path, progress=False)
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in runs)
+    assert len(path.read_text().splitlines()) == 5  # the broken lines stay, each new row on a line of its own
+
+
+def test_shards_split_the_sweep_by_whole_groups(tmp_path):
+    groups = group_runs(figure2_runs())
+    assert len(groups) == 55 and all(len(g) == 4 and len({stack_key(r) for r in g}) == 1 for g in groups)
+    shards = [shard_groups(groups, (i, 3)) for i in range(3)]
+    ids = [r.run_id for s in shards for g in s for r in g]
+    assert sorted(ids) == sorted(r.run_id for r in figure2_runs()) and [len(s) for s in shards] == [19, 18, 18]
+    assert parse_shard("1/3") == (1, 3)
+    for i in range(2):  # two "nodes" of one sweep, one results.jsonl
+        run_sweep(tiny_sweep(), tmp_path, progress=False, shard=(i, 2))
+        models = {r["mixer"] for r in read_results(tmp_path / "results.jsonl")}
+        assert len(models) == i + 1
+    assert len(read_results(tmp_path / "results.jsonl")) == 4
+
+
+def _append_many(path, tag):
+    for i in range(30):
+        append_row(path, {"run_id": f"{tag}-{i}", "pad": tag * 20_000})  # rows far beyond one pipe buffer
+
+
+def test_appends_from_several_processes_never_interleave(tmp_path):
+    path = tmp_path / "results.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, tag)) for tag in "abcd"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["run_id"] for r in rows) == sorted(f"{t}-{i}" for t in "abcd" for i in range(30))
+
+
+def test_overlapping_points_are_clustered_for_spreading():
+    panel = [(1024, 0.5, "a"), (1024, 0.52, "b"), (1024, 0.9, "c"), (2048, 0.5, "d"), (1024, 0.49, "e")]
+    assert [[p[2] for p in c] for c in overlapping(panel)] == [["c"], ["b", "a", "e"], ["d"]]
