@@ -9,7 +9,8 @@ def register(sub) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     t = verbs.add_parser("train", help="train a byte-level BPE (loadable with transformers.AutoTokenizer)")
     t.add_argument("--data", help="text/JSONL/Parquet file or folder (default: the built-in corpus)")
-    t.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary: the 256 bytes, <|endoftext|> and the merges learned")
+    t.add_argument("--vocab-size", type=int, default=4096,
+                   help="tokens in the vocabulary: the 256 bytes, <|endoftext|> and the merges learned")
     t.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     t.add_argument("--text-field", default="text", help="JSONL key / Parquet or datasets column with the text")
     t.set_defaults(func=run_train)
