@@ -212,10 +212,12 @@ class Scheduler:
             else:
                 doomed = []
             cancels, self.cancels = self.cancels, []
-            while self.free and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot = heapq.heappop(self.free)
-                self.prefilling.append(seq)
+            if self.free and self.waiting:
+                while self.free and self.waiting:
+                    seq = self.waiting.popleft()
+                    seq.slot = heapq.heappop(self.free)
+                    self.prefilling.append(seq)
+                self._occupancy()
             if self._stop and not (self.prefilling or self.running or self.pending):
                 return False
         if doomed:

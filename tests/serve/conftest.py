@@ -1,0 +1,117 @@
+"""A `based serve` process on a free port, and the model it serves (a tiny saved checkpoint)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import torch
+
+# A debug-preset model whose larger initial weights make greedy text depend on the whole prompt: with the
+# preset's 0.02 its tied embeddings just repeat the last byte, which any routing bug would reproduce too.
+INIT_RANGE = 0.3
+
+
+def save_model(path) -> None:
+    from based import BasedConfig, BasedForCausalLM
+
+    torch.manual_seed(0)
+    BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=INIT_RANGE)).save_pretrained(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str, timeout: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "based.cli", "serve", "--port", str(self.port), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"based serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("based serve did not come up")
+            time.sleep(0.2)
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out = {}
+        for family in text_string_to_metric_families(requests.get(self.url + "/metrics", timeout=10).text):
+            for s in family.samples:
+                if not s.labels:
+                    out[s.name] = s.value
+        return out
+
+    def wait_idle(self, timeout: float = 20.0) -> dict[str, float]:
+        """/metrics once no request runs or waits (the engine frees slots between steps)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if m["based_requests_running"] == 0 and m["based_requests_waiting"] == 0 and m["based_slots_used"] == 0:
+                return m
+            if time.monotonic() > deadline:
+                return m
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="package")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve-model")
+    save_model(path)
+    return path
+
+
+@pytest.fixture(scope="package")
+def server(checkpoint):
+    """One server shared by the default tests: 8 slots, so 32 clients queue for them."""
+    s = Server("--checkpoint", str(checkpoint), "--max-slots", "8", "--max-waiting", "48", "--prefill-chunk", "24",
+               "--model-name", "tiny")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="package")
+def model(checkpoint):
+    from based import BasedForCausalLM
+
+    return BasedForCausalLM.from_pretrained(checkpoint).eval()
+
+
+def greedy_text(model, prompt: str, max_tokens: int) -> str:
+    """What based.generation.generate continues `prompt` with, alone, as text (byte tokens)."""
+    from based.generation import generate
+    from based.serve.text import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = generate(model, torch.tensor([tok.encode(prompt)]), max_tokens)[0].tolist()
+    return tok.decode_batch([ids])[0]

@@ -1,0 +1,261 @@
+"""`based serve` against the official openai client and raw HTTP, one server process for the module."""
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+openai = pytest.importorskip("openai")
+
+from based.serve.text import default_chat_template, render_chat  # noqa: E402
+
+from .conftest import greedy_text  # noqa: E402
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog", "a", "def f(x):\n    return",
+           "Return the value of x and keep it for later use in the next function call"]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_completion_greedy_equals_generate(server, client, model):
+    for prompt in PROMPTS[:3]:
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == greedy_text(model, prompt, 12)
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens == len(prompt.encode()) and out.usage.completion_tokens == 12
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_completion_renders_the_default_template(client, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    prompt = render_chat(default_chat_template(), messages, None, None)
+    assert prompt == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == greedy_text(model, prompt, 10)
+    assert out.usage.prompt_tokens == len(prompt.encode())
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == out.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].choices == []
+
+
+def test_streaming_equals_plain(client, model):
+    prompt = PROMPTS[1]
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True))
+    assert len([c for c in chunks if c.choices]) > 2  # arrived in pieces
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy_text(model, prompt, 20)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_stop_strings_across_token_boundaries(client, model):
+    prompt = PROMPTS[3]
+    full = greedy_text(model, prompt, 30)
+    stop = full[9:12]  # three byte tokens: matched across boundaries
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0,
+                                        stop=["\x00never", stop], stream=stream)
+        if stream:
+            chunks = list(out)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            text, reason = out.choices[0].text, out.choices[0].finish_reason
+        assert (text, reason) == (expected, "stop")
+
+
+def test_n_and_seeded_sampling(client):
+    kwargs = dict(model="tiny", prompt=PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    a = client.completions.create(n=3, **kwargs)
+    b = client.completions.create(n=3, **kwargs)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    texts = [c.text for c in sorted(a.choices, key=lambda c: c.index)]
+    assert texts == [c.text for c in sorted(b.choices, key=lambda c: c.index)]
+    assert len(set(texts)) == 3  # choice i draws with seed + i
+    assert a.usage.completion_tokens == 48
+    other = client.completions.create(n=1, **{**kwargs, "seed": 99}).choices[0].text
+    assert other != texts[0]
+
+
+def _stream(url: str, body: dict) -> tuple[str, str, dict | None]:
+    """Text, finish reason and usage of one raw SSE completion stream."""
+    text, reason, usage = [], None, None
+    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                text.append(c["text"])
+                reason = c["finish_reason"] or reason
+    return "".join(text), reason, usage
+
+
+def test_32_concurrent_streams_with_different_parameters(server, model):
+    rng = random.Random(0)
+    bodies = []
+    for i in range(32):
+        prompt = PROMPTS[i % len(PROMPTS)] + f" #{i}"
+        if i % 2 == 0:  # greedy, whatever top_p / top_k say
+            bodies.append({"prompt": prompt, "max_tokens": rng.randint(4, 24), "temperature": 0,
+                           "top_p": rng.choice([1.0, 0.5]), "top_k": rng.choice([0, 5])})
+        else:
+            bodies.append({"prompt": prompt, "max_tokens": rng.randint(4, 24), "temperature": rng.uniform(0.3, 1.5),
+                           "top_p": rng.uniform(0.5, 1.0), "top_k": rng.choice([0, 3, 50]), "seed": i})
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda b: _stream(server.url, b), bodies))
+    for body, (text, reason, usage) in zip(bodies, together):
+        assert reason == "length" and usage["completion_tokens"] == body["max_tokens"]
+        if body["temperature"] == 0:
+            assert text == greedy_text(model, body["prompt"], body["max_tokens"])
+    # A seeded request draws the same text alone as in the crowd (another slot, other neighbours).
+    for body, (text, _, _) in list(zip(bodies, together))[1:12:2]:
+        assert _stream(server.url, body)[0] == text
+
+
+def test_disconnect_frees_the_slot(server):
+    server.wait_idle()
+    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        during = server.metrics()
+    assert during["based_requests_running"] == 1 and during["based_slots_used"] == 1
+    after = server.wait_idle()
+    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
+    assert after["based_state_memory_bytes"] == 0
+
+
+def test_plain_request_disconnect_frees_the_slot(server):
+    server.wait_idle()
+    try:
+        requests.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 100000}, timeout=1.5)
+    except requests.Timeout:
+        pass
+    after = server.wait_idle()
+    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
+
+
+BAD = [
+    ({"prompt": "a", "foo": 1}, "foo"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"prompt": "a", "temperature": 2.5}, "temperature"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "top_k": -2}, "top_k"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 1.5}, "max_tokens"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "a", "stop": 3}, "stop"),
+    ({"prompt": "a", "seed": "1"}, "seed"),
+    ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"max_tokens": 3}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[p for _, p in BAD])
+def test_malformed_completion_gets_400_naming_the_field(server, body, param):
+    r = requests.post(server.url + "/v1/completions", json=body, timeout=10)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_chat_and_body(server):
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "bot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = requests.post(server.url + "/v1/completions", data=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert requests.get(server.url + "/v1/nothing").status_code == 404
+
+
+def test_metrics_parse(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(requests.get(server.url + "/metrics").text)}
+    for name in ("based_requests_running", "based_requests_waiting", "based_slots_used", "based_slots_total",
+                 "based_generation_tokens_per_second", "based_state_memory_bytes", "process_cpu_seconds"):
+        assert name in families, name
+    for name in ("based_time_to_first_token_seconds", "based_inter_token_latency_seconds"):
+        assert families[name].type == "histogram"
+        count = [s.value for s in families[name].samples if s.name == name + "_count"][0]
+        assert count > 0
+    assert [s.value for s in families["based_slots_total"].samples] == [8]
+
+
+def test_queue_full_gets_429_with_retry_after(server):
+    server.wait_idle()
+    stop = threading.Event()
+
+    def hold():  # long streams that occupy the slots and the queue until told to go
+        with requests.post(server.url + "/v1/completions", stream=True, timeout=60,
+                           json={"prompt": "z", "max_tokens": 100000, "stream": True}) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=hold) for _ in range(8 + 48)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while server.metrics()["based_requests_waiting"] < 48 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=10)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    after = server.wait_idle(30)
+    assert after["based_requests_running"] == 0 and after["based_requests_waiting"] == 0
+
+
+def test_200_random_requests_with_disconnects_leave_it_healthy(server):
+    rng = random.Random(1)
+
+    def one(i):
+        body = {"prompt": rng.choice(PROMPTS)[: rng.randint(1, 40)], "max_tokens": rng.randint(1, 40),
+                "temperature": rng.choice([0, 0.7, 1.3]), "top_p": rng.uniform(0.2, 1), "top_k": rng.randint(0, 9),
+                "n": rng.choice([1, 1, 2]), "stop": rng.choice([None, "e", ["a", "\n"]]), "stream": rng.random() < 0.5}
+        if rng.random() < 0.3:  # leave mid-way
+            try:
+                with requests.post(server.url + "/v1/completions", json={**body, "stream": True}, stream=True,
+                                   timeout=30) as r:
+                    for _, _ in zip(range(rng.randint(1, 4)), r.iter_lines()):
+                        pass
+            except requests.RequestException:
+                pass
+            return None
+        r = requests.post(server.url + "/v1/completions", json=body, timeout=60)
+        return r.status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(200)))
+    assert all(c in (None, 200) for c in codes), codes
+    after = server.wait_idle(30)
+    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
+    health = requests.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["slots_free"] == health["slots"] == 8
+    # Still serving correctly afterwards.
+    assert _stream(server.url, {"prompt": "a", "max_tokens": 3, "temperature": 0})[1] == "length"
