@@ -12,7 +12,7 @@ import inspect
 
 import torch
 from transformers import GenerationMixin
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .engine import prefill
 from .state import InferenceState, full_attention_limit
@@ -73,8 +73,9 @@ class BasedGenerationMixin(GenerationMixin):
     def forward_with_cache(
         self, input_ids: torch.Tensor, cache: InferenceState, attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
-    ) -> CausalLMOutput | tuple:
-        """Advance `cache` over input_ids [B, T]; logits of the last position only, [B, 1, vocab_size].
+    ) -> CausalLMOutputWithPast | tuple:
+        """Advance `cache` over input_ids [B, T]; logits of the last position only, [B, 1, vocab_size], and
+        the cache itself (transformers' convention: the output's cache goes into the next call).
 
         First call: prefill (attention_mask gives left padding). Later calls: T = 1 is one recurrent
         step; T > 1 continues every sequence over T more real tokens."""
@@ -94,7 +95,8 @@ class BasedGenerationMixin(GenerationMixin):
         cache.columns += T
         logits = logits.unsqueeze(1)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        return CausalLMOutput(logits=logits) if return_dict else (logits,)
+        out = CausalLMOutputWithPast(logits=logits, **{CACHE_KWARG: cache})
+        return out if return_dict else out.to_tuple()
 
     @staticmethod
     def check_no_padding(attention_mask: torch.Tensor | None) -> None:

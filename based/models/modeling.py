@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
-from ..generation.hf import BasedGenerationMixin
+from ..generation.hf import CACHE_KWARG, BasedGenerationMixin
 from ..layers import (
     H3, RWKV, Attention, BaseConv, FeatureMapLinearAttention, Hyena, LightningAttention, LinearAttention, Mamba,
     Mamba2, RMSNorm, SlidingWindowAttention, SwiGLU,
@@ -116,6 +116,9 @@ class BasedPreTrainedModel(PreTrainedModel):
     config: BasedConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["BasedBlock"]
+    # gradient_checkpointing_enable() (or activation_checkpointing_enable) recomputes each block in the
+    # backward instead of keeping its activations: see BasedModel.forward.
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -156,6 +159,9 @@ class BasedPreTrainedModel(PreTrainedModel):
 class BasedModel(BasedPreTrainedModel):
     """Embeddings, blocks and the final norm; returns the last hidden state."""
 
+    # Set (with _gradient_checkpointing_func) by transformers' gradient_checkpointing_enable.
+    gradient_checkpointing = False
+
     def __init__(self, config: BasedConfig):
         super().__init__(config)
         self.embeddings = BasedEmbeddings(config.padded_vocab_size, config.d_model)
@@ -177,22 +183,53 @@ class BasedModel(BasedPreTrainedModel):
         max_seq_len = max_seq_len or self.config.max_position_embeddings
         return [b.mixer.allocate_inference_cache(batch_size, dtype, device, max_seq_len) for b in self.layers]
 
+    def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The block input [B, T, d_model]: exactly one of input_ids [B, T] or inputs_embeds [B, T, d_model]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            return self.embeddings(input_ids)
+        d = self.config.d_model
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d or 0 in inputs_embeds.shape:
+            raise ValueError(f"inputs_embeds must be [batch, seq_len, {d}], got shape {tuple(inputs_embeds.shape)}")
+        return inputs_embeds
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         state: list[State] | None = None,
         seqlen_offset: Offset = 0,
         return_dict: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
     ) -> BaseModelOutput | tuple:
-        """input_ids [B, T] -> last_hidden_state [B, T, d_model]. With `state` (from
-        allocate_inference_cache) every layer's decode state is filled: prefill."""
-        check_input_ids(input_ids, self.config.vocab_size)
-        x = self.embeddings(input_ids)
+        """input_ids [B, T] (or inputs_embeds [B, T, d_model]) -> last_hidden_state [B, T, d_model]. With
+        `state` (from allocate_inference_cache) every layer's decode state is filled: prefill.
+
+        output_hidden_states: also return hidden_states, n_layer + 1 tensors as in transformers' causal
+        LMs: the embeddings, each block's input after that, and last the final norm's output.
+        return_dict=False gives the same fields as a tuple (those that are not None)."""
+        x = self.embed(input_ids, inputs_embeds)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states = ()
+        # Gradient checkpointing keeps only each block's input and recomputes the block in the backward.
+        # Never with a decode state: the recompute would advance the state a second time.
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and state is None
         for i, block in enumerate(self.layers):
-            x = block(x, None if state is None else state[i], seqlen_offset)
+            if output_hidden_states:
+                hidden_states += (x,)
+            if checkpointing:
+                x = self._gradient_checkpointing_func(block.__call__, x, None, seqlen_offset)
+            else:
+                x = block(x, None if state is None else state[i], seqlen_offset)
         x = self.ln_f(x)
+        if output_hidden_states:
+            hidden_states += (x,)
+        out = BaseModelOutput(last_hidden_state=x, hidden_states=hidden_states or None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        return BaseModelOutput(last_hidden_state=x) if return_dict else (x,)
+        return out if return_dict else out.to_tuple()
 
     def step(self, input_ids: torch.Tensor, state: list[State], seqlen_offset: Offset) -> torch.Tensor:
         """One token per sequence: input_ids [B] or [B, 1] -> hidden [B, d_model]; states updated in place.
@@ -235,37 +272,68 @@ class BasedForCausalLM(BasedPreTrainedModel, BasedGenerationMixin):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         state: list[State] | None = None,
         seqlen_offset: Offset = 0,
         return_dict: bool | None = None,
         cache=None,
         attention_mask: torch.Tensor | None = None,
-    ) -> CausalLMOutput | tuple:
-        """input_ids [B, T] -> logits [B, T, vocab_size]; with labels [B, T], loss = mean cross-entropy of
-        logits[:, t] against labels[:, t + 1] over labels != -100 (labels are shifted here).
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        use_cache: bool | None = None,
+        past_key_values=None,
+        output_attentions: bool | None = None,
+    ) -> CausalLMOutputWithPast | tuple:
+        """input_ids [B, T] (or inputs_embeds [B, T, d_model]) -> logits [B, T, vocab_size]; with labels
+        [B, T], loss = mean cross-entropy of logits[:, t] against labels[:, t + 1] over labels != -100
+        (labels are shifted here). Keywords follow transformers' causal LMs (LlamaForCausalLM):
 
-        With `cache` (a based.generation.InferenceState, as generate passes it) the call prefills or
-        advances it and returns the last position's logits only; attention_mask marks left padding."""
+        output_hidden_states: hidden_states, n_layer + 1 tensors (see BasedModel.forward).
+        return_dict=False: a tuple of the fields that are not None (loss, logits, cache, hidden_states).
+        use_cache=True: also return the decode state this forward filled (a based.generation.InferenceState,
+            in the output's cache field); pass it back as `cache` (or past_key_values) to continue. Off by
+            default (None = False): filling a state costs time and memory a training forward does not need.
+        cache / past_key_values: an InferenceState (as generate passes it): the call prefills or advances it
+            and returns the last position's logits only, [B, 1, vocab_size]; attention_mask marks left padding.
+        output_attentions: there are no attention weights to return in most mixers: True is refused."""
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: BASED's mixers have no attention matrix to return")
+        cache = cache if cache is not None else past_key_values
         if cache is not None:
+            if inputs_embeds is not None or labels is not None or output_hidden_states:
+                raise ValueError("with a cache, pass input_ids only (no inputs_embeds, labels or output_hidden_states)")
             return self.forward_with_cache(input_ids, cache, attention_mask, return_dict)
         self.check_no_padding(attention_mask)
-        hidden = self.transformer(input_ids, state=state, seqlen_offset=seqlen_offset, return_dict=False)[0]
-        logits = self._logits(hidden)
+        if use_cache:
+            if state is not None:
+                raise ValueError("pass either state or use_cache=True, not both")
+            from ..generation.state import InferenceState
+
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            cache = InferenceState.allocate(self, batch)
+            state = cache.layers
+        out = self.transformer(
+            input_ids, state=state, seqlen_offset=seqlen_offset, return_dict=True, inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self._logits(out.last_hidden_state)
+        if cache is not None:
+            T = logits.shape[1]
+            cache.seqlen_offset += T
+            cache.columns += T
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
+            if labels.shape != logits.shape[:2]:
                 raise ValueError(
-                    f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+                    f"labels shape {tuple(labels.shape)} must equal the input's [batch, seq_len] {tuple(logits.shape[:2])}"
                 )
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_KWARG: cache})
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if not return_dict:
-            return (logits,) if loss is None else (loss, logits)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return result if return_dict else result.to_tuple()
 
     def step(self, input_ids: torch.Tensor, state: list[State], seqlen_offset: Offset) -> torch.Tensor:
         """Decode one token per sequence: input_ids [B] or [B, 1] -> logits [B, vocab_size]."""
