@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -156,30 +157,39 @@ class StackedTrainer:
         """One graph per batch shape (task, batch size), sharing one memory pool (they never run at once).
         Warm-up steps run first on a side stream, as capture needs; the state is restored after them."""
         saved = [t.clone() for t in self._state()]
-        shapes = sorted(set(zip(self.tasks, self.sizes)))
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        try:
+            shapes = sorted(set(zip(self.tasks, self.sizes)))
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for shape in shapes:
+                    for _ in range(2):
+                        self._step(*shape)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
             for shape in shapes:
-                for _ in range(2):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
                     self._step(*shape)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        for shape in shapes:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(*shape)
-            self.graphs[shape] = graph
-        for t, s in zip(self._state(), saved):
-            t.copy_(s)
+                self.graphs[shape] = graph
+        finally:
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
 
     def step(self) -> None:
         """The next training step of all k runs."""
         s = self.steps_done
         shape = (self.tasks[s], self.sizes[s])
-        if self.cuda_graphs:
-            if not self.graphs:
+        if self.cuda_graphs and not self.graphs:
+            try:
                 self._capture()
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # something in the model that cannot be captured: run eagerly
+                warnings.warn(f"{self.runs[0].model_name}: CUDA graph capture failed ({error}); training eagerly")
+                self.graphs.clear()
+                self.cuda_graphs = False
+        if self.cuda_graphs:
             self.graphs[shape].replay()
         else:
             self._step(*shape)

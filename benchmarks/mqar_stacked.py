@@ -1,0 +1,170 @@
+"""MQAR training throughput on a GPU (issue 20): summed training steps/s of today's path (one run, eager, as
+each process of `--jobs N` trains) against stacked runs (a model's 4 figure-2 learning rates as one vmapped
+model, eager and as CUDA graphs), on figure-2 groups at full size; Mamba also with the reference scan. And a
+numerics check: stacked training on the GPU (fp32 matmuls, graphs) against the CPU, on a tiny run.
+
+    BASED_GIT_REV=$(git rev-parse HEAD) python benchmarks/mqar_stacked.py --out results.json
+
+Rates are measured over the first STEPS steps of each group's real schedule (task shapes mixed as in
+training) after warm-up and capture; a group's full time is projected as 22,624 steps at that rate. Setup
+(data to the device, graph capture) is reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import based.layers.mamba as mamba_layer
+from based.mqar import MQARRun, MQARTask, figure2_runs
+from based.mqar.stacked import StackedTrainer, group_runs
+from based.mqar.train import (
+    MQARModel, _param_groups, _query_logits, batch_order, lr_factor, query_positions, task_data,
+)
+from based.ops.ssm import selective_scan
+
+GROUPS = {  # name -> (mixer, d_model, mixer_kwargs) of FIGURE2_MODELS; the largest Mamba last (memory)
+    "based-64-f16": ("linear_attn", 64, {"feature_dim": 16}),
+    "mamba-128-n16": ("mamba", 128, {"ssm_state_size": 16}),
+    "attention-128": ("attention", 128, {}),
+    "h3-128": ("h3", 128, {}),
+    "hyena-128": ("hyena", 128, {}),
+    "swa-128-w64": ("sliding_window", 128, {"window_size": 64}),
+    "lightning-128-h4": ("lightning", 128, {"lightning_num_heads": 4}),
+    "mamba2-128-n16": ("mamba2", 128, {"ssm_state_size": 16}),
+    "rwkv-128": ("rwkv", 128, {}),
+    "mamba-64-n8": ("mamba", 64, {"ssm_state_size": 8}),
+    "mamba-256-n24": ("mamba", 256, {"ssm_state_size": 24}),
+}
+
+
+def _sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def numerics() -> dict:
+    """Stacked training of 2 runs, 10 steps: CUDA (graphs, and eager) against the CPU, fp32 matmuls."""
+    torch.set_float32_matmul_precision("highest")
+    tiny = dict(train=(MQARTask(16, 2, 40), MQARTask(24, 3, 24)), test=(MQARTask(16, 2, 8),), vocab_size=32,
+                epochs=2, batch_size=16, warmup_frac=0.3)
+    out = {}
+    for mixer, d, kw in (("linear_attn", 16, {"feature_dim": 4}), ("mamba", 16, {"ssm_state_size": 4}),
+                         ("attention", 16, {})):
+        runs = [MQARRun(mixer, d, lr, kw, **tiny) for lr in (1e-3, 1e-2)]
+        result = {}
+        trainers = {"cpu": StackedTrainer(runs, "cpu"), "cuda_eager": StackedTrainer(runs, "cuda"),
+                    "cuda_graphs": StackedTrainer(runs, "cuda", cuda_graphs=True)}
+        losses = {name: [] for name in trainers}
+        for name, t in trainers.items():
+            for _ in range(t.total_steps):
+                t.step()
+                losses[name].append(t.losses.tolist())
+        for name in ("cuda_eager", "cuda_graphs"):
+            result[f"{name}_max_loss_diff"] = max(
+                abs(a - b) for x, y in zip(losses[name], losses["cpu"]) for a, b in zip(x, y))
+            result[f"{name}_max_param_diff"] = (trainers[name].flat.cpu() - trainers["cpu"].flat).abs().max().item()
+        result["graphs_used"] = trainers["cuda_graphs"].cuda_graphs
+        out[mixer] = result
+    torch.set_float32_matmul_precision("high")
+    return out
+
+
+def baseline_rate(run: MQARRun, steps: int) -> float:
+    """Steps/s of train.fit's loop (today's path, one run, eager) over its first `steps` steps."""
+    torch.manual_seed(run.seed)
+    model = MQARModel(run.config()).cuda()
+    train = [(x.cuda(), *(t.cuda() for t in query_positions(y)))
+             for x, y in (task_data(run, "train", i) for i in range(len(run.train)))]
+    optimizer = torch.optim.AdamW(_param_groups(model, run.weight_decay), lr=run.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run))
+    start = None
+    for s, (i, idx) in enumerate(batch_order(run)):
+        if s == 5:
+            start = _sync_time()
+        if s == 5 + steps:
+            break
+        x, positions, targets = (t[idx.cuda()] for t in train[i])
+        loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return steps / (_sync_time() - start)
+
+
+def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool) -> dict:
+    t0 = time.perf_counter()
+    trainer = StackedTrainer(runs, "cuda", cuda_graphs=graphs)
+    trainer.step()  # captures
+    t1 = _sync_time()
+    for _ in range(3):
+        trainer.step()
+    start = _sync_time()
+    for _ in range(steps):
+        trainer.step()
+    seconds = _sync_time() - start
+    k = len(runs)
+    return {"k": k, "graphs": trainer.cuda_graphs, "setup_s": round(t1 - t0, 2),
+            "stacked_steps_per_s": round(steps / seconds, 1), "summed_steps_per_s": round(k * steps / seconds, 1),
+            "projected_group_s": round(trainer.total_steps * seconds / steps, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--groups", default=",".join(GROUPS))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--baseline", default="based-64-f16,mamba-128-n16,h3-128")
+    ap.add_argument("--eager", default="based-64-f16,mamba-128-n16")
+    args = ap.parse_args()
+    torch.set_float32_matmul_precision("high")
+    result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),
+              "steps_timed": args.steps, "numerics": numerics(), "groups": {}}
+    print(json.dumps(result["numerics"]), flush=True)
+    runs_of = {(g[0].mixer, g[0].d_model, json.dumps(g[0].mixer_kwargs, sort_keys=True)): g
+               for g in group_runs(figure2_runs())}
+    for name in args.groups.split(","):
+        mixer, d, kw = GROUPS[name]
+        runs = runs_of[(mixer, d, json.dumps(kw, sort_keys=True))]
+        entry = {}
+        try:
+            if name in args.baseline.split(","):
+                entry["baseline_steps_per_s"] = round(baseline_rate(runs[1], args.steps // 4), 1)
+            if name in args.eager.split(","):
+                entry["stacked_eager"] = stacked_rate(runs, args.steps // 4, graphs=False)
+            for k in (4, 2):
+                try:
+                    entry["stacked_graphs"] = stacked_rate(runs[:k], args.steps, graphs=True)
+                    break
+                except torch.OutOfMemoryError as error:
+                    entry[f"oom_k{k}"] = str(error)[:200]
+                    torch.cuda.empty_cache()
+            if mixer == "mamba":
+                chunked = mamba_layer.chunk_selective_scan
+                mamba_layer.chunk_selective_scan = selective_scan  # the reference loop over T
+                try:
+                    entry["stacked_graphs_reference_scan"] = stacked_rate(runs[:entry["stacked_graphs"]["k"]],
+                                                                          args.steps // 2, graphs=True)
+                finally:
+                    mamba_layer.chunk_selective_scan = chunked
+        except Exception as error:  # report and go on to the next group
+            entry["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        result["groups"][name] = entry
+        print(name, json.dumps(entry), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
