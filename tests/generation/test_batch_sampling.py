@@ -1,0 +1,134 @@
+"""Per-slot sampling (based.generation.batch_sampling) and the Decoder's slot-sampling mode."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from based import BasedConfig, BasedForCausalLM
+from based.generation import generate
+from based.generation.batch_sampling import counter_uniform, sample_slots
+from based.generation.engine import Decoder, _buckets, prefill
+
+
+def _params(B, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    full = lambda v, dtype: torch.full((B,), v, dtype=dtype)  # noqa: E731
+    return full(temperature, torch.float32), full(top_k, torch.long), full(top_p, torch.float32), full(seed, torch.long)
+
+
+def test_counter_uniform_is_a_function_of_seed_position_and_token():
+    seed = torch.tensor([1, 2, 1, -5, 2**40 + 1])
+    pos = torch.tensor([7, 7, 8, 7, 7])
+    u = counter_uniform(seed, pos, 300)
+    assert u.shape == (5, 300) and bool(((u > 0) & (u < 1)).all())
+    # Row 0 again, alone and in another batch position: the same numbers.
+    assert torch.equal(counter_uniform(seed[[0]], pos[[0]], 300)[0], u[0])
+    assert torch.equal(counter_uniform(seed[[3, 0]], pos[[3, 0]], 300)[1], u[0])
+    for a, b in ((0, 1), (0, 2), (0, 3), (0, 4)):  # another seed or position: other numbers
+        assert not torch.equal(u[a], u[b])
+    big = counter_uniform(torch.arange(64), torch.zeros(64, dtype=torch.long), 1024)
+    assert abs(big.mean().item() - 0.5) < 0.01 and abs(big.var().item() - 1 / 12) < 0.005
+
+
+def test_greedy_rows_and_tiny_temperatures_take_the_argmax_without_nan():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 1e4  # logits / 1e-6 would overflow to inf and give NaN probabilities
+    t, k, p, s = _params(6)
+    t[:] = torch.tensor([0.0, 1e-7, 9e-6, 1.0, 1.0, 1.0])
+    k[4] = 1  # top_k 1: the argmax whatever the temperature
+    p[5] = 1e-6  # a nucleus of one token
+    tokens = sample_slots(logits, t, k, p, s, torch.arange(6))
+    best = logits.argmax(-1)
+    assert torch.equal(tokens[[0, 1, 2, 4, 5]], best[[0, 1, 2, 4, 5]])
+
+
+def test_samples_follow_softmax_with_top_k_and_top_p():
+    V, N = 8, 6000
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -9.0]]).expand(N, V)
+    pos = torch.arange(N)
+    t, k, p, s = _params(N, temperature=0.7, seed=3)
+    draws = sample_slots(logits, t, k, p, s, pos)
+    freq = torch.bincount(draws, minlength=V).float() / N
+    expected = (logits[0] / 0.7).softmax(-1)
+    assert (freq - expected).abs().max() < 0.025
+    k[:] = 3  # only the 3 most likely
+    draws = sample_slots(logits, t, k, p, s, pos)
+    assert int(draws.max()) <= 2
+    expected = (logits[0, :3] / 0.7).softmax(-1)
+    assert (torch.bincount(draws, minlength=3).float() / N - expected).abs().max() < 0.025
+    k[:], p[:] = 0, 0.6  # nucleus: the smallest set holding 0.6 of the mass
+    draws = sample_slots(logits, t, k, p, s, pos)
+    probs = (logits[0] / 0.7).softmax(-1)
+    keep = int(((probs.cumsum(0) - probs) < 0.6).sum())
+    assert int(draws.max()) == keep - 1
+
+
+def test_a_row_draws_the_same_whatever_its_neighbours():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 40)
+    t, k, p, s = _params(5, temperature=1.0)
+    s[:] = torch.tensor([11, 12, 13, 14, 15])
+    t[1], k[2], p[3] = 0.5, 4, 0.8
+    pos = torch.tensor([3, 9, 4, 4, 100])
+    batch = sample_slots(logits, t, k, p, s, pos)
+    for i in range(5):
+        alone = sample_slots(logits[[i]], t[[i]], k[[i]], p[[i]], s[[i]], pos[[i]])
+        assert alone.item() == batch[i].item()
+
+
+def test_buckets():
+    assert _buckets(1) == [1]
+    assert _buckets(8) == [1, 2, 3, 4, 6, 8]
+    assert _buckets(100) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=0.3)).eval()
+
+
+def _join(decoder, model, slot, prompt, **params):
+    p = torch.tensor([prompt])
+    logits = prefill(model, decoder.state, p, slots=[slot])
+    defaults = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+    defaults.update(params)
+    return decoder.admit([slot], [len(prompt)], logits, **{k: [v] for k, v in defaults.items()})
+
+
+def test_slot_decoder_greedy_joins_and_leaves_match_generate_alone(model):
+    a, b = [5, 6, 7, 8, 9, 10, 11], [100, 3]
+    decoder = Decoder(model, 6, slot_sampling=True)
+    out = {2: [_join(decoder, model, 2, a).item()]}
+    for _ in range(3):
+        out[2].append(decoder.step(rows=3)[2].item())
+    out[0] = [_join(decoder, model, 0, b).item()]
+    for _ in range(8):
+        tokens = decoder.step(rows=3)
+        out[2].append(tokens[2].item())
+        out[0].append(tokens[0].item())
+    assert out[2] == generate(model, torch.tensor([a]), 12)[0].tolist()
+    assert out[0] == generate(model, torch.tensor([b]), 9)[0].tolist()
+    decoder.free([2])
+    for _ in range(3):
+        decoder.step()
+    assert decoder.state.seqlen_offset[2].item() == 0 and decoder.state.seqlen_offset[0].item() == len(b) + 11
+
+
+def test_slot_decoder_seeded_sampling_ignores_slot_and_neighbours(model):
+    prompt = [40, 41, 42, 43]
+    params = dict(temperature=0.9, top_p=0.95, top_k=20, seed=77)
+
+    def run(slot, neighbours):
+        decoder = Decoder(model, 5, slot_sampling=True)
+        for i, other in enumerate(neighbours):
+            _join(decoder, model, i + 3 if slot < 3 else i, other, temperature=1.3, seed=i)
+            decoder.step()
+        tokens = [_join(decoder, model, slot, prompt, **params).item()]
+        for _ in range(10):
+            tokens.append(decoder.step()[slot].item())
+        return tokens
+
+    alone = run(0, [])
+    assert run(4, [[1, 2], [9]]) == alone
+    assert run(1, [[7, 7, 7]]) == alone
+    assert len(set(alone)) > 1

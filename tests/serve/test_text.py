@@ -1,0 +1,83 @@
+"""Incremental batched detokenisation, stop strings across token boundaries, the default chat template."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from based.serve.text import ByteTokenizer, Detokenizer, StopMatcher, default_chat_template, render_chat
+
+TEXT = "Les élèves mangent des crêpes — 日本語のテキスト, emoji 🙂🙃 and plain ASCII words.\n" * 20
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    from based.data.tokenizer import train_tokenizer
+    from based.serve.text import HFTokenizer
+
+    path = tmp_path_factory.mktemp("bpe")
+    train_tokenizer([TEXT], 300, path)
+    return HFTokenizer(path)
+
+
+class Stream:
+    def __init__(self):
+        self.ids, self.prefix, self.read = [], 0, 0
+
+
+def _incremental(tokenizer, sequences, rng):
+    """Feed each sequence a few tokens a step, all streams through one Detokenizer; returns their texts."""
+    detok = Detokenizer(tokenizer)
+    streams = [Stream() for _ in sequences]
+    texts = ["" for _ in sequences]
+    cursor = [0] * len(sequences)
+    while any(c < len(s) for c, s in zip(cursor, sequences)):
+        live = [i for i, (c, s) in enumerate(zip(cursor, sequences)) if c < len(s)]
+        final = []
+        for i in live:
+            n = rng.randint(1, 3)
+            streams[i].ids.extend(sequences[i][cursor[i]:cursor[i] + n])
+            cursor[i] += n
+            final.append(cursor[i] >= len(sequences[i]))
+        for i, piece in zip(live, detok.step([streams[i] for i in live], final)):
+            texts[i] += piece
+    return texts
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_incremental_text_equals_the_whole_decode(kind, bpe):
+    rng = random.Random(0)
+    tokenizer = ByteTokenizer() if kind == "bytes" else bpe
+    ids = tokenizer.encode(TEXT)
+    # Slices cut anywhere: multi-byte characters split across tokens and steps, plus random ids.
+    sequences = [ids[a:a + rng.randint(1, 60)] for a in (rng.randrange(len(ids)) for _ in range(20))]
+    sequences += [[rng.randrange(256) for _ in range(30)] for _ in range(5)]
+    texts = _incremental(tokenizer, sequences, rng)
+    assert texts == tokenizer.decode_batch(sequences)
+
+
+def test_incomplete_character_waits_for_its_next_byte():
+    detok, s = Detokenizer(ByteTokenizer()), Stream()
+    s.ids = list("é".encode())[:1]
+    assert detok.step([s], [False]) == [""]
+    s.ids += list("é".encode())[1:]
+    assert detok.step([s], [False]) == ["é"]
+
+
+def test_stop_matcher():
+    m = StopMatcher(["END", "\n\n"])
+    assert m.find("abc EN", 4) is None and m.held("abc EN") == 2
+    assert m.find("abc END more", 5) == 4  # completed by the new text, begun before it
+    assert m.held("abc\n") == 1 and m.held("abc") == 0
+    assert m.find("x\n\ny END", 0) == 1  # the earliest of several
+    assert StopMatcher([]).find("anything", 0) is None and StopMatcher([""]).held("a") == 0
+
+
+def test_default_chat_template_matches_transformers(bpe):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    ours = render_chat(default_chat_template(), messages, bpe.eos_token, bpe.bos_token)
+    theirs = bpe.tok.apply_chat_template(messages, chat_template=default_chat_template(), tokenize=False,
+                                         add_generation_prompt=True)
+    assert ours == theirs
+    assert ours.endswith("<|user|>\nBye<|endoftext|>\n<|assistant|>\n")
