@@ -2,6 +2,7 @@
 step, stop strings matched across token boundaries, and chat templates."""
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 
@@ -49,6 +50,19 @@ class ByteTokenizer:
         # Ids above 255 (a vocabulary larger than bytes) are no byte: U+FFFD, as `based generate` prints them.
         return [bytes(i if i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace") for ids in sequences]
 
+    def incomplete(self, new_ids: list[int], text: str) -> bool:
+        """Whether the new bytes end inside a UTF-8 character (not merely in an invalid byte or an id > 255)."""
+        tail = []
+        for i in reversed(new_ids[-3:]):
+            if i >= 256:
+                break
+            tail.append(i)
+        if not tail:
+            return False
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.decode(bytes(reversed(tail)), final=False)
+        return bool(decoder.getstate()[0])
+
 
 class HFTokenizer:
     """A checkpoint's tokenizer (local files only); decoding goes through the Rust decode_batch."""
@@ -71,6 +85,11 @@ class HFTokenizer:
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         return self.backend.decode_batch(sequences, skip_special_tokens=True)
 
+    def incomplete(self, new_ids: list[int], text: str) -> bool:
+        """A tail of U+FFFD is taken for a character whose bytes are still coming (as vLLM does); the end of
+        the sequence flushes it."""
+        return text.endswith("\ufffd")
+
 
 def load_tokenizer(checkpoint: Path | None):
     """The checkpoint's tokenizer when its folder has one, else bytes."""
@@ -84,11 +103,13 @@ class Detokenizer:
 
     Each stream keeps two offsets into its ids (as vLLM does): text is decoded from `prefix` (a few tokens
     back, so that a tokenizer that merges across tokens sees its context) and what lies past the text of
-    ids[prefix:read] is new. A tail ending in U+FFFD is an incomplete character: it waits for the next token.
+    ids[prefix:read] is new. New ids that end inside a character (the tokenizer's `incomplete`) wait for the
+    next token.
     """
 
     def __init__(self, tokenizer):
         self.decode_batch = tokenizer.decode_batch
+        self.incomplete = tokenizer.incomplete
 
     def step(self, streams: list, final: list[bool]) -> list[str]:
         """New text of each stream (objects with .ids, .prefix, .read); final streams flush their tail."""
@@ -98,7 +119,7 @@ class Detokenizer:
         n = len(streams)
         out = []
         for s, full, before, last in zip(streams, texts[:n], texts[n:], final):
-            if (full.endswith("\ufffd") and not last) or len(full) <= len(before):
+            if (not last and self.incomplete(s.ids[s.read:], full)) or len(full) <= len(before):
                 out.append("")
                 continue
             out.append(full[len(before):])

@@ -62,6 +62,12 @@ def test_incomplete_character_waits_for_its_next_byte():
     assert detok.step([s], [False]) == [""]
     s.ids += list("é".encode())[1:]
     assert detok.step([s], [False]) == ["é"]
+    # An id past the bytes (a model with a larger vocabulary) or an invalid byte is text at once, not a wait:
+    # a stream of them must not stall until the end.
+    s.ids += [300]
+    assert detok.step([s], [False]) == ["\ufffd"]
+    s.ids += [0xFF]
+    assert detok.step([s], [False]) == ["\ufffd"]
 
 
 def test_stop_matcher():
