@@ -12,7 +12,7 @@ from based.models.presets import debug_preset
 from based.cli import main
 
 MIXER_PRESETS = ["rwkv-debug", "lightning-debug", "mamba2-debug", "mamba2-hybrid-debug"]
-RECORDED = Path(__file__).parents[2] / "benchmarks/results/generation-h200-2026-11-28.json"
+RECORDED = Path(__file__).parents[2] / "benchmarks/results/archive/generation-h200-2026-11-28.json"
 # A tiny run: prompt 16, room for 40 new tokens, batches 1 and 2, 20 timed steps per point (24, three whole
 # fold cycles, for models whose linear attention writes its state every 8th step).
 TINY = ["--device", "cpu", "--prompt-len", "16", "--new-tokens", "40", "--prefill-batch", "1",
