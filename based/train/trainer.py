@@ -333,6 +333,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     local_bs = cfg.batch_size // info.world_size
     say = print if info.is_main else (lambda *a, **k: None)
 
+    build_model_config(cfg, 1)  # a bad --config fails now, not after the corpus is tokenized
     tokenizer, packed = _prepare_data(cfg, info)
     check_splits(packed, T)
     n_vocab, tok_hash = vocab_size(tokenizer), tokenizer_fingerprint(tokenizer)
@@ -364,8 +365,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             f"generation refuses longer sequences): lower --seq-len to at most {limit}, or raise "
             f"max_position_embeddings with --config (a JSON with \"preset\" and \"max_position_embeddings\")")
     if cfg.grad_checkpointing:  # before compile and DDP / FSDP wrap the blocks
+        # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         try:
-            model.gradient_checkpointing_enable()
+            enable()
         except ValueError as e:
             raise TrainError(f"--grad-checkpointing: {e}") from None
     if cfg.compile:  # before DDP / FSDP wrap the blocks, as torchtitan does

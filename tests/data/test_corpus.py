@@ -63,6 +63,27 @@ def test_jsonl_with_a_text_field(tmp_path):
         list(iter_documents(f))
 
 
+def test_non_utf8_bytes_are_counted_warned_and_refused_past_one_percent(tmp_path, capsys):
+    text = "Return the number of items in the container. " * 100  # 4,600 bytes
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(text.encode() + "café".encode("latin-1") + b"\xff")  # 2 of 4,505 bytes not UTF-8
+    [doc] = iter_documents(f)
+    assert doc == text + "caf\ufffd\ufffd"
+    assert f"warning: {f}: 2 of 4,505 bytes (0.04%) are not UTF-8 text" in capsys.readouterr().err
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 8)  # half invalid UTF-8, the rest mostly control bytes and NUL
+    with pytest.raises(DataError, match=rf"{binary}: 1,032 of 2,048 bytes \(50.39%\) are not UTF-8 text \(a binary "
+                                        r"file, or text in another encoding\): convert it to UTF-8"):
+        list(iter_documents(binary))
+    rows = tmp_path / "latin1.jsonl"
+    rows.write_bytes(json.dumps({"text": "naïve café " * 20}, ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=rf"{rows}: 40 of .* bytes .* are not UTF-8 text"):
+        list(iter_documents(rows))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "naïve café ☕"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert list(iter_documents(good)) == ["naïve café ☕"] and "warning" not in capsys.readouterr().err
+
+
 def test_missing_and_empty_corpora(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         resolve_corpus(tmp_path / "nope")

@@ -57,3 +57,28 @@ def test_cli_tokenizer_train(small_corpus, tmp_path, capsys):
     assert len(load_tokenizer(tmp_path / "tok")) == 400
     with pytest.raises(SystemExit, match="error: corpus .* does not exist"):
         main(["tokenizer", "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "t2")])
+
+
+def test_cli_tokenizer_train_bad_inputs_are_one_line_errors(small_corpus, tmp_path):
+    args = ["tokenizer", "train", "--data", str(small_corpus)]
+    with pytest.raises(SystemExit, match=r"^error: vocab size 1,000,000,000 is over the bound of 1,048,576 tokens"):
+        main([*args, "--vocab-size", "1000000000", "--out", str(tmp_path / "t")])  # Rust aborted (exit 134)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^error: --out .*file is an existing file, not a folder"):
+        main([*args, "--out", str(tmp_path / "file")])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=r"^error: --out .*mine is a folder holding other files"):
+        main([*args, "--out", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"  # was deleted before
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(SystemExit, match=r"^error: .*blob.bin: 8,256 of 16,384 bytes .* are not UTF-8 text"):
+        main(["tokenizer", "train", "--data", str(tmp_path / "blob.bin"), "--out", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
+
+
+def test_trained_tokenizer_pads_with_eos(small_tokenizer):
+    tok = load_tokenizer(small_tokenizer)
+    assert tok.pad_token == EOS and tok.pad_token_id == tok.eos_token_id
+    batch = tok(["a", "a longer text"], padding=True, return_tensors="pt")
+    assert batch.input_ids.shape[0] == 2 and (batch.attention_mask == 0).any()

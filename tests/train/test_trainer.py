@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import based.train.trainer as trainer_mod
-from based import BasedForCausalLM
+from based import BasedConfig, BasedForCausalLM
 from based.cli import main
 from based.data.corpus import DataError
 from based.train import TrainConfig, TrainError, train
@@ -181,7 +181,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, small_t
         return loss
 
     monkeypatch.setattr(trainer_mod, "_loss", loss_nan_at_step_6)
-    with pytest.raises(TrainError, match=r"loss is nan .* at step 6: .*last good checkpoint is .*step-0000004"):
+    with pytest.raises(TrainError, match=r"loss is nan .* at step 6: .*last good checkpoint is .*step-0000004 .*"
+                                         r"a lower --lr, which applies from the resumed step on"):
         train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=10, save_every=2))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000004"]
     assert train_rows(tmp_path)[-1]["step"] == 5
@@ -232,3 +233,153 @@ def test_grad_accum_matches_one_big_batch(small_corpus, small_tokenizer, tmp_pat
     for a, b in zip(acc, big, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_hf_generate_and_pipeline_stop_at_eos_without_set_up(reference):
+    # Training writes bos / eos / pad ids into config.json and generation_config.json and saves the
+    # tokenizer with a pad token: generate() and a batched pipeline then stop at eos with no arguments.
+    from transformers import AutoTokenizer, pipeline
+
+    out, _ = reference
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    eos = tok.eos_token_id
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    for saved in (config, generation):
+        assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (eos, eos, eos)
+    assert tok.pad_token_id == eos
+    model = BasedForCausalLM.from_pretrained(out).eval()
+    calls = []
+
+    def eos_from_the_third_token(module, args, logits):
+        calls.append(1)
+        if len(calls) >= 3:
+            logits = logits.clone()
+            logits[..., eos] = 1e4
+            return logits
+
+    model.lm_head.register_forward_hook(eos_from_the_third_token)
+    ids = tok("Return the", return_tensors="pt").input_ids
+    new = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert len(new) == 3 and new[-1] == eos and eos not in new[:-1] and len(calls) == 3
+    calls.clear()
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    prompts = ["The value", "Return the number of items in"]
+    rows = pipe(prompts, batch_size=2, max_new_tokens=20, do_sample=False, return_tensors=True)
+    assert len(calls) == 3  # one batch (left-padded with the pad token), stopped at eos, 17 tokens early
+    for prompt, [row] in zip(prompts, rows, strict=True):
+        generated = row["generated_token_ids"]
+        assert generated[-1] == eos and eos not in generated[-3:-1]
+        assert tok.decode(generated, skip_special_tokens=True).startswith(prompt)
+
+
+def test_killed_between_the_final_checkpoint_and_the_export(small_corpus, small_tokenizer, tmp_path, monkeypatch):
+    real_export = trainer_mod._export
+
+    def killed_at_the_final_export(ckpt, out):
+        if ckpt.name == "step-0000003":
+            raise KeyboardInterrupt  # the process dies here: step 3 is saved, OUT still holds step 2
+        real_export(ckpt, out)
+
+    monkeypatch.setattr(trainer_mod, "_export", killed_at_the_final_export)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=3, save_every=2))
+    newest = list_checkpoints(tmp_path)[-1]
+    assert newest.name == "step-0000003" and not trainer_mod.is_exported(newest, tmp_path)
+    monkeypatch.setattr(trainer_mod, "_export", real_export)
+    assert train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=3, save_every=2, resume=True))[
+        "step"] == 3
+    assert trainer_mod.is_exported(newest, tmp_path)
+    newest_weights = weights(newest)
+    for k, v in weights(tmp_path).items():
+        assert torch.equal(v, newest_weights[k]), k
+
+
+def test_optimizer_flags_on_resume_apply_and_are_recorded(small_corpus, small_tokenizer, tmp_path):
+    first = make_config(tmp_path, small_corpus, small_tokenizer, max_steps=6, stop_at=3, save_every=3)
+    train(first)
+    train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=6, save_every=3, resume=True, lr=1e-3,
+                      weight_decay=0.05))
+    factor = trainer_mod.lr_schedule(4, 6, 0.1)
+    lrs = {r["step"]: r["lr"] for r in train_rows(tmp_path)}
+    assert lrs[3] == pytest.approx(3e-3 * factor(2), rel=1e-12)  # before the resume: the first run's
+    for step in (4, 5, 6):
+        assert lrs[step] == pytest.approx(1e-3 * factor(step - 1), rel=1e-12), step
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["lr"], run["weight_decay"], run["start_step"]) == (1e-3, 0.05, 3)
+    assert run["changes"] == [{"step": 3, "changed": {"lr": [3e-3, 1e-3], "weight_decay": [0.1, 0.05]}}]
+    _, state, _ = read_checkpoint(list_checkpoints(tmp_path)[-1])
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.05, 0.0]
+    assert state["train_config"]["lr"] == 1e-3
+
+
+def test_bad_model_config_files(small_corpus, small_tokenizer, tmp_path):
+    config = tmp_path / "model.json"
+    cfg = make_config(tmp_path / "run", small_corpus, small_tokenizer, preset=None, config=str(config)).resolved()
+    for text, match in (
+        ('{"preset": "debug", "d_modle": 32}', r"unknown field 'd_modle' \(did you mean 'd_model'\?\); valid fields: "),
+        ("[1, 2]", r"holds a JSON list; it must be an object of BasedConfig fields"),
+        ('{"d_model": 32', r"cannot read model config .*model.json \(--config\)"),
+    ):
+        config.write_text(text)
+        with pytest.raises(TrainError, match=match):
+            trainer_mod.build_model_config(cfg, 512)
+    config.write_text('{"windw_size": 64}')
+    with pytest.raises(SystemExit, match=r"^error: model config .*model.json \(--config\): unknown field 'windw_size' "
+                                         r"\(did you mean 'window_size'\?\)"):
+        main(["train", "--out", str(tmp_path / "run"), "--config", str(config), "--data", str(small_corpus),
+              "--tokenizer", str(small_tokenizer)])
+    # A config.json written by training (model_type, architectures, transformers_version, ...) is accepted.
+    saved = json.loads(json.dumps(BasedConfig.from_preset("debug", vocab_size=512).to_dict()))
+    config.write_text(json.dumps(saved))
+    assert trainer_mod.build_model_config(cfg, 512).d_model == 64
+
+
+def test_seq_len_past_the_positional_limit_is_refused(small_corpus, small_tokenizer, tmp_path):
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"preset": "transformer-debug", "max_position_embeddings": 24}))
+    with pytest.raises(TrainError, match=r"--seq-len 32 exceeds this model's max_position_embeddings=24 .*lower "
+                                         r"--seq-len to at most 24, or raise max_position_embeddings with --config"):
+        train(make_config(tmp_path / "run", small_corpus, small_tokenizer, preset=None, config=str(config)))
+
+
+def test_out_that_is_a_file_and_allocation_failures(small_corpus, small_tokenizer, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"^error: --out .*file is an existing file, not a folder"):
+        main(["train", "--out", str(tmp_path / "file"), "--data", str(small_corpus), "--tokenizer",
+              str(small_tokenizer)])
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes"),
+                  MemoryError("Unable to allocate 64.0 GiB for an array")):
+        def allocation_fails(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(trainer_mod, "_loss", allocation_fails)
+        with pytest.raises(TrainError, match=r"out of memory at step 1 on cpu with --batch-size 4 \(x --seq-len 32\): "
+                                             r"lower --batch-size"):
+            train(make_config(tmp_path / type(error).__name__, small_corpus, small_tokenizer))
+    monkeypatch.setattr(trainer_mod, "_loss", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):  # other errors are not reported as memory
+        train(make_config(tmp_path / "other", small_corpus, small_tokenizer))
+
+
+@pytest.mark.xfail(not BasedForCausalLM.supports_gradient_checkpointing, strict=True,
+                   reason="gradient_checkpointing_enable() is being added to based/models/modeling.py")
+def test_grad_checkpointing_trains_the_same(small_corpus, small_tokenizer, tmp_path, monkeypatch):
+    made = []
+
+    class Recorded(BasedForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            made.append(self)
+
+    train(make_config(tmp_path / "plain", small_corpus, small_tokenizer, max_steps=2, save_every=2))
+    monkeypatch.setattr(trainer_mod, "BasedForCausalLM", Recorded)
+    assert main(["train", *cli_args(make_config(tmp_path / "ckpt", small_corpus, small_tokenizer, max_steps=2,
+                                                save_every=2)), "--grad-checkpointing"]) == 0
+    # the trained model (not the one loaded for the sample) recomputes its blocks
+    assert any(getattr(m, "gradient_checkpointing", False) for m in made[0].modules())
+    assert json.loads((tmp_path / "ckpt" / "run.json").read_text())["grad_checkpointing"]
+    for a, b in zip(train_rows(tmp_path / "ckpt"), train_rows(tmp_path / "plain"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
