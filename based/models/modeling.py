@@ -6,7 +6,9 @@ tied lm_head) so its checkpoints convert by renaming a few keys.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +113,45 @@ class BasedEmbeddings(nn.Module):
         return self.word_embeddings(input_ids)
 
 
+# Written beside the weights by save_pretrained and named in config.json's auto_map, so that
+# AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) works in a process that never imported
+# based: transformers imports this file, which imports the installed package (no model code is copied).
+REMOTE_CODE_FILE = "modeling_based.py"
+REMOTE_CODE = '''"""Model code of this checkpoint: the installed `based` package (https://pypi.org/project/based).
+
+Written by based's save_pretrained so that transformers.AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True) loads it without `import based` first. Nothing else lives here.
+"""
+try:
+    from based.models import BasedConfig, BasedForCausalLM, BasedModel
+except ImportError as e:
+    raise ImportError(
+        "this checkpoint is a BASED model, whose code is the `based` package, which is not installed: "
+        "pip install based (or `pip install -e .` in a clone of its repository)"
+    ) from e
+
+__all__ = ["BasedConfig", "BasedForCausalLM", "BasedModel"]
+'''
+AUTO_MAP = {
+    name: f"{REMOTE_CODE_FILE[:-3]}.{cls}"
+    for name, cls in (("AutoConfig", "BasedConfig"), ("AutoModel", "BasedModel"),
+                      ("AutoModelForCausalLM", "BasedForCausalLM"))
+}
+
+
+def write_remote_code(directory: str | os.PathLike) -> None:
+    """Make a saved model directory (config.json written) loadable with trust_remote_code and no prior
+    `import based`: REMOTE_CODE_FILE beside the weights, auto_map in config.json."""
+    config_file = os.path.join(directory, "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    config["auto_map"] = AUTO_MAP
+    with open(config_file, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with open(os.path.join(directory, REMOTE_CODE_FILE), "w", encoding="utf-8") as f:
+        f.write(REMOTE_CODE)
+
+
 class BasedPreTrainedModel(PreTrainedModel):
     config_class = BasedConfig
     config: BasedConfig
@@ -142,6 +183,15 @@ class BasedPreTrainedModel(PreTrainedModel):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             bound = 1 / math.sqrt(module.weight[0].numel())
             init.uniform_(module.bias, -bound, bound)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save_pretrained, plus REMOTE_CODE_FILE and config.json's auto_map naming it."""
+        # A class loaded through trust_remote_code gets _auto_class set, and transformers would then copy
+        # this module's source (relative imports that cannot work there) and point auto_map at it.
+        self._auto_class = self.config._auto_class = None
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
 
     def state_size(self, seq_len: int) -> int:
         """Decode-state values per sequence after seq_len tokens, summed over layers (the paper's measure)."""

@@ -119,3 +119,53 @@ def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients(name, ree
     calls.clear()
     grads(model, ids)
     assert len(calls) == model.config.n_layer
+
+
+PORTABLE = r"""
+import json, sys
+assert "based" not in sys.modules, "based was imported before the load"
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+path = sys.argv[1]
+sys.modules["based"] = None  # as if the package were not installed: import based raises ImportError
+try:
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    missing = None
+except ImportError as e:
+    missing = str(e)
+del sys.modules["based"]
+assert "based" not in sys.modules
+config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1]
+print(json.dumps({"missing": missing, "config": type(config).__name__, "model": type(model).__module__ + "." +
+                  type(model).__name__, "logits": logits.tolist(), "based_imported": "based" in sys.modules}))
+"""
+
+
+def test_a_saved_model_loads_with_trust_remote_code_where_based_was_never_imported(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from based.models.modeling import REMOTE_CODE_FILE
+
+    model = build()
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_based.BasedForCausalLM")
+    assert (tmp_path / "ckpt" / REMOTE_CODE_FILE).is_file()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "OMP_NUM_THREADS": "1", "BASED_LM_EVAL_PLUGIN": "0"}
+    result = subprocess.run([sys.executable, "-c", PORTABLE, str(tmp_path / "ckpt")], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "pip install based" in out["missing"]
+    assert out["config"] == "BasedConfig" and out["model"] == "based.models.modeling.BasedForCausalLM"
+    assert out["based_imported"]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(out["logits"]), model(torch.tensor([[1, 2, 3, 4]])).logits[0, -1])
