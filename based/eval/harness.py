@@ -41,7 +41,10 @@ class BasedLM(TemplateLM):
     Args:
         pretrained: a checkpoint directory (with its tokenizer) or a model instance.
         tokenizer: a tokenizer directory or instance (default: the checkpoint's).
-        batch_size: requests per forward pass or generate call.
+        batch_size: requests per forward pass or generate call, or "auto" ("auto:N" is read as "auto"): the
+            largest that runs, found like lm-eval's HFLM does, from max_batch_size down, halving on
+            out-of-memory, with a probe forward at the longest input of each call (see _detect_batch_size).
+        max_batch_size: where "auto" starts (default 64).
         max_length: longest input in tokens; longer contexts keep their last tokens.
         device, dtype: where and in what precision to run ("auto": bf16 on CUDA, fp32 on CPU).
         max_gen_toks: default generation budget when a task sets none.
@@ -49,10 +52,11 @@ class BasedLM(TemplateLM):
 
     def __init__(
         self, pretrained, tokenizer=None, batch_size: int | str = 1, max_length: int = 2048,
-        device: str | None = None, dtype: str | torch.dtype = "auto", max_gen_toks: int = 256, **unused,
+        device: str | None = None, dtype: str | torch.dtype = "auto", max_gen_toks: int = 256,
+        max_batch_size: int | None = 64, **unused,
     ):
         super().__init__()
-        unused = {k: v for k, v in unused.items() if v is not None and k != "max_batch_size"}
+        unused = {k: v for k, v in unused.items() if v is not None}
         if unused:
             log.warning("based: ignoring model arguments %s", sorted(unused))
         if device and device.startswith("cuda") and not torch.cuda.is_available():
@@ -68,11 +72,56 @@ class BasedLM(TemplateLM):
         if self.tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos token, which lm-eval uses as the prefix of empty contexts")
         self._device = next(self.model.parameters()).device
-        if not str(batch_size).isdigit() or int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r} ('auto' is not supported)")
-        self.batch_size = int(batch_size)
+        self.auto_batch_size = str(batch_size).split(":")[0] == "auto"
+        if not self.auto_batch_size and (not str(batch_size).isdigit() or int(batch_size) < 1):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        max_batch_size = 64 if max_batch_size is None else max_batch_size
+        if not str(max_batch_size).isdigit() or int(max_batch_size) < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        self.max_batch_size = int(max_batch_size)
+        self.batch_size = "auto" if self.auto_batch_size else int(batch_size)
+        self.batch_sizes: dict[int, int] = {}  # probe length -> batch size found ("auto"; lm-eval reports them)
         self._max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
+
+    def _batch_size_for(self, length: int) -> int:
+        """The fixed batch size, or with "auto" the one found for inputs of up to `length` tokens."""
+        if not self.auto_batch_size:
+            return self.batch_size
+        fits = [size for probed, size in self.batch_sizes.items() if probed >= length]
+        if fits:
+            return min(fits)
+        self.batch_sizes[length] = self._detect_batch_size(length)
+        log.info("based: batch_size auto -> %d for inputs of %d tokens", self.batch_sizes[length], length)
+        return self.batch_sizes[length]
+
+    @torch.no_grad()
+    def _detect_batch_size(self, length: int) -> int:
+        """The largest batch from max_batch_size down (halving) whose forward over `length` tokens, logits
+        and log-softmax included, runs without running out of memory. That forward costs more than
+        generate (which keeps only the last position's logits and a constant-size state), so its size
+        serves generate_until too. On the CPU, where running out of memory can kill the process instead of
+        raising, sizes whose logits alone would take over a quarter of the free memory are not tried."""
+        from ..generation.state import free_memory_bytes
+
+        size = self.max_batch_size
+        free = free_memory_bytes(self._device) if self._device.type == "cpu" else None
+        if free is not None:
+            per_row = length * self.model.config.vocab_size * 4 * 2  # fp32 logits and their log-softmax
+            size = max(1, min(size, free // (4 * per_row)))
+        while True:
+            try:
+                batch = torch.zeros(size, length, dtype=torch.long, device=self._device)
+                F.log_softmax(self.model(batch).logits.float(), dim=-1)
+                return size
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                if size == 1:
+                    raise ValueError(
+                        f"batch_size auto: one sequence of {length} tokens does not fit in memory ({e}): lower max_length"
+                    ) from None
+                size //= 2
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     @property
     def eot_token_id(self) -> int:
@@ -96,8 +145,12 @@ class BasedLM(TemplateLM):
             raise ValueError(f"a continuation of {too_long} tokens does not fit max_length={self.max_length}")
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: len(requests[i][1]) + len(requests[i][2]), reverse=True)
-        for start in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", disable=disable_tqdm):
-            rows = order[start : start + self.batch_size]
+        if not order:
+            return []
+        longest = requests[order[0]]
+        batch_size = self._batch_size_for(min(len(longest[1]) + len(longest[2]) - 1, self.max_length))
+        for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=disable_tqdm):
+            rows = order[start : start + batch_size]
             # Feed context + continuation minus its last token, at most max_length tokens.
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) : -1] for i in rows]
             T = max(len(x) for x in inputs)
@@ -149,10 +202,12 @@ class BasedLM(TemplateLM):
             max_new = kwargs.pop("max_gen_toks")
             do_sample = bool(kwargs.get("do_sample"))
             sampling = {k: kwargs[k] for k in ("temperature", "top_p", "top_k") if do_sample and k in kwargs}
+            prompts = [self.tok_encode(requests[i].args[0]) for i in rows]
+            max_prompt = max(1, self.max_length - max_new)
+            batch_size = self._batch_size_for(max(min(len(p), max_prompt) for p in prompts) + max_new)
             texts = generate_until(
-                self.model, self.tokenizer, [self.tok_encode(requests[i].args[0]) for i in rows], until, max_new,
-                self.batch_size, max_prompt_tokens=max(1, self.max_length - max_new), progress=not disable_tqdm,
-                do_sample=do_sample, **sampling,
+                self.model, self.tokenizer, prompts, until, max_new, batch_size, max_prompt_tokens=max_prompt,
+                progress=not disable_tqdm, do_sample=do_sample, **sampling,
             )
             for i, (text, _) in zip(rows, texts):
                 out[i] = text

@@ -211,3 +211,56 @@ def test_plugin_keeps_task_manager_calls_as_lm_eval_defines_them(tmp_path):
     assert Manager().include_path == [ours]
     assert Manager(None, str(tmp_path), False).include_path == str(tmp_path)
     assert Manager(None, [ours]).include_path == [ours]  # not added twice
+
+
+def test_batch_size_auto_gives_the_same_scores(lm, model, tokenizer):
+    # Before: "auto" was refused ("batch_size must be a positive integer").
+    auto = BasedLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=8, max_length=MAX_LENGTH)
+    pairs = [(tokenizer.encode(c), tokenizer.encode(x)) for c, x in [("The capital of", " Paris"), ("Name:", " Bob")] * 5]
+    requests = [(None, c, x) for c, x in pairs]
+    got, expected = (x._loglikelihood_tokens(requests, disable_tqdm=True) for x in (auto, lm))
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], rel=1e-5, abs=1e-5)
+    longest = max(len(c) + len(x) - 1 for c, x in pairs)
+    assert auto.batch_sizes == {longest: 8}  # the debug model fits the largest size tried
+    assert BasedLM(pretrained=model, tokenizer=tokenizer, batch_size="auto:4").auto_batch_size
+    with pytest.raises(ValueError, match="positive integer or 'auto'"):
+        BasedLM(pretrained=model, tokenizer=tokenizer, batch_size="automatic")
+
+
+def test_batch_size_auto_halves_on_out_of_memory(model, tokenizer, monkeypatch):
+    auto = BasedLM(pretrained=model, tokenizer=tokenizer, batch_size="auto", max_batch_size=16, max_length=MAX_LENGTH)
+    tried = []
+    forward = type(model).forward
+
+    def small_memory(self, input_ids=None, *args, **kwargs):
+        tried.append(input_ids.shape[0])
+        if input_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("pretend")
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", small_memory)
+    texts = auto.generate_until([request("generate_until", "The capital of", {"until": ["\n"], "max_gen_toks": 3})] * 5)
+    assert len(texts) == 5 and tried[:4] == [16, 8, 4, 2] and list(auto.batch_sizes.values()) == [2]
+    tried.clear()
+    with pytest.raises(ValueError, match="one sequence of 7 tokens does not fit in memory"):
+        monkeypatch.setattr(type(model), "forward", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError()))
+        auto._detect_batch_size(7)
+
+
+def test_wrapper_cli_with_batch_size_auto(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class OnlyIncluded(TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OnlyIncluded)
+    data = recall_file(tmp_path / "fda.jsonl")
+    main(["--model", "based", "--model_args", f"pretrained={checkpoint},max_length=64", "--tasks", "based_fda",
+          "--metadata", json.dumps({"fda_path": str(data)}), "--limit", "2", "--batch_size", "auto",
+          "--max_batch_size", "4", "--output_path", str(tmp_path / "out")])
+    [path] = (tmp_path / "out").rglob("results_*.json")
+    report = json.loads(path.read_text())
+    assert 0 <= report["results"]["based_fda"]["contains,none"] <= 1
+    assert report["config"]["batch_size"] == "auto" and report["config"]["batch_sizes"] == [4]
