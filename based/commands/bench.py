@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("ops", "generate", "train")
+BENCHMARKS = ("ops", "generate", "train", "serve")
 
 
 def register(sub) -> None:

@@ -1,0 +1,458 @@
+"""Serving benchmark: `based serve` under load, BASED 1.3b against Transformer++ 1.3b (random weights).
+
+    based bench serve [--presets 1.3b transformer-1.3b] [--device cuda] [--out PATH]
+    based bench serve --device cpu --presets debug --quick      # the wiring, in a minute on a CPU
+
+Methodology as vLLM's benchmarks/benchmark_serving.py: an asyncio client (aiohttp) sends completion
+requests with Poisson arrivals at a given rate, or all at once (saturation); prompts of --prompt-len tokens
+(random ASCII: one byte token each), output lengths uniform in --output-len with ignore_eos, greedy. Each
+preset gets its own server process (`based serve --preset P`, default slot count unless --max-slots) on
+the same device, one after the other. Per run: output tokens/s, requests/s, TTFT p50/p99, inter-token
+latency p50/p99 (between a stream's chunks; a chunk carrying k tokens counts as k gaps of 1/k), server CPU
+time per output token (process_cpu_seconds_total of the server over the tokens it generated, from
+/metrics) and the steady-state tokens/s while every slot was busy (from /metrics, sampled each second).
+
+Order per preset: saturation streaming, then Poisson streaming at --rate-fractions of the saturation
+request rate (or at --rates), then saturation without streaming; then the offline engine
+(based.generation.Decoder, greedy, the same slots, no server) for the ratio the issue's targets use.
+Results: JSON under benchmarks/results/ (date, GPU name and git revision; on a machine without .git pass
+--git-rev or BASED_GIT_REV) and a plot of output tokens/s against p99 inter-token latency.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..commands import HelpFormatter
+
+PROMPT, OUTPUT = 512, (128, 1024)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`based serve` in a subprocess; its start-up line (slots) kept."""
+
+    def __init__(self, preset: str, args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "based.cli", "serve", "--preset", preset, "--port", str(self.port),
+               "--device", args.device, "--max-waiting", str(args.max_waiting),
+               "--prefill-chunk", str(args.prefill_chunk), "--grace", "5"]
+        if args.max_slots:
+            cmd += ["--max-slots", str(args.max_slots)]
+        self.log = open(Path(args.log_dir) / f"serve-{preset}.log", "w") if args.log_dir else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.cmd = cmd
+
+    def wait(self, timeout: float) -> dict:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"based serve exited with {self.proc.returncode} (see --log-dir)")
+            try:
+                r = requests.get(self.url + "/health", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"based serve did not answer /health within {timeout:.0f} s")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def scrape(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.labels:
+                out[s.name] = s.value
+    return out
+
+
+async def metrics(session, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as r:
+        return scrape(await r.text())
+
+
+async def one_request(session, url: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+    """Send one completion; TTFT, chunk gaps and tokens of its answer."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    start = time.perf_counter()
+    out = {"ttft": None, "itl": [], "tokens": 0, "latency": None, "error": None}
+    try:
+        async with session.post(url + "/v1/completions", json=body) as r:
+            if r.status != 200:
+                out["error"] = f"HTTP {r.status}: {(await r.text())[:200]}"
+                return out
+            if not stream:
+                data = await r.json()
+                out["latency"] = out["ttft"] = time.perf_counter() - start
+                out["tokens"] = data["usage"]["completion_tokens"]
+                return out
+            last, chunk_tokens = None, 0
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                now = time.perf_counter()
+                if b'"usage"' in line:
+                    out["tokens"] = json.loads(line[6:])["usage"]["completion_tokens"]
+                    continue
+                if b'"error"' in line[:16]:
+                    out["error"] = line[6:200].decode()
+                    continue
+                if last is None:
+                    out["ttft"] = now - start
+                else:
+                    out["itl"].append(now - last)
+                last = now
+                chunk_tokens += 1
+            out["latency"] = time.perf_counter() - start
+            # Chunks that carried several tokens: spread each gap over its tokens (vLLM counts chunks too).
+            if out["tokens"] > chunk_tokens > 1:
+                k = (out["tokens"] - 1) / (chunk_tokens - 1)
+                out["itl"] = [g / k for g in out["itl"] for _ in range(round(k))]
+    except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float, stream: bool,
+                   seed: int) -> dict:
+    """All requests at Poisson arrivals of `rate` per second (inf: all at once); /metrics sampled each second."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        before = await metrics(session, url)
+        samples, done = [], asyncio.Event()
+
+        async def sampler():
+            while not done.is_set():
+                m = await metrics(session, url)
+                samples.append((time.perf_counter(), m.get("based_generation_tokens_total", 0),
+                                m.get("based_slots_used", 0), m.get("based_slots_total", 0)))
+                try:
+                    await asyncio.wait_for(done.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+
+        sampling = asyncio.create_task(sampler())
+        start = time.perf_counter()
+        tasks = []
+        for prompt, n in zip(prompts, lengths):
+            tasks.append(asyncio.create_task(one_request(session, url, prompt, n, stream)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+        done.set()
+        await sampling
+        after = await metrics(session, url)
+    ok = [r for r in results if r["error"] is None]
+    tokens = sum(r["tokens"] for r in ok)
+    itl = [g for r in ok for g in r["itl"]]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    server_tokens = after.get("based_generation_tokens_total", 0) - before.get("based_generation_tokens_total", 0)
+    cpu = after.get("process_cpu_seconds_total", 0) - before.get("process_cpu_seconds_total", 0)
+    engine_cpu = after.get("based_engine_cpu_seconds_total", 0) - before.get("based_engine_cpu_seconds_total", 0)
+    busy = [(t, n) for t, n, used, total in samples if total and used >= total]
+    steady = (busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0]) if len(busy) > 2 else None
+    return {
+        "rate": "inf" if rate == float("inf") else rate, "stream": stream, "requests": len(results),
+        "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if r["error"]})[:5],
+        "duration_s": elapsed, "output_tokens": tokens,
+        "output_tokens_per_s": tokens / elapsed, "requests_per_s": len(ok) / elapsed,
+        "steady_tokens_per_s_all_slots_busy": steady, "busy_samples": len(busy),
+        "ttft_ms_p50": _ms(percentile(ttft, 50)), "ttft_ms_p99": _ms(percentile(ttft, 99)),
+        "itl_ms_p50": _ms(percentile(itl, 50)), "itl_ms_p99": _ms(percentile(itl, 99)),
+        "itl_ms_mean": _ms(statistics.fmean(itl)) if itl else None,
+        "server_cpu_ms_per_token": _ms(cpu / server_tokens) if server_tokens else None,
+        "engine_thread_cpu_ms_per_token": _ms(engine_cpu / server_tokens) if server_tokens else None,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def workload(n: int, prompt_len: int, output: tuple[int, int], seed: int) -> tuple[list[str], list[int]]:
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ "
+    prompts = ["".join(rng.choice(letters) for _ in range(prompt_len)) for _ in range(n)]
+    return prompts, [rng.randint(*output) for _ in range(n)]
+
+
+def offline(preset: str, slots: int, args) -> dict:
+    """The engine without a server: a Decoder of `slots` slots, greedy, every slot decoding (the issue's
+    'offline engine at the same number of slots'); tokens/s over --offline-steps steps after the prefill."""
+    import torch
+
+    from based.generation import Decoder
+
+    from .generate import build, fill_slots, synchronize
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(preset, dtype, device)
+    decoder = Decoder(model, slots, max_seq_len=args.prompt_len + args.output_len[1], log_len=32)
+    n0 = min(slots, 64)
+    decoder.add(torch.randint(0, 256, (n0, args.prompt_len), device=device))
+    fill_slots(decoder, n0)
+    for _ in range(8):
+        decoder.step()
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(args.offline_steps):
+        decoder.step()
+    synchronize(device)
+    elapsed = time.perf_counter() - t
+    del decoder, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"slots": slots, "steps": args.offline_steps, "tokens_per_s": slots * args.offline_steps / elapsed}
+
+
+def bench_preset(preset: str, args) -> dict:
+    server = ServerProcess(preset, args)
+    try:
+        health = server.wait(args.start_timeout)
+        slots = health["slots"]
+        result = {"preset": preset, "slots": slots, "server_command": " ".join(server.cmd[1:]), "runs": []}
+        print(f"{preset}: {slots} slots", flush=True)
+        seed = 0
+
+        def run(rate: float, stream: bool, n: int) -> dict:
+            nonlocal seed
+            seed += 1
+            prompts, lengths = workload(n, args.prompt_len, tuple(args.output_len), seed)
+            row = asyncio.run(run_load(server.url, prompts, lengths, rate, stream, seed))
+            result["runs"].append(row)
+            print(preset, json.dumps(row), flush=True)
+            return row
+
+        run(float("inf"), True, min(4, slots))  # warm-up: the first prefills and steps
+        result["runs"].clear()
+        n_sat = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+        sat = run(float("inf"), True, n_sat)
+        rates = args.rates or [f * sat["requests_per_s"] for f in args.rate_fractions]
+        for rate in rates:
+            n = max(args.min_prompts, round(rate * args.duration))
+            run(rate, True, n)
+        if not args.skip_plain:
+            run(float("inf"), False, n_sat)
+        result["server_exit_code"] = server.stop()
+    finally:
+        server.stop()
+        if args.log_dir:
+            server.log.close()
+    if not args.skip_offline:
+        try:
+            result["offline"] = offline(preset, slots, args)
+        except Exception as e:  # noqa: BLE001 - recorded; the server numbers stand alone
+            result["offline"] = {"error": f"{type(e).__name__}: {e}"}
+    return result
+
+
+def summarize(result: dict) -> dict:
+    """The issue's targets, from the runs."""
+    out = {}
+    best_under = {}
+    for key, r in result.items():
+        if not (isinstance(r, dict) and "runs" in r):
+            continue
+        runs = r["runs"]
+        sat = [x for x in runs if x["rate"] == "inf" and x["stream"]]
+        plain = [x for x in runs if x["rate"] == "inf" and not x["stream"]]
+        off = r.get("offline", {}).get("tokens_per_s")
+        if sat:
+            s = sat[0]
+            out[f"{key}_saturation_stream_tokens_per_s"] = s["output_tokens_per_s"]
+            out[f"{key}_saturation_stream_steady_tokens_per_s"] = s["steady_tokens_per_s_all_slots_busy"]
+            if off:
+                best = s["steady_tokens_per_s_all_slots_busy"] or s["output_tokens_per_s"]
+                out[f"{key}_stream_over_offline"] = best / off
+        if plain and off:
+            best = plain[0]["steady_tokens_per_s_all_slots_busy"] or plain[0]["output_tokens_per_s"]
+            out[f"{key}_plain_over_offline"] = best / off
+        ok = [x for x in runs if x["stream"] and x["itl_ms_p99"] is not None and x["itl_ms_p99"] <= 100]
+        if ok:
+            top = max(ok, key=lambda x: x["output_tokens_per_s"])
+            best_under[key] = top["output_tokens_per_s"]
+            out[f"{key}_best_tokens_per_s_at_p99_itl_le_100ms"] = top["output_tokens_per_s"]
+            out[f"{key}_best_rate_at_p99_itl_le_100ms"] = top["rate"]
+        if sat:
+            half = sat[0]["requests_per_s"] / 2
+            poisson = [x for x in runs if x["stream"] and x["rate"] != "inf"]
+            if poisson:
+                near = min(poisson, key=lambda x: abs(x["rate"] - half))
+                out[f"{key}_ttft_ms_p50_near_half_saturation"] = near["ttft_ms_p50"]
+                out[f"{key}_rate_near_half_saturation"] = near["rate"]
+    keys = list(best_under)
+    if len(keys) >= 2:
+        out[f"{keys[0]}_over_{keys[1]}_at_p99_itl_le_100ms"] = best_under[keys[0]] / best_under[keys[1]]
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for key, r in result.items():
+        if not (isinstance(r, dict) and "runs" in r):
+            continue
+        pts = sorted(((x["itl_ms_p99"], x["output_tokens_per_s"]) for x in r["runs"]
+                      if x["stream"] and x["itl_ms_p99"] is not None), key=lambda pt: pt[1])
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{key} ({r['slots']} slots)")
+    ax.axvline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("p99 inter-token latency (ms)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_xscale("log")
+    ax.set_title(f"based serve, {result['gpu']}, {result['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="based bench serve", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["1.3b", "transformer-1.3b"],
+                   help="one server per preset, one after the other")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (checks the wiring only)")
+    p.add_argument("--max-slots", type=int, default=None, help="default: the server's own (what fits memory)")
+    p.add_argument("--max-waiting", type=int, default=1_000_000, help="the servers' queue (the client sends all)")
+    p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per engine pass")
+    p.add_argument("--prompt-len", type=int, default=PROMPT, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, nargs=2, default=list(OUTPUT), metavar=("MIN", "MAX"),
+                   help="output tokens per request, uniform in MIN..MAX")
+    p.add_argument("--rates", type=float, nargs="*", default=None, help="requests/s (default: --rate-fractions)")
+    p.add_argument("--rate-fractions", type=float, nargs="*", default=[0.25, 0.5, 0.75, 0.9],
+                   help="Poisson rates as fractions of the saturation run's requests/s")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per Poisson run")
+    p.add_argument("--min-prompts", type=int, default=50, help="requests per run at the least")
+    p.add_argument("--saturation-factor", type=float, default=2.0, help="saturation requests = factor x slots")
+    p.add_argument("--saturation-prompts", type=int, default=None,
+                   help="requests of a saturation run (default: --saturation-factor x slots)")
+    p.add_argument("--skip-plain", action="store_true", help="no non-streaming saturation run")
+    p.add_argument("--skip-offline", action="store_true", help="no run of the offline engine")
+    p.add_argument("--offline-steps", type=int, default=64, help="decode steps of the offline engine run")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to come up")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings (CPU wiring check): 4 slots, prompts of 16, outputs 4-12, rates 2 4")
+    p.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/serve-<gpu>-<date>.json)")
+    p.add_argument("--git-rev", default=None, help="recorded revision (default $BASED_GIT_REV, else git rev-parse)")
+    p.add_argument("--gpu", default=None, help="recorded device name (default torch's name of the device)")
+    p.add_argument("--date", default=None, help="recorded date (default today, UTC)")
+    p.add_argument("--log-dir", default=None, help="write each server's log there")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_slots = args.max_slots or 4
+        args.prompt_len, args.output_len = 16, [4, 12]
+        args.rates = args.rates or [2.0, 4.0]
+        args.duration, args.min_prompts, args.saturation_prompts = 2.0, 4, args.saturation_prompts or 8
+        args.offline_steps = 8
+    if args.output_len[0] < 1 or args.output_len[1] < args.output_len[0] or args.prompt_len < 1:
+        p.error("--prompt-len must be >= 1 and --output-len MIN MAX with 1 <= MIN <= MAX")
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        p.error("the client needs aiohttp: pip install aiohttp")
+    import torch
+
+    from based.models.presets import PRESETS
+
+    unknown = [x for x in args.presets if x not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("based bench serve needs a CUDA device (or --device cpu, to check the wiring)", file=sys.stderr)
+        return 2
+    from .ops import _git_rev
+
+    gpu = args.gpu or (torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu")
+    date = args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    out = args.out or Path("benchmarks/results") / f"serve-{gpu.split()[-1].lower()}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.log_dir:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    result = {
+        "date": date, "gpu": gpu, "git_revision": args.git_rev or _git_rev(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "config": {"prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": True,
+                   "decoding": "greedy", "weights": "random", "prefill_chunk": args.prefill_chunk,
+                   "rates": args.rates, "rate_fractions": None if args.rates else args.rate_fractions,
+                   "duration_s": args.duration, "device": args.device,
+                   "client": "aiohttp, Poisson arrivals (vLLM benchmark_serving methodology)"},
+    }
+    tuning = {k: v for k, v in os.environ.items() if k.startswith("BASED_")}
+    if tuning:
+        result["config"]["environment"] = tuning
+
+    def save():
+        result["summary"] = summarize(result)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    started = time.perf_counter()
+    for preset in args.presets:
+        key = "based" if preset == "1.3b" else "transformer" if preset == "transformer-1.3b" else preset
+        try:
+            result[key] = bench_preset(preset, args)
+        except Exception as e:  # noqa: BLE001 - record it, go on with the next preset
+            result[key] = {"preset": preset, "error": f"{type(e).__name__}: {e}"}
+            print(f"{preset} failed: {e!r}", file=sys.stderr, flush=True)
+        save()
+    result["elapsed_s"] = time.perf_counter() - started
+    save()
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

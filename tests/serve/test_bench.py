@@ -1,0 +1,56 @@
+"""based.bench.serve: its client against the shared server, its summary and plot; the whole run (slow)."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("aiohttp")
+
+from based.bench.serve import main, plot, run_load, summarize, workload  # noqa: E402
+
+
+def test_client_counts_tokens_latencies_and_server_cpu(server):
+    prompts, lengths = workload(6, 20, (3, 9), seed=0)
+    assert [len(p) for p in prompts] == [20] * 6 and all(3 <= n <= 9 for n in lengths)
+    stream = asyncio.run(run_load(server.url, prompts, lengths, float("inf"), True, seed=0))
+    assert stream["completed"] == 6 and stream["failed"] == 0
+    assert stream["output_tokens"] == sum(lengths)  # ignore_eos: every request its full length
+    assert stream["ttft_ms_p50"] > 0 and stream["itl_ms_p99"] >= stream["itl_ms_p50"] > 0
+    assert stream["server_cpu_ms_per_token"] > 0 and stream["engine_thread_cpu_ms_per_token"] > 0
+    plain = asyncio.run(run_load(server.url, prompts, lengths, 50.0, False, seed=1))
+    assert plain["output_tokens"] == sum(lengths) and plain["itl_ms_p50"] is None
+
+
+def _run(rate, stream, tps, itl99, rps=10.0):
+    return {"rate": rate, "stream": stream, "output_tokens_per_s": tps, "requests_per_s": rps, "itl_ms_p99": itl99,
+            "ttft_ms_p50": 100.0, "steady_tokens_per_s_all_slots_busy": None}
+
+
+def test_summary_reads_the_targets(tmp_path):
+    result = {"date": "2026-12-07", "gpu": "H100",
+              "based": {"slots": 8, "offline": {"tokens_per_s": 1000.0},
+                        "runs": [_run("inf", True, 800, 150), _run(5.0, True, 600, 90), _run(2.5, True, 300, 40),
+                                 _run("inf", False, 950, None)]},
+              "transformer": {"slots": 4, "offline": {"tokens_per_s": 300.0},
+                              "runs": [_run("inf", True, 250, 120), _run(1.0, True, 100, 80)]}}
+    s = summarize(result)
+    assert s["based_stream_over_offline"] == 0.8 and s["based_plain_over_offline"] == 0.95
+    assert s["based_best_tokens_per_s_at_p99_itl_le_100ms"] == 600
+    assert s["based_over_transformer_at_p99_itl_le_100ms"] == 6.0
+    assert s["based_rate_near_half_saturation"] == 5.0
+    plot(result, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_serve_quick_on_cpu(tmp_path):
+    out = tmp_path / "serve.json"
+    assert main(["--device", "cpu", "--presets", "debug", "--quick", "--out", str(out), "--git-rev", "abc",
+                 "--gpu", "none"]) == 0
+    result = json.loads(out.read_text())
+    assert result["git_revision"] == "abc" and result["gpu"] == "none"
+    runs = result["debug"]["runs"]
+    assert len(runs) == 4 and all(r["failed"] == 0 for r in runs)
+    assert result["debug"]["offline"]["tokens_per_s"] > 0 and out.with_suffix(".png").exists()
