@@ -22,7 +22,8 @@ def register(sub) -> None:
                    "--quick; 1 otherwise)")
     p.add_argument("--limit", type=int, default=None, help="train at most this many new runs, then stop")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="start no new run after this many seconds (runs under way finish; rerun to go on)")
+                   help="start no new run after this many seconds; stacked models still training then save "
+                   "their state to OUT/partial/ and stop, runs trained alone finish; rerun to go on")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every example count (smoke tests of the sweep machinery only)")
     p.add_argument("--epochs", type=int, default=None, help="override the sweep's epochs (smoke tests; >= 1)")
@@ -74,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     print(best_table([r for r in rows if r["run_id"] in ids]))
     print(f"{sum(r['run_id'] in ids for r in rows)} of {len(runs)} runs of '{args.sweep}' in {args.out}/results.jsonl; "
           f"plot: {args.out}/pareto.png")
+    if rows.paused:
+        print(f"{len(rows.paused)} models paused at the time limit, their state in {Path(args.out) / 'partial'}: "
+              "run the same command again to go on")
     if rows.failed:
         print(f"{len(rows.failed)} runs failed (not recorded; a rerun tries them again): tracebacks in "
               f"{Path(args.out) / 'failures'}/<run_id>.txt", file=sys.stderr)

@@ -19,8 +19,11 @@ equals the same run trained alone up to fp32 rounding (tests/mqar/test_stacked.p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +198,22 @@ class StackedTrainer:
             self._step(*shape)
         self.steps_done += 1
 
+    def state_dict(self, seconds: float) -> dict:
+        """Everything a resumed group needs beyond its runs (whose batch order is fixed by the seed)."""
+        return {"run_ids": [r.run_id for r in self.runs], "steps_done": self.steps_done, "seconds": seconds,
+                **{name: t.detach().cpu() for name, t in zip(("flat", "exp_avg", "exp_avg_sq", "losses"),
+                                                             (self.flat, self.exp_avg, self.exp_avg_sq, self.losses))}}
+
+    def load_state(self, state: dict) -> float:
+        """Go on from state_dict(); returns the training seconds spent before."""
+        if state["run_ids"] != [r.run_id for r in self.runs]:
+            raise ValueError("this saved state belongs to other runs")
+        for name in ("flat", "exp_avg", "exp_avg_sq", "losses"):
+            getattr(self, name).copy_(state[name])
+        self.steps_done = state["steps_done"]
+        self.step_t.fill_(self.steps_done)
+        return state["seconds"]
+
     def load_run(self, i: int) -> MQARModel:
         """The model with run i's current parameters."""
         with torch.no_grad():
@@ -203,11 +222,33 @@ class StackedTrainer:
         return self.model
 
 
-def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = None) -> list[dict]:
+_now = time.time  # the clock a deadline is read on (tests stop it mid-run)
+
+
+class Paused(Exception):
+    """A stacked group stopped at the sweep's time limit, its state saved to `path` for the next call."""
+
+    def __init__(self, runs: list[MQARRun], step: int, total: int, path: Path):
+        super().__init__(f"{runs[0].model_name} ({len(runs)} lrs) paused at step {step} of {total}: {path}")
+        self.runs, self.step, self.total, self.path = runs, step, total, path
+
+    def __reduce__(self):  # from a worker process back to the sweep
+        return Paused, (self.runs, self.step, self.total, self.path)
+
+
+def checkpoint_path(runs: list[MQARRun], folder: str | Path) -> Path:
+    """Where a paused group keeps its state: named by its runs, so only the same group resumes from it."""
+    key = hashlib.sha1(" ".join(r.run_id for r in runs).encode()).hexdigest()[:16]
+    return Path(folder) / f"{key}.pt"
+
+
+def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = None, deadline: float | None = None,
+                  checkpoint_dir: str | Path | None = None) -> list[dict]:
     """Train the runs (one stack_key) together and test each; returns their rows, in the order of `runs`.
 
     cuda_graphs: capture the step as CUDA graphs (default: on CUDA). Matmuls run as TF32 on CUDA, as in
-    train_mqar.
+    train_mqar. deadline (time.time()) with checkpoint_dir: past it, the parameters, AdamW moments and step
+    go to checkpoint_dir and Paused is raised; a later call with the same runs goes on from there.
     """
     tf32 = torch.device(device).type == "cuda"
     previous = torch.get_float32_matmul_precision()
@@ -216,17 +257,29 @@ def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = 
     try:
         start = time.perf_counter()
         trainer = StackedTrainer(runs, device, cuda_graphs=tf32 if cuda_graphs is None else cuda_graphs)
-        for _ in range(trainer.total_steps):
+        path = None if checkpoint_dir is None else checkpoint_path(runs, checkpoint_dir)
+        earlier_seconds = 0.0
+        if path is not None and path.exists():
+            earlier_seconds = trainer.load_state(torch.load(path, map_location=device))
+        while trainer.steps_done < trainer.total_steps:
+            if path is not None and deadline is not None and _now() > deadline:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(trainer.state_dict(earlier_seconds + time.perf_counter() - start), tmp)
+                os.replace(tmp, path)
+                raise Paused(runs, trainer.steps_done, trainer.total_steps, path)
             trainer.step()
         losses = trainer.losses.tolist()  # waits for the queued steps
-        train_seconds = time.perf_counter() - start
+        train_seconds = earlier_seconds + time.perf_counter() - start
         rows = []
         for i, run in enumerate(runs):
-            row = result_row(run, trainer.load_run(i), losses[i], start, train_seconds, device)
+            row = result_row(run, trainer.load_run(i), losses[i], start - earlier_seconds, train_seconds, device)
             rows.append({**row, "tf32": tf32, "stacked": len(runs), "cuda_graphs": trainer.cuda_graphs})
+        if path is not None:
+            path.unlink(missing_ok=True)
         return rows
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
-__all__ = ["StackedTrainer", "group_runs", "stack_key", "steps_per_epoch", "train_stacked"]
+__all__ = ["Paused", "StackedTrainer", "group_runs", "stack_key", "steps_per_epoch", "train_stacked"]

@@ -198,9 +198,10 @@ def best_table(rows: list[dict]) -> str:
 
 class SweepRows(list):
     """run_sweep's rows (every row of results.jsonl), with the runs of this call that failed:
-    `failed` [(run, path of its traceback)]."""
+    `failed` [(run, path of its traceback)], and the stacked groups stopped at the time limit: `paused`."""
 
     failed: list[tuple[MQARRun, Path]]
+    paused: list
 
 
 def _init_worker(threads: int) -> None:
@@ -220,9 +221,11 @@ def _devices(device: str, jobs: int) -> list[str]:
     return [device]
 
 
-def train_group(runs: list[MQARRun], device: str, stacked: bool) -> list[dict]:
+def train_group(runs: list[MQARRun], device: str, stacked: bool, deadline: float | None = None,
+                checkpoint_dir: Path | None = None) -> list[dict]:
     """Rows of the runs of one group: stacked, or one by one. A stacked group that does not fit the device's
-    memory is halved and tried again (k = 1 trains alone)."""
+    memory is halved and tried again (k = 1 trains alone); one still training at `deadline` (time.time())
+    saves its state to checkpoint_dir and raises Paused."""
     import torch
 
     if not stacked:
@@ -230,13 +233,14 @@ def train_group(runs: list[MQARRun], device: str, stacked: bool) -> list[dict]:
     from .stacked import train_stacked
 
     try:
-        return train_stacked(runs, device)
+        return train_stacked(runs, device, deadline=deadline, checkpoint_dir=checkpoint_dir)
     except torch.OutOfMemoryError:
         if len(runs) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(runs) // 2
-        return train_group(runs[:half], device, stacked) + train_group(runs[half:], device, stacked)
+        return (train_group(runs[:half], device, stacked, deadline, checkpoint_dir)
+                + train_group(runs[half:], device, stacked, deadline, checkpoint_dir))
 
 
 def run_sweep(
@@ -250,8 +254,9 @@ def run_sweep(
 
     stacked: train the runs that differ only in lr as one stacked model (based/mqar/stacked.py; default:
     on CUDA), at most max_stack at once. shard (I, N): train only this shard's groups (shard_groups).
-    time_limit: seconds after which no new group starts (groups already started, and with jobs > 1 the one
-    queued behind them, still finish). A run that raises is left out of results.jsonl (a rerun tries it
+    time_limit: seconds after which no new group starts; a stacked group still training then saves its
+    state to out_dir/partial/ and stops (Paused; the next call goes on from there), runs trained alone
+    finish (with jobs > 1, so does the one queued behind them). A run that raises is left out of results.jsonl (a rerun tries it
     again), its traceback written to out_dir/failures/<run_id>.txt; the others go on.
     """
     import time
@@ -260,7 +265,7 @@ def run_sweep(
     from tqdm import tqdm
 
     from .plot import plot_pareto
-    from .stacked import group_runs
+    from .stacked import Paused, group_runs
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +278,9 @@ def run_sweep(
     groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
     devices = _devices(device, jobs)
     deadline = None if time_limit is None else time.monotonic() + time_limit
+    pause_at = None if time_limit is None else time.time() + time_limit
     failed: list[tuple[MQARRun, Path]] = []
+    paused: list[Paused] = []
 
     bar = tqdm(total=len(todo), desc=f"MQAR runs ({len(done)} done before)", disable=not progress)
 
@@ -295,13 +302,19 @@ def run_sweep(
                        file=sys.stderr)
         bar.update(len(group))
 
+    def paused_group(pause: Paused) -> None:
+        paused.append(pause)
+        tqdm.write(f"paused: {pause} (rerun to go on)", file=sys.stdout)
+
     if jobs <= 1:
         for group in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
             bar.set_postfix_str(group[0].model_name)
             try:
-                rows = train_group(group, device, stacked)
+                rows = train_group(group, device, stacked, pause_at, out / "partial")
+            except Paused as pause:
+                paused_group(pause)
             except Exception as error:  # one broken mixer must not stop the sweep
                 failed_group(group, error)
             else:
@@ -313,7 +326,8 @@ def run_sweep(
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(train_group, group, devices[k % len(devices)], stacked): group
+            futures = {pool.submit(train_group, group, devices[k % len(devices)], stacked, pause_at,
+                                   out / "partial"): group
                        for k, group in enumerate(groups)}
             pending = set(futures)
             while pending:
@@ -324,6 +338,8 @@ def run_sweep(
                         continue
                     try:
                         rows = future.result()
+                    except Paused as pause:
+                        paused_group(pause)
                     except Exception as error:
                         failed_group(futures[future], error)
                     else:
@@ -334,7 +350,7 @@ def run_sweep(
                     deadline = None
     bar.close()
     rows = SweepRows(read_results(results))
-    rows.failed = failed
+    rows.failed, rows.paused = failed, paused
     if rows:
         plot_pareto(rows, out / "pareto.png")
     return rows

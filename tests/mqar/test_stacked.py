@@ -59,3 +59,20 @@ def test_group_runs():
     assert group_runs(a + b, max_stack=2) == [a[:2], a[2:], b[:2], b[2:]]
     with pytest.raises(ValueError, match="lr only"):
         StackedTrainer([a[0], b[0]])
+
+
+def test_a_paused_group_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Stopped at the time limit after 4 of its 10 steps and resumed: the rows of an uninterrupted run."""
+    import based.mqar.stacked as stacked
+
+    runs = [MQARRun("linear_attn", 16, lr, {"feature_dim": 4}, **TINY) for lr in LRS[:2]]
+    whole = train_stacked(runs)
+    clock = iter(range(100))
+    monkeypatch.setattr(stacked, "_now", lambda: next(clock))
+    with pytest.raises(stacked.Paused, match="paused at step 4 of 10") as paused:
+        train_stacked(runs, deadline=3.5, checkpoint_dir=tmp_path)
+    assert paused.value.path.exists()
+    resumed = train_stacked(runs, deadline=1e9, checkpoint_dir=tmp_path)
+    assert not paused.value.path.exists()
+    for a, b in zip(whole, resumed):
+        assert (a["final_train_loss"], a["accuracy"]) == (b["final_train_loss"], b["accuracy"])
