@@ -174,7 +174,9 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         return None
 
     async def stream(request: Request, queue, seqs, chunk, include_usage: bool):
-        """Server-sent events: one chunk per Output, a last chunk with usage, then [DONE]."""
+        """Server-sent events: a chunk per choice with what arrived since the last one, a last chunk with
+        usage, then [DONE]. Outputs that queued up while the event loop was busy go out as one chunk: under load
+        a stream sends fewer, larger chunks instead of falling behind."""
         ends: dict[int, Output] = {}
         try:
             for i in range(len(seqs)):
@@ -182,14 +184,24 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
             while len(ends) < len(seqs):
-                i, out = await queue.get()
-                if out.error:
-                    yield f"data: {json.dumps(error_body(out.error, None, 'server_error'))}\n\n"
-                    return
-                if out.finish_reason is not None:
-                    ends[i] = out
-                if out.text or out.finish_reason is not None:
-                    yield f"data: {json.dumps(chunk(i, out.text, out.finish_reason))}\n\n"
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                texts: dict[int, list[str]] = {}
+                for i, out in items:
+                    if out.error:
+                        yield f"data: {json.dumps(error_body(out.error, None, 'server_error'))}\n\n"
+                        return
+                    texts.setdefault(i, []).append(out.text)
+                    if out.finish_reason is not None:
+                        ends[i] = out
+                events = []
+                for i, parts in texts.items():
+                    text, end = "".join(parts), ends.get(i)
+                    if text or end is not None:
+                        events.append(f"data: {json.dumps(chunk(i, text, end and end.finish_reason))}\n\n")
+                if events:
+                    yield "".join(events)
             if include_usage:
                 yield f"data: {json.dumps(chunk(None, None, None) | {'choices': [], 'usage': usage(ends)})}\n\n"
             yield "data: [DONE]\n\n"
