@@ -31,3 +31,50 @@ def test_prompt_over_the_full_attention_limit_gets_400(transformer_client):
     # At the limit exactly, and prefilled in two pieces (prefill_chunk 256): served.
     r = transformer_client.post("/v1/completions", json={"prompt": "x" * 500, "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+
+
+def _greedy(model, prompt: bytes, n: int) -> list[int]:
+    from based.generation import generate
+
+    return generate(model, torch.tensor([list(prompt)]), n)[0].tolist()
+
+
+class EosBytes(ByteTokenizer):
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+
+def test_eos_ends_a_sequence_unless_ignore_eos():
+    from .conftest import INIT_RANGE
+
+    torch.manual_seed(0)
+    model = BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=INIT_RANGE)).eval()
+    ids = _greedy(model, b"Hello there", 12)
+    eos = ids[4]
+    cut = ids.index(eos)
+    scheduler = Scheduler(model, EosBytes(eos), max_slots=2, max_waiting=4, prefill_chunk=64)
+    with TestClient(create_app(scheduler, "m")) as client:
+        body = {"prompt": "Hello there", "max_tokens": 12, "temperature": 0}
+        out = client.post("/v1/completions", json=body).json()
+        assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == cut
+        assert out["choices"][0]["text"] == bytes(ids[:cut]).decode("utf-8", "replace")
+        out = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+        assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 12
+
+
+def test_checkpoint_tokenizer_and_its_chat_template(tmp_path):
+    from based.data.tokenizer import train_tokenizer
+    from based.serve.text import load_tokenizer
+
+    tok = train_tokenizer(["some text to learn a few merges from, some text again"] * 50, 300, tmp_path)
+    tok.chat_template = "[{{ messages[0]['content'] }}]"
+    tok.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.chat_template == "[{{ messages[0]['content'] }}]" and tokenizer.eos_token == "<|endoftext|>"
+    model = BasedForCausalLM(BasedConfig.from_preset("debug", vocab_size=320)).eval()
+    scheduler = Scheduler(model, tokenizer, max_slots=2, max_waiting=4, prefill_chunk=64)
+    with TestClient(create_app(scheduler, "m")) as client:
+        out = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "some text"}],
+                                                        "max_tokens": 5, "temperature": 0, "ignore_eos": True}).json()
+        assert out["usage"]["prompt_tokens"] == len(tokenizer.encode("[some text]"))
+        assert out["usage"]["completion_tokens"] == 5 and isinstance(out["choices"][0]["message"]["content"], str)
