@@ -164,9 +164,13 @@ class StackedTrainer:
             shapes = sorted(set(zip(self.tasks, self.sizes)))
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
+            first = {}
+            for s, shape in enumerate(zip(self.tasks, self.sizes)):
+                first.setdefault(shape, s)
             with torch.cuda.stream(side):
                 for shape in shapes:
-                    for _ in range(2):
+                    for _ in range(2):  # on a step of this shape: its indices fit this task's examples
+                        self.step_t.fill_(first[shape])
                         self._step(*shape)
             torch.cuda.current_stream(self.device).wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
