@@ -15,6 +15,7 @@ import torch
 GREEDY_BELOW = 1e-5
 
 _M32 = 0xFFFFFFFF
+SAMPLER_BLOCK_ELEMENTS = 1 << 24  # logits sampled at once by SlotSampling.sample (rows x vocabulary)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -122,4 +123,13 @@ class SlotSampling:
             params = tuple(p[slots] for p in params)
         elif rows is not None:
             params = tuple(p[:rows] for p in params)
-        return sample_slots(logits, *params, position)
+        # In blocks of rows: the sampler's sort, indices and hashes take ~40 bytes per logit, 18 GB for 8,800
+        # slots of a 50k vocabulary at once (kept reserved by a captured step's memory pool).
+        n = logits.shape[0]
+        block = max(1, SAMPLER_BLOCK_ELEMENTS // max(1, logits.shape[1]))
+        if n <= block:
+            return sample_slots(logits, *params, position)
+        return torch.cat([
+            sample_slots(logits[i:i + block], *(p[i:i + block] for p in params), position[i:i + block])
+            for i in range(0, n, block)
+        ])

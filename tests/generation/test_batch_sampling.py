@@ -132,3 +132,19 @@ def test_slot_decoder_seeded_sampling_ignores_slot_and_neighbours(model):
     assert run(4, [[1, 2], [9]]) == alone
     assert run(1, [[7, 7, 7]]) == alone
     assert len(set(alone)) > 1
+
+
+def test_slot_sampling_in_row_blocks_equals_all_at_once(monkeypatch):
+    from based.generation import batch_sampling
+    from based.generation.batch_sampling import SlotSampling
+
+    torch.manual_seed(2)
+    ss = SlotSampling(7, "cpu")
+    ss.set(list(range(7)), [0.0, 0.8, 1.2, 1e-7, 0.5, 1.0, 2.0], [0, 3, 0, 0, 1, 10, 0], [1.0, 1.0, 0.7, 1.0, 1.0, 0.9, 0.3],
+           [5, 6, 7, 8, 9, 10, 11])
+    assert ss.any_random
+    logits, pos = torch.randn(7, 64), torch.arange(7) * 3
+    whole = ss.sample(logits, pos)
+    monkeypatch.setattr(batch_sampling, "SAMPLER_BLOCK_ELEMENTS", 64 * 2)  # blocks of 2 rows
+    assert torch.equal(ss.sample(logits, pos), whole)
+    assert torch.equal(ss.sample(logits[:5], pos[:5], rows=5), whole[:5])
