@@ -10,6 +10,7 @@ two trainers starting at once.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -48,9 +49,11 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = Path(out) / LOCK
         self._fd: int | None = None
+        self._created_out = False
         self.took_over: dict | None = None  # the stale holder replaced, if any
 
     def acquire(self) -> "RunLock":
+        self._created_out = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -114,6 +117,9 @@ class RunLock:
         finally:
             os.close(self._fd)  # drops the flock
             self._fd = None
+        if self._created_out:  # a run refused before writing anything leaves no empty OUT behind
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -329,6 +329,7 @@ def test_bad_model_config_files(small_corpus, small_tokenizer, tmp_path):
                                          r"\(did you mean 'window_size'\?\)"):
         main(["train", "--out", str(tmp_path / "run"), "--config", str(config), "--data", str(small_corpus),
               "--tokenizer", str(small_tokenizer)])
+    assert not (tmp_path / "run").exists()  # a refused run leaves no empty folder behind
     # A config.json written by training (model_type, architectures, transformers_version, ...) is accepted.
     saved = json.loads(json.dumps(BasedConfig.from_preset("debug", vocab_size=512).to_dict()))
     config.write_text(json.dumps(saved))
