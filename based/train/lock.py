@@ -39,6 +39,8 @@ def pid_alive(pid) -> bool:
 
 
 def _describe(holder: dict, path: Path) -> str:
+    if not holder:  # it has the flock but has not written its record yet
+        return f"a trainer starting now (lock file {path})"
     return (f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')} "
             f"(lock file {path})")
 
@@ -59,7 +61,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # on a filesystem without flock support this cannot be told
+            except BlockingIOError:  # a live process holds it
                 holder = self._read(fd)
                 os.close(fd)
                 raise RunLocked(f"another trainer is running in {self.path.parent}: {_describe(holder, self.path)}; "
@@ -105,9 +107,10 @@ class RunLock:
     def _read(fd: int) -> dict:
         try:
             data = os.pread(fd, 4096, 0)
-            return json.loads(data) if data.strip() else {}
+            holder = json.loads(data) if data.strip() else {}
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def release(self) -> None:
         if self._fd is None:

@@ -253,9 +253,9 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def apply_optimizer_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
-    """After a checkpoint is loaded: this run's --lr, --beta1/2 and --weight-decay replace the saved ones
-    (the schedule's shape, --warmup / --max-steps / --min-lr-ratio, and --grad-clip are read from this
-    run's config anyway), so what run.json records is what runs. With the same settings nothing changes:
+    """After a checkpoint is loaded: this run's --lr, --weight-decay and beta1 / beta2 replace the ones saved
+    with AdamW's state (the schedule's shape, --warmup / --max-steps / --min-lr-ratio, and --grad-clip are
+    read from this run's config anyway), so what run.json records is what runs. With the same settings nothing changes:
     the LR is recomputed by the scheduler's own expression."""
     factor = scheduler.lr_lambdas[0]
     scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
@@ -388,13 +388,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         changed = settings_changed(trainer_state.get("train_config", {}), cfg)
         del model_state, trainer_state
         say(f"resumed from {ckpt} (step {start})")
-        if changed:
-            shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            say(f"--resume: from step {start + 1} on, {shown} (recorded in run.json)")
     end = cfg.stop_at or cfg.max_steps
     if start >= end:
         say(f"{out} is already at step {start} (of {end}): nothing to do")
         return {"out": str(out), "step": start, "loss": None, "val_loss": None, "checkpoint": str(ckpt), "sample": None}
+    if changed:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        say(f"--resume: from step {start + 1} on, {shown} (recorded in run.json)")
 
     metrics = None
     if info.is_main:

@@ -295,11 +295,12 @@ def test_killed_between_the_final_checkpoint_and_the_export(small_corpus, small_
         assert torch.equal(v, newest_weights[k]), k
 
 
-def test_optimizer_flags_on_resume_apply_and_are_recorded(small_corpus, small_tokenizer, tmp_path):
+def test_optimizer_flags_on_resume_apply_and_are_recorded(small_corpus, small_tokenizer, tmp_path, capsys):
     first = make_config(tmp_path, small_corpus, small_tokenizer, max_steps=6, stop_at=3, save_every=3)
     train(first)
     train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=6, save_every=3, resume=True, lr=1e-3,
                       weight_decay=0.05))
+    assert "--resume: from step 4 on, lr 0.003 -> 0.001, weight_decay 0.1 -> 0.05" in capsys.readouterr().out
     factor = trainer_mod.lr_schedule(4, 6, 0.1)
     lrs = {r["step"]: r["lr"] for r in train_rows(tmp_path)}
     assert lrs[3] == pytest.approx(3e-3 * factor(2), rel=1e-12)  # before the resume: the first run's
