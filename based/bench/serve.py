@@ -276,11 +276,14 @@ def bench_preset(preset: str, args) -> dict:
         n_sat = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
         sat = run(float("inf"), True, n_sat)
         rates = args.rates or [f * sat["requests_per_s"] for f in args.rate_fractions]
-        for rate in rates:
-            n = max(args.min_prompts, round(rate * args.duration))
-            run(rate, True, n)
+        planned = [(rate, True, max(args.min_prompts, round(rate * args.duration))) for rate in rates]
         if not args.skip_plain:
-            run(float("inf"), False, n_sat)
+            planned.append((float("inf"), False, n_sat))
+        for rate, stream, n in planned:
+            if time.monotonic() > args.deadline:  # --time-limit: what is left is listed, not run
+                result.setdefault("skipped_runs", []).append({"rate": str(rate), "stream": stream, "requests": n})
+                continue
+            run(rate, stream, n)
         result["server_exit_code"] = server.stop()
     finally:
         server.stop()
@@ -375,7 +378,7 @@ def main(argv=None) -> int:
                    help="Poisson rates as fractions of the saturation run's requests/s")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per Poisson run")
     p.add_argument("--min-prompts", type=int, default=50, help="requests per run at the least")
-    p.add_argument("--saturation-factor", type=float, default=2.0, help="saturation requests = factor x slots")
+    p.add_argument("--saturation-factor", type=float, default=1.5, help="saturation requests = factor x slots")
     p.add_argument("--saturation-prompts", type=int, default=None,
                    help="requests of a saturation run (default: --saturation-factor x slots)")
     p.add_argument("--skip-plain", action="store_true", help="no non-streaming saturation run")
@@ -389,7 +392,12 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", default=None, help="recorded device name (default torch's name of the device)")
     p.add_argument("--date", default=None, help="recorded date (default today, UTC)")
     p.add_argument("--log-dir", default=None, help="write each server's log there")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds; runs that would start later are skipped (listed in the JSON)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the other presets' sections of an existing --out JSON (one preset per command)")
     args = p.parse_args(argv)
+    args.deadline = time.monotonic() + args.time_limit if args.time_limit else float("inf")
     if args.quick:
         args.max_slots = args.max_slots or 4
         args.prompt_len, args.output_len = 16, [4, 12]
@@ -420,7 +428,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(out.read_text()) if args.append and out.exists() else {}
     result = {
+        **earlier,
         "date": date, "gpu": gpu, "git_revision": args.git_rev or _git_rev(), "torch": torch.__version__,
         "python": platform.python_version(),
         "config": {"prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": True,
@@ -437,6 +447,9 @@ def main(argv=None) -> int:
         result["summary"] = summarize(result)
         out.write_text(json.dumps(result, indent=1) + "\n")
 
+    from based.commands.serve import raise_open_files_limit
+
+    raise_open_files_limit()
     started = time.perf_counter()
     for preset in args.presets:
         key = "based" if preset == "1.3b" else "transformer" if preset == "transformer-1.3b" else preset
@@ -446,7 +459,7 @@ def main(argv=None) -> int:
             result[key] = {"preset": preset, "error": f"{type(e).__name__}: {e}"}
             print(f"{preset} failed: {e!r}", file=sys.stderr, flush=True)
         save()
-    result["elapsed_s"] = time.perf_counter() - started
+    result[f"elapsed_s_{'_'.join(args.presets)}"] = time.perf_counter() - started
     save()
     plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))

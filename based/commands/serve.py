@@ -125,6 +125,18 @@ def build(args: argparse.Namespace):
     return Server(app, scheduler, args)
 
 
+def raise_open_files_limit() -> None:
+    """The soft limit on open files up to the hard one: a socket per client, often past the usual 1024."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 class Server:
     """uvicorn around the app, with our SIGTERM: stop accepting, let running requests finish for --grace
     seconds, end the rest with an error, exit 0."""
@@ -133,7 +145,10 @@ class Server:
         import uvicorn
 
         self.scheduler, self.grace = scheduler, args.grace
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+        raise_open_files_limit()
+        # Thousands of clients connect at once in a saturation benchmark: a listen backlog for them.
+        backlog = min(65535, max(2048, args.max_waiting + scheduler.max_slots))
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, backlog=backlog,
                                 timeout_graceful_shutdown=int(args.grace) + 10)
         outer = self
 
