@@ -268,9 +268,10 @@ def apply_optimizer_settings(optimizer, scheduler, cfg: TrainConfig) -> None:
 
 
 def settings_changed(saved: dict, cfg: TrainConfig) -> dict:
-    """{field: [value in the checkpoint's run, value now]} for the settings a resumed run changes."""
+    """{field: [value in the checkpoint's run, value now]} for the settings a resumed run changes (fields
+    newer than the checkpoint are not compared: its run had no such setting)."""
     now = asdict(cfg)
-    return {k: [saved.get(k), v] for k, v in now.items() if k not in _NOT_SETTINGS and saved.get(k) != v}
+    return {k: [saved[k], v] for k, v in now.items() if k not in _NOT_SETTINGS and k in saved and saved[k] != v}
 
 
 def _write_run_json(out: Path, cfg: TrainConfig, info: DistInfo, n_params: int, start: int, changed: dict) -> None:

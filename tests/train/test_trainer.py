@@ -97,6 +97,8 @@ def test_stop_and_resume_is_bit_identical(reference, small_corpus, small_tokeniz
     train(make_config(tmp_path, small_corpus, small_tokenizer, stop_at=13))
     assert list_checkpoints(tmp_path)[-1].name == "step-0000013" and train_rows(tmp_path)[-1]["step"] == 13
     train(make_config(tmp_path, small_corpus, small_tokenizer, resume=True))
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (run["start_step"], run["changes"]) == (13, [])  # --stop-at and --resume are no change of settings
     for a, b in zip(train_rows(tmp_path), train_rows(ref), strict=True):
         assert (a["step"], a["loss"], a["lr"], a["grad_norm"]) == (b["step"], b["loss"], b["lr"], b["grad_norm"])
     assert val_rows(tmp_path) == val_rows(ref)
