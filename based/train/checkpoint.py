@@ -79,13 +79,15 @@ def special_token_ids(tokenizer) -> dict:
 
 
 def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
-    """config.json + generation_config.json + model.safetensors (+ tokenizer files) into the existing
-    folder `path`; the tied LM head is left out, as save_pretrained does, and restored from the embedding
+    """config.json + generation_config.json + model.safetensors + modeling_based.py (+ tokenizer files)
+    into the existing folder `path`; the tied LM head is left out, as save_pretrained does, and restored from the embedding
     on load. With a tokenizer, its bos / eos / pad ids go into both configs (Hugging Face `generate` stops
     at eos_token_id and pads with pad_token_id) and the saved tokenizer gets eos as its pad token if it
     has none."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
+
+    from ..models.modeling import write_remote_code
 
     tensors = {k: v.detach().contiguous() for k, v in model_state.items()
                if not (config.tie_word_embeddings and k == _TIED_HEAD)}
@@ -101,6 +103,7 @@ def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(path)
     config.save_pretrained(path)
+    write_remote_code(path)  # as BasedForCausalLM.save_pretrained: loadable with trust_remote_code alone
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, config, tokenizer, trainer_state: dict,

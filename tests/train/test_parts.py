@@ -81,7 +81,7 @@ def test_only_rank_0_writes_checkpoints(tmp_path):
         save_checkpoint(tmp_path, step, *args, DistInfo(), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]
     assert sorted(f.name for f in list_checkpoints(tmp_path)[-1].iterdir()) == [
-        "config.json", "model.safetensors", "trainer.pt"]
+        "config.json", "model.safetensors", "modeling_based.py", "trainer.pt"]
     loaded = BasedForCausalLM.from_pretrained(list_checkpoints(tmp_path)[-1])
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k

@@ -249,6 +249,8 @@ def test_hf_generate_and_pipeline_stop_at_eos_without_set_up(reference):
     generation = json.loads((out / "generation_config.json").read_text())
     for saved in (config, generation):
         assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (eos, eos, eos)
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_based.BasedForCausalLM"  # trust_remote_code
+    assert (out / "modeling_based.py").is_file()
     assert tok.pad_token_id == eos
     model = BasedForCausalLM.from_pretrained(out).eval()
     calls = []
