@@ -354,16 +354,18 @@ def test_out_that_is_a_file_and_allocation_failures(small_corpus, small_tokenize
     with pytest.raises(SystemExit, match=r"^error: --out .*file is an existing file, not a folder"):
         main(["train", "--out", str(tmp_path / "file"), "--data", str(small_corpus), "--tokenizer",
               str(small_tokenizer)])
-    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
-                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes"),
-                  MemoryError("Unable to allocate 64.0 GiB for an array")):
-        def allocation_fails(*args, **kwargs):
-            raise error
+    def cuda_out_of_memory(*args, **kwargs):  # what CUDA raises (no GPU here)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
+    import numpy as np
+
+    # The CPU allocator's and numpy's real failures: 128 TiB and 8 PiB cannot be allocated anywhere.
+    for name, allocation_fails in (("cuda", cuda_out_of_memory), ("cpu", lambda *a, **k: torch.empty(2**45)),
+                                   ("numpy", lambda *a, **k: np.empty(2**50))):
         monkeypatch.setattr(trainer_mod, "_loss", allocation_fails)
         with pytest.raises(TrainError, match=r"out of memory at step 1 on cpu with --batch-size 4 \(x --seq-len 32\): "
                                              r"lower --batch-size"):
-            train(make_config(tmp_path / type(error).__name__, small_corpus, small_tokenizer))
+            train(make_config(tmp_path / name, small_corpus, small_tokenizer))
     monkeypatch.setattr(trainer_mod, "_loss", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="^shape mismatch$"):  # other errors are not reported as memory
         train(make_config(tmp_path / "other", small_corpus, small_tokenizer))
