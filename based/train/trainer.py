@@ -314,16 +314,23 @@ def train(cfg: TrainConfig) -> dict:
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is an existing file, not a folder: choose another --out")
     info = setup(cfg.device)
+    lock = RunLock(out) if info.is_main else None
     try:
-        with RunLock(out) if info.is_main else contextlib.nullcontext() as lock:
-            if lock is not None and lock.took_over:
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunLocked as e:
+                raise TrainError(str(e)) from None
+            except OSError as e:  # a path under a file, no permission, a read-only filesystem
+                raise TrainError(f"cannot create and lock the run folder --out {out}: {e}") from None
+            if lock.took_over:
                 held = lock.took_over
                 print(f"taking over {lock.path} from pid {held.get('pid')} (started {held.get('started')}), "
                       f"which is no longer running")
-            return _train(cfg, info)
-    except RunLocked as e:
-        raise TrainError(str(e)) from None
+        return _train(cfg, info)
     finally:
+        if lock is not None:
+            lock.release()
         teardown()
 
 

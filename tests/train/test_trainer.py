@@ -354,6 +354,8 @@ def test_out_that_is_a_file_and_allocation_failures(small_corpus, small_tokenize
     with pytest.raises(SystemExit, match=r"^error: --out .*file is an existing file, not a folder"):
         main(["train", "--out", str(tmp_path / "file"), "--data", str(small_corpus), "--tokenizer",
               str(small_tokenizer)])
+    with pytest.raises(SystemExit, match=r"^error: cannot create and lock the run folder --out .*file/run: "):
+        main(["train", "--out", str(tmp_path / "file" / "run"), "--data", str(small_corpus)])
     def cuda_out_of_memory(*args, **kwargs):  # what CUDA raises (no GPU here)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
