@@ -122,6 +122,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
             out.append(Sequence(
                 prompt=ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                 top_k=max(0, body.top_k), seed=seed + j, stop=body.stops, ignore_eos=body.ignore_eos,
+                incremental=body.stream or bool(body.stops),
                 deliver=lambda o, i=index: queue.put_nowait((i, o)),
             ))
         return out

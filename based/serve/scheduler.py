@@ -39,7 +39,7 @@ class ShuttingDown(Exception):
     """The server no longer accepts requests."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """What a sequence received in one pass: new text, and at the end its finish reason (or an error)."""
 
@@ -64,16 +64,19 @@ class Sequence:
     seed: int = 0
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    incremental: bool = True  # text every pass (streams, stop strings); False: decoded once at the end
     arrival: float = field(default_factory=time.monotonic)
     # Owned by the engine loop from here on.
     slot: int | None = None
     prefilled: int = 0
     scratch: list | None = None
     ids: list[int] = field(default_factory=list)
-    prefix: int = 0  # Detokenizer offsets
+    prefix: int = 0  # Detokenizer state
     read: int = 0
-    text: str = ""
+    utf8: object = None
+    text: str = ""  # kept only with stop strings
     sent: int = 0
+    matcher: StopMatcher | None = None
     done: bool = False
     cancelled: bool = False
 
@@ -222,8 +225,8 @@ class Scheduler:
                 return False
         if doomed:
             self._read_pending()
-            self._finish([(s, "abort") for s in doomed], error=reason)
-        self._finish([(s, "cancelled") for s in cancels if not s.done], deliver=False)
+            self._finish([(s, "abort", "") for s in doomed], error=reason)
+        self._finish([(s, "cancelled", "") for s in cancels if not s.done], deliver=False)
 
         first_seqs, first_tokens = self._prefill()
         stepped = bool(self.running)
@@ -308,66 +311,71 @@ class Scheduler:
             ready.synchronize()
         values = host.tolist()
         now = time.monotonic()
-        new: dict[Sequence, list[int]] = {}
-        for seq, token in zip(first_seqs, values):
-            if not seq.done:
-                new[seq] = [token]
-        base = len(first_seqs)
-        continuing = 0
+        new: dict[Sequence, list[int]] = {seq: [token] for seq, token in zip(first_seqs, values) if not seq.done}
+        firsts, base = len(new), len(first_seqs)
         for slot, seq in stepped:
             if not seq.done:
                 if seq in new:
                     new[seq].append(values[base + slot])
                 else:
                     new[seq] = [values[base + slot]]
-                    continuing += 1
+        continuing = len(new) - firsts
         if not new:
             return
         self.metrics.itl.observe(now - self._last_read, continuing)
         self._last_read = now
         streams, final, reasons = [], [], {}
-        produced = 0
+        produced, eos = 0, self.eos
         for seq, ids in new.items():
             if not seq.ids:
                 self.metrics.ttft.observe(now - seq.arrival)
             room = seq.max_tokens - len(seq.ids)
-            if not seq.ignore_eos and self.eos is not None and self.eos in ids[:room]:
-                ids, reasons[seq] = ids[:ids.index(self.eos)], "stop"
+            if eos is not None and not seq.ignore_eos and eos in ids[:room]:
+                ids, reasons[seq] = ids[:ids.index(eos)], "stop"
             elif len(ids) >= room:
                 ids, reasons[seq] = ids[:room], "length"
             seq.ids.extend(ids)
             produced += len(ids)
-            streams.append(seq)
-            final.append(seq in reasons)
+            if seq.incremental or seq in reasons:  # else its text is decoded once, when it ends
+                streams.append(seq)
+                final.append(seq in reasons)
         self.metrics.add_tokens(produced)
         texts = self.detokenizer.step(streams, final)
         outputs, finished = [], []
         for seq, piece in zip(streams, texts):
+            reason = reasons.get(seq)
+            if not seq.stop:  # no text kept: each piece goes out as it comes
+                if reason:
+                    finished.append((seq, reason, piece))
+                elif piece:
+                    outputs.append((seq, Output(piece)))
+                continue
+            # Stop strings: the text is kept, a match may begin in text already held back.
+            matcher = seq.matcher or StopMatcher(seq.stop)
+            seq.matcher = matcher
             before = len(seq.text)
             seq.text += piece
-            matcher = StopMatcher(seq.stop) if seq.stop else None
-            if matcher is not None:
-                at = matcher.find(seq.text, before)
-                if at is not None:
-                    seq.text, reasons[seq] = seq.text[:at], "stop"
-            reason = reasons.get(seq)
-            end = len(seq.text) if reason or matcher is None else len(seq.text) - matcher.held(seq.text)
+            at = matcher.find(seq.text, before)
+            if at is not None:
+                seq.text, reason = seq.text[:at], "stop"
             if reason:
-                finished.append((seq, reason))  # _finish sends the rest of the text
-            elif end > seq.sent:
+                finished.append((seq, reason, seq.text[seq.sent:]))
+                seq.sent = len(seq.text)
+                continue
+            end = len(seq.text) - matcher.held(seq.text)
+            if end > seq.sent:
                 outputs.append((seq, Output(seq.text[seq.sent:end])))
                 seq.sent = end
         self.post(outputs)
-        self._finish(finished, deltas=True)
+        self._finish(finished)
 
-    def _finish(self, items: list[tuple[Sequence, str]], error: str | None = None, deliver: bool = True,
-                deltas: bool = False) -> None:
-        """End sequences: free their slots, count them, and send each its last Output."""
+    def _finish(self, items: list[tuple], error: str | None = None, deliver: bool = True) -> None:
+        """End sequences (seq, reason, last text): free their slots, count them, send each its last Output."""
         if not items:
             return
         slots, outputs = [], []
         with self.cond:
-            for seq, reason in items:
+            for seq, reason, text in items:
                 seq.done = True
                 if seq.slot is not None:
                     if self.running.get(seq.slot) is seq:
@@ -379,8 +387,6 @@ class Scheduler:
                     seq.slot, seq.scratch = None, None
                 self.metrics.finished.labels(reason).inc()
                 if deliver:
-                    text = seq.text[seq.sent:] if deltas else ""
-                    seq.sent = len(seq.text)
                     outputs.append((seq, Output(text, reason, len(seq.prompt), len(seq.ids), error)))
             self._occupancy()
         self.decoder.free(slots)
@@ -390,4 +396,4 @@ class Scheduler:
         self.pending = None
         with self.cond:
             doomed = [*self.prefilling, *self.running.values()]
-        self._finish([(s, "error") for s in doomed], error=error)
+        self._finish([(s, "error", "") for s in doomed], error=error)

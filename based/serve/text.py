@@ -47,21 +47,14 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
-        # Ids above 255 (a vocabulary larger than bytes) are no byte: U+FFFD, as `based generate` prints them.
-        return [bytes(i if i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace") for ids in sequences]
-
-    def incomplete(self, new_ids: list[int], text: str) -> bool:
-        """Whether the new bytes end inside a UTF-8 character (not merely in an invalid byte or an id > 255)."""
-        tail = []
-        for i in reversed(new_ids[-3:]):
-            if i >= 256:
-                break
-            tail.append(i)
-        if not tail:
-            return False
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        decoder.decode(bytes(reversed(tail)), final=False)
-        return bool(decoder.getstate()[0])
+        out = []
+        for ids in sequences:
+            try:
+                data = bytes(ids)
+            except ValueError:  # ids above 255 (a larger vocabulary) are no byte: U+FFFD, as `based generate` prints
+                data = bytes(i if i < 256 else 0xFF for i in ids)
+            out.append(data.decode("utf-8", errors="replace"))
+        return out
 
 
 class HFTokenizer:
@@ -85,11 +78,6 @@ class HFTokenizer:
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         return self.backend.decode_batch(sequences, skip_special_tokens=True)
 
-    def incomplete(self, new_ids: list[int], text: str) -> bool:
-        """A tail of U+FFFD is taken for a character whose bytes are still coming (as vLLM does); the end of
-        the sequence flushes it."""
-        return text.endswith("\ufffd")
-
 
 def load_tokenizer(checkpoint: Path | None):
     """The checkpoint's tokenizer when its folder has one, else bytes."""
@@ -103,28 +91,43 @@ class Detokenizer:
 
     Each stream keeps two offsets into its ids (as vLLM does): text is decoded from `prefix` (a few tokens
     back, so that a tokenizer that merges across tokens sees its context) and what lies past the text of
-    ids[prefix:read] is new. New ids that end inside a character (the tokenizer's `incomplete`) wait for the
-    next token.
+    ids[prefix:read] is new. A tail of U+FFFD is taken for a character whose bytes are still coming: it waits
+    for the next token (the stream's end flushes it). Byte tokens need none of this: each stream has its own
+    incremental UTF-8 decoder (one C call a step, which also tells a character still arriving from an
+    invalid byte or an id past 255, so a random-weight model's stream never stalls).
     """
 
     def __init__(self, tokenizer):
         self.decode_batch = tokenizer.decode_batch
-        self.incomplete = tokenizer.incomplete
+        self.bytes = isinstance(tokenizer, ByteTokenizer)
 
     def step(self, streams: list, final: list[bool]) -> list[str]:
-        """New text of each stream (objects with .ids, .prefix, .read); final streams flush their tail."""
+        """New text of each stream (objects with .ids, .prefix, .read, .utf8); final streams flush their tail."""
         if not streams:
             return []
+        if self.bytes:
+            return [self._bytes(s, last) for s, last in zip(streams, final)]
         texts = self.decode_batch([s.ids[s.prefix:] for s in streams] + [s.ids[s.prefix:s.read] for s in streams])
         n = len(streams)
         out = []
         for s, full, before, last in zip(streams, texts[:n], texts[n:], final):
-            if (not last and self.incomplete(s.ids[s.read:], full)) or len(full) <= len(before):
+            if (not last and full.endswith("\ufffd")) or len(full) <= len(before):
                 out.append("")
                 continue
             out.append(full[len(before):])
             s.prefix, s.read = s.read, len(s.ids)
         return out
+
+    @staticmethod
+    def _bytes(s, last: bool) -> str:
+        if s.utf8 is None:
+            s.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        new, s.read = s.ids[s.read:], len(s.ids)
+        try:
+            data = bytes(new)
+        except ValueError:
+            data = bytes(i if i < 256 else 0xFF for i in new)
+        return s.utf8.decode(data, last)
 
 
 class StopMatcher:

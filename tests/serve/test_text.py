@@ -22,7 +22,7 @@ def bpe(tmp_path_factory):
 
 class Stream:
     def __init__(self):
-        self.ids, self.prefix, self.read = [], 0, 0
+        self.ids, self.prefix, self.read, self.utf8 = [], 0, 0, None
 
 
 def _incremental(tokenizer, sequences, rng):
