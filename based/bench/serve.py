@@ -108,8 +108,16 @@ def scrape(text: str) -> dict[str, float]:
 
 
 async def metrics(session, url: str) -> dict[str, float]:
-    async with session.get(url + "/metrics") as r:
-        return scrape(await r.text())
+    import aiohttp
+
+    for attempt in range(3):  # a pooled connection the server closed meanwhile (keep-alive) resets once
+        try:
+            async with session.get(url + "/metrics") as r:
+                return scrape(await r.text())
+        except aiohttp.ClientError:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def one_request(session, url: str, prompt: str, max_tokens: int, stream: bool) -> dict:

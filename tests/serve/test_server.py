@@ -231,8 +231,9 @@ def test_queue_full_gets_429_with_retry_after(server):
     assert after["based_requests_running"] == 0 and after["based_requests_waiting"] == 0
 
 
-def test_200_random_requests_with_disconnects_leave_it_healthy(server):
-    rng = random.Random(1)
+@pytest.mark.parametrize("count", [200, pytest.param(2000, marks=pytest.mark.slow)])
+def test_random_requests_with_disconnects_leave_it_healthy(server, count):
+    rng = random.Random(count)
 
     def one(i):
         body = {"prompt": rng.choice(PROMPTS)[: rng.randint(1, 40)], "max_tokens": rng.randint(1, 40),
@@ -251,7 +252,7 @@ def test_200_random_requests_with_disconnects_leave_it_healthy(server):
         return r.status_code
 
     with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(one, range(200)))
+        codes = list(pool.map(one, range(count)))
     assert all(c in (None, 200) for c in codes), codes
     after = server.wait_idle(30)
     assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
