@@ -275,6 +275,9 @@ def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = 
             trainer.step()
         losses = trainer.losses.tolist()  # waits for the queued steps
         train_seconds = earlier_seconds + time.perf_counter() - start
+        trainer.graphs.clear()  # their memory pool back, for the evaluation at lengths up to 1024
+        if trainer.device.type == "cuda":
+            torch.cuda.empty_cache()
         rows = []
         for i, run in enumerate(runs):
             row = result_row(run, trainer.load_run(i), losses[i], start - earlier_seconds, train_seconds, device)

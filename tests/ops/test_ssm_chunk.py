@@ -27,6 +27,7 @@ def _inputs(Bsz, T, Dm, N, seed, big_steps=False):
 
 @pytest.mark.parametrize("T, chunk_size", [(63, None), (64, 8), (37, 5), (1, None), (500, 16), (20, 64)])
 @pytest.mark.parametrize("with_state", [False, True])
+@torch.enable_grad()  # without gradients the chunked scan hands over to the reference
 def test_chunk_scan_matches_reference(T, chunk_size, with_state):
     u, delta, A, B, C, D, h0 = _inputs(2, T, 6, 4, seed=T, big_steps=T == 63)
     init = h0 if with_state else None
@@ -50,6 +51,7 @@ def test_chunk_scan_gradients_match_reference(T):
         assert torch.isfinite(g).all() and _rel(g, ref) < 1e-4, name
 
 
+@torch.enable_grad()
 def test_chunk_scan_without_D_or_state():
     u, delta, A, B, C, _, _ = _inputs(1, 10, 3, 2, seed=3)
     y, h = chunk_selective_scan(u, delta, A, B, C)

@@ -44,10 +44,13 @@ def chunk_selective_scan(
     """
     from . import _mamba_selective_scan, selective_scan
 
-    if (initial_state is None and u.is_cuda and _mamba_selective_scan is not None
-            and not torch._C._functorch.is_functorch_wrapped_tensor(u)):
-        # mamba-ssm's fused kernel where it applies (it has no vmap rule).
-        return selective_scan(u, delta, A, B, C, D, output_final_state=output_final_state)
+    fused = (initial_state is None and u.is_cuda and _mamba_selective_scan is not None
+             and not torch._C._functorch.is_functorch_wrapped_tensor(u))  # mamba-ssm's kernel has no vmap rule
+    if fused or not torch.is_grad_enabled():
+        # mamba-ssm's fused kernel where it applies; without gradients the reference, which holds
+        # [B, 64, D, N] at a time where this holds [B, T, D, N] several times (evaluation runs T = 1024).
+        return selective_scan(u, delta, A, B, C, D, initial_state=initial_state,
+                              output_final_state=output_final_state)
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     c = chunk_size or max(1, round(math.sqrt(T)))
