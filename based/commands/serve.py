@@ -67,8 +67,10 @@ def default_slots(model, dtype, device, max_seq_len: int, fraction: float) -> tu
     from based.generation.state import free_memory_bytes
 
     per_slot = model.inference_state_bytes(max_seq_len, 1, dtype)
-    # Beside the state, per slot: fp32 logits and the sampler's sorted copy and indices, a few activations.
-    per_slot_total = per_slot + 24 * model.config.vocab_size + 64 * model.config.d_model
+    # Beside the state, per slot: the step's logits and their argmax, a few activations (as based bench
+    # generate counts them); the sampler works in blocks of rows (batch_sampling.SAMPLER_BLOCK_ELEMENTS) and
+    # the prefill's activations fit in the fraction left over.
+    per_slot_total = per_slot + 8 * model.config.vocab_size + 64 * model.config.d_model
     free = free_memory_bytes(device)
     if free is None:
         return 1, per_slot, None
