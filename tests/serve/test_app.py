@@ -78,3 +78,17 @@ def test_checkpoint_tokenizer_and_its_chat_template(tmp_path):
                                                         "max_tokens": 5, "temperature": 0, "ignore_eos": True}).json()
         assert out["usage"]["prompt_tokens"] == len(tokenizer.encode("[some text]"))
         assert out["usage"]["completion_tokens"] == 5 and isinstance(out["choices"][0]["message"]["content"], str)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "debug", "--max-slots", "0"], "--max-slots must be >= 1"),
+    (["--preset", "debug", "--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
+    (["--preset", "debug", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
+    (["--checkpoint", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    from based.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("based serve: error:") and message in err[0]
