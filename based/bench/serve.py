@@ -54,6 +54,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def full_attention(preset: str) -> bool:
+    from based.models import BasedConfig
+
+    return "attention" in BasedConfig.from_preset(preset).mixer_types
+
+
 class ServerProcess:
     """`based serve` in a subprocess; its start-up line (slots) kept."""
 
@@ -65,6 +71,8 @@ class ServerProcess:
                "--prefill-chunk", str(args.prefill_chunk), "--grace", "5"]
         if args.max_slots:
             cmd += ["--max-slots", str(args.max_slots)]
+        if full_attention(preset):  # a KV cache as long as the benchmark's sequences: more slots fit
+            cmd += ["--max-seq-len", str(args.prompt_len + args.output_len[1])]
         self.log = open(Path(args.log_dir) / f"serve-{preset}.log", "w") if args.log_dir else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.cmd = cmd
@@ -283,7 +291,7 @@ def bench_preset(preset: str, args) -> dict:
         result["runs"].clear()
         n_sat = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
         sat = run(float("inf"), True, n_sat)
-        rates = args.rates or [f * sat["requests_per_s"] for f in args.rate_fractions]
+        rates = args.rates or [f * sat["requests_per_s"] for f in args.rate_fractions if sat["requests_per_s"] > 0]
         planned = [(rate, True, max(args.min_prompts, round(rate * args.duration))) for rate in rates]
         if not args.skip_plain:
             planned.append((float("inf"), False, n_sat))

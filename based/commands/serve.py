@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the free slots; then 429")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine pass; longer prompts go in pieces of this size")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="prompt + max_tokens a full-attention model's KV cache holds per slot (default its "
+                        "max_position_embeddings; less gives more slots)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="initialises a preset's random weights")
@@ -109,6 +112,12 @@ def build(args: argparse.Namespace):
     model = model.to(device=device, dtype=dtype).eval()
     limit = full_attention_limit(model)
     max_seq_len = model.config.max_position_embeddings
+    if args.max_seq_len is not None:
+        if not 1 <= args.max_seq_len <= max_seq_len:
+            raise ValueError(f"--max-seq-len must be in [1, {max_seq_len}] (max_position_embeddings), got "
+                             f"{args.max_seq_len}")
+        max_seq_len = args.max_seq_len
+        limit = limit and max_seq_len
     slots, per_slot, free = default_slots(model, dtype, device, max_seq_len, args.memory_fraction)
     if args.max_slots is not None:
         slots = args.max_slots

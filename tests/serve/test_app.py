@@ -92,3 +92,17 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("based serve: error:") and message in err[0]
+
+
+def test_max_seq_len_sizes_the_kv_cache_and_the_limit():
+    from based.cli import build_parser
+    from based.commands.serve import build
+
+    args = build_parser().parse_args(["serve", "--preset", "transformer-debug", "--max-seq-len", "100",
+                                      "--max-slots", "2", "--device", "cpu"])
+    server = build(args)
+    assert server.scheduler.decoder.state.max_seq_len == 100
+    with TestClient(server.server.config.app) as client:
+        r = client.post("/v1/completions", json={"prompt": "x" * 90, "max_tokens": 20})
+        assert r.status_code == 400 and "100 positions" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "x" * 90, "max_tokens": 10}).status_code == 200
