@@ -121,7 +121,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
             index = base_index + j
             out.append(Sequence(
                 prompt=ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                top_k=max(0, body.top_k), seed=seed + j, stop=body.stops, ignore_eos=body.ignore_eos,
+                top_k=max(0, body.top_k), seed=(seed + j + 2**63) % 2**64 - 2**63, stop=body.stops, ignore_eos=body.ignore_eos,
                 incremental=body.stream or bool(body.stops),
                 deliver=lambda o, i=index: queue.put_nowait((i, o)),
             ))
@@ -133,8 +133,8 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         scheduler.submit(seqs)
         return queue, seqs
 
-    def usage(outs: dict[int, Output]) -> dict:
-        prompt = sum(o.prompt_tokens for o in outs.values())
+    def usage(outs: dict[int, Output], n: int) -> dict:
+        prompt = sum(o.prompt_tokens for i, o in outs.items() if i % n == 0)  # once per prompt, not per choice
         completion = sum(o.completion_tokens for o in outs.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -174,7 +174,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
             return JSONResponse(error_body(errors[0], None, "server_error"), status_code=503)
         return None
 
-    async def stream(request: Request, queue, seqs, chunk, include_usage: bool):
+    async def stream(request: Request, queue, seqs, chunk, include_usage: bool, n: int):
         """Server-sent events: a chunk per choice with what arrived since the last one, a last chunk with
         usage, then [DONE]. Outputs that queued up while the event loop was busy go out as one chunk: under load
         a stream sends fewer, larger chunks instead of falling behind."""
@@ -204,7 +204,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 if events:
                     yield "".join(events)
             if include_usage:
-                yield f"data: {json.dumps(chunk(None, None, None) | {'choices': [], 'usage': usage(ends)})}\n\n"
+                yield f"data: {json.dumps(chunk(None, None, None) | {'choices': [], 'usage': usage(ends, n)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             if len(ends) < len(seqs):
@@ -226,7 +226,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 return head | {"choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]}
 
             include = body.stream_options.include_usage if body.stream_options else True
-            return StreamingResponse(stream(request, queue, seqs, chunk, include), media_type="text/event-stream")
+            return StreamingResponse(stream(request, queue, seqs, chunk, include, body.n), media_type="text/event-stream")
         results = await collect(request, queue, seqs)
         if results is None:
             return Response(status_code=499)
@@ -235,7 +235,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
             return error
         choices = [{"index": i, "text": text, "finish_reason": out.finish_reason, "logprobs": None}
                    for i, (text, out) in sorted(results.items())]
-        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()})}
+        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()}, body.n)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -257,7 +257,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 return head | {"choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]}
 
             include = body.stream_options.include_usage if body.stream_options else True
-            return StreamingResponse(stream(request, queue, seqs, chunk, include), media_type="text/event-stream")
+            return StreamingResponse(stream(request, queue, seqs, chunk, include, body.n), media_type="text/event-stream")
         results = await collect(request, queue, seqs)
         if results is None:
             return Response(status_code=499)
@@ -266,6 +266,6 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
             return error
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason,
                     "logprobs": None} for i, (text, out) in sorted(results.items())]
-        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()})}
+        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()}, body.n)}
 
     return app

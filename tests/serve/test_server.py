@@ -84,7 +84,9 @@ def test_n_and_seeded_sampling(client):
     texts = [c.text for c in sorted(a.choices, key=lambda c: c.index)]
     assert texts == [c.text for c in sorted(b.choices, key=lambda c: c.index)]
     assert len(set(texts)) == 3  # choice i draws with seed + i
-    assert a.usage.completion_tokens == 48
+    assert a.usage.completion_tokens == 48 and a.usage.prompt_tokens == len(PROMPTS[0])  # the prompt once
+    top = client.completions.create(model="tiny", prompt="ab", max_tokens=2, seed=2**63 - 1, n=2)
+    assert len(top.choices) == 2  # seed + 1 wraps around instead of overflowing
     other = client.completions.create(n=1, **{**kwargs, "seed": 99}).choices[0].text
     assert other != texts[0]
 
