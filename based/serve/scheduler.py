@@ -251,8 +251,9 @@ class Scheduler:
 
     def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor]]:
         """Up to prefill_chunk prompt tokens of the sequences holding a slot; returns those that completed
-        their prompt and their first tokens (device tensors)."""
-        budget, whole, done, firsts = self.prefill_chunk, [], [], []
+        their prompt and their first tokens (device tensors). A prefill that fails ends its own sequences
+        with an error; the others go on."""
+        budget, whole, done, firsts, failed = self.prefill_chunk, [], [], [], []
         state = self.decoder.state
         for seq in list(self.prefilling):
             if budget <= 0:
@@ -263,30 +264,41 @@ class Scheduler:
                 budget -= left
                 continue
             n = min(left, budget)
-            if seq.scratch is None:
-                seq.scratch = self.model.allocate_inference_cache(1, state.dtype, state.device, state.max_seq_len)
-            piece = torch.tensor([seq.prompt[seq.prefilled:seq.prefilled + n]], device=state.device)
-            logits = prefill_chunk(self.model, seq.scratch, piece, seq.prefilled)
-            seq.prefilled += n
             budget -= n
-            self.metrics.prompt_tokens.inc(n)
-            if seq.prefilled == len(seq.prompt):
-                firsts.append(self._admit([seq], logits, seq.scratch))
-                seq.scratch = None
-                done.append(seq)
+            try:
+                if seq.scratch is None:
+                    seq.scratch = self.model.allocate_inference_cache(1, state.dtype, state.device, state.max_seq_len)
+                piece = torch.tensor([seq.prompt[seq.prefilled:seq.prefilled + n]], device=state.device)
+                logits = prefill_chunk(self.model, seq.scratch, piece, seq.prefilled)
+                seq.prefilled += n
+                self.metrics.prompt_tokens.inc(n)
+                if seq.prefilled == len(seq.prompt):
+                    firsts.append(self._admit([seq], logits, seq.scratch))
+                    seq.scratch = None
+                    done.append(seq)
+            except Exception:  # noqa: BLE001 - this sequence's failure, not the loop's
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                failed.append(seq)
         if whole:
-            T = max(len(s.prompt) for s in whole)
-            ids = torch.zeros(len(whole), T, dtype=torch.long)
-            mask = torch.zeros(len(whole), T, dtype=torch.long)
-            for i, s in enumerate(whole):
-                ids[i, T - len(s.prompt):] = torch.tensor(s.prompt)
-                mask[i, T - len(s.prompt):] = 1
-            logits = prefill(self.model, state, ids.to(state.device), mask.to(state.device), [s.slot for s in whole])
-            for s in whole:
-                s.prefilled = len(s.prompt)
-            self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in whole))
-            firsts.append(self._admit(whole, logits, None))
-            done.extend(whole)
+            try:
+                T = max(len(s.prompt) for s in whole)
+                ids = torch.zeros(len(whole), T, dtype=torch.long)
+                mask = torch.zeros(len(whole), T, dtype=torch.long)
+                for i, s in enumerate(whole):
+                    ids[i, T - len(s.prompt):] = torch.tensor(s.prompt)
+                    mask[i, T - len(s.prompt):] = 1
+                logits = prefill(self.model, state, ids.to(state.device), mask.to(state.device),
+                                 [s.slot for s in whole])
+                for s in whole:
+                    s.prefilled = len(s.prompt)
+                self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in whole))
+                firsts.append(self._admit(whole, logits, None))
+                done.extend(whole)
+            except Exception:  # noqa: BLE001
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                failed.extend(whole)
+        self._finish([(s, "error", "") for s in failed],
+                     error="internal error while prefilling this request (see the server log)")
         return done, firsts
 
     def _admit(self, seqs: list[Sequence], logits: torch.Tensor, layers) -> torch.Tensor:

@@ -106,3 +106,36 @@ def test_max_seq_len_sizes_the_kv_cache_and_the_limit():
         r = client.post("/v1/completions", json={"prompt": "x" * 90, "max_tokens": 20})
         assert r.status_code == 400 and "100 positions" in r.json()["error"]["message"]
         assert client.post("/v1/completions", json={"prompt": "x" * 90, "max_tokens": 10}).status_code == 200
+
+
+def test_a_failing_prefill_ends_only_its_own_request(monkeypatch):
+    from based.serve import scheduler as scheduler_module
+
+    model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
+    scheduler = Scheduler(model, ByteTokenizer(), max_slots=4, max_waiting=8, prefill_chunk=8)
+    real = scheduler_module.prefill_chunk
+
+    def broken(model, layers, ids, offset):  # the long prompt's pieces fail, whole short prompts do not
+        if b"BOOM" in bytes(ids[0].tolist()):
+            raise RuntimeError("boom")
+        return real(model, layers, ids, offset)
+
+    monkeypatch.setattr(scheduler_module, "prefill_chunk", broken)
+    with TestClient(create_app(scheduler, "m")) as client:
+        import threading
+
+        other = {}
+        running = threading.Thread(target=lambda: other.update(r=client.post(
+            "/v1/completions", json={"prompt": "abc", "max_tokens": 400, "temperature": 0})))
+        running.start()
+        while scheduler.counts()["running"] == 0:
+            pass
+        r = client.post("/v1/completions", json={"prompt": "xxBOOMxxxxxxxxxxxxxx", "max_tokens": 3})
+        assert r.status_code == 503 and "prefilling" in r.json()["error"]["message"]
+        running.join()
+        # The request running meanwhile was not disturbed.
+        assert other["r"].status_code == 200 and other["r"].json()["usage"]["completion_tokens"] == 400
+        r = client.post("/v1/completions", json={"prompt": "fine", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0, "slots_free": 4,
+                                                "slots": 4}
