@@ -11,6 +11,9 @@ the same device, one after the other. Per run: output tokens/s, requests/s, TTFT
 latency p50/p99 (between a stream's chunks; a chunk carrying k tokens counts as k gaps of 1/k), server CPU
 time per output token (process_cpu_seconds_total of the server over the tokens it generated, from
 /metrics) and the steady-state tokens/s while every slot was busy (from /metrics, sampled each second).
+Inter-token latency is the gap between a stream's consecutive chunks, as vLLM's ITL: the server sends what
+queued up for a stream as one chunk, so under load a chunk may carry several tokens, and a gap counts once;
+time per output token (TPOT, (latency - TTFT) / (tokens - 1) per request) is reported beside it.
 
 Order per preset: saturation streaming, then Poisson streaming at --rate-fractions of the saturation
 request rate (or at --rates), then saturation without streaming; then the offline engine
@@ -143,7 +146,7 @@ async def one_request(session, url: str, prompt: str, max_tokens: int, stream: b
                 out["latency"] = out["ttft"] = time.perf_counter() - start
                 out["tokens"] = data["usage"]["completion_tokens"]
                 return out
-            last, chunk_tokens = None, 0
+            last = None
             async for line in r.content:
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
@@ -159,12 +162,7 @@ async def one_request(session, url: str, prompt: str, max_tokens: int, stream: b
                 else:
                     out["itl"].append(now - last)
                 last = now
-                chunk_tokens += 1
             out["latency"] = time.perf_counter() - start
-            # Chunks that carried several tokens: spread each gap over its tokens (vLLM counts chunks too).
-            if out["tokens"] > chunk_tokens > 1:
-                k = (out["tokens"] - 1) / (chunk_tokens - 1)
-                out["itl"] = [g / k for g in out["itl"] for _ in range(round(k))]
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
         out["error"] = f"{type(e).__name__}: {e}"
     return out
@@ -208,6 +206,8 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
     tokens = sum(r["tokens"] for r in ok)
     itl = [g for r in ok for g in r["itl"]]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    # Time per output token after the first (vLLM's TPOT): a chunk that carried several tokens counts them all.
+    tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if stream and r["ttft"] and r["tokens"] > 1]
     server_tokens = after.get("based_generation_tokens_total", 0) - before.get("based_generation_tokens_total", 0)
     cpu = after.get("process_cpu_seconds_total", 0) - before.get("process_cpu_seconds_total", 0)
     engine_cpu = after.get("based_engine_cpu_seconds_total", 0) - before.get("based_engine_cpu_seconds_total", 0)
@@ -223,6 +223,7 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
         "ttft_ms_p50": _ms(percentile(ttft, 50)), "ttft_ms_p99": _ms(percentile(ttft, 99)),
         "itl_ms_p50": _ms(percentile(itl, 50)), "itl_ms_p99": _ms(percentile(itl, 99)),
         "itl_ms_mean": _ms(statistics.fmean(itl)) if itl else None,
+        "tpot_ms_p50": _ms(percentile(tpot, 50)), "tpot_ms_p99": _ms(percentile(tpot, 99)),
         "server_cpu_ms_per_token": _ms(cpu / server_tokens) if server_tokens else None,
         "engine_thread_cpu_ms_per_token": _ms(engine_cpu / server_tokens) if server_tokens else None,
     }

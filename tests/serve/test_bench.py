@@ -18,6 +18,7 @@ def test_client_counts_tokens_latencies_and_server_cpu(server):
     assert stream["completed"] == 6 and stream["failed"] == 0
     assert stream["output_tokens"] == sum(lengths)  # ignore_eos: every request its full length
     assert stream["ttft_ms_p50"] > 0 and stream["itl_ms_p99"] >= stream["itl_ms_p50"] > 0
+    assert stream["tpot_ms_p99"] >= stream["tpot_ms_p50"] > 0
     assert stream["server_cpu_ms_per_token"] > 0 and stream["engine_thread_cpu_ms_per_token"] > 0
     plain = asyncio.run(run_load(server.url, prompts, lengths, 50.0, False, seed=1))
     assert plain["output_tokens"] == sum(lengths) and plain["itl_ms_p50"] is None
