@@ -101,6 +101,7 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--max-slots must be >= 1, got {args.max_slots}")
     if not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    check_address(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -134,6 +135,22 @@ def build(args: argparse.Namespace):
     name = args.model_name or (str(args.checkpoint) if args.checkpoint else args.preset)
     app = create_app(scheduler, name, limit)
     return Server(app, scheduler, args)
+
+
+def check_address(host: str, port: int) -> None:
+    """Raises ValueError naming --host / --port when the server could not listen there."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another port") from None
 
 
 def raise_open_files_limit() -> None:
@@ -187,6 +204,6 @@ class Server:
         self.scheduler.abort(f"the server shut down before this request finished (--grace {self.grace:g} s)")
 
     def run(self) -> None:
-        print(f"based serve: listening on http://{self.server.config.host}:{self.server.config.port}",
+        print(f"based serve: starting on http://{self.server.config.host}:{self.server.config.port}",
               file=sys.stderr, flush=True)
         self.server.run()

@@ -85,11 +85,20 @@ def test_checkpoint_tokenizer_and_its_chat_template(tmp_path):
     (["--preset", "debug", "--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
     (["--preset", "debug", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
     (["--checkpoint", "/nonexistent/model"], "/nonexistent/model"),
+    (["--preset", "debug", "--port", "{taken}"], "--port {taken}: cannot listen"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    import socket
+
     from based.cli import main
 
-    assert main(["serve", *argv]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = [a.replace("{taken}", port) for a in argv]
+        message = message.replace("{taken}", port)
+        assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("based serve: error:") and message in err[0]
 
