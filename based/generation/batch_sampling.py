@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-# Temperatures below this are greedy: logits / 1e-6 overflow fp32 for ordinary logit gaps (inf - inf = NaN).
+# Temperatures below this are greedy: a tiny one overflows the scaled logits to inf (softmax then takes
+# inf - inf = NaN), and below 1e-5 a draw is the argmax anyway unless two logits are within ~1e-4.
 GREEDY_BELOW = 1e-5
 
 _M32 = 0xFFFFFFFF
