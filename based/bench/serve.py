@@ -71,7 +71,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "based.cli", "serve", "--preset", preset, "--port", str(self.port),
                "--device", args.device, "--max-waiting", str(args.max_waiting),
-               "--prefill-chunk", str(args.prefill_chunk), "--grace", "5"]
+               "--prefill-chunk", str(args.prefill_chunk), "--stream-interval", str(args.stream_interval),
+               "--grace", "5"]
         if args.max_slots:
             cmd += ["--max-slots", str(args.max_slots)]
         if full_attention(preset):  # a KV cache as long as the benchmark's sequences: more slots fit
@@ -387,6 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-slots", type=int, default=None, help="default: the server's own (what fits memory)")
     p.add_argument("--max-waiting", type=int, default=1_000_000, help="the servers' queue (the client sends all)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per engine pass")
+    p.add_argument("--stream-interval", type=int, default=1, help="the servers' --stream-interval")
     p.add_argument("--prompt-len", type=int, default=PROMPT, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, nargs=2, default=list(OUTPUT), metavar=("MIN", "MAX"),
                    help="output tokens per request, uniform in MIN..MAX")
@@ -452,6 +454,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "config": {"prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": True,
                    "decoding": "greedy", "weights": "random", "prefill_chunk": args.prefill_chunk,
+                   "stream_interval": args.stream_interval,
                    "rates": args.rates, "rate_fractions": None if args.rates else args.rate_fractions,
                    "duration_s": args.duration, "device": args.device,
                    "client": "aiohttp, Poisson arrivals (vLLM benchmark_serving methodology)"},

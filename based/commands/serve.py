@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the free slots; then 429")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine pass; longer prompts go in pieces of this size")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="a stream's text is sent every N tokens (the first at once): fewer chunks, less CPU per token")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + max_tokens a full-attention model's KV cache holds per slot (default its "
                         "max_position_embeddings; less gives more slots)")
@@ -94,7 +96,7 @@ def build(args: argparse.Namespace):
     from .generate import load
 
     for flag, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
-                             ("--prefill-chunk", args.prefill_chunk, 1)):
+                             ("--prefill-chunk", args.prefill_chunk, 1), ("--stream-interval", args.stream_interval, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.max_slots is not None and args.max_slots < 1:
@@ -131,7 +133,7 @@ def build(args: argparse.Namespace):
           f"{f', at most {CPU_MAX_SLOTS} on a CPU' if device.type == 'cpu' and not args.max_slots else ''})",
           file=sys.stderr, flush=True)
     scheduler = Scheduler(model, tokenizer, slots, args.max_waiting, args.prefill_chunk, max_seq_len=max_seq_len,
-                          cuda_graph=False if args.no_cuda_graph else None)
+                          cuda_graph=False if args.no_cuda_graph else None, stream_interval=args.stream_interval)
     name = args.model_name or (str(args.checkpoint) if args.checkpoint else args.preset)
     app = create_app(scheduler, name, limit)
     return Server(app, scheduler, args)

@@ -148,3 +148,23 @@ def test_a_failing_prefill_ends_only_its_own_request(monkeypatch):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0, "slots_free": 4,
                                                 "slots": 4}
+
+
+def test_stream_interval_sends_fewer_chunks_with_the_same_text():
+    import json
+
+    torch.manual_seed(0)
+    model = BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=0.3)).eval()
+    texts = {}
+    for interval in (1, 5):
+        scheduler = Scheduler(model, ByteTokenizer(), max_slots=2, max_waiting=4, prefill_chunk=64,
+                              stream_interval=interval)
+        with TestClient(create_app(scheduler, "m")) as client:
+            body = {"prompt": "Hello", "max_tokens": 23, "temperature": 0, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+        pieces = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+        texts[interval] = ("".join(pieces), len(pieces))
+    assert texts[1][0] == texts[5][0]
+    assert texts[5][1] <= 2 + 23 // 5 < texts[1][1]  # the first token, one chunk per 5 tokens, the end
