@@ -194,6 +194,8 @@ class Scheduler:
         self.metrics.set_occupancy(len(self.prefilling) + len(self.running), len(self.waiting))
 
     def _run(self) -> None:
+        if self.cuda:  # events and streams of this thread belong to the model's device (--device cuda:1)
+            torch.cuda.set_device(self.model.device)
         cpu = time.thread_time()
         while True:
             try:
