@@ -194,7 +194,7 @@ class Scheduler:
         self.metrics.set_occupancy(len(self.prefilling) + len(self.running), len(self.waiting))
 
     def _run(self) -> None:
-        if self.cuda:  # events and streams of this thread belong to the model's device (--device cuda:1)
+        if self.cuda and self.model.device.index is not None:  # this thread's events and copies: the model's device
             torch.cuda.set_device(self.model.device)
         cpu = time.thread_time()
         while True:
