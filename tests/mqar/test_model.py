@@ -90,3 +90,15 @@ def test_run_layout_is_a_recorded_field():
     assert paper.to_dict()["layout"] == "paper" and paper.run_id != hybrid.run_id
     assert hybrid.model_name.endswith("layout=conv_hybrid") and "layout" not in paper.model_name
     assert MQARModel(paper.config()).layout == "paper" and MQARModel(hybrid.config()).layout == "conv_hybrid"
+
+
+@pytest.mark.slow  # about 15 s on an idle core, 50 s on a loaded one
+def test_paper_layout_learns_mqar():
+    """Figure 2's Based model solves a small MQAR task (600 steps of batch 32; measured 0.97 at step 500)."""
+    from based.mqar.train import train_mqar
+
+    run = MQARRun("linear_attn", 64, 3e-3, {"feature_dim": 16}, train=(MQARTask(64, 4, 600 * 32),),
+                  test=(MQARTask(64, 4, 256),), vocab_size=256, epochs=1, batch_size=32)
+    assert run.layout == "paper"
+    row = train_mqar(run)
+    assert row["accuracy"]["T64_kv4"] > 0.8, row

@@ -15,15 +15,17 @@ from based.mqar.train import query_positions
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_attention_learns_mqar(seed):
-    """The sanity check of the whole pipeline: attention solves a small MQAR task (320 steps, ~4 s)."""
+    """The sanity check of the whole pipeline: attention solves a small MQAR task (320 steps, ~4 s). In the
+    earlier layout: figure 2's (N(0, 0.02) init) starts slower, 0.41 / 0.996 for seeds 0 / 1 at this budget
+    (tests/mqar/test_model.py trains it on a larger one)."""
     run = MQARRun("attention", 32, 1e-2, train=(MQARTask(32, 4, 2048),), test=(MQARTask(32, 4, 256),),
-                  vocab_size=48, epochs=10, batch_size=64, seed=seed, data_seed=seed)
+                  vocab_size=48, epochs=10, batch_size=64, seed=seed, data_seed=seed, layout="conv_hybrid")
     row = train_mqar(run)
     assert row["accuracy"]["T32_kv4"] > 0.9, row
 
 
 def test_model_layout():
-    model = MQARModel(mqar_config("linear_attn", 48, 100, feature_dim=8))
+    model = MQARModel(mqar_config("linear_attn", 48, 100, layout="conv_hybrid", feature_dim=8))
     assert [type(m).__name__ for m in model.mixers] == ["BaseConv", "LinearAttention"]
     assert model.mixers[0].kernel_size == 3 and model.mixers[1].num_heads == 1
     assert not any("mlp" in name or "position" in name for name, _ in model.named_parameters())
@@ -98,7 +100,8 @@ def test_every_figure2_mixer_trains_and_the_sweep_resumes(tmp_path):
                                         "T1024_kv256"}
         assert MQARRun.from_dict(row["run"]).run_id == row["run_id"]
     attn = next(r for r in rows if r["mixer"] == "attention")
-    assert attn["state_size"]["1024"] == 2 * attn["d_model"] * 1024
+    # Figure 2's layout counts every layer's state: the KV cache and the BaseConv's 3 d before it.
+    assert attn["state_size"]["1024"] == 2 * attn["d_model"] * 1024 + 3 * attn["d_model"]
 
 
 def test_cli_runs_and_resumes(tmp_path, capsys):
