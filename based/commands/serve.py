@@ -91,7 +91,7 @@ def build(args: argparse.Namespace):
     from based.generation.state import full_attention_limit
     from based.serve.app import create_app
     from based.serve.scheduler import Scheduler
-    from based.serve.text import load_tokenizer
+    from based.serve.text import ByteTokenizer, load_tokenizer
 
     from .generate import load
 
@@ -110,9 +110,17 @@ def build(args: argparse.Namespace):
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the graphs' capture streams and the engine's events follow it
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, _, what = load(args)  # the checkpoint's or a preset's model; the tokenizer is ours (batch decoding)
+    if args.preset is not None:  # random weights made on the device: seconds for 1.3b, not a CPU init
+        from based import BasedConfig, BasedForCausalLM
+
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = BasedForCausalLM(BasedConfig.from_preset(args.preset))
+        what = f"preset {args.preset} (random weights)"
+    else:
+        model, _, what = load(args)  # the checkpoint's model; the tokenizer is ours (batch decoding)
     tokenizer = load_tokenizer(args.checkpoint)
-    if tokenizer.eos_token_id is None and args.checkpoint is not None and model.config.vocab_size < 256:
+    if isinstance(tokenizer, ByteTokenizer) and model.config.vocab_size < 256:
         raise ValueError(f"byte-level tokens need vocab_size >= 256, the model has {model.config.vocab_size}")
     model = model.to(device=device, dtype=dtype).eval()
     limit = full_attention_limit(model)
