@@ -443,7 +443,9 @@ def main(argv=None) -> int:
 
     gpu = args.gpu or (torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "cpu")
     date = args.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    out = args.out or Path("benchmarks/results") / f"serve-{gpu.split()[-1].lower()}-{date}.json"
+    # "NVIDIA H100 80GB HBM3" -> h100: the first word that has letters then digits.
+    short = next((w for w in gpu.split() if w[:1].isalpha() and w[1:].isdigit()), gpu.split()[-1]).lower()
+    out = args.out or Path("benchmarks/results") / f"serve-{short}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
