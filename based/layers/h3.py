@@ -52,7 +52,8 @@ class H3(nn.Module):
             raise ValueError(f"head_dim must be a positive divisor of d_model={d_model}, got {head_dim}")
         if disc not in DISCRETISATIONS:
             raise ValueError(f"disc must be one of {DISCRETISATIONS}, got {disc!r}")
-        self.d_model, self.d_state, self.head_dim, self.disc, self.layer_idx = d_model, d_state, head_dim, disc, layer_idx
+        self.d_model, self.d_state, self.head_dim, self.disc = d_model, d_state, head_dim, disc
+        self.layer_idx = layer_idx
         self.num_heads = d_model // head_dim
         H, modes = self.num_heads, d_state // 2
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d_model, d_model) for _ in range(3))
