@@ -83,7 +83,7 @@ def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
     into the existing folder `path`; the tied LM head is left out, as save_pretrained does, and restored from the embedding
     on load. With a tokenizer, its bos / eos / pad ids go into both configs (Hugging Face `generate` stops
     at eos_token_id and pads with pad_token_id) and the saved tokenizer gets eos as its pad token if it
-    has none."""
+    has none, and the default chat template (based.serve.text.default_chat_template) if it has none."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -98,9 +98,18 @@ def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
         for name, value in ids.items():
             setattr(config, name, value)
         GenerationConfig(**ids).save_pretrained(path)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        needs_pad = tokenizer.pad_token is None and tokenizer.eos_token is not None
+        needs_template = getattr(tokenizer, "chat_template", None) is None
+        if needs_pad or needs_template:
             tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
+        if needs_pad:
             tokenizer.pad_token = tokenizer.eos_token
+        if needs_template:
+            # The template `based serve` falls back to, written down so that transformers' apply_chat_template
+            # and every other chat client render the same prompt.
+            from ..serve.text import default_chat_template
+
+            tokenizer.chat_template = default_chat_template()
         tokenizer.save_pretrained(path)
     config.save_pretrained(path)
     write_remote_code(path)  # as BasedForCausalLM.save_pretrained: loadable with trust_remote_code alone

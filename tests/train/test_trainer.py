@@ -277,6 +277,22 @@ def test_hf_generate_and_pipeline_stop_at_eos_without_set_up(reference):
         assert tok.decode(generated, skip_special_tokens=True).startswith(prompt)
 
 
+def test_trained_tokenizer_carries_the_default_chat_template(reference):
+    # `based serve` renders chat requests with the tokenizer's template; training writes the server's default,
+    # so transformers' apply_chat_template (and any client that reads tokenizer_config.json) renders the same.
+    from transformers import AutoTokenizer
+
+    from based.serve.text import default_chat_template, render_chat
+
+    out, _ = reference
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.chat_template == default_chat_template()
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == render_chat(default_chat_template(), messages, tok.eos_token, tok.bos_token)
+    assert text == f"<|system|>\nBe terse.{tok.eos_token}\n<|user|>\nHi{tok.eos_token}\n<|assistant|>\n"
+
+
 def test_killed_between_the_final_checkpoint_and_the_export(small_corpus, small_tokenizer, tmp_path, monkeypatch):
     real_export = trainer_mod._export
 
