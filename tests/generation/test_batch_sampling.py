@@ -148,3 +148,39 @@ def test_slot_sampling_in_row_blocks_equals_all_at_once(monkeypatch):
     monkeypatch.setattr(batch_sampling, "SAMPLER_BLOCK_ELEMENTS", 64 * 2)  # blocks of 2 rows
     assert torch.equal(ss.sample(logits, pos), whole)
     assert torch.equal(ss.sample(logits[:5], pos[:5], rows=5), whole[:5])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_slot_decoder_on_cuda_graphs_matches_generate_and_keeps_seeds(model):
+    # The server's step on CUDA: bucketed graphs (greedy and sampled) captured per row count. Greedy rows
+    # equal generate() on the same device; a seeded row draws the same tokens whatever slot and neighbours.
+    cuda_model = BasedForCausalLM(model.config).cuda().eval()
+    cuda_model.load_state_dict(model.state_dict())
+    a, b = [5, 6, 7, 8, 9, 10, 11], [100, 3]
+    decoder = Decoder(cuda_model, 6, slot_sampling=True)
+    out = {2: [_join(decoder, cuda_model, 2, a).item()]}
+    for _ in range(3):
+        out[2].append(decoder.step(rows=3)[2].item())
+    out[0] = [_join(decoder, cuda_model, 0, b).item()]
+    _join(decoder, cuda_model, 1, [9, 9], temperature=1.1, seed=3)
+    for _ in range(8):
+        tokens = decoder.step(rows=3)
+        out[2].append(tokens[2].item())
+        out[0].append(tokens[0].item())
+    assert out[2] == generate(cuda_model, torch.tensor([a], device="cuda"), 12)[0].tolist()
+    assert out[0] == generate(cuda_model, torch.tensor([b], device="cuda"), 9)[0].tolist()
+
+    def seeded(slot, neighbours):
+        decoder = Decoder(cuda_model, 5, slot_sampling=True)
+        for i, other in enumerate(neighbours):
+            _join(decoder, cuda_model, i + 3 if slot < 3 else i, other, temperature=1.3, seed=i)
+            decoder.step()
+        tokens = [_join(decoder, cuda_model, slot, [40, 41, 42, 43], temperature=0.9, top_p=0.95, top_k=20,
+                        seed=77).item()]
+        for _ in range(10):
+            tokens.append(decoder.step()[slot].item())
+        return tokens
+
+    alone = seeded(0, [])
+    assert seeded(4, [[1, 2], [9]]) == alone and len(set(alone)) > 1
