@@ -5,6 +5,10 @@ numerics check: stacked training on the GPU (fp32 matmuls, graphs) against the C
 
     BASED_GIT_REV=$(git rev-parse HEAD) python benchmarks/mqar_stacked.py --out results.json
 
+`--count-ops` (CPU, no GPU needed) counts instead the ops that launch a kernel (aten calls less views) in
+one training step, today's path for one run against the stacked step of a model's 4 runs, per training
+length: the launch count that CUDA graphs then replay.
+
 Rates are measured over the first STEPS steps of each group's real schedule (task shapes mixed as in
 training) after warm-up and capture; a group's full time is projected as 22,624 steps at that rate. Setup
 (data to the device, graph capture) is reported apart.
@@ -117,14 +121,67 @@ def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool) -> dict:
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
 
 
+_VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze", "permute",
+          "as_strided", "split", "split_with_sizes", "unbind", "detach", "alias", "reshape", "_reshape_alias",
+          "lift_fresh", "lift_fresh_copy", "empty", "empty_like", "empty_strided", "narrow", "view_as"}
+
+
+def count_ops(out: str, batch: int = 8) -> None:
+    """Kernel-launching ops per step (CPU; the count does not depend on the batch size)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in _VIEWS
+            return func(*args, **(kwargs or {}))
+
+    def counted(step) -> int:
+        step()  # first steps create optimizer state
+        with Count() as c:
+            step()
+        return c.n
+
+    result = {"date": datetime.date.today().isoformat(), "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),
+              "what": "ops per training step: today's path (one run) and the stacked step (4 runs)", "models": {}}
+    for group in group_runs(figure2_runs()):
+        counts = {}
+        for T, kv in ((64, 4), (128, 8), (256, 16)):
+            tiny = dict(train=(MQARTask(T, kv, batch),), test=(MQARTask(T, kv, batch),), vocab_size=8192, epochs=2,
+                        batch_size=batch)
+            runs = [MQARRun(r.mixer, r.d_model, r.lr, r.mixer_kwargs, **tiny) for r in group]
+            torch.manual_seed(0)
+            model = MQARModel(runs[0].config())
+            optimizer = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-3)
+            x, y = task_data(runs[0], "train", 0)
+            positions, targets = query_positions(y)
+
+            def today():
+                loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1), targets.flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+
+            counts[f"T{T}"] = {"today_one_run": counted(today), "stacked_4_runs": counted(StackedTrainer(runs).step)}
+        result["models"][group[0].model_name] = counts
+        print(group[0].model_name, json.dumps(counts), flush=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--count-ops", action="store_true", help="count ops per step on the CPU instead of timing")
     ap.add_argument("--groups", default=",".join(GROUPS))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--baseline", default="based-64-f16,mamba-128-n16,h3-128")
     ap.add_argument("--eager", default="based-64-f16,mamba-128-n16")
     args = ap.parse_args()
+    if args.count_ops:
+        return count_ops(args.out)
     torch.set_float32_matmul_precision("high")
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),

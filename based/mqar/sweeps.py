@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import sys
@@ -237,10 +238,12 @@ def train_group(runs: list[MQARRun], device: str, stacked: bool, deadline: float
     except torch.OutOfMemoryError:
         if len(runs) == 1:
             raise
-        torch.cuda.empty_cache()
-        half = len(runs) // 2
-        return (train_group(runs[:half], device, stacked, deadline, checkpoint_dir)
-                + train_group(runs[half:], device, stacked, deadline, checkpoint_dir))
+    # Outside the except block, so the failed attempt's tensors (its traceback holds them) are freed first.
+    gc.collect()
+    torch.cuda.empty_cache()
+    half = len(runs) // 2
+    return (train_group(runs[:half], device, stacked, deadline, checkpoint_dir)
+            + train_group(runs[half:], device, stacked, deadline, checkpoint_dir))
 
 
 def run_sweep(

@@ -113,3 +113,22 @@ def test_appends_from_several_processes_never_interleave(tmp_path):
 def test_overlapping_points_are_clustered_for_spreading():
     panel = [(1024, 0.5, "a"), (1024, 0.52, "b"), (1024, 0.9, "c"), (2048, 0.5, "d"), (1024, 0.49, "e")]
     assert [[p[2] for p in c] for c in overlapping(panel)] == [["c"], ["b", "a", "e"], ["d"]]
+
+
+def test_a_group_out_of_memory_is_halved(monkeypatch):
+    import torch
+
+    import based.mqar.stacked as stacked
+
+    sizes = []
+
+    def fake(runs, device, **kw):
+        sizes.append(len(runs))
+        if len(runs) > 1:
+            raise torch.OutOfMemoryError("planted")
+        return [{"run_id": runs[0].run_id}]
+
+    monkeypatch.setattr(stacked, "train_stacked", fake)
+    runs = tiny_sweep()[:2] + tiny_sweep()[:1]
+    rows = sweeps.train_group(runs, "cpu", stacked=True)
+    assert [r["run_id"] for r in rows] == [r.run_id for r in runs] and sizes == [3, 1, 2, 1, 1]
