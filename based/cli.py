@@ -37,6 +37,31 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def torch_device(value: str | None, flag: str = "--device"):
+    """The torch.device a --device flag names (None: cuda when available, else cpu); ValueError naming the
+    flag when torch does not know the name or this machine lacks the device, instead of the traceback torch
+    or the first CUDA call would give later. Imports torch: call it when the subcommand runs."""
+    import torch
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {value!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {value}: no CUDA GPU is visible here; use {flag} cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{flag} {value}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {value}: MPS is not available here; use {flag} cpu")
+    elif device.type not in ("cpu", "mps"):
+        raise ValueError(f"{flag} {value}: {device.type} devices are not supported: use cpu or cuda")
+    return device
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[argparse.ArgumentParser, str | None]]:
     """(parser, its one-line help) for each subcommand of `parser`, nested ones included."""
     found = []

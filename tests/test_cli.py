@@ -154,3 +154,48 @@ def test_import_based_is_lazy_but_whole():
     assert based.ops.FEATURE_MAPS is importlib.import_module("based.ops").FEATURE_MAPS
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         based.nope
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nope", "--device 'nope' is not a torch device: use cpu, cuda or cuda:N"),
+    ("meta", "--device meta: meta devices are not supported: use cpu or cuda"),
+])
+def test_torch_device_names_the_flag(value, message):
+    with pytest.raises(ValueError) as error:
+        cli.torch_device(value)
+    assert str(error.value) == message
+    assert str(cli.torch_device("cpu")) == "cpu"
+
+
+def test_torch_device_refuses_a_gpu_this_machine_lacks(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli.torch_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 2 CUDA GPU\(s\), cuda:0 \.\. cuda:1"):
+        cli.torch_device("cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: no CUDA GPU is visible here; use --device cpu"):
+        cli.torch_device("cuda")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--preset", "debug", "--out", "{tmp}/run", "--device", "nope"],
+    ["generate", "--preset", "debug", "--prompt", "x", "--device", "nope"],
+    ["eval", "--checkpoint", "{tmp}", "--task", "perplexity", "--data", "{tmp}", "--device", "nope"],
+    ["bench", "train", "--size", "debug", "--seq-len", "64", "--device", "nope"],
+    ["bench", "generate", "--device", "nope"],
+])
+def test_a_bad_device_is_one_line_in_every_subcommand(argv, tmp_path, capsys):
+    # Before: torch's RuntimeError traceback ("Expected one of cpu, cuda, ... device type at start of
+    # device string: nope"), or an AssertionError at the first CUDA call for `cuda` on a CPU-only torch.
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit:
+        rc = cli.main(argv)
+        raise SystemExit(rc)
+    message = exit.value.code if isinstance(exit.value.code, str) else capsys.readouterr().err
+    assert exit.value.code != 0
+    assert message.strip().splitlines()[-1].endswith("--device 'nope' is not a torch device: use cpu, cuda or cuda:N")
+    assert "Traceback" not in message
+    assert not (tmp_path / "run").exists()

@@ -471,6 +471,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    from based.cli import torch_device
     from based.models.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="based bench generate", description=__doc__, formatter_class=HelpFormatter)
@@ -514,10 +515,13 @@ def main(argv=None) -> int:
         p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     if args.prompt_len < 1 or args.new_tokens < 32:
         p.error("--prompt-len must be >= 1 and --new-tokens >= 32 (8 warm-up, 20 timed and 3 profiled steps)")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("based bench generate needs a CUDA device (or --device cpu, to check the wiring)", file=sys.stderr)
         return 2
+    try:
+        device = torch_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     from .ops import _git_rev
 
     clock = Clock(args.time_limit)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import torch_device
 from ..commands import HelpFormatter
 from .ops import _git_rev  # honours BASED_GIT_REV (GPU copies of the tree have no .git)
 
@@ -145,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--seq-len {args.seq_len} exceeds {preset}'s max_position_embeddings={limit} (full attention "
                     f"or Hyena; generation refuses longer sequences): lower --seq-len to at most {limit}")
 
-    device = torch.device(args.device)
+    try:
+        device = torch_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     result = {

@@ -45,6 +45,7 @@ def _positive(**values) -> None:
 def run(args: argparse.Namespace) -> int:
     from itertools import islice
 
+    from based.cli import torch_device
     from based.data.corpus import iter_documents, resolve_corpus
     from based.eval import checkpoint, evaluate_perplexity, evaluate_recall, load_examples
     from based.eval.recall import plot_accuracy_by_length
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and args.task == "perplexity":
         raise SystemExit("based eval: --plot draws recall accuracy by length; it has no meaning for perplexity")
     try:
+        torch_device(args.device)
         if args.task == "perplexity":
             corpus = resolve_corpus(args.data)
         else:

@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from based.cli import torch_device
     from based.generation import SamplingParams, check_lengths, stream
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)  # checks the values first
@@ -133,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         ) from None
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch_device(args.device)
     model, tokenizer, what = load(args)
     model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     prompt = tokenizer.encode(args.prompt)

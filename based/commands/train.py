@@ -73,8 +73,12 @@ def run(args: argparse.Namespace) -> int:
     from based.train import TrainConfig, TrainError, train
     from based.train.checkpoint import CheckpointError
 
+    from based.cli import torch_device
+
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
     try:
+        if args.device is not None:  # None: cuda:LOCAL_RANK under torchrun (based.train.distributed.setup)
+            torch_device(args.device)
         train(TrainConfig(**given))
     except (DataError, TrainError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
