@@ -7,6 +7,7 @@ tokens whatever the world size.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from ..data.tokenizer import MAX_VOCAB
@@ -87,8 +88,21 @@ class TrainConfig:
                              f"(the BPE trainer would abort trying to allocate for it): lower --tokenizer-vocab")
         if self.warmup is None or self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
-        if not (self.lr and self.lr > 0):
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not (self.lr and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
+        # Each of these trains on silently with a value outside its range: a grad_clip <= 0 zeroes or reverses
+        # every update (the clip factor is grad_clip / norm), a negative weight decay or min_lr_ratio grows the
+        # weights or climbs the loss, betas outside [0, 1) make AdamW's averages diverge.
+        if not 0 < self.grad_clip <= math.inf:
+            raise ValueError(f"grad_clip must be > 0 (inf: no clipping), got {self.grad_clip!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (the cosine's floor as a fraction of lr), "
+                             f"got {self.min_lr_ratio!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.max_steps:
             raise ValueError(f"stop_at must be in 1 .. max_steps={self.max_steps}, got {self.stop_at}")
         if self.preset is not None and self.config is not None:

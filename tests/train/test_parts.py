@@ -170,3 +170,21 @@ def test_every_debug_preset_trains_small_by_default(preset, small, tmp_path):
 
     cfg = TrainConfig(out=tmp_path, preset=preset).resolved()
     assert (cfg.seq_len == SMALL_DEFAULTS["seq_len"]) == small
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", math.inf, "lr must be positive and finite, got inf"),
+    ("grad_clip", -1.0, r"grad_clip must be > 0 \(inf: no clipping\), got -1.0"),
+    ("grad_clip", 0.0, "grad_clip must be > 0"),
+    ("grad_clip", math.nan, "grad_clip must be > 0"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0 and finite, got -0.1"),
+    ("min_lr_ratio", -1.0, r"min_lr_ratio must be in \[0, 1\]"),
+    ("min_lr_ratio", 5.0, r"min_lr_ratio must be in \[0, 1\]"),
+    ("beta2", 1.0, r"beta2 must be in \[0, 1\), got 1.0"),
+])
+def test_optimizer_settings_out_of_range_are_refused(field, value, message):
+    # Before: --grad-clip -1 reversed every update, --weight-decay -1 and --min-lr-ratio -1 trained on
+    # (exit 0), and --lr inf failed only at the first step with a NaN loss.
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out="x", **{field: value}).resolved()
+    assert TrainConfig(out="x", grad_clip=math.inf, weight_decay=0.0, min_lr_ratio=1.0).resolved().grad_clip == math.inf
