@@ -48,12 +48,16 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
                                    pad_token=EOS)
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fast.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk, or a folder changed while training
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write the tokenizer to --out {out}: {e}") from None
     return load_tokenizer(out)
 
 
@@ -62,6 +66,12 @@ def check_tokenizer_out(out: Path) -> None:
     not be a file or a folder holding anything but a tokenizer's files."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is an existing file, not a folder: choose another --out")
+    # Checked before training (minutes on a large corpus), not when the result is written.
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise DataError(f"--out {out} is under {parent}, which is a file, not a folder: choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: no permission to write in {parent}: choose another --out")
     if out.is_dir():
         if any(out.iterdir()) and not (out / "tokenizer.json").exists():
             raise DataError(f"--out {out} is a folder holding other files, which training a tokenizer there would "

@@ -77,6 +77,20 @@ def test_cli_tokenizer_train_bad_inputs_are_one_line_errors(small_corpus, tmp_pa
     assert not (tmp_path / "t").exists()
 
 
+def test_cli_tokenizer_train_out_under_a_file_fails_before_training(small_corpus, tmp_path, monkeypatch):
+    # Before: NotADirectoryError's traceback, raised when the trained tokenizer was written.
+    from tokenizers import Tokenizer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(Tokenizer, "train_from_iterator", no_training)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^error: --out .*file/sub is under .*file, which is a file, not a folder"):
+        main(["tokenizer", "train", "--data", str(small_corpus), "--out", str(tmp_path / "file" / "sub")])
+    assert (tmp_path / "file").read_text() == "x"
+
+
 def test_trained_tokenizer_pads_with_eos(small_tokenizer):
     tok = load_tokenizer(small_tokenizer)
     assert tok.pad_token == EOS and tok.pad_token_id == tok.eos_token_id
