@@ -259,8 +259,9 @@ def run_sweep(
     on CUDA), at most max_stack at once. shard (I, N): train only this shard's groups (shard_groups).
     time_limit: seconds after which no new group starts; a stacked group still training then saves its
     state to out_dir/partial/ and stops (Paused; the next call goes on from there), runs trained alone
-    finish (with jobs > 1, so does the one queued behind them). A run that raises is left out of results.jsonl (a rerun tries it
-    again), its traceback written to out_dir/failures/<run_id>.txt; the others go on.
+    finish (with jobs > 1, so does the one queued behind them). A run that raises is left out of
+    results.jsonl (a rerun tries it again), its traceback written to out_dir/failures/<run_id>.txt; the
+    others go on.
     """
     import time
     import traceback
@@ -276,7 +277,9 @@ def run_sweep(
     if stacked is None:
         stacked = device.startswith("cuda")
     done = {row["run_id"] for row in read_results(results)}
-    mine = [r for g in shard_groups(group_runs(runs), shard) for r in g]
+    # The sweep's order kept (figure2-short puts every model's first lr before any second one).
+    mine_ids = {r.run_id for g in shard_groups(group_runs(runs), shard) for r in g}
+    mine = [r for r in runs if r.run_id in mine_ids]
     todo = [r for r in mine if r.run_id not in done][:limit]
     groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
     devices = _devices(device, jobs)

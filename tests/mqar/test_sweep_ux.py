@@ -132,3 +132,11 @@ def test_a_group_out_of_memory_is_halved(monkeypatch):
     runs = tiny_sweep()[:2] + tiny_sweep()[:1]
     rows = sweeps.train_group(runs, "cpu", stacked=True)
     assert [r["run_id"] for r in rows] == [r.run_id for r in runs] and sizes == [3, 1, 2, 1, 1]
+
+
+def test_runs_keep_the_sweep_order(tmp_path):
+    """Unstacked, runs train in the sweep's order (figure2-short's first lr of every model before any
+    second one), not grouped by model."""
+    runs = [MQARRun(m, 16, lr, **TINY) for lr in (1e-3, 1e-2) for m in ("attention", "sliding_window")]
+    rows = run_sweep(runs, tmp_path, progress=False, limit=2)
+    assert [(r["mixer"], r["lr"]) for r in rows] == [("attention", 1e-3), ("sliding_window", 1e-3)]
