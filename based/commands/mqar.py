@@ -87,13 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_device(device: str) -> None:
     """--device must name a device torch knows and this machine has."""
-    import torch
+    from based.cli import torch_device
 
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+        torch_device(device)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
