@@ -99,7 +99,8 @@ class StackedTrainer:
         self.flat = torch.cat([p.detach().reshape(1, -1) for _, p in named], 1).repeat(k, 1).contiguous()
         self.params = dict(zip(self.names, (v.view(k, *s) for v, s in zip(self.flat.split(sizes, 1), self.shapes))))
         self.buffers = {f"model.{n}": b for n, b in self.model.named_buffers()}
-        self.decay_mask = torch.cat([torch.full((n,), float(decays(p)), device=device) for (_, p), n in zip(named, sizes)])
+        self.decay_mask = torch.cat([torch.full((n,), float(decays(p)), device=device)
+                                     for (_, p), n in zip(named, sizes)])
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
 
@@ -136,7 +137,8 @@ class StackedTrainer:
         can be captured."""
         rows = self.index_table.index_select(0, self.step_t)[0, :n]
         x, positions, targets = (t.index_select(0, rows) for t in self.train[task])
-        grads, loss = vmap(grad_and_value(self._loss), in_dims=(0, None, None, None))(self.params, x, positions, targets)
+        batched = vmap(grad_and_value(self._loss), in_dims=(0, None, None, None))  # params per run, batch shared
+        grads, loss = batched(self.params, x, positions, targets)
         g = torch.cat([grads[name].reshape(self.k, -1) for name in self.names], 1)  # [k, P]
         # torch.nn.utils.clip_grad_norm_ per run: one global norm over all of a run's gradients.
         coef = (MAX_GRAD_NORM / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)

@@ -193,7 +193,8 @@ def best_table(rows: list[dict]) -> str:
         counts[r["model"]] = counts.get(r["model"], 0) + 1
     for r in best:
         state = max(r["state_size"].values()) if r["state_size"] else 0
-        lines.append(f"{r['model']:<{width}}  {r['lr']:>8.2g}  {mean_accuracy(r):>8.3f}  {state:>10,}  {counts[r['model']]}")
+        lines.append(f"{r['model']:<{width}}  {r['lr']:>8.2g}  {mean_accuracy(r):>8.3f}  {state:>10,}  "
+                     f"{counts[r['model']]}")
     return "\n".join(lines)
 
 
