@@ -45,8 +45,9 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os
         show_progress=False,
     )
     tok.train_from_iterator(documents, trainer)
+    # Left padding: a batch of prompts then ends together, as generation needs (based.train.checkpoint.write_model).
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                   pad_token=EOS)
+                                   pad_token=EOS, padding_side="left")
     tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)

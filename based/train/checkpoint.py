@@ -83,7 +83,7 @@ def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
     into the existing folder `path`; the tied LM head is left out, as save_pretrained does, and restored from the embedding
     on load. With a tokenizer, its bos / eos / pad ids go into both configs (Hugging Face `generate` stops
     at eos_token_id and pads with pad_token_id) and the saved tokenizer gets eos as its pad token if it
-    has none, and the default chat template (based.serve.text.default_chat_template) if it has none."""
+    has none, left padding, and the default chat template (based.serve.text.default_chat_template) if it has none."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -100,10 +100,16 @@ def write_model(path: Path, model_state: dict, config, tokenizer) -> None:
         GenerationConfig(**ids).save_pretrained(path)
         needs_pad = tokenizer.pad_token is None and tokenizer.eos_token is not None
         needs_template = getattr(tokenizer, "chat_template", None) is None
-        if needs_pad or needs_template:
+        # Prompts of a batch must end together for generation (prefill refuses right padding): saved left-padding,
+        # `model.generate(**tok(prompts, padding=True, return_tensors="pt"))` works with no set-up.
+        needs_left = tokenizer.padding_side != "left"
+        if needs_pad or needs_template or needs_left:
             tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
         if needs_pad:
             tokenizer.pad_token = tokenizer.eos_token
+        if needs_left:
+            tokenizer.padding_side = "left"
+            tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes to tokenizer_config.json
         if needs_template:
             # The template `based serve` falls back to, written down so that transformers' apply_chat_template
             # and every other chat client render the same prompt.

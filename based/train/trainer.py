@@ -194,6 +194,10 @@ def greedy_sample(model: BasedForCausalLM, tokenizer, prompt: str, max_new_token
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     if ids.numel() == 0:
         ids = torch.tensor([[tokenizer.eos_token_id or 0]], device=device)
+    limit = full_attention_limit(model)
+    if limit is not None:  # a sample must not fail a finished run: the prompt's end and fewer tokens then
+        max_new_tokens = min(max_new_tokens, limit // 2)
+        ids = ids[:, -(limit - max_new_tokens):]
     eos = tokenizer.eos_token_id
     if isinstance(model, GenerationMixin):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

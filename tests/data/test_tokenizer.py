@@ -96,3 +96,9 @@ def test_trained_tokenizer_pads_with_eos(small_tokenizer):
     assert tok.pad_token == EOS and tok.pad_token_id == tok.eos_token_id
     batch = tok(["a", "a longer text"], padding=True, return_tensors="pt")
     assert batch.input_ids.shape[0] == 2 and (batch.attention_mask == 0).any()
+
+
+def test_trained_tokenizer_pads_on_the_left(small_tokenizer):
+    # Prompts of a batch must end together for generation (prefill refuses right padding).
+    batch = load_tokenizer(small_tokenizer)(["a", "a longer text"], padding=True, return_tensors="pt")
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[0, -1] == 1

@@ -188,3 +188,21 @@ def test_optimizer_settings_out_of_range_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(out="x", **{field: value}).resolved()
     assert TrainConfig(out="x", grad_clip=math.inf, weight_decay=0.0, min_lr_ratio=1.0).resolved().grad_clip == math.inf
+
+
+def test_the_final_sample_fits_a_full_attention_models_positions(small_tokenizer):
+    # Before: a --sample-prompt longer than max_position_embeddings - 48 failed the finished run (exit 1)
+    # with "prompt + max_new_tokens ... exceeds this model's max_position_embeddings".
+    from based.data.tokenizer import load_tokenizer
+    from based.train.trainer import greedy_sample
+
+    tok = load_tokenizer(small_tokenizer)
+    torch.manual_seed(0)
+    model = BasedForCausalLM(BasedConfig.from_preset("transformer-debug", vocab_size=len(tok),
+                                                     max_position_embeddings=32)).eval()
+    prompt = "the number of items in the container " * 10
+    assert len(tok(prompt).input_ids) > 32
+    sample = greedy_sample(model, tok, prompt, 48)
+    assert sample.startswith(prompt)
+    short = greedy_sample(model, tok, "Return the", 8)
+    assert short == greedy_sample(model, tok, "Return the", 8) and short.startswith("Return the")

@@ -277,6 +277,24 @@ def test_hf_generate_and_pipeline_stop_at_eos_without_set_up(reference):
         assert tok.decode(generated, skip_special_tokens=True).startswith(prompt)
 
 
+def test_hf_generate_batches_prompts_padded_by_the_saved_tokenizer(reference):
+    # Before: the saved tokenizer padded on the right, and model.generate(**tok(prompts, padding=True)) raised
+    # "attention_mask must be left-padded" unless the user set padding_side="left" first.
+    from transformers import AutoTokenizer
+
+    out, _ = reference
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.padding_side == "left"
+    model = BasedForCausalLM.from_pretrained(out).eval()
+    prompts = ["The value", "Return the number of items in"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    rows = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch.input_ids.shape[1]:]
+    for prompt, row in zip(prompts, rows, strict=True):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        alone = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+        assert row[: len(alone)].tolist() == alone.tolist()
+
+
 def test_trained_tokenizer_carries_the_default_chat_template(reference):
     # `based serve` renders chat requests with the tokenizer's template; training writes the server's default,
     # so transformers' apply_chat_template (and any client that reads tokenizer_config.json) renders the same.
