@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import GenerationMixin
+from transformers import GenerationMixin, LogitsProcessor, TemperatureLogitsWarper
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .engine import prefill
@@ -22,12 +22,34 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_in
     else "past_key_values"
 
 
+class StableTemperature(LogitsProcessor):
+    """transformers' TemperatureLogitsWarper without its overflow: scores / 1e-39 are +-inf in float32 and
+    softmax then NaN ("probability tensor contains either inf, nan or element < 0"). As
+    based.generation.sampling does, the row's best score is subtracted first and 1 / temperature capped at the
+    dtype's largest value, so any temperature > 0 samples (a tiny one among the most likely tokens)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        finfo = torch.finfo(scores.dtype)
+        best = scores.amax(-1, keepdim=True).clamp_min(finfo.min)  # a row of -inf stays -inf, not NaN
+        return (scores - best) * min(1 / self.temperature, finfo.max)
+
+
 class BasedGenerationMixin(GenerationMixin):
     """`generate` for BasedForCausalLM: greedy, sampling (temperature, top-k, top-p), eos and stopping
     criteria, per-sequence early stop and left-padded batches, all through one prefill and then one
     recurrent step per token."""
 
     _is_stateful = True
+
+    def _get_logits_processor(self, *args, **kwargs):
+        processors = super()._get_logits_processor(*args, **kwargs)
+        for i, processor in enumerate(processors):
+            if type(processor) is TemperatureLogitsWarper:
+                processors[i] = StableTemperature(processor.temperature)
+        return processors
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

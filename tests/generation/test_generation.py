@@ -121,6 +121,32 @@ def test_hf_generate_sampling_and_eos():
     assert all(t == 255 for t in row0[row0.index(eos) + 1 :])
 
 
+@torch.no_grad()
+def test_hf_generate_samples_at_any_temperature():
+    # Before: transformers' warper divided the scores by 1e-39, overflowing float32 to inf, and sampling
+    # raised "probability tensor contains either `inf`, `nan` or element < 0" (1e-45 .. 1e-39, 1e-300).
+    model = build()
+    ids = torch.tensor(prompts_of([10, 10]))
+    greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
+    for temperature in (1e-300, 1e-45, 1e-39, 1e-20):
+        torch.manual_seed(0)
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=True, temperature=temperature), greedy)
+    for temperature in (1.0, 1e6, 1e300):
+        torch.manual_seed(0)
+        out = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=temperature, top_k=50)
+        assert out.shape == greedy.shape and not torch.equal(out, greedy)
+    torch.manual_seed(0)
+    plain = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.7)
+    scores = model(ids).logits[:, -1]
+    from transformers import TemperatureLogitsWarper
+
+    from based.generation.hf import StableTemperature
+
+    ours = StableTemperature(0.7)(ids, scores).softmax(-1)
+    theirs = TemperatureLogitsWarper(0.7)(ids, scores).softmax(-1)  # the same distribution where it is finite
+    assert torch.allclose(ours, theirs, atol=1e-6) and plain.shape == greedy.shape
+
+
 def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(model):
     ids = torch.tensor(prompts_of([9, 9]))
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
