@@ -22,12 +22,17 @@ def run(args: argparse.Namespace) -> int:
 
     import based
     from based import BasedConfig, BasedForCausalLM
+    from based.generation.state import full_attention_limit
 
     if args.seq_len <= 0:
         raise SystemExit(f"--seq-len must be positive, got {args.seq_len}")
     torch.manual_seed(args.seed)
     config = BasedConfig.from_preset(args.preset)
     model = BasedForCausalLM(config).eval()
+    limit = full_attention_limit(model)
+    if limit is not None and args.seq_len > limit:  # past it, positions the model never saw (and T^2 work)
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds {args.preset}'s max_position_embeddings={limit} "
+                         f"(full attention or Hyena): lower --seq-len to at most {limit}")
     # Built-in data: this package's own docstrings as bytes, folded into the vocabulary.
     text = " ".join(m.__doc__ or "" for m in (based, based.ops, based.layers, based.models)) * 64
     ids = torch.tensor([list(text.encode())[: args.seq_len]]) % config.vocab_size

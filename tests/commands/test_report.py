@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from based.cli import build_parser, main
 
 
@@ -23,3 +25,10 @@ def test_report_runs_the_debug_preset(capsys):
 def test_console_entry_point():
     out = subprocess.run([sys.executable, "-m", "based", "--help"], capture_output=True, text=True, check=True)
     assert "report" in out.stdout
+
+
+def test_report_refuses_a_seq_len_past_the_positional_limit():
+    # Before: --preset transformer-debug --seq-len 100000 ran a full-attention forward far past its 512
+    # positions (minutes of T^2 work on a CPU) instead of refusing, as train and generate do.
+    with pytest.raises(SystemExit, match=r"^--seq-len 100000 exceeds transformer-debug's max_position_embeddings=512"):
+        main(["report", "--preset", "transformer-debug", "--seq-len", "100000"])
