@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 # based.convert.FORMATS, named here so that building the parser does not import the converter (torch);
@@ -30,11 +31,23 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_out(out: Path, checkpoint: Path, config: str | None) -> None:
+    """--out must be a folder other than the one the checkpoint is read from: both layouts name their config
+    config.json, so converting into the source folder replaced it (exit 0) and left that checkpoint unreadable."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"based convert: --out {out} is an existing file, not a folder: choose another --out")
+    sources = {checkpoint if checkpoint.is_dir() else checkpoint.parent, *([Path(config).parent] if config else [])}
+    if out.is_dir() and any(out.resolve() == s.resolve() for s in sources if s.exists()):
+        raise SystemExit(f"based convert: --out {out} is the folder the checkpoint is read from; writing there would "
+                         f"replace its config.json: choose another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from based import BasedForCausalLM
     from based.convert import ConversionError, load_hazyresearch, save_hazyresearch
     from based.eval.checkpoint import DTYPES, load_model, load_tokenizer
 
+    check_out(Path(args.out), Path(args.checkpoint), args.config)
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         if args.source:

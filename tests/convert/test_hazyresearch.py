@@ -243,6 +243,25 @@ def test_cli_errors_are_one_line(tmp_path):
               "--config", str(tmp_path / "t" / "config.json"), "--out", str(tmp_path / "o")])
 
 
+def test_converting_into_the_source_folder_or_a_file_is_refused(tmp_path):
+    # Before: `convert --to hazyresearch --checkpoint DIR --out DIR` exited 0 after replacing DIR/config.json
+    # with their layout, so DIR no longer loaded; --out an existing file was "[Errno 17] File exists".
+    weights, config = write_theirs(tmp_path / "theirs")
+    ours = tmp_path / "ours"
+    assert main(["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--config", str(config),
+                 "--out", str(ours)]) == 0
+    before = {p.name: p.read_bytes() for p in ours.iterdir()} | {"theirs": config.read_bytes()}
+    with pytest.raises(SystemExit, match=r"^based convert: --out .*ours is the folder the checkpoint is read from"):
+        main(["convert", "--to", "hazyresearch", "--checkpoint", str(ours), "--out", str(ours)])
+    with pytest.raises(SystemExit, match=r"^based convert: --out .*theirs is the folder the checkpoint is read from"):
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--out", str(weights.parent)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^based convert: --out .*file is an existing file, not a folder"):
+        main(["convert", "--to", "hazyresearch", "--checkpoint", str(ours), "--out", str(tmp_path / "file")])
+    assert {p.name: p.read_bytes() for p in ours.iterdir()} | {"theirs": config.read_bytes()} == before
+    BasedForCausalLM.from_pretrained(ours)
+
+
 def test_their_lightning_layout_with_metric_counters_converts(tmp_path):
     # Their Lightning checkpoints: every weight under "model." and torchmetrics counters beside them,
     # without the prefix. Before, the prefix was only stripped when every key had it.
