@@ -54,6 +54,12 @@ def run(args: argparse.Namespace) -> int:
               max_new_tokens=args.max_new_tokens)
     if args.plot and args.task == "perplexity":
         raise SystemExit("based eval: --plot draws recall accuracy by length; it has no meaning for perplexity")
+    out = Path(args.out)
+    # Checked before the evaluation, not when its results are written (they were lost with a traceback).
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        where = "is an existing file" if parent == out.absolute() else f"is under {parent}, a file"
+        raise SystemExit(f"based eval: --out {out} {where}, not a folder: choose another --out")
     try:
         torch_device(args.device)
         if args.task == "perplexity":
@@ -74,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
             )
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise SystemExit(f"based eval: {e}") from None
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"task": args.task, "checkpoint": str(args.checkpoint), "data": str(args.data), **report}
     if records is not None:

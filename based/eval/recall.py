@@ -70,8 +70,13 @@ def load_examples(path: str | Path) -> list[RecallExample]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with path.open("rb") as f:  # lines decoded one by one, so that a bad byte is reported with its line
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (a binary file, or text in another encoding): "
+                                 f"convert it to UTF-8 JSONL") from None
             if not line.strip():
                 continue
             try:

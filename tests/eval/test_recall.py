@@ -157,3 +157,20 @@ def test_cli_recall_errors(checkpoint, tmp_path):
         main(["eval", "--checkpoint", str(checkpoint), "--task", "fda", "--data", str(bad)])
     with pytest.raises(SystemExit, match="--plot draws recall accuracy"):
         main(["eval", "--checkpoint", str(checkpoint), "--task", "perplexity", "--data", str(bad), "--plot"])
+
+
+def test_cli_bad_out_and_non_utf8_data_are_one_line(checkpoint, tmp_path):
+    # Before: --out an existing file was FileExistsError's traceback after the whole evaluation, and a
+    # non-UTF-8 data file "'utf-8' codec can't decode byte 0xff ..." without the file's name.
+    data = write_jsonl(tmp_path / "swde.jsonl", [{"text": "The year is 1990. The year is", "value": "1990"}])
+    (tmp_path / "file").write_text("x")
+    bad_outs = ((tmp_path / "file", "is an existing file"), (tmp_path / "file" / "sub", "is under .*file, a file"))
+    for out, where in bad_outs:
+        with pytest.raises(SystemExit, match=rf"^based eval: --out .*{where}, not a folder: choose another --out$"):
+            main(["eval", "--checkpoint", str(checkpoint), "--task", "swde", "--data", str(data), "--out", str(out)])
+    binary = tmp_path / "fda.jsonl"
+    binary.write_bytes(b'{"text": "a", "value": "b"}\n\xff\xfe{"text"\n')
+    with pytest.raises(SystemExit, match=r"^based eval: .*fda.jsonl:2: not UTF-8 text"):
+        main(["eval", "--checkpoint", str(checkpoint), "--task", "fda", "--data", str(binary),
+              "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
