@@ -22,6 +22,8 @@ MIN_VOCAB = 257  # 256 byte symbols + <|endoftext|>
 # up front: 10^9 made it abort (exit 134) trying to allocate 70 GB.
 MAX_VOCAB = 2**20
 DEFAULT_VOCAB = 4096
+# Files one of which every Hugging Face tokenizer folder holds (fast, GPT-2 style, SentencePiece, BERT).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):
@@ -86,10 +88,14 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path).expanduser()
     if not path.is_dir():
         raise DataError(f"tokenizer folder {path} does not exist (train one with `based tokenizer train`)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise DataError(f"{path} is not a Hugging Face tokenizer folder: it holds none of {', '.join(TOKENIZER_FILES)} "
+                        f"(pass a folder a tokenizer's save_pretrained wrote, or train one with `based tokenizer train`)")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise DataError(f"{path} is not a Hugging Face tokenizer folder: {e}") from None
+        reason = " ".join(str(e).split())  # transformers' messages run over several lines
+        raise DataError(f"{path} is not a Hugging Face tokenizer folder: {reason}") from None
 
 
 def vocab_size(tokenizer) -> int:

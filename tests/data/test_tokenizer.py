@@ -102,3 +102,17 @@ def test_trained_tokenizer_pads_on_the_left(small_tokenizer):
     # Prompts of a batch must end together for generation (prefill refuses right padding).
     batch = load_tokenizer(small_tokenizer)(["a", "a longer text"], padding=True, return_tensors="pt")
     assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[0, -1] == 1
+
+
+def test_a_folder_without_tokenizer_files_is_one_line(tmp_path):
+    # Before: transformers' five-line "Couldn't instantiate the backend tokenizer ... You need to have
+    # sentencepiece or tiktoken installed" for `based train --tokenizer DIR` on a folder of text files.
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(error.value)
+    assert "holds none of tokenizer.json, tokenizer_config.json" in str(error.value)
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(DataError, match="is not a Hugging Face tokenizer folder") as error:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(error.value)
