@@ -89,8 +89,9 @@ def load_tokenizer(path: str | os.PathLike):
     if not path.is_dir():
         raise DataError(f"tokenizer folder {path} does not exist (train one with `based tokenizer train`)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise DataError(f"{path} is not a Hugging Face tokenizer folder: it holds none of {', '.join(TOKENIZER_FILES)} "
-                        f"(pass a folder a tokenizer's save_pretrained wrote, or train one with `based tokenizer train`)")
+        raise DataError(f"{path} is not a Hugging Face tokenizer folder: it holds none of "
+                        f"{', '.join(TOKENIZER_FILES)} (pass a folder a tokenizer's save_pretrained wrote, or train "
+                        f"one with `based tokenizer train`)")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
