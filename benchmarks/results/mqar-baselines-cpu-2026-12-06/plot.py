@@ -1,6 +1,6 @@
 """curves.jsonl -> curves.png: test accuracy (top) and train loss (bottom) against steps, one column per
-(mixer, d_model), one colour per learning rate, solid = "paper" layout, dashed = "conv_hybrid", dotted = a longer
-max_seq_len than T (Hyena's l_max as in figure 2).
+(mixer, d_model), one colour per learning rate, solid = "paper" layout, dashed = "conv_hybrid"; dotted (paper) and
+dash-dot (conv_hybrid) for a max_seq_len longer than T (Hyena's l_max as in figure 2).
 
     python benchmarks/results/mqar-baselines-cpu-2026-12-06/plot.py IN.jsonl OUT.png
 """
@@ -24,7 +24,8 @@ for col, (mixer, d, vocab) in enumerate(panels):
             continue
         steps = [c["step"] for c in r["curve"]]
         long_filter = r.get("max_seq_len", r["seq_len"]) != r["seq_len"]
-        style = ":" if long_filter else "-" if r["layout"] == "paper" else "--"
+        style = {(True, False): "-", (False, False): "--", (True, True): ":", (False, True): "-."}[
+            (r["layout"] == "paper", long_filter)]
         label = f"lr {r['lr']:g}, {r['layout']}" + (f", l_max {r['max_seq_len']}" if long_filter else "")
         acc_ax.plot(steps, [c["acc"] for c in r["curve"]], style, color=colours[r["lr"]], label=label)
         loss_ax.plot(steps[1:], [c["loss"] for c in r["curve"][1:]], style, color=colours[r["lr"]])
