@@ -53,7 +53,9 @@ from .metrics import MetricsLog, plot_losses
 
 # TrainConfig fields that may differ between a run and its resumption without being recorded as a change:
 # they say how the command runs, not what is trained.
-_NOT_SETTINGS = ("resume", "stop_at", "progress", "sample_prompt", "sample_tokens")
+# Not settings of the training itself: a run folder moved or named by another path ("runs/a" vs "./runs/a")
+# resumes the same run.
+_NOT_SETTINGS = ("out", "resume", "stop_at", "progress", "sample_prompt", "sample_tokens")
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""

@@ -206,3 +206,14 @@ def test_the_final_sample_fits_a_full_attention_models_positions(small_tokenizer
     assert sample.startswith(prompt)
     short = greedy_sample(model, tok, "Return the", 8)
     assert short == greedy_sample(model, tok, "Return the", 8) and short.startswith("Return the")
+
+
+def test_a_moved_run_folder_is_not_a_changed_setting():
+    # Before: resuming a run copied or moved to another path printed and recorded "out 'R2' -> 'R3'".
+    from dataclasses import asdict
+
+    from based.train.trainer import settings_changed
+
+    saved = asdict(TrainConfig(out="runs/a").resolved())
+    assert settings_changed(saved, TrainConfig(out="/elsewhere/b").resolved()) == {}
+    assert settings_changed(saved, TrainConfig(out="runs/a", seed=3).resolved()) == {"seed": [0, 3]}
