@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 TASKS = ("perplexity", "swde", "fda", "squad_completion")
+MAX_LENGTH = 2048  # tokens per perplexity window unless a full-attention model has fewer positions
 
 
 def register(sub) -> None:
@@ -27,7 +28,8 @@ def register(sub) -> None:
                    help="weights and activations; auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     ppl = p.add_argument_group("perplexity")
-    ppl.add_argument("--max-length", type=int, default=2048, help="tokens per window")
+    ppl.add_argument("--max-length", type=int, help=f"tokens per window (default: {MAX_LENGTH}, or a full-attention "
+                                                    "model's max_position_embeddings where that is smaller)")
     ppl.add_argument("--stride", type=int, help="tokens a window advances (default max-length / 2)")
     ppl.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     rec = p.add_argument_group("recall tasks")
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from based.cli import torch_device
     from based.data.corpus import iter_documents, resolve_corpus
     from based.eval import checkpoint, evaluate_perplexity, evaluate_recall, load_examples
+    from based.eval.perplexity import position_limit
     from based.eval.recall import plot_accuracy_by_length
 
     _positive(batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, stride=args.stride,
@@ -70,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
         progress = not args.no_progress
         if args.task == "perplexity":
             docs = islice(iter_documents(corpus, args.text_field), args.limit)
-            report = evaluate_perplexity(
-                model, tokenizer, docs, args.max_length, args.stride, args.batch_size, progress
-            )
+            limit = position_limit(model)
+            max_length = args.max_length or min(MAX_LENGTH, limit or MAX_LENGTH)
+            report = evaluate_perplexity(model, tokenizer, docs, max_length, args.stride, args.batch_size, progress)
             records = None
         else:
             report, records = evaluate_recall(

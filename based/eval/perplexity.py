@@ -40,6 +40,16 @@ def _prefix(tokenizer) -> list[int]:
     return []
 
 
+def position_limit(model) -> int | None:
+    """max_position_embeddings of a BASED-package model whose state grows with the context (full attention,
+    Hyena), else None (BASED's own mixers have no positional limit; other models are not ours to judge)."""
+    from ..generation.state import full_attention_limit
+
+    if not hasattr(getattr(model, "transformer", None), "layers"):
+        return None
+    return full_attention_limit(model)
+
+
 @torch.no_grad()
 def evaluate_perplexity(
     model,
@@ -62,6 +72,10 @@ def evaluate_perplexity(
     """
     stride = stride or max(1, max_length // 2)
     windows(1, max_length, stride)  # check the arguments before tokenizing
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:  # windows past it score positions the model never had
+        raise ValueError(f"max_length={max_length} exceeds this model's max_position_embeddings={limit} (full "
+                         f"attention or Hyena): lower --max-length to at most {limit}")
     prefix = _prefix(tokenizer)
     docs, n_bytes = [], 0
     for text in tqdm(documents, desc="tokenizing", unit="doc", disable=not progress):

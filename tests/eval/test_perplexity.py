@@ -121,3 +121,25 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
         run("--checkpoint", str(checkpoint), "--task", "perplexity", "--data", str(bad))
     with pytest.raises(SystemExit, match="--stride must be positive"):
         run("--checkpoint", str(checkpoint), "--task", "perplexity", "--data", str(tmp_path / "c.txt"), "--stride", "0")
+
+
+def test_windows_past_a_full_attention_models_positions_are_refused(tokenizer, tmp_path, capsys):
+    # Before: --max-length 4096 on a transformer checkpoint of 512 positions scored windows past them (exit 0);
+    # the default window is now the model's limit where that is below 2048.
+    torch.manual_seed(0)
+    config = BasedConfig.from_preset("transformer-debug", vocab_size=len(tokenizer), max_position_embeddings=24)
+    model = BasedForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"max_length=32 exceeds this model's max_position_embeddings=24 .*"
+                                         r"lower --max-length to at most 24"):
+        evaluate_perplexity(model, tokenizer, DOCS, max_length=32, progress=False)
+    assert evaluate_perplexity(model, tokenizer, DOCS, max_length=24, progress=False)["max_length"] == 24
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--task", "perplexity", "--data", str(data),
+            "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit, match="^based eval: max_length=4096 exceeds"):
+        main([*args, "--max-length", "4096"])
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["max_length"] == 24
