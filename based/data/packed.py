@@ -121,11 +121,11 @@ def check_splits(packed: PackedCorpus, seq_len: int) -> None:
             f"the corpus has {len(packed.train) + len(packed.val)} tokens, fewer than one sequence of "
             f"seq_len + 1 = {need}: use a larger corpus or a smaller --seq-len"
         )
-    for name, split in (("training", packed.train), ("validation", packed.val)):
+    for name, split, fraction in (("training", packed.train, "smaller"), ("validation", packed.val, "larger")):
         if len(split) < need:
             raise DataError(
                 f"the {name} split has {len(split)} tokens, fewer than one sequence of seq_len + 1 = {need}: "
-                f"use a larger corpus, a smaller --seq-len or a larger --val-fraction"
+                f"use a larger corpus, a smaller --seq-len or a {fraction} --val-fraction"
             )
 
 

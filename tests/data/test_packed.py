@@ -64,3 +64,12 @@ def test_sampler_epochs_are_seeded_permutations():
     assert [WindowSampler(tokens, 10, seed=4).window(g) for g in range(100)] != first
     x, y = s.batch(5, 3)
     assert x.shape == (3, 10) and x[:, 0].tolist() == [10 * w for w in first[5:8]]
+
+
+def test_a_split_too_small_gets_the_val_fraction_advice_that_grows_it(tmp_path, tok):
+    # Before: a training split emptied by --val-fraction 0.9999 was told to use "a larger --val-fraction".
+    (tmp_path / "c.txt").write_text("A short document about the number of items in a container. " * 40)
+    for fraction, split, advice in ((0.999, "training", "smaller"), (0.001, "validation", "larger")):
+        p = pack_corpus(tmp_path / "c.txt", tok, val_fraction=fraction, root=tmp_path / "cache", progress=False)
+        with pytest.raises(DataError, match=rf"^the {split} split .* or a {advice} --val-fraction$"):
+            check_splits(p, 64)
