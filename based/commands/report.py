@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seq_len <= 0:
         raise SystemExit(f"--seq-len must be positive, got {args.seq_len}")
+    if not -(2**63) <= args.seed < 2**64:  # torch.manual_seed's range
+        raise SystemExit(f"--seed must fit in 64 bits (-2**63 .. 2**64 - 1), got {args.seed}")
     torch.manual_seed(args.seed)
     config = BasedConfig.from_preset(args.preset)
     model = BasedForCausalLM(config).eval()

@@ -68,6 +68,8 @@ def test_checkpoint_with_and_without_tokenizer(tmp_path, capsys, monkeypatch):
         (["--prompt", "x", "--top-p", "0"], r"top_p must be in (0, 1]"),
         (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["--prompt", "x", "--batch-size", "100000000"], "lower the batch size (--batch-size)"),
+        # Before: "Overflow when unpacking long long", naming no flag.
+        (["--prompt", "x", "--seed", str(2**70)], "--seed must fit in 64 bits (-2**63 .. 2**64 - 1), got"),
     ],
 )
 def test_bad_input_exits_with_a_message(args, message, capsys, monkeypatch):

@@ -32,3 +32,9 @@ def test_report_refuses_a_seq_len_past_the_positional_limit():
     # positions (minutes of T^2 work on a CPU) instead of refusing, as train and generate do.
     with pytest.raises(SystemExit, match=r"^--seq-len 100000 exceeds transformer-debug's max_position_embeddings=512"):
         main(["report", "--preset", "transformer-debug", "--seq-len", "100000"])
+
+
+def test_report_refuses_a_seed_torch_cannot_take():
+    # Before: ValueError traceback "Overflow when unpacking long long".
+    with pytest.raises(SystemExit, match=r"^--seed must fit in 64 bits"):
+        main(["report", "--seed", str(2**70)])

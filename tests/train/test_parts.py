@@ -181,6 +181,9 @@ def test_every_debug_preset_trains_small_by_default(preset, small, tmp_path):
     ("min_lr_ratio", -1.0, r"min_lr_ratio must be in \[0, 1\]"),
     ("min_lr_ratio", 5.0, r"min_lr_ratio must be in \[0, 1\]"),
     ("beta2", 1.0, r"beta2 must be in \[0, 1\), got 1.0"),
+    # Before: numpy's "Seed must be between 0 and 2**32 - 1" / "Overflow when unpacking long long", no flag named.
+    ("seed", -1, r"seed must be an int in 0 \.\. 2\*\*32 - 1 \(numpy's range\), got -1"),
+    ("seed", 2**70, "seed must be an int in 0 .. 2"),
 ])
 def test_optimizer_settings_out_of_range_are_refused(field, value, message):
     # Before: --grad-clip -1 reversed every update, --weight-decay -1 and --min-lr-ratio -1 trained on
