@@ -95,42 +95,49 @@ def _join(decoder, model, slot, prompt, **params):
     return decoder.admit([slot], [len(prompt)], logits, **{k: [v] for k, v in defaults.items()})
 
 
-def test_slot_decoder_greedy_joins_and_leaves_match_generate_alone(model):
+def _greedy_joins_and_leaves(model):
+    """Two greedy prompts join at different steps beside a sampled one; each equals generate() alone."""
+    device = model.device
     a, b = [5, 6, 7, 8, 9, 10, 11], [100, 3]
     decoder = Decoder(model, 6, slot_sampling=True)
     out = {2: [_join(decoder, model, 2, a).item()]}
     for _ in range(3):
         out[2].append(decoder.step(rows=3)[2].item())
     out[0] = [_join(decoder, model, 0, b).item()]
+    _join(decoder, model, 1, [9, 9], temperature=1.1, seed=3)
     for _ in range(8):
         tokens = decoder.step(rows=3)
         out[2].append(tokens[2].item())
         out[0].append(tokens[0].item())
-    assert out[2] == generate(model, torch.tensor([a]), 12)[0].tolist()
-    assert out[0] == generate(model, torch.tensor([b]), 9)[0].tolist()
+    assert out[2] == generate(model, torch.tensor([a], device=device), 12)[0].tolist()
+    assert out[0] == generate(model, torch.tensor([b], device=device), 9)[0].tolist()
+    return decoder, len(b) + 11
+
+
+def _seeded(model, slot, neighbours):
+    """A seeded request's tokens in `slot`, after neighbours (other seeds and temperatures) have joined."""
+    decoder = Decoder(model, 5, slot_sampling=True)
+    for i, other in enumerate(neighbours):
+        _join(decoder, model, i + 3 if slot < 3 else i, other, temperature=1.3, seed=i)
+        decoder.step()
+    tokens = [_join(decoder, model, slot, [40, 41, 42, 43], temperature=0.9, top_p=0.95, top_k=20, seed=77).item()]
+    for _ in range(10):
+        tokens.append(decoder.step()[slot].item())
+    return tokens
+
+
+def test_slot_decoder_greedy_joins_and_leaves_match_generate_alone(model):
+    decoder, b_len = _greedy_joins_and_leaves(model)
     decoder.free([2])
     for _ in range(3):
         decoder.step()
-    assert decoder.state.seqlen_offset[2].item() == 0 and decoder.state.seqlen_offset[0].item() == len(b) + 11
+    assert decoder.state.seqlen_offset[2].item() == 0 and decoder.state.seqlen_offset[0].item() == b_len
 
 
 def test_slot_decoder_seeded_sampling_ignores_slot_and_neighbours(model):
-    prompt = [40, 41, 42, 43]
-    params = dict(temperature=0.9, top_p=0.95, top_k=20, seed=77)
-
-    def run(slot, neighbours):
-        decoder = Decoder(model, 5, slot_sampling=True)
-        for i, other in enumerate(neighbours):
-            _join(decoder, model, i + 3 if slot < 3 else i, other, temperature=1.3, seed=i)
-            decoder.step()
-        tokens = [_join(decoder, model, slot, prompt, **params).item()]
-        for _ in range(10):
-            tokens.append(decoder.step()[slot].item())
-        return tokens
-
-    alone = run(0, [])
-    assert run(4, [[1, 2], [9]]) == alone
-    assert run(1, [[7, 7, 7]]) == alone
+    alone = _seeded(model, 0, [])
+    assert _seeded(model, 4, [[1, 2], [9]]) == alone
+    assert _seeded(model, 1, [[7, 7, 7]]) == alone
     assert len(set(alone)) > 1
 
 
@@ -153,34 +160,9 @@ def test_slot_sampling_in_row_blocks_equals_all_at_once(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_slot_decoder_on_cuda_graphs_matches_generate_and_keeps_seeds(model):
-    # The server's step on CUDA: bucketed graphs (greedy and sampled) captured per row count. Greedy rows
-    # equal generate() on the same device; a seeded row draws the same tokens whatever slot and neighbours.
+    # The server's step on CUDA: bucketed graphs (greedy and sampled) captured per row count.
     cuda_model = BasedForCausalLM(model.config).cuda().eval()
     cuda_model.load_state_dict(model.state_dict())
-    a, b = [5, 6, 7, 8, 9, 10, 11], [100, 3]
-    decoder = Decoder(cuda_model, 6, slot_sampling=True)
-    out = {2: [_join(decoder, cuda_model, 2, a).item()]}
-    for _ in range(3):
-        out[2].append(decoder.step(rows=3)[2].item())
-    out[0] = [_join(decoder, cuda_model, 0, b).item()]
-    _join(decoder, cuda_model, 1, [9, 9], temperature=1.1, seed=3)
-    for _ in range(8):
-        tokens = decoder.step(rows=3)
-        out[2].append(tokens[2].item())
-        out[0].append(tokens[0].item())
-    assert out[2] == generate(cuda_model, torch.tensor([a], device="cuda"), 12)[0].tolist()
-    assert out[0] == generate(cuda_model, torch.tensor([b], device="cuda"), 9)[0].tolist()
-
-    def seeded(slot, neighbours):
-        decoder = Decoder(cuda_model, 5, slot_sampling=True)
-        for i, other in enumerate(neighbours):
-            _join(decoder, cuda_model, i + 3 if slot < 3 else i, other, temperature=1.3, seed=i)
-            decoder.step()
-        tokens = [_join(decoder, cuda_model, slot, [40, 41, 42, 43], temperature=0.9, top_p=0.95, top_k=20,
-                        seed=77).item()]
-        for _ in range(10):
-            tokens.append(decoder.step()[slot].item())
-        return tokens
-
-    alone = seeded(0, [])
-    assert seeded(4, [[1, 2], [9]]) == alone and len(set(alone)) > 1
+    _greedy_joins_and_leaves(cuda_model)
+    alone = _seeded(cuda_model, 0, [])
+    assert _seeded(cuda_model, 4, [[1, 2], [9]]) == alone and len(set(alone)) > 1
