@@ -211,20 +211,9 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 for s in seqs:
                     scheduler.cancel(s)
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        queue, seqs = await submit(body, prompts)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+    async def respond(body, request: Request, queue, seqs, head: dict, chunk, choice):
+        """The endpoints' common end: server-sent events of `chunk`s, or one body of `choice`s with usage."""
         if body.stream:
-            def chunk(i, text, reason, first=False):
-                if first:
-                    return None
-                if i is None:
-                    return dict(head)
-                return head | {"choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]}
-
             include = body.stream_options.include_usage if body.stream_options else True
             return StreamingResponse(stream(request, queue, seqs, chunk, include, body.n), media_type="text/event-stream")
         results = await collect(request, queue, seqs)
@@ -233,9 +222,27 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         error = failed(results)
         if error is not None:
             return error
-        choices = [{"index": i, "text": text, "finish_reason": out.finish_reason, "logprobs": None}
-                   for i, (text, out) in sorted(results.items())]
+        choices = [choice(i, text, out) for i, (text, out) in sorted(results.items())]
         return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()}, body.n)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        queue, seqs = await submit(body, prompts)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+
+        def chunk(i, text, reason, first=False):
+            if first:
+                return None
+            if i is None:
+                return dict(head)
+            return head | {"choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+        def choice(i, text, out):
+            return {"index": i, "text": text, "finish_reason": out.finish_reason, "logprobs": None}
+
+        return await respond(body, request, queue, seqs, head, chunk, choice)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -250,22 +257,16 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         if body.stream:
             head["object"] = "chat.completion.chunk"
 
-            def chunk(i, text, reason, first=False):
-                if i is None:
-                    return dict(head)
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                return head | {"choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+        def chunk(i, text, reason, first=False):
+            if i is None:
+                return dict(head)
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return head | {"choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]}
 
-            include = body.stream_options.include_usage if body.stream_options else True
-            return StreamingResponse(stream(request, queue, seqs, chunk, include, body.n), media_type="text/event-stream")
-        results = await collect(request, queue, seqs)
-        if results is None:
-            return Response(status_code=499)
-        error = failed(results)
-        if error is not None:
-            return error
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason,
-                    "logprobs": None} for i, (text, out) in sorted(results.items())]
-        return head | {"choices": choices, "usage": usage({i: o for i, (_, o) in results.items()}, body.n)}
+        def choice(i, text, out):
+            return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": out.finish_reason,
+                    "logprobs": None}
+
+        return await respond(body, request, queue, seqs, head, chunk, choice)
 
     return app
