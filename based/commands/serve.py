@@ -93,6 +93,7 @@ def build(args: argparse.Namespace):
     from based.serve.scheduler import Scheduler
     from based.serve.text import ByteTokenizer, load_tokenizer
 
+    from ..cli import torch_device
     from .generate import load
 
     for flag, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
@@ -104,9 +105,7 @@ def build(args: argparse.Namespace):
     if not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     check_address(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    device = torch_device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the graphs' capture streams and the engine's events follow it
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -86,6 +86,8 @@ def test_checkpoint_tokenizer_and_its_chat_template(tmp_path):
     (["--preset", "debug", "--memory-fraction", "1.5"], "--memory-fraction must be in (0, 1]"),
     (["--checkpoint", "/nonexistent/model"], "/nonexistent/model"),
     (["--preset", "debug", "--port", "{taken}"], "--port {taken}: cannot listen"),
+    (["--preset", "debug", "--device", "nope"], "--device 'nope' is not a torch device"),
+    (["--preset", "debug", "--device", "meta"], "--device meta: meta devices are not supported"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     import socket
