@@ -8,7 +8,6 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import argparse
-import codecs
 import itertools
 import sys
 import time
@@ -39,53 +38,10 @@ def register(sub) -> None:
 BYTE_VOCAB = 256
 
 
-class ByteTokenizer:
-    """Bytes as token ids: needs no files and fits any vocabulary of >= 256 tokens (the debug preset's)."""
-
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decoder(self):
-        """A function ids -> new text, holding back bytes of a character that is not complete yet."""
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda ids: "".join(utf8.decode(bytes([i])) if i < 256 else "\ufffd" for i in ids)
-
-
-class HFTokenizer:
-    """A checkpoint's tokenizer (transformers.AutoTokenizer, local files only)."""
-
-    def __init__(self, path: Path):
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-        if (path / "tokenizer_config.json").is_file():
-            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        else:  # a bare tokenizers file
-            self.tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
-        self.eos_token_id = self.tok.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decoder(self):
-        # Decode everything so far and print what is new; wait while the tail is an incomplete character.
-        ids, shown = [], 0
-
-        def push(new_ids):
-            nonlocal shown
-            ids.extend(new_ids)
-            text = self.tok.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                return ""
-            out, shown = text[shown:], len(text)
-            return out
-
-        return push
-
-
 def load(args):
     import torch
+
+    from based.serve.text import ByteTokenizer, HFTokenizer
 
     from based import BasedConfig, BasedForCausalLM
 

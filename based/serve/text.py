@@ -46,6 +46,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def decoder(self):
+        return stream_decoder(self)
+
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         out = []
         for ids in sequences:
@@ -77,6 +80,9 @@ class HFTokenizer:
 
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         return self.backend.decode_batch(sequences, skip_special_tokens=True)
+
+    def decoder(self):
+        return stream_decoder(self)
 
 
 def load_tokenizer(checkpoint: Path | None):
@@ -128,6 +134,25 @@ class Detokenizer:
         except ValueError:
             data = bytes(i if i < 256 else 0xFF for i in new)
         return s.utf8.decode(data, last)
+
+
+class _Stream:
+    """What Detokenizer.step reads and advances for one stream."""
+
+    def __init__(self):
+        self.ids, self.prefix, self.read, self.utf8 = [], 0, 0, None
+
+
+def stream_decoder(tokenizer):
+    """A function ids -> new text for one stream (`based generate` prints with it): the server's incremental
+    Detokenizer on a single stream, holding back a character whose bytes are still coming."""
+    stream, detokenizer = _Stream(), Detokenizer(tokenizer)
+
+    def push(new_ids):
+        stream.ids.extend(new_ids)
+        return detokenizer.step([stream], [False])[0]
+
+    return push
 
 
 class StopMatcher:

@@ -87,3 +87,12 @@ def test_default_chat_template_matches_transformers(bpe):
                                          add_generation_prompt=True)
     assert ours == theirs
     assert ours.endswith("<|user|>\nBye<|endoftext|>\n<|assistant|>\n")
+
+
+def test_stream_decoder_prints_whole_characters_only(bpe):
+    # `based generate` prints with it: a character split over tokens shows once complete, never as U+FFFD.
+    for tokenizer in (ByteTokenizer(), bpe):
+        ids = tokenizer.encode("naïve ünïcode → ok")
+        push = tokenizer.decoder()
+        pieces = [push([i]) for i in ids]
+        assert "".join(pieces) == "naïve ünïcode → ok" and not any("\ufffd" in p for p in pieces)
