@@ -28,7 +28,7 @@ import based.layers.mamba as mamba_layer
 from based.mqar import MQARRun, MQARTask, figure2_runs
 from based.mqar.stacked import StackedTrainer, group_runs
 from based.mqar.train import (
-    MQARModel, _param_groups, _query_logits, batch_order, lr_factor, query_positions, task_data,
+    MQARModel, _param_groups, _query_logits, fit, query_positions, task_data,
 )
 from based.ops.ssm import selective_scan
 
@@ -80,27 +80,16 @@ def numerics() -> dict:
 
 
 def baseline_rate(run: MQARRun, steps: int) -> float:
-    """Steps/s of train.fit's loop (today's path, one run, eager) over its first `steps` steps."""
-    torch.manual_seed(run.seed)
-    model = MQARModel(run.config()).cuda()
-    train = [(x.cuda(), *(t.cuda() for t in query_positions(y)))
-             for x, y in (task_data(run, "train", i) for i in range(len(run.train)))]
-    optimizer = torch.optim.AdamW(_param_groups(model, run.weight_decay), lr=run.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run))
-    start = None
-    for s, (i, idx) in enumerate(batch_order(run)):
+    """Steps/s of train.fit's loop (today's path, one run, eager) over `steps` steps after 5 of warm-up."""
+    start = []
+
+    def stop(s: int) -> bool:
         if s == 5:
-            start = _sync_time()
-        if s == 5 + steps:
-            break
-        x, positions, targets = (t[idx.cuda()] for t in train[i])
-        loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-    return steps / (_sync_time() - start)
+            start.append(_sync_time())
+        return s == 5 + steps
+
+    fit(run, "cuda", stop=stop)
+    return steps / (_sync_time() - start[0])
 
 
 def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool) -> dict:

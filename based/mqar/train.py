@@ -1,6 +1,8 @@
 """Train and evaluate one MQAR model: one run of a sweep, one row of results.jsonl."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dataclasses
 import hashlib
 import json
@@ -201,9 +203,11 @@ def _train_and_test(run: MQARRun, device: str) -> dict:
     return result_row(run, model, loss.item(), start_time, time.perf_counter() - start_time, device)
 
 
-def fit(run: MQARRun, device="cpu", step_losses: list[float] | None = None) -> tuple[MQARModel, torch.Tensor]:
+def fit(run: MQARRun, device="cpu", step_losses: list[float] | None = None,
+        stop: Callable[[int], bool] | None = None) -> tuple[MQARModel, torch.Tensor]:
     """Train run's model; returns it and the last step's loss. step_losses, if given, gets every step's loss
-    (a host sync per step: for tests)."""
+    (a host sync per step: for tests); stop(s), if given, is asked before step s and ends training when
+    true (benchmarks time the first steps of this very loop)."""
     check_run(run)
     torch.manual_seed(run.seed)
     model = MQARModel(run.config()).to(device)
@@ -213,7 +217,9 @@ def fit(run: MQARRun, device="cpu", step_losses: list[float] | None = None) -> t
     optimizer = torch.optim.AdamW(_param_groups(model, run.weight_decay), lr=run.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run))
     loss = torch.tensor(float("nan"))
-    for i, idx in batch_order(run):
+    for s, (i, idx) in enumerate(batch_order(run)):
+        if stop is not None and stop(s):
+            break
         x, positions, targets = (t[idx.to(device)] for t in train[i])
         loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
         optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,16 @@ def test_stacked_runs_equal_runs_trained_one_by_one(mixer, d_model, kwargs):
     assert losses[-1] < losses[0]  # something was learned, so the comparison is not between two inits
 
 
+def test_fit_stops_where_asked_with_the_steps_it_took_so_far():
+    # benchmarks/mqar_stacked.py times the first steps of fit's own loop through `stop`.
+    run = MQARRun("linear_attn", 16, 1e-3, {"feature_dim": 4}, **TINY)
+    everything, first = [], []
+    fit(run, step_losses=everything)
+    asked = []
+    fit(run, step_losses=first, stop=lambda s: asked.append(s) or s == 3)
+    assert asked == [0, 1, 2, 3] and first == everything[:3]
+
+
 def test_train_stacked_rows():
     runs = [MQARRun("attention", 16, lr, **TINY) for lr in LRS[:2]]
     rows = train_stacked(runs)
