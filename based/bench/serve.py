@@ -2,6 +2,7 @@
 
     based bench serve [--presets 1.3b transformer-1.3b] [--device cuda] [--out PATH]
     based bench serve --device cpu --presets debug --quick      # the wiring, in a minute on a CPU
+    based bench serve --null-engine --max-slots 1024            # the server's own CPU ceiling (no model)
 
 Methodology as vLLM's benchmarks/benchmark_serving.py: an asyncio client (aiohttp) sends completion
 requests with Poisson arrivals at a given rate, or all at once (saturation); prompts of --prompt-len tokens
@@ -18,6 +19,9 @@ time per output token (TPOT, (latency - TTFT) / (tokens - 1) per request) is rep
 Order per preset: saturation streaming, then Poisson streaming at --rate-fractions of the saturation
 request rate (or at --rates), then saturation without streaming; then the offline engine
 (based.generation.Decoder, greedy, the same slots, no server) for the ratio the issue's targets use.
+With --null-engine the server is `based serve`'s app and engine loop around a stand-in for the model
+(NullScheduler: prefill and decode step return a token at once, no model runs), so tokens/s and CPU per
+token are the server's own overhead: the HTTP side, detokenising, delivery. Only this benchmark uses it.
 Results: JSON under benchmarks/results/ (date, GPU name and git revision; on a machine without .git pass
 --git-rev or BASED_GIT_REV) and a plot of output tokens/s against p99 inter-token latency.
 """
@@ -69,8 +73,12 @@ class ServerProcess:
     def __init__(self, preset: str, args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "based.cli", "serve", "--preset", preset, "--port", str(self.port),
-               "--device", args.device, "--max-waiting", str(args.max_waiting),
+        if args.null_engine:  # this module's null server, with the flags `based serve` would get
+            cmd = [sys.executable, "-m", "based.bench.serve", NULL_SERVER, "--preset", "debug", "--device", "cpu",
+                   "--null-step-ms", str(args.null_step_ms)]
+        else:
+            cmd = [sys.executable, "-m", "based.cli", "serve", "--preset", preset, "--device", args.device]
+        cmd += ["--port", str(self.port), "--max-waiting", str(args.max_waiting),
                "--prefill-chunk", str(args.prefill_chunk), "--stream-interval", str(args.stream_interval),
                "--grace", "5"]
         if args.max_slots:
@@ -106,6 +114,82 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+NULL_SERVER = "--null-server"  # argv[1] of this module: the null-engine server, `based serve`'s flags after it
+NULL_TOKEN = ord("a")  # every generated token: one byte, one character of text
+
+
+def null_scheduler(step_s: float = 0.0):
+    """A Scheduler whose model costs nothing: a prefill admits every waiting prompt at once, a decode step
+    returns NULL_TOKEN for every slot without running anything. The rest (slots, read-back, detokenising,
+    stop strings, finishes, delivery, metrics) is the server's own code. step_s > 0 paces the steps as a GPU
+    would: a step is ready step_s after the one before, and the host work of a pass overlaps that wait (the
+    engine thread sleeps, without the GIL, only for what is left of it)."""
+    import torch
+
+    from based.serve.scheduler import Scheduler
+
+    class NullDecoder:
+        def __init__(self, slots: int):
+            self.batch_size = slots
+            self.tokens = torch.full((slots,), NULL_TOKEN, dtype=torch.long)
+            self.due = 0.0
+
+        def step(self, rows: int | None = None) -> torch.Tensor:
+            if step_s:
+                now = time.perf_counter()
+                if self.due > now:
+                    time.sleep(self.due - now)
+                self.due = max(now, self.due) + step_s
+            return self.tokens
+
+        def free(self, slots) -> None:
+            pass
+
+    class NullScheduler(Scheduler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.decoder = NullDecoder(self.decoder.batch_size)
+
+        def _prefill(self):
+            with self.cond:
+                seqs, self.prefilling = self.prefilling, []
+                for s in seqs:
+                    s.prefilled = len(s.prompt)
+                    self.running[s.slot] = s
+            if not seqs:
+                return [], []
+            self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in seqs))
+            return seqs, [torch.full((len(seqs),), NULL_TOKEN, dtype=torch.long)]
+
+    return NullScheduler
+
+
+def null_server(argv: list[str]) -> int:
+    """`based serve --preset debug --device cpu` with the null engine (null_scheduler) in place of the model."""
+    import argparse as _argparse
+
+    import torch
+
+    from based import BasedConfig, BasedForCausalLM
+    from based.commands import serve as serve_command
+    from based.serve.app import create_app
+    from based.serve.text import ByteTokenizer
+
+    parser = _argparse.ArgumentParser(prog="based bench serve --null-server")
+    serve_command.register(parser.add_subparsers())
+    step_ms = float(argv[argv.index("--null-step-ms") + 1]) if "--null-step-ms" in argv else 0.0
+    argv = [a for i, a in enumerate(argv) if "--null-step-ms" not in argv[max(0, i - 1):i + 1]]
+    args = parser.parse_args(["serve", *argv])
+    torch.set_num_threads(1)
+    model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
+    slots = args.max_slots or 1024
+    scheduler = null_scheduler(step_ms / 1e3)(model, ByteTokenizer(), slots, args.max_waiting, args.prefill_chunk,
+                                 max_seq_len=64, stream_interval=args.stream_interval)
+    print(f"based bench serve: null engine, {slots} slots", file=sys.stderr, flush=True)
+    serve_command.Server(create_app(scheduler, "null", None), scheduler, args).run()
+    return 0
 
 
 def scrape(text: str) -> dict[str, float]:
@@ -402,6 +486,10 @@ def main(argv=None) -> int:
                    help="requests of a saturation run (default: --saturation-factor x slots)")
     p.add_argument("--skip-plain", action="store_true", help="no non-streaming saturation run")
     p.add_argument("--skip-offline", action="store_true", help="no run of the offline engine")
+    p.add_argument("--null-engine", action="store_true",
+                   help="the server around a model that costs nothing (CPU): its own overhead; no offline run")
+    p.add_argument("--null-step-ms", type=float, default=0.0,
+                   help="with --null-engine: a decode step takes this long, as on a GPU (0: at once)")
     p.add_argument("--offline-steps", type=int, default=64, help="decode steps of the offline engine run")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to come up")
     p.add_argument("--quick", action="store_true",
@@ -423,6 +511,9 @@ def main(argv=None) -> int:
         args.rates = args.rates or [2.0, 4.0]
         args.duration, args.min_prompts, args.saturation_prompts = 2.0, 4, args.saturation_prompts or 8
         args.offline_steps = 8
+    if args.null_engine:  # the server's overhead alone: no model, so no device and no offline engine to compare
+        args.device, args.skip_offline, args.presets = "cpu", True, ["debug"]
+        args.max_slots = args.max_slots or 1024
     if args.output_len[0] < 1 or args.output_len[1] < args.output_len[0] or args.prompt_len < 1:
         p.error("--prompt-len must be >= 1 and --output-len MIN MAX with 1 <= MIN <= MAX")
     try:
@@ -456,7 +547,8 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "config": {"prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": True,
                    "decoding": "greedy", "weights": "random", "prefill_chunk": args.prefill_chunk,
-                   "stream_interval": args.stream_interval,
+                   "stream_interval": args.stream_interval, "null_engine": args.null_engine,
+                   "null_step_ms": args.null_step_ms,
                    "rates": args.rates, "rate_fractions": None if args.rates else args.rate_fractions,
                    "duration_s": args.duration, "device": args.device,
                    "client": "aiohttp, Poisson arrivals (vLLM benchmark_serving methodology)"},
@@ -474,7 +566,7 @@ def main(argv=None) -> int:
     raise_open_files_limit()
     started = time.perf_counter()
     for preset in args.presets:
-        key = "based" if preset == "1.3b" else "transformer" if preset == "transformer-1.3b" else preset
+        key = f"null_engine_{args.max_slots}_slots_{args.null_step_ms:g}ms" if args.null_engine else "based" if preset == "1.3b" else "transformer" if preset == "transformer-1.3b" else preset
         try:
             result[key] = bench_preset(preset, args)
         except Exception as e:  # noqa: BLE001 - record it, go on with the next preset
@@ -490,4 +582,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [NULL_SERVER]:
+        sys.exit(null_server(sys.argv[2:]))
     sys.exit(main())

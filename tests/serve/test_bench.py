@@ -55,3 +55,32 @@ def test_bench_serve_quick_on_cpu(tmp_path):
     runs = result["debug"]["runs"]
     assert len(runs) == 4 and all(r["failed"] == 0 for r in runs)
     assert result["debug"]["offline"]["tokens_per_s"] > 0 and out.with_suffix(".png").exists()
+
+
+def test_null_engine_runs_the_servers_own_loop_without_a_model():
+    """The null engine (--null-engine): every sequence gets max_tokens of NULL_TOKEN's text and its finish,
+    through the real scheduler; a paced step waits as a GPU step would."""
+    import time
+
+    from based import BasedConfig, BasedForCausalLM
+    from based.bench.serve import NULL_TOKEN, null_scheduler
+    from based.serve.scheduler import Sequence
+    from based.serve.text import ByteTokenizer
+
+    for step_s in (0.0, 0.02):
+        model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
+        got = {}
+        scheduler = null_scheduler(step_s)(model, ByteTokenizer(), 4, 16, 64, max_seq_len=64,
+                                           post=lambda items: [got.setdefault(s, []).append(o) for s, o in items])
+        seqs = [Sequence(prompt=[65] * 30, max_tokens=n, deliver=None, ignore_eos=True) for n in (3, 7, 5, 9, 2, 6)]
+        scheduler.waiting.extend(seqs)
+        start = time.perf_counter()
+        while not all(s.done for s in seqs):
+            scheduler._pass()
+        elapsed = time.perf_counter() - start
+        for s in seqs:
+            assert "".join(o.text for o in got[s]) == chr(NULL_TOKEN) * s.max_tokens
+            assert got[s][-1].finish_reason == "length" and got[s][-1].completion_tokens == s.max_tokens
+        assert len(scheduler.free) == 4 and not scheduler.running
+        if step_s:  # 6 sequences on 4 slots: at least 9 + 2 decode steps one after the other
+            assert elapsed >= 10 * step_s
