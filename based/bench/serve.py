@@ -188,7 +188,14 @@ def null_server(argv: list[str]) -> int:
     scheduler = null_scheduler(step_ms / 1e3)(model, ByteTokenizer(), slots, args.max_waiting, args.prefill_chunk,
                                  max_seq_len=64, stream_interval=args.stream_interval)
     print(f"based bench serve: null engine, {slots} slots", file=sys.stderr, flush=True)
-    serve_command.Server(create_app(scheduler, "null", None), scheduler, args).run()
+    server = serve_command.Server(create_app(scheduler, "null", None), scheduler, args)
+    profile = os.environ.get("BASED_NULL_PROFILE")  # cProfile of the event loop's thread, written at exit
+    if profile:
+        import cProfile
+
+        cProfile.runctx("server.run()", globals(), {"server": server}, profile)
+    else:
+        server.run()
     return 0
 
 
@@ -206,14 +213,16 @@ def scrape(text: str) -> dict[str, float]:
 async def metrics(session, url: str) -> dict[str, float]:
     import aiohttp
 
-    for attempt in range(3):  # a pooled connection the server closed meanwhile (keep-alive) resets once
+    # A pooled connection the server closed meanwhile (keep-alive) resets once; thousands of clients
+    # connecting at once can overflow the listen backlog for a moment.
+    for attempt in range(10):
         try:
             async with session.get(url + "/metrics") as r:
                 return scrape(await r.text())
         except aiohttp.ClientError:
-            if attempt == 2:
+            if attempt == 9:
                 raise
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 * (attempt + 1))
 
 
 async def one_request(session, url: str, prompt: str, max_tokens: int, stream: bool) -> dict:
@@ -267,7 +276,10 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
 
         async def sampler():
             while not done.is_set():
-                m = await metrics(session, url)
+                try:
+                    m = await metrics(session, url)
+                except aiohttp.ClientError:  # a sample lost under load is no reason to lose the run
+                    continue
                 samples.append((time.perf_counter(), m.get("based_generation_tokens_total", 0),
                                 m.get("based_slots_used", 0), m.get("based_slots_total", 0)))
                 try:

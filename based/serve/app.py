@@ -1,7 +1,7 @@
 """The HTTP side: FastAPI endpoints following OpenAI's API, in front of the engine loop (scheduler.py).
 
 Every request becomes n Sequences; their Outputs arrive on this event loop (the engine thread posts them with
-call_soon_threadsafe, one call a step) into a queue per request. A client that goes away (its stream closed,
+call_soon_threadsafe, one call a step) into a Mailbox per request. A client that goes away (its stream closed,
 or the socket of a plain request) cancels its sequences, whose slots are free from the engine's next pass.
 """
 from __future__ import annotations
@@ -20,6 +20,36 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from .protocol import ChatRequest, CompletionRequest, error_body, field_of
 from .scheduler import Output, QueueFull, Scheduler, Sequence, ShuttingDown
 from .text import default_chat_template, render_chat
+
+
+_TEXT, _REASON = "\x00text\x00", "\x00reason\x00"  # placeholders of the stream events' templates
+
+
+class Mailbox:
+    """A request's (index, Output)s as the engine loop posts them (on the event loop's thread); take() waits for
+    some and returns all that came meanwhile. Lighter than an asyncio.Queue: one list append a token, one
+    wake-up a batch."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: list[tuple[int, Output]] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: tuple[int, Output]) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self) -> list[tuple[int, Output]]:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
 
 
 class BadRequest(Exception):
@@ -103,7 +133,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "based"}]}
 
-    def sequences(body, prompt: str, queue: asyncio.Queue, base_index: int) -> list[Sequence]:
+    def sequences(body, prompt: str, queue: Mailbox, base_index: int) -> list[Sequence]:
         ids = tokenizer.encode(prompt)
         if not ids:
             raise BadRequest("prompt: encodes to no tokens", "prompt")
@@ -123,12 +153,12 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 prompt=ids, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                 top_k=max(0, body.top_k), seed=(seed + j + 2**63) % 2**64 - 2**63, stop=body.stops, ignore_eos=body.ignore_eos,
                 incremental=body.stream or bool(body.stops),
-                deliver=lambda o, i=index: queue.put_nowait((i, o)),
+                deliver=lambda o, i=index: queue.put((i, o)),
             ))
         return out
 
     async def submit(body, prompts: list[str]):
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Mailbox()
         seqs = [s for i, p in enumerate(prompts) for s in sequences(body, p, queue, i * body.n)]
         scheduler.submit(seqs)
         return queue, seqs
@@ -144,10 +174,10 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
 
         async def gather():
             while len(ends) < len(seqs):
-                i, out = await queue.get()
-                texts[i].append(out.text)
-                if out.finish_reason is not None:
-                    ends[i] = out
+                for i, out in await queue.take():
+                    texts[i].append(out.text)
+                    if out.finish_reason is not None:
+                        ends[i] = out
 
         async def gone():
             while True:
@@ -179,15 +209,27 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         usage, then [DONE]. Outputs that queued up while the event loop was busy go out as one chunk: under load
         a stream sends fewer, larger chunks instead of falling behind."""
         ends: dict[int, Output] = {}
+        templates: dict[int, list[str]] = {}
+
+        def event(i: int, text: str, reason: str | None) -> str:
+            """The event of chunk(i, text, reason), text not empty: the chunk's JSON is made once per choice
+            with placeholders, and each event fills in its text and reason (json.dumps of two values, not of
+            the whole chunk every time a stream sends)."""
+            parts = templates.get(i)
+            if parts is None:
+                whole = f"data: {json.dumps(chunk(i, _TEXT, _REASON))}\n\n"
+                head, _, rest = whole.partition(json.dumps(_TEXT))
+                middle, _, tail = rest.partition(json.dumps(_REASON))
+                parts = templates[i] = [head, middle, tail]
+            return f"{parts[0]}{json.dumps(text)}{parts[1]}{json.dumps(reason)}{parts[2]}"
+
         try:
             for i in range(len(seqs)):
                 first = chunk(i, None, None, first=True)
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
             while len(ends) < len(seqs):
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
+                items = await queue.take()
                 texts: dict[int, list[str]] = {}
                 for i, out in items:
                     if out.error:
@@ -199,8 +241,10 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                 events = []
                 for i, parts in texts.items():
                     text, end = "".join(parts), ends.get(i)
-                    if text or end is not None:
-                        events.append(f"data: {json.dumps(chunk(i, text, end and end.finish_reason))}\n\n")
+                    if text:
+                        events.append(event(i, text, end and end.finish_reason))
+                    elif end is not None:
+                        events.append(f"data: {json.dumps(chunk(i, text, end.finish_reason))}\n\n")
                 if events:
                     yield "".join(events)
             if include_usage:
