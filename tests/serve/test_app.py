@@ -170,3 +170,48 @@ def test_stream_interval_sends_fewer_chunks_with_the_same_text():
         texts[interval] = ("".join(pieces), len(pieces))
     assert texts[1][0] == texts[5][0]
     assert texts[5][1] <= 2 + 23 // 5 < texts[1][1]  # the first token, one chunk per 5 tokens, the end
+
+
+def test_mailbox_hands_over_everything_that_came_in_one_take():
+    import asyncio
+
+    from based.serve.app import Mailbox
+
+    async def main():
+        box = Mailbox()
+        box.put((0, "a"))
+        box.put((1, "b"))
+        assert await box.take() == [(0, "a"), (1, "b")]
+        waiting = asyncio.create_task(box.take())
+        await asyncio.sleep(0)
+        assert not waiting.done()  # nothing came: it waits
+        box.put((0, "c"))
+        box.put((0, "d"))  # before the waiter runs: the same take gets both
+        assert await waiting == [(0, "c"), (0, "d")]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_events_are_the_json_of_their_chunks(path):
+    """Events built from a per-choice template are exactly json.dumps of the chunk (field order, spacing,
+    escapes), and carry the text the plain response gives."""
+    import json
+
+    torch.manual_seed(0)
+    model = BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=0.3)).eval()
+    scheduler = Scheduler(model, ByteTokenizer(), max_slots=2, max_waiting=4, prefill_chunk=64)
+    body = {"max_tokens": 40, "temperature": 0, "n": 2}
+    body |= {"messages": [{"role": "user", "content": 'say "hi"\n'}]} if "chat" in path else {"prompt": 'A "q"\n\\'}
+    with TestClient(create_app(scheduler, "m")) as client:
+        plain = client.post(path, json=body).json()
+        with client.stream("POST", path, json=body | {"stream": True}) as r:
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    texts = {0: "", 1: ""}
+    for line in lines:
+        chunk = json.loads(line)
+        assert line == json.dumps(chunk)
+        for c in chunk["choices"]:
+            texts[c["index"]] += c["text"] if "text" in c else c["delta"].get("content", "")
+    for c in plain["choices"]:
+        assert texts[c["index"]] == (c["text"] if "text" in c else c["message"]["content"])
