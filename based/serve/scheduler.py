@@ -186,6 +186,9 @@ class Scheduler:
             self.cond.notify()
         if self.thread.is_alive():
             self.thread.join(timeout)
+        # Back into the GC's reach: a process that goes on (tests, a notebook) can free what the server held,
+        # and extension types see their objects released before interpreter exit.
+        gc.unfreeze()
 
     def idle(self) -> bool:
         with self.cond:
