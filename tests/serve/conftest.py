@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ import time
 import pytest
 import requests
 import torch
+
+from based.bench.serve import free_port
 
 # A debug-preset model whose larger initial weights make greedy text depend on the whole prompt: with the
 # preset's 0.02 its tied embeddings just repeat the last byte, which any routing bug would reproduce too.
@@ -21,12 +22,6 @@ def save_model(path) -> None:
 
     torch.manual_seed(0)
     BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=INIT_RANGE)).save_pretrained(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
