@@ -47,6 +47,61 @@ GROUPS = {  # name -> (mixer, d_model, mixer_kwargs) of FIGURE2_MODELS; the larg
 }
 
 
+def profile(names: list[str], steps: int, out: str) -> None:
+    """Where a stacked step's GPU time goes: torch.profiler over `steps` eager steps of each group (after
+    warm-up), the kernels by GPU time, and the graph-replay time of each training shape alone."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    runs_of = {(g[0].mixer, g[0].d_model, json.dumps(g[0].mixer_kwargs, sort_keys=True)): g
+               for g in group_runs(figure2_runs())}
+    result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+              "git_rev": os.environ.get("BASED_GIT_REV", "unknown"), "groups": {}}
+    for name in names:
+        mixer, d, kw = GROUPS[name]
+        runs = runs_of[(mixer, d, json.dumps(kw, sort_keys=True))]
+        entry = {}
+        try:
+            trainer = StackedTrainer(runs, "cuda", cuda_graphs=True)
+            trainer.step()
+            per_shape = {}
+            first = {}
+            for s, shape in enumerate(zip(trainer.tasks, trainer.sizes)):
+                first.setdefault(shape, s)
+            for shape, graph in trainer.graphs.items():  # each training shape's step alone, replayed
+                trainer.step_t.fill_(first[shape])  # a step of this shape: its batch indices fit its task
+                graph.replay()
+                start = _sync_time()
+                for _ in range(10):
+                    graph.replay()
+                per_shape[str(shape)] = round((_sync_time() - start) / 10 * 1e3, 2)
+            entry["graph_ms_per_shape"] = per_shape
+            entry["share_of_steps_per_shape"] = {
+                str(shape): round(sum(1 for t, n in zip(trainer.tasks, trainer.sizes) if (t, n) == shape)
+                                  / len(trainer.tasks), 3) for shape in trainer.graphs}
+            del trainer
+            torch.cuda.empty_cache()
+            eager = StackedTrainer(runs, "cuda", cuda_graphs=False)
+            for _ in range(5):
+                eager.step()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    eager.step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+            print(name, "\n", table, flush=True)
+            entry["eager_profile_top25"] = table.splitlines()
+            del eager
+        except Exception as error:  # report and go on
+            entry["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+        torch.cuda.empty_cache()
+        result["groups"][name] = entry
+        print(name, json.dumps({k: v for k, v in entry.items() if k != "eager_profile_top25"}), flush=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def _sync_time() -> float:
     torch.cuda.synchronize()
     return time.perf_counter()
@@ -168,10 +223,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--baseline", default="based-64-f16,mamba-128-n16,h3-128")
     ap.add_argument("--eager", default="based-64-f16,mamba-128-n16")
+    ap.add_argument("--profile", action="store_true", help="profile --groups (torch.profiler) instead of timing")
     args = ap.parse_args()
     if args.count_ops:
         return count_ops(args.out)
     torch.set_float32_matmul_precision("high")
+    if args.profile:
+        return profile(args.groups.split(","), min(args.steps, 20), args.out)
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),
               "steps_timed": args.steps, "numerics": numerics(), "groups": {}}

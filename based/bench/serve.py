@@ -207,6 +207,8 @@ def scrape(text: str) -> dict[str, float]:
         for s in family.samples:
             if not s.labels:
                 out[s.name] = s.value
+            elif s.name == "based_engine_phase_seconds_total":  # the engine loop's wall time by phase
+                out[f"engine_{s.labels['phase']}_s"] = s.value
     return out
 
 
@@ -323,6 +325,10 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
         "tpot_ms_p50": _ms(percentile(tpot, 50)), "tpot_ms_p99": _ms(percentile(tpot, 99)),
         "server_cpu_ms_per_token": _ms(cpu / server_tokens) if server_tokens else None,
         "engine_thread_cpu_ms_per_token": _ms(engine_cpu / server_tokens) if server_tokens else None,
+        "decode_steps": after.get("based_decode_steps_total", 0) - before.get("based_decode_steps_total", 0),
+        # Seconds of the engine loop's wall time by phase over the run (based_engine_phase_seconds).
+        "engine_phase_s": {k[7:-2]: round(after[k] - before.get(k, 0), 3) for k in sorted(after)
+                           if k.startswith("engine_") and k.endswith("_s")},
     }
 
 

@@ -67,6 +67,10 @@ class Metrics:
                                 registry=r)
         self.engine_cpu = Counter("based_engine_cpu_seconds", "CPU time of the engine loop's thread", registry=r)
         self.steps = Counter("based_decode_steps", "Decode steps run", registry=r)
+        # Where the engine loop's wall time goes (idle, prefill, step, read = waiting for the device's tokens,
+        # deliver = detokenise, stops, hand-over): the first thing to read when tokens/s falls short.
+        self.engine_phase = Counter("based_engine_phase_seconds", "Wall time of the engine loop by phase", ["phase"],
+                                    registry=r)
         self.ttft = BatchHistogram("based_time_to_first_token_seconds", "From arrival to the first token's text",
                                    TTFT_BUCKETS)
         self.itl = BatchHistogram("based_inter_token_latency_seconds", "Between a sequence's consecutive tokens",

@@ -124,6 +124,9 @@ class Scheduler:
         self._abort: str | None = None
         self._stop = False
         self._last_read = time.monotonic()
+        self._phases = {p: self.metrics.engine_phase.labels(p)
+                        for p in ("idle", "admit", "prefill", "step", "wait", "deliver")}
+        self._phase_start = time.perf_counter()
         self.thread = threading.Thread(target=self._run, name="based-engine", daemon=True)
         self.alive = False
 
@@ -224,6 +227,7 @@ class Scheduler:
             while not (self.waiting or self.prefilling or self.running or self.cancels or self.pending
                        or self._stop or self._abort):
                 self.cond.wait()
+            self._lap("idle")
             if self._abort:
                 reason, self._abort = self._abort, None
                 doomed = [*self.waiting, *self.prefilling, *self.running.values()]
@@ -241,16 +245,20 @@ class Scheduler:
                 return False
         if doomed:
             self._read_pending()
+            self._lap("deliver")
             self._finish([(s, "abort", "") for s in doomed], error=reason)
         self._finish([(s, "cancelled", "") for s in cancels if not s.done], deliver=False)
 
+        self._lap("admit")
         first_seqs, first_tokens = self._prefill()
+        self._lap("prefill")
         stepped = bool(self.running)
         if stepped:
             self.decoder.step(rows=max(self.running) + 1)
             self.metrics.steps.inc()
         if not first_seqs and not stepped:
             self._read_pending()
+            self._lap("deliver")
             return True
         out = torch.cat([*first_tokens, self.decoder.tokens]) if stepped else torch.cat(first_tokens)
         if self.cuda:
@@ -261,7 +269,9 @@ class Scheduler:
         else:
             host, ready = out.clone(), None
         launched = (ready, host, first_seqs, list(self.running.items()) if stepped else [])
+        self._lap("step")
         self._read_pending()
+        self._lap("deliver")
         self.pending = launched
         return True
 
@@ -329,6 +339,12 @@ class Scheduler:
                 self.running[s.slot] = s
         return first
 
+    def _lap(self, phase: str) -> None:
+        """The wall time since the last lap goes to `phase` (based_engine_phase_seconds)."""
+        now = time.perf_counter()
+        self._phases[phase].inc(now - self._phase_start)
+        self._phase_start = now
+
     def _read_pending(self) -> None:
         """Hand out the tokens of the pass before: detokenise (one batch call), stop strings, finishes."""
         if self.pending is None:
@@ -337,6 +353,7 @@ class Scheduler:
         self.pending = None
         if ready is not None:
             ready.synchronize()
+        self._lap("wait")
         values = host.tolist()
         now = time.monotonic()
         new: dict[Sequence, list[int]] = {seq: [token] for seq, token in zip(first_seqs, values) if not seq.done}
