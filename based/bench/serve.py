@@ -373,6 +373,58 @@ def offline(preset: str, slots: int, args) -> dict:
     return {"slots": slots, "steps": args.offline_steps, "tokens_per_s": slots * args.offline_steps / elapsed}
 
 
+def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
+    """The engine alone on the saturation workload: the server's Scheduler driven in this process (same
+    slots, prompts, output lengths, chunked prefill and per-pass detokenising; no HTTP, no event loop). What
+    the server serves against this is the cost of serving; against `offline` (decode steps of full slots, no
+    prefill) it also pays for the prompts."""
+    import threading
+
+    import torch
+
+    from based.serve.scheduler import Output, Scheduler, Sequence
+    from based.serve.text import ByteTokenizer
+
+    from .generate import build, synchronize
+
+    device = torch.device(args.device)
+    model = build(preset, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    tokenizer = ByteTokenizer()
+    scheduler = Scheduler(model, tokenizer, slots, n, args.prefill_chunk,
+                          max_seq_len=model.config.max_position_embeddings, stream_interval=args.stream_interval)
+    scheduler.start()
+    try:
+        def drive(prompts: list[str], lengths: list[int]) -> tuple[int, float]:
+            left, tokens, done = [len(prompts)], [0], threading.Event()
+
+            def deliver(out: Output) -> None:  # on the engine thread
+                if out.finish_reason is not None or out.error is not None:
+                    tokens[0] += out.completion_tokens
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+            seqs = [Sequence(tokenizer.encode(p), m, deliver, ignore_eos=True) for p, m in zip(prompts, lengths)]
+            start = time.perf_counter()
+            scheduler.submit(seqs)
+            done.wait()
+            return tokens[0], time.perf_counter() - start
+
+        drive(*workload(min(4, slots), args.prompt_len, tuple(args.output_len), seed))  # warm-up
+        before = scheduler.metrics.text().decode()
+        tokens, seconds = drive(*workload(n, args.prompt_len, tuple(args.output_len), seed))
+        phases = {k: round(v - scrape(before).get(k, 0), 3) for k, v in scrape(scheduler.metrics.text().decode()).items()
+                  if k.startswith("engine_") and k.endswith("_s")}
+        synchronize(device)
+    finally:
+        scheduler.stop()
+    del scheduler, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"slots": slots, "requests": n, "output_tokens": tokens, "duration_s": seconds,
+            "output_tokens_per_s": tokens / seconds, "engine_phase_s": {k[7:-2]: v for k, v in phases.items()}}
+
+
 def bench_preset(preset: str, args) -> dict:
     server = ServerProcess(preset, args)
     try:
@@ -414,6 +466,10 @@ def bench_preset(preset: str, args) -> dict:
             result["offline"] = offline(preset, slots, args)
         except Exception as e:  # noqa: BLE001 - recorded; the server numbers stand alone
             result["offline"] = {"error": f"{type(e).__name__}: {e}"}
+        try:
+            result["offline_workload"] = offline_workload(preset, slots, args, n_sat, seed=2)  # the saturation run's
+        except Exception as e:  # noqa: BLE001
+            result["offline_workload"] = {"error": f"{type(e).__name__}: {e}"}
     return result
 
 
@@ -428,6 +484,13 @@ def summarize(result: dict) -> dict:
         sat = [x for x in runs if x["rate"] == "inf" and x["stream"]]
         plain = [x for x in runs if x["rate"] == "inf" and not x["stream"]]
         off = r.get("offline", {}).get("tokens_per_s")
+        same = r.get("offline_workload", {}).get("output_tokens_per_s")
+        if same:  # the same workload through the engine alone: what HTTP and the event loop cost
+            out[f"{key}_offline_workload_tokens_per_s"] = same
+            if sat:
+                out[f"{key}_stream_over_offline_workload"] = sat[0]["output_tokens_per_s"] / same
+            if plain:
+                out[f"{key}_plain_over_offline_workload"] = plain[0]["output_tokens_per_s"] / same
         if sat:
             s = sat[0]
             out[f"{key}_saturation_stream_tokens_per_s"] = s["output_tokens_per_s"]
