@@ -195,6 +195,9 @@ def test_malformed_chat_and_body(server):
 def test_metrics_parse(server):
     from prometheus_client.parser import text_string_to_metric_families
 
+    # A request of its own (run alone, the test must still see tokens): two tokens, so one inter-token gap.
+    assert requests.post(server.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 3}).status_code == 200
+
     families = {f.name: f for f in text_string_to_metric_families(requests.get(server.url + "/metrics").text)}
     for name in ("based_requests_running", "based_requests_waiting", "based_slots_used", "based_slots_total",
                  "based_generation_tokens_per_second", "based_state_memory_bytes", "process_cpu_seconds"):
@@ -204,6 +207,11 @@ def test_metrics_parse(server):
         count = [s.value for s in families[name].samples if s.name == name + "_count"][0]
         assert count > 0
     assert [s.value for s in families["based_slots_total"].samples] == [8]
+    # The engine loop's wall time by phase: every phase reported, prefill and step took time (requests ran).
+    phases = {s.labels["phase"]: s.value for s in families["based_engine_phase_seconds"].samples
+              if s.name == "based_engine_phase_seconds_total"}
+    assert set(phases) == {"idle", "admit", "prefill", "step", "wait", "deliver"}
+    assert phases["prefill"] > 0 and phases["step"] > 0 and phases["idle"] > 0
 
 
 def test_queue_full_gets_429_with_retry_after(server):
