@@ -20,6 +20,11 @@ from ..ops.ssm import selective_scan_step
 from ..ops.ssm.chunk import chunk_selective_scan
 from .state import Offset, State, carried_state, state_nbytes
 
+try:
+    from ..ops.ssm.fused import fused_selective_scan
+except ImportError:  # no triton: the chunked PyTorch scan everywhere
+    fused_selective_scan = None
+
 
 class Mamba(nn.Module):
     """Selective-SSM mixer.
@@ -102,8 +107,10 @@ class Mamba(nn.Module):
         )
         xs = F.silu(xs)
         delta, B, C = self._ssm_inputs(xs)
-        # Chunked: ~2 sqrt(T) small steps where the reference scan takes T (mamba-ssm's kernel where it applies).
-        y, ssm_final = chunk_selective_scan(
+        # On CUDA the Triton scan (two kernels, no [B, T, D, N] activations, batches under vmap); elsewhere the
+        # chunked PyTorch scan, ~2 sqrt(T) small steps where the reference takes T.
+        scan = fused_selective_scan if xs.is_cuda and fused_selective_scan is not None else chunk_selective_scan
+        y, ssm_final = scan(
             xs, delta, -torch.exp(self.A_log.float()), B, C, self.D,
             initial_state=None if carried is None else carried[1], output_final_state=state is not None,
         )
