@@ -1,0 +1,168 @@
+"""The Triton selective scan (based/ops/ssm/fused.py) against the fp64 reference scan: outputs, final state,
+every gradient, under vmap(grad), at extreme step sizes, and the size of what it saves for backward.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny shapes (set before triton is imported). The
+`gpu` tests compare with the chunked PyTorch scan at MQAR sizes: pytest -m gpu tests/ops/test_ssm_fused.py
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from torch.func import grad, vmap  # noqa: E402
+
+from based.ops.ssm import selective_scan  # noqa: E402
+from based.ops.ssm.chunk import chunk_selective_scan  # noqa: E402
+from based.ops.ssm.fused import fused_selective_scan  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("u", "delta", "A", "B", "C", "D", "h0")
+
+
+def _inputs(Bsz, T, Dm, N, seed, groups=0, extreme=False, device=DEVICE):
+    """u, delta, A, B, C, D, h0 (B, C [Bsz, T, N], or [Bsz, T, groups, N] when groups > 0)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(Bsz, T, Dm, generator=g)
+    # extreme: steps from ~1e-7 to ~50 and |A| up to ~1e3, so exp(delta A) spans 1 down to an underflow to 0.
+    scale = 8.0 if extreme else 1.0
+    delta = torch.nn.functional.softplus(scale * torch.randn(Bsz, T, Dm, generator=g))
+    A = -torch.exp((3.0 if extreme else 1.0) * torch.randn(Dm, N, generator=g)) * torch.arange(1, N + 1)
+    bc = (Bsz, T, groups, N) if groups else (Bsz, T, N)
+    B, C = torch.randn(*bc, generator=g), torch.randn(*bc, generator=g)
+    D = torch.randn(Dm, generator=g)
+    h0 = torch.randn(Bsz, Dm, N, generator=g)
+    return [t.to(device) for t in (u, delta, A, B, C, D, h0)]
+
+
+def _grouped_reference(u, delta, A, B, C, D=None, initial_state=None, output_final_state=False):
+    """selective_scan with grouped B, C [b, T, G, N]: each group's channels scanned with its own B, C."""
+    if B.dim() == 3:
+        return selective_scan(u, delta, A, B, C, D, initial_state, output_final_state)
+    G, per = B.shape[2], u.shape[-1] // B.shape[2]
+    parts = [
+        selective_scan(u[..., s], delta[..., s], A[s], B[:, :, g], C[:, :, g], None if D is None else D[s],
+                       None if initial_state is None else initial_state[:, s], output_final_state)
+        for g, s in ((g, slice(g * per, (g + 1) * per)) for g in range(G))
+    ]
+    return torch.cat([p[0] for p in parts], -1), (torch.cat([p[1] for p in parts], 1) if output_final_state else None)
+
+
+def _run(scan, inputs, dtype, with_state=True, **kw):
+    """y, final state and the gradients of a fixed random loss of both, in the inputs' order."""
+    leaves = [t.to(dtype).clone().requires_grad_() for t in inputs]
+    y, h = scan(*leaves[:6], initial_state=leaves[6] if with_state else None, output_final_state=True, **kw)
+    g = torch.Generator().manual_seed(2)
+    wy, wh = torch.randn(y.shape, generator=g).to(y), torch.randn(h.shape, generator=g).to(h)
+    ((y * wy).sum() + (h * wh).sum()).backward()
+    return [y, h] + [t.grad for t in leaves]
+
+
+def _check(inputs, with_state=True, y_tol=1e-5, grad_tol=1e-4, **kw):
+    got = _run(fused_selective_scan, inputs, torch.float32, with_state, **kw)
+    ref = _run(_grouped_reference, inputs, torch.float64, with_state)
+    for name, a, b in zip(("y", "final_state") + NAMES, got, ref):
+        if name == "h0" and not with_state:
+            continue
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        assert rel_err(a, b) < (y_tol if name in ("y", "final_state") else grad_tol), name
+
+
+@pytest.mark.parametrize("T, Dm, N, chunk_size", [(5, 4, 2, None), (21, 6, 3, 8), (33, 16, 5, 16), (40, 4, 4, 4)])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_matches_reference(T, Dm, N, chunk_size, with_state):
+    _check(_inputs(2, T, Dm, N, seed=T + Dm), with_state=with_state, chunk_size=chunk_size)
+
+
+def test_extreme_steps_and_decays_stay_finite():
+    inputs = _inputs(2, 37, 6, 4, seed=5, extreme=True)
+    assert torch.isfinite(_run(_grouped_reference, inputs, torch.float64)[0]).all()
+    _check(inputs, chunk_size=8)
+
+
+def test_grouped_B_C():
+    _check(_inputs(2, 19, 8, 3, seed=7, groups=2), chunk_size=8)
+
+
+def test_without_D_or_state():
+    u, delta, A, B, C, _, _ = _inputs(2, 11, 4, 3, seed=3)
+    y, h = fused_selective_scan(u, delta, A, B, C)
+    assert h is None and rel_err(y, selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double())[0]) < 1e-5
+    leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+    ref_leaves = [t.double().clone().requires_grad_() for t in (u, delta, A, B, C)]
+    fused_selective_scan(*leaves)[0].sum().backward()
+    selective_scan(*ref_leaves)[0].sum().backward()
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) < 1e-4, name
+
+
+def test_saves_no_state_per_step():
+    """What autograd keeps is the inputs and the chunk-start states: nothing of size [b, T, D, N]."""
+    Bsz, T, Dm, N = 2, 40, 8, 4
+    leaves = [t.requires_grad_() for t in _inputs(Bsz, T, Dm, N, seed=1)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fused_selective_scan(*leaves[:6], initial_state=leaves[6], output_final_state=True, chunk_size=8)
+    checkpoints = math.ceil(T / 8) * Bsz * Dm * N
+    assert max(saved) <= Bsz * T * Dm
+    assert sum(saved) == 2 * Bsz * T * Dm + 2 * Bsz * T * N + Dm * N + Dm + checkpoints
+
+
+def _loss(scan):
+    def loss(u, delta, A, B, C, D, w):
+        y, h = scan(u, delta, A, B, C, D, output_final_state=True)
+        return (y * w).sum() + h.square().sum()
+    return loss
+
+
+@pytest.mark.parametrize("shared", [(), ("u", "delta", "B", "C")], ids=["all_batched", "shared_inputs"])
+def test_vmap_grad_matches_reference_per_run(shared):
+    """vmap(grad) over k = 3 runs (the stacked MQAR trainer) against the reference run by run; `shared`
+    inputs are one tensor for all runs (in_dims None)."""
+    k, argnums = 3, (0, 1, 2, 3, 4, 5)
+    per_run = [_inputs(2, 21, 4, 3, seed=10 + r) for r in range(k)]
+    stacked = [torch.stack(ts) for ts in zip(*per_run)][:6] + [torch.randn(k, 2, 21, 4, device=DEVICE)]
+    in_dims = tuple(None if n in shared else 0 for n in NAMES[:6]) + (0,)
+    args = [s[0] if d is None else s for s, d in zip(stacked, in_dims)]
+    got = vmap(grad(_loss(fused_selective_scan), argnums=argnums), in_dims=in_dims)(*args)
+    for r in range(k):
+        run_args = [(a if d is None else a[r]).double() for a, d in zip(args, in_dims)]
+        ref = grad(_loss(selective_scan), argnums=argnums)(*run_args)
+        for name, a, b in zip(NAMES, got, ref):
+            assert rel_err(a[r], b) < 1e-4, (name, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("with_state", [False, True])
+def test_gpu_matches_chunked_scan_at_mqar_size(with_state):
+    """d_inner 512, N 24, T 256, batch 64: outputs, final state, every gradient against the chunked scan."""
+    inputs = _inputs(64, 256, 512, 24, seed=0, device="cuda")
+    with torch.enable_grad():
+        got = _run(fused_selective_scan, inputs, torch.float32, with_state)
+        ref = _run(chunk_selective_scan, inputs, torch.float32, with_state)
+    for name, a, b in zip(("y", "final_state") + NAMES, got, ref):
+        if name == "h0" and not with_state:
+            continue
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_vmap_grad_at_mqar_size():
+    """4 stacked runs of d_inner 512, N 24, T 256, batch 64 against the chunked scan run by run."""
+    k, argnums = 4, (0, 1, 2, 3, 4, 5)
+    stacked = [torch.stack(ts) for ts in zip(*(_inputs(64, 256, 512, 24, seed=r, device="cuda") for r in range(k)))]
+    w = torch.randn(k, 64, 256, 512, device="cuda")
+    got = vmap(grad(_loss(fused_selective_scan), argnums=argnums))(*stacked[:6], w)
+    for r in range(k):
+        ref = grad(_loss(chunk_selective_scan), argnums=argnums)(*(s[r] for s in stacked[:6]), w[r])
+        for name, a, b in zip(NAMES, got, ref):
+            assert rel_err(a[r], b) < 1e-4, (name, r)
