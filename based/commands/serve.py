@@ -44,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--model-name", default=None, help="the id /v1/models lists (default the checkpoint or preset)")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before ending them with an error")
+    p.add_argument("--api-workers", type=int, default=0,
+                   help="HTTP processes in front of the engine's (0: the HTTP side in the engine's process); "
+                        "for GPU serving at thousands of slots, where one process's CPU is the limit")
     p.add_argument("--no-cuda-graph", action="store_true", help="step eagerly on CUDA (debugging)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=run)
@@ -62,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, MemoryError, OSError) as e:
         print(f"based serve: error: {e}", file=sys.stderr)
         return 2
-    server.run()
-    return 0
+    return server.run() or 0
 
 
 def default_slots(model, dtype, device, max_seq_len: int, fraction: float) -> tuple[int, int, int | None]:
@@ -96,7 +98,9 @@ def build(args: argparse.Namespace):
     from ..cli import torch_device
     from .generate import load
 
+    api_workers = getattr(args, "api_workers", 0)
     for flag, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
+                             ("--api-workers", api_workers, 0),
                              ("--prefill-chunk", args.prefill_chunk, 1), ("--stream-interval", args.stream_interval, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
@@ -104,7 +108,8 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--max-slots must be >= 1, got {args.max_slots}")
     if not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
-    check_address(args.host, args.port)  # before the model loads: a taken port fails in a second, not after it
+    # Before the model loads: a taken port fails in a second, not after it. The API workers get the socket.
+    sock = bind(args.host, args.port) if api_workers else check_address(args.host, args.port)
     device = torch_device(args.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the graphs' capture streams and the engine's events follow it
@@ -144,24 +149,41 @@ def build(args: argparse.Namespace):
     scheduler = Scheduler(model, tokenizer, slots, args.max_waiting, args.prefill_chunk, max_seq_len=max_seq_len,
                           cuda_graph=False if args.no_cuda_graph else None, stream_interval=args.stream_interval)
     name = args.model_name or (str(args.checkpoint) if args.checkpoint else args.preset)
+    if api_workers:
+        from based.serve.workers import Engine
+
+        return Engine(scheduler, sock, args, name, limit, backlog(args, scheduler))
     app = create_app(scheduler, name, limit)
     return Server(app, scheduler, args)
 
 
-def check_address(host: str, port: int) -> None:
-    """Raises ValueError naming --host / --port when the server could not listen there."""
+def bind(host: str, port: int):
+    """A TCP socket bound to host:port (not listening yet); ValueError naming --host / --port when the server
+    could not listen there."""
     import socket
 
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise ValueError(f"--host {host}: not an address of this machine ({e.strerror})") from None
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind(address)
-        except OSError as e:
-            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another port") from None
+    s = socket.socket(family, kind, proto)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        s.bind(address)
+    except OSError as e:
+        s.close()
+        raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another port") from None
+    return s
+
+
+def check_address(host: str, port: int) -> None:
+    """Raises ValueError naming --host / --port when the server could not listen there."""
+    bind(host, port).close()
+
+
+def backlog(args, scheduler) -> int:
+    """The listen backlog: thousands of clients connect at once in a saturation benchmark."""
+    return min(65535, max(2048, args.max_waiting + scheduler.max_slots))
 
 
 def raise_open_files_limit() -> None:
@@ -185,9 +207,8 @@ class Server:
 
         self.scheduler, self.grace = scheduler, args.grace
         raise_open_files_limit()
-        # Thousands of clients connect at once in a saturation benchmark: a listen backlog for them.
-        backlog = min(65535, max(2048, args.max_waiting + scheduler.max_slots))
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, backlog=backlog,
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                backlog=backlog(args, scheduler),
                                 timeout_graceful_shutdown=int(args.grace) + 10)
         outer = self
 

@@ -7,6 +7,7 @@ or the socket of a plain request) cancels its sequences, whose slots are free fr
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import time
@@ -58,11 +59,18 @@ class BadRequest(Exception):
         self.param = param
 
 
+async def settled(value):
+    """value, or what it resolves to: a Scheduler answers at once, a worker's RemoteScheduler (workers.py)
+    after a round trip to the engine process."""
+    return await value if inspect.isawaitable(value) else value
+
+
 def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None = None) -> FastAPI:
     """The server's app.
 
     Args:
-        scheduler: the engine loop (started with the app, stopped with it).
+        scheduler: the engine loop (started with the app, stopped with it), or in an API worker process the
+            RemoteScheduler that talks to it (workers.py).
         model_name: the id /v1/models lists.
         max_positions: a full-attention model's limit on prompt + max_tokens (None: no limit).
     """
@@ -121,13 +129,14 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
 
     @app.get("/health")
     async def health():
+        counts = await settled(scheduler.counts())
         ok = scheduler.alive
-        return JSONResponse({"status": "ok" if ok else "engine stopped", **scheduler.counts()},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "engine stopped", **counts}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
-        return Response(scheduler.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = await settled(scheduler.metrics.text())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
@@ -160,7 +169,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
     async def submit(body, prompts: list[str]):
         queue = Mailbox()
         seqs = [s for i, p in enumerate(prompts) for s in sequences(body, p, queue, i * body.n)]
-        scheduler.submit(seqs)
+        await settled(scheduler.submit(seqs))
         return queue, seqs
 
     def usage(outs: dict[int, Output], n: int) -> dict:

@@ -82,6 +82,7 @@ class Sequence:
     matcher: StopMatcher | None = None
     done: bool = False
     cancelled: bool = False
+    tag: object = None  # the owner's mark: with --api-workers, which worker and which of its sequences (workers.py)
 
 
 class Scheduler:

@@ -1,0 +1,215 @@
+"""`based serve --api-workers 2`: the HTTP side in two worker processes, the engine in the server's own; the
+answers must be those of one process (greedy text equal to based.generation.generate alone)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from .conftest import Server, greedy_text
+
+openai = pytest.importorskip("openai")
+
+SLOTS, WAITING = 8, 16
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Server("--checkpoint", str(checkpoint), "--device", "cpu", "--api-workers", "2", "--max-slots", str(SLOTS),
+               "--max-waiting", str(WAITING), "--model-name", "tiny")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def workers(server) -> list[dict]:
+    """The engine's view of its API workers: pid, requests submitted, alive."""
+    return requests.get(server.url + "/health", timeout=10).json()["api_workers"]
+
+
+def _stream(url: str, body: dict) -> tuple[str, str | None, dict | None]:
+    text, reason, usage = [], None, None
+    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                text.append(c["text"])
+                reason = c["finish_reason"] or reason
+    return "".join(text), reason, usage
+
+
+def test_completion_and_chat_equal_generate(server, client, model):
+    out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0)
+    assert out.choices[0].text == greedy_text(model, "Hello there", 12)
+    assert out.usage.prompt_tokens == 11 and out.usage.completion_tokens == 12
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert chat.choices[0].message.content == greedy_text(model, "<|user|>\nHi\n<|assistant|>\n", 10)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_streaming_equals_generate(client, model):
+    prompt = "The quick brown fox jumps over the lazy dog"
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True))
+    assert len([c for c in chunks if c.choices]) > 2
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy_text(model, prompt, 20)
+    assert chunks[-1].usage.completion_tokens == 20
+
+
+def test_16_concurrent_streams_land_on_both_workers(server, model):
+    before = {w["pid"]: w["requests"] for w in workers(server)}
+    bodies = [{"prompt": f"Stream number {i}: the", "max_tokens": 4 + (5 * i) % 17, "temperature": 0}
+              for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda b: _stream(server.url, b), bodies))
+    for body, (text, reason, usage) in zip(bodies, together):
+        assert reason == "length" and usage["completion_tokens"] == body["max_tokens"]
+        assert text == greedy_text(model, body["prompt"], body["max_tokens"])
+    served = {w["pid"]: w["requests"] - before[w["pid"]] for w in workers(server)}
+    assert sum(served.values()) == 16 and all(n > 0 for n in served.values()), served
+
+
+def test_disconnect_frees_the_slot(server):
+    server.wait_idle()
+    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        during = server.metrics()
+    assert during["based_requests_running"] == 1 and during["based_slots_used"] == 1
+    after = server.wait_idle()
+    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
+
+
+def test_queue_full_gets_429(server):
+    server.wait_idle()
+    stop = threading.Event()
+
+    def hold():
+        with requests.post(server.url + "/v1/completions", stream=True, timeout=60,
+                           json={"prompt": "z", "max_tokens": 100000, "stream": True}) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=hold) for _ in range(SLOTS + WAITING)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while server.metrics()["based_requests_waiting"] < WAITING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=10)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    after = server.wait_idle(30)
+    assert after["based_requests_running"] == 0 and after["based_requests_waiting"] == 0
+
+
+def test_metrics_count_the_workers_cpu(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert requests.post(server.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 3}).status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(requests.get(server.url + "/metrics").text)}
+    for name in ("based_requests_running", "based_slots_used", "based_generation_tokens", "process_cpu_seconds"):
+        assert name in families, name
+    assert families["based_api_cpu_seconds"].samples[0].value > 0
+    assert families["based_api_workers"].samples[0].value == 2
+    assert [s.value for s in families["based_slots_total"].samples] == [SLOTS]
+    health = requests.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["slots"] == SLOTS
+
+
+def test_a_worker_that_dies_frees_its_slots_and_the_other_serves(server):
+    """Last in the module: it kills a worker of the shared server."""
+    server.wait_idle()
+    before = {w["pid"]: w["requests"] for w in workers(server)}
+    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert server.metrics()["based_slots_used"] == 1
+        holder = next(w["pid"] for w in workers(server) if w["requests"] > before[w["pid"]])
+        os.kill(holder, signal.SIGKILL)
+        with pytest.raises(requests.RequestException):
+            for _ in lines:
+                pass
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if server.metrics()["based_slots_used"] == 0:
+                break
+        except requests.ConnectionError:  # a connection the dead worker had accepted
+            pass
+        time.sleep(0.1)
+    after = server.wait_idle()
+    assert after["based_slots_used"] == 0 and after["based_api_workers"] == 1
+    assert [w["alive"] for w in workers(server) if w["pid"] == holder] == [False]
+    assert _stream(server.url, {"prompt": "a", "max_tokens": 3, "temperature": 0})[1] == "length"
+    assert server.proc.poll() is None
+
+
+def _sse(url, body, out: list, started: threading.Event):
+    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if line == b"data: [DONE]":
+                out.append("DONE")
+            elif line.startswith(b"data: "):
+                out.append(json.loads(line[6:]))
+                started.set()
+
+
+def _plain(url, body, out: list):
+    r = requests.post(url + "/v1/completions", json=body, timeout=60)
+    out.append((r.status_code, r.json()))
+
+
+def test_sigterm_finishes_running_requests_ends_the_rest_and_exits_0():
+    s = Server("--preset", "debug", "--device", "cpu", "--api-workers", "2", "--max-slots", "4", "--grace", "2")
+    try:
+        short, long_, plain = [], [], []
+        started = [threading.Event(), threading.Event()]
+        threads = [
+            threading.Thread(target=_sse, args=(s.url, {"prompt": "ab", "max_tokens": 40}, short, started[0])),
+            threading.Thread(target=_sse, args=(s.url, {"prompt": "cd", "max_tokens": 10**7}, long_, started[1])),
+            threading.Thread(target=_plain, args=(s.url, {"prompt": "ef", "max_tokens": 10**7}, plain)),
+        ]
+        for t in threads:
+            t.start()
+        for e in started:
+            assert e.wait(30)
+        s.proc.terminate()
+        for t in threads:
+            t.join(60)
+        assert s.proc.wait(60) == 0
+        try:
+            refused = requests.post(s.url + "/v1/completions", json={"prompt": "a"}, timeout=5).status_code != 200
+        except requests.ConnectionError:
+            refused = True
+        assert refused
+    finally:
+        s.stop()
+    assert short[-1] == "DONE"
+    assert sum(c["usage"]["completion_tokens"] for c in short[:-1] if c.get("usage")) == 40
+    errors = [c for c in long_ if c != "DONE" and "error" in c]
+    assert errors and "shut down" in errors[0]["error"]["message"]
+    assert plain[0][0] == 503 and "shut down" in plain[0][1]["error"]["message"]
