@@ -5,8 +5,8 @@ recurrence h_t = a_t h_{t-1} + x_t (a_t = exp(delta_t A), x_t = delta_t u_t B_t)
 time on a [CH, BD, BN] register tile, so a chunk costs log-depth steps, not CH dependent ones; the state is
 carried across chunks in registers.
 
-Forward saves the state at each chunk start (ckpt [B, T / CH, D, N], fp32): with CH = 32 that is about N / 32
-of u's size per step, where the PyTorch chunked scan keeps several [B, T, D, N] tensors for autograd.
+Forward saves the state at each chunk start (ckpt [B, T / CH, D, N], fp32): with CH = 16 that is N / 16 of u's
+size, where the PyTorch chunked scan keeps several [B, T, D, N] tensors for autograd.
 
 Backward walks the chunks in reverse. Per chunk it rebuilds h_{t-1} from the checkpoint (a scan over the
 inputs shifted one step), then runs the adjoint recurrence
@@ -30,8 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 32  # CH: steps per register tile
-TILE = 2048  # CH * BD * BN elements per tile: 16 fp32 registers a thread at 4 warps, a handful of tiles live
+CHUNK = 16  # CH: steps per register tile
+# CH * BD * BN elements per register tile. At 8 warps (ptxas, sm_90, N = 24): forward ~100 registers a thread,
+# backward ~160 at half the tile (it keeps h_{t-1}, a_t, dh_t and their products live), no spills.
+TILE_FWD, TILE_BWD = 4096, 2048
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -46,8 +49,8 @@ def _fwd_kernel(
     T, DIM, G, N, DG, NC,
     CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
     offs_t = tl.arange(0, CH)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
@@ -96,8 +99,8 @@ def _bwd_kernel(
     T, DIM, G, N, DG, NC,
     CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
     offs_t = tl.arange(0, CH)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
@@ -164,13 +167,13 @@ def _bwd_kernel(
     tl.store(dD_ptr + b * DIM + offs_d, dD, mask=mask_d)
 
 
-def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None) -> tuple[int, int, int]:
+def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None, tile: int) -> tuple[int, int, int]:
     """(CH, BD, BN): BN covers N; BD a power of two dividing the channels per group, sized so a tile holds
-    about TILE elements."""
+    about `tile` elements."""
     CH = triton.next_power_of_2(chunk_size or min(CHUNK, T))
     BN = triton.next_power_of_2(N)
     per_group = dim // groups
-    BD = max(1, min(TILE // (CH * BN), triton.next_power_of_2(per_group)))
+    BD = max(1, min(tile // (CH * BN), triton.next_power_of_2(per_group)))
     while per_group % BD:
         BD //= 2
     return CH, BD, BN
@@ -181,14 +184,16 @@ def _fwd(u, delta, A, B, C, D, h0, chunk_size=None):
     Returns y [b, T, D], hT [b, D, N] fp32, ckpt [b, T / CH, D, N] fp32."""
     Bsz, T, dim = u.shape
     G, N = B.shape[2], B.shape[3]
-    CH, BD, BN = _tiles(T, dim, G, N, chunk_size)
+    CH, BD, BN = _tiles(T, dim, G, N, chunk_size, TILE_FWD)
     NC = triton.cdiv(T, CH)
     y = torch.empty_like(u)
     hT = u.new_empty(Bsz, dim, N, dtype=torch.float32)
     ckpt = u.new_empty(Bsz, NC, dim, N, dtype=torch.float32)
-    _fwd_kernel[(Bsz, triton.cdiv(dim, BD))](
+    # Channel blocks of one sequence launch next to each other: they share the sectors of u, delta and B, C.
+    _fwd_kernel[(triton.cdiv(dim, BD), Bsz)](
         u, delta, A, B, C, D if D is not None else u, h0 if h0 is not None else u, y, hT, ckpt,
         T, dim, G, N, dim // G, NC, CH=CH, BD=BD, BN=BN, HAS_D=D is not None, HAS_H0=h0 is not None,
+        num_warps=NUM_WARPS,
     )
     return y, hT, ckpt
 
@@ -197,7 +202,7 @@ def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dh0) of _fwd's (y, hT) given dy, dhT; ckpt from _fwd."""
     Bsz, T, dim = u.shape
     G, N = B.shape[2], B.shape[3]
-    CH, BD, BN = _tiles(T, dim, G, N, chunk_size)
+    CH, BD, BN = _tiles(T, dim, G, N, chunk_size, TILE_BWD)  # the forward's CH: its checkpoints
     NC = triton.cdiv(T, CH)
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
     dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
@@ -205,10 +210,10 @@ def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
     dA = u.new_empty(Bsz, dim, N, dtype=torch.float32)
     dD = u.new_empty(Bsz, dim, dtype=torch.float32)
     dh0 = u.new_empty(Bsz, dim, N, dtype=torch.float32)
-    _bwd_kernel[(Bsz, triton.cdiv(dim, BD))](
+    _bwd_kernel[(triton.cdiv(dim, BD), Bsz)](
         u, delta, A, B, C, D if D is not None else u, ckpt, dy.contiguous(), dhT.contiguous(),
         du, ddelta, dA, dB, dC, dD, dh0,
-        T, dim, G, N, dim // G, NC, CH=CH, BD=BD, BN=BN, HAS_D=D is not None,
+        T, dim, G, N, dim // G, NC, CH=CH, BD=BD, BN=BN, HAS_D=D is not None, num_warps=NUM_WARPS,
     )
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.sum(0).to(D.dtype), dh0)
@@ -326,7 +331,7 @@ def fused_selective_scan(
     Args:
         u, delta: [B, T, D]; A: [D, N]; B, C: [B, T, N] or grouped [B, T, G, N] (G divides D);
         D: [D] or None; initial_state: [B, D, N].
-        chunk_size: steps per register tile (a power of two; default min(32, T)).
+        chunk_size: steps per register tile (a power of two; default min(16, T)).
     Returns:
         y [B, T, D] in u's dtype, and h [B, D, N] (fp32) after the last token if asked.
     """
