@@ -48,6 +48,7 @@ def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr, ckpt_ptr,
     T, DIM, G, N, DG, NC,
     CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
+    SAVE_CKPT: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
@@ -68,7 +69,8 @@ def _fwd_kernel(
         Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
     last = offs_t[:, None, None] == CH - 1
     for c in range(NC):
-        tl.store(ckpt_ptr + (b * NC + c) * DIM * N + state_offs, h, mask=mask_dn)
+        if SAVE_CKPT:
+            tl.store(ckpt_ptr + (b * NC + c) * DIM * N + state_offs, h, mask=mask_dn)
         t = c * CH + offs_t
         mask_t = t < T
         mask_td = mask_t[:, None] & mask_d[None, :]
@@ -179,7 +181,7 @@ def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None, tile: 
     return CH, BD, BN
 
 
-def _fwd(u, delta, A, B, C, D, h0, chunk_size=None):
+def _fwd(u, delta, A, B, C, D, h0, chunk_size=None, save_ckpt=True):
     """Plain tensors: u, delta [b, T, D]; A [D, N]; B, C [b, T, G, N]; D [D] or None; h0 [b, D, N] or None.
     Returns y [b, T, D], hT [b, D, N] fp32, ckpt [b, T / CH, D, N] fp32."""
     Bsz, T, dim = u.shape
@@ -188,12 +190,12 @@ def _fwd(u, delta, A, B, C, D, h0, chunk_size=None):
     NC = triton.cdiv(T, CH)
     y = torch.empty_like(u)
     hT = u.new_empty(Bsz, dim, N, dtype=torch.float32)
-    ckpt = u.new_empty(Bsz, NC, dim, N, dtype=torch.float32)
+    ckpt = u.new_empty(Bsz, NC if save_ckpt else 0, dim, N, dtype=torch.float32)
     # Channel blocks of one sequence launch next to each other: they share the sectors of u, delta and B, C.
     _fwd_kernel[(triton.cdiv(dim, BD), Bsz)](
         u, delta, A, B, C, D if D is not None else u, h0 if h0 is not None else u, y, hT, ckpt,
         T, dim, G, N, dim // G, NC, CH=CH, BD=BD, BN=BN, HAS_D=D is not None, HAS_H0=h0 is not None,
-        num_warps=NUM_WARPS,
+        SAVE_CKPT=save_ckpt, num_warps=NUM_WARPS,
     )
     return y, hT, ckpt
 
@@ -342,7 +344,10 @@ def fused_selective_scan(
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     D = None if D is None else D.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    y, hT, _ = SelectiveScan.apply(u, delta, A, B, C, D, h0, chunk_size)
+    if not torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(u):
+        y, hT, _ = _fwd(u, delta, A, B, C, D, h0, chunk_size, save_ckpt=False)  # inference: no checkpoints
+    else:
+        y, hT, _ = SelectiveScan.apply(u, delta, A, B, C, D, h0, chunk_size)
     return y, (hT if output_final_state else None)
 
 
