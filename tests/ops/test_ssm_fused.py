@@ -216,3 +216,23 @@ def test_gpu_vmap_grad_at_mqar_size():
 
 if __name__ == "__main__":
     print(json.dumps(compile_for_sm90()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mamba_layer_takes_the_fused_scan(monkeypatch):
+    """The Mamba layer on CUDA (fused scan) against the same layer made to take the chunked scan."""
+    from based.layers import mamba
+
+    layer = mamba.Mamba(128, d_state=16).cuda()
+    x = torch.randn(8, 96, 128, device="cuda")
+    results = []
+    for fused in (mamba.fused_selective_scan, None):
+        monkeypatch.setattr(mamba, "fused_selective_scan", fused)
+        layer.zero_grad()
+        with torch.enable_grad():
+            y = layer(x)
+            y.square().sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-4
