@@ -49,7 +49,7 @@ GROUPS = {  # name -> (mixer, d_model, mixer_kwargs) of FIGURE2_MODELS; the larg
 
 def profile(names: list[str], steps: int, out: str) -> None:
     """Where a stacked step's GPU time goes: torch.profiler over `steps` eager steps of each group (after
-    warm-up), the kernels by GPU time, and the graph-replay time of each training shape alone."""
+    warm-up), the kernels by GPU time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -62,25 +62,6 @@ def profile(names: list[str], steps: int, out: str) -> None:
         runs = runs_of[(mixer, d, json.dumps(kw, sort_keys=True))]
         entry = {}
         try:
-            trainer = StackedTrainer(runs, "cuda", cuda_graphs=True)
-            trainer.step()
-            per_shape = {}
-            first = {}
-            for s, shape in enumerate(zip(trainer.tasks, trainer.sizes)):
-                first.setdefault(shape, s)
-            for shape, graph in trainer.graphs.items():  # each training shape's step alone, replayed
-                trainer.step_t.fill_(first[shape])  # a step of this shape: its batch indices fit its task
-                graph.replay()
-                start = _sync_time()
-                for _ in range(10):
-                    graph.replay()
-                per_shape[str(shape)] = round((_sync_time() - start) / 10 * 1e3, 2)
-            entry["graph_ms_per_shape"] = per_shape
-            entry["share_of_steps_per_shape"] = {
-                str(shape): round(sum(1 for t, n in zip(trainer.tasks, trainer.sizes) if (t, n) == shape)
-                                  / len(trainer.tasks), 3) for shape in trainer.graphs}
-            del trainer
-            torch.cuda.empty_cache()
             eager = StackedTrainer(runs, "cuda", cuda_graphs=False)
             for _ in range(5):
                 eager.step()
@@ -89,7 +70,7 @@ def profile(names: list[str], steps: int, out: str) -> None:
                 for _ in range(steps):
                     eager.step()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
+            table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
             print(name, "\n", table, flush=True)
             entry["eager_profile_top25"] = table.splitlines()
             del eager
