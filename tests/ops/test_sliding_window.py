@@ -75,3 +75,24 @@ def test_bad_shapes():
     q, k, v = _qkv(1, 4, 1, 4)
     with pytest.raises(ValueError, match="must share"):
         sliding_window_attn(q, k[:, :3], v, 2)
+
+
+def test_under_vmap_grad_equals_a_loop():
+    """The stacked MQAR trainer runs models under torch.func.vmap(grad): the windowed attention there (written
+    out, as CUDA SDPA's batching rule rejects the mask) equals the naive form run by run, values and grads."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 40, 2, 8, dtype=torch.float64) for _ in range(3))
+
+    def loss(fn, q, k, v):
+        return fn(q, k, v, 7).square().sum()
+
+    grads = vmap(grad(lambda q, k, v: loss(sliding_window_attn, q, k, v), argnums=(0, 1, 2)))(q, k, v)
+    for i in range(3):
+        qi, ki, vi = (t[i].clone().requires_grad_() for t in (q, k, v))
+        ref = torch.autograd.grad(loss(naive_sliding_window_attn, qi, ki, vi), (qi, ki, vi))
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g[i], r)
+    torch.testing.assert_close(vmap(lambda q, k, v: sliding_window_attn(q, k, v, 7))(q, k, v),
+                               torch.stack([naive_sliding_window_attn(q[i], k[i], v[i], 7) for i in range(3)]))
