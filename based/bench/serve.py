@@ -10,8 +10,8 @@ requests with Poisson arrivals at a given rate, or all at once (saturation); pro
 preset gets its own server process (`based serve --preset P`, default slot count unless --max-slots) on
 the same device, one after the other. Per run: output tokens/s, requests/s, TTFT p50/p99, inter-token
 latency p50/p99 (between a stream's chunks; a chunk carrying k tokens counts as k gaps of 1/k), server CPU
-time per output token (process_cpu_seconds_total of the server over the tokens it generated, from
-/metrics) and the steady-state tokens/s while every slot was busy (from /metrics, sampled each second).
+time per output token (process_cpu_seconds_total of the server, plus based_api_cpu_seconds_total of its
+API worker processes with --api-workers, over the tokens it generated, from /metrics) and the steady-state tokens/s while every slot was busy (from /metrics, sampled each second).
 Inter-token latency is the gap between a stream's consecutive chunks, as vLLM's ITL: the server sends what
 queued up for a stream as one chunk, so under load a chunk may carry several tokens, and a gap counts once;
 time per output token (TPOT, (latency - TTFT) / (tokens - 1) per request) is reported beside it.
@@ -83,6 +83,8 @@ class ServerProcess:
                "--grace", "5"]
         if args.max_slots:
             cmd += ["--max-slots", str(args.max_slots)]
+        if args.api_workers:
+            cmd += ["--api-workers", str(args.api_workers)]
         if full_attention(preset):  # a KV cache as long as the benchmark's sequences: more slots fit
             cmd += ["--max-seq-len", str(args.prompt_len + args.output_len[1])]
         self.log = open(Path(args.log_dir) / f"serve-{preset}.log", "w") if args.log_dir else subprocess.DEVNULL
@@ -188,6 +190,11 @@ def null_server(argv: list[str]) -> int:
     scheduler = null_scheduler(step_ms / 1e3)(model, ByteTokenizer(), slots, args.max_waiting, args.prefill_chunk,
                                  max_seq_len=64, stream_interval=args.stream_interval)
     print(f"based bench serve: null engine, {slots} slots", file=sys.stderr, flush=True)
+    if args.api_workers:
+        from based.serve.workers import Engine
+
+        sock = serve_command.bind(args.host, args.port)
+        return Engine(scheduler, sock, args, "null", None, serve_command.backlog(args, scheduler)).run()
     server = serve_command.Server(create_app(scheduler, "null", None), scheduler, args)
     profile = os.environ.get("BASED_NULL_PROFILE")  # cProfile of the event loop's thread, written at exit
     if profile:
@@ -309,6 +316,9 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
     tpot = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if stream and r["ttft"] and r["tokens"] > 1]
     server_tokens = after.get("based_generation_tokens_total", 0) - before.get("based_generation_tokens_total", 0)
     cpu = after.get("process_cpu_seconds_total", 0) - before.get("process_cpu_seconds_total", 0)
+    # --api-workers: the HTTP side's processes (based_api_cpu_seconds_total) are the server's CPU too.
+    api_cpu = after.get("based_api_cpu_seconds_total", 0) - before.get("based_api_cpu_seconds_total", 0)
+    cpu += api_cpu
     engine_cpu = after.get("based_engine_cpu_seconds_total", 0) - before.get("based_engine_cpu_seconds_total", 0)
     busy = [(t, n) for t, n, used, total in samples if total and used >= total]
     steady = (busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0]) if len(busy) > 2 else None
@@ -325,6 +335,7 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
         "tpot_ms_p50": _ms(percentile(tpot, 50)), "tpot_ms_p99": _ms(percentile(tpot, 99)),
         "server_cpu_ms_per_token": _ms(cpu / server_tokens) if server_tokens else None,
         "engine_thread_cpu_ms_per_token": _ms(engine_cpu / server_tokens) if server_tokens else None,
+        "api_workers_cpu_ms_per_token": _ms(api_cpu / server_tokens) if server_tokens else None,
         "decode_steps": after.get("based_decode_steps_total", 0) - before.get("based_decode_steps_total", 0),
         # Seconds of the engine loop's wall time by phase over the run (based_engine_phase_seconds).
         "engine_phase_s": {k[7:-2]: round(after[k] - before.get(k, 0), 3) for k in sorted(after)
@@ -554,6 +565,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-waiting", type=int, default=1_000_000, help="the servers' queue (the client sends all)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per engine pass")
     p.add_argument("--stream-interval", type=int, default=1, help="the servers' --stream-interval")
+    p.add_argument("--api-workers", type=int, default=0,
+                   help="the servers' --api-workers: HTTP processes in front of the engine's (0: one process)")
     p.add_argument("--prompt-len", type=int, default=PROMPT, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, nargs=2, default=list(OUTPUT), metavar=("MIN", "MAX"),
                    help="output tokens per request, uniform in MIN..MAX")
@@ -628,7 +641,8 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "config": {"prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": True,
                    "decoding": "greedy", "weights": "random", "prefill_chunk": args.prefill_chunk,
-                   "stream_interval": args.stream_interval, "null_engine": args.null_engine,
+                   "stream_interval": args.stream_interval, "api_workers": args.api_workers,
+                   "null_engine": args.null_engine,
                    "null_step_ms": args.null_step_ms,
                    "rates": args.rates, "rate_fractions": None if args.rates else args.rate_fractions,
                    "duration_s": args.duration, "device": args.device,

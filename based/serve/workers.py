@@ -244,7 +244,8 @@ class RemoteScheduler:
         self.metrics = _Metrics(self)
         self.post = lambda items: [seq.deliver(out) for seq, out in items]  # create_app's lifespan replaces it
         self.on_drain = lambda: None
-        self.alive = True
+        self.alive = True  # the engine loop runs (as its last answer said)
+        self.connected = True  # the Pipe to the engine process is up
         self.seqs: dict = {}  # sid -> Sequence of this worker, until its last output
         self.replies: dict[int, asyncio.Future] = {}
         self.next_id = 0
@@ -259,11 +260,11 @@ class RemoteScheduler:
         try:
             self.conn.send(message)
         except (OSError, ValueError):
-            self.alive = False
+            self.connected = False
 
     def _ask(self, kind: str, *payload) -> asyncio.Future:
         fut = self.loop.create_future()
-        if not self.alive:
+        if not self.connected:
             fut.set_exception(_shutting_down())
             return fut
         self.next_id += 1
@@ -310,7 +311,7 @@ class RemoteScheduler:
             seq.deliver(Output("", "abort", error=reason))
 
     def stop(self, timeout: float | None = None) -> None:
-        self.alive = False
+        self.connected = False
         try:
             self.conn.close()
         except OSError:
@@ -345,8 +346,8 @@ class RemoteScheduler:
                     self.loop.call_soon_threadsafe(_resolve, fut, message[2])
             elif kind == "drain":
                 self.on_drain()
-        if self.alive:  # the engine went away under us
-            self.alive = False
+        if self.connected:  # the engine went away under us
+            self.connected = self.alive = False
             print(f"based serve: API worker {os.getpid()}: the engine process is gone; stopping",
                   file=sys.stderr, flush=True)
             self.loop.call_soon_threadsafe(self._engine_gone)
