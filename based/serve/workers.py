@@ -4,30 +4,36 @@ One process's GIL holds both the engine thread and the asyncio loop that turns o
 events (~34 us of CPU a token a stream): at thousands of streams that one core, not the GPU, sets the pace.
 As vLLM's `--api-server-count`, the `based serve` process keeps the model and the Scheduler (the GPU's only
 owner) and N spawned worker processes run uvicorn and the same FastAPI app (create_app) on one listening
-socket the engine bound, the kernel handing each connection to one of them. A worker never imports the
-model or touches CUDA: its app talks to a RemoteScheduler over a duplex Pipe.
+socket the engine bound, the kernel handing each connection to one of them. A worker never loads the model
+or touches CUDA (it sees no GPU): its app talks to a RemoteScheduler over a duplex Pipe.
 
 The wire, one Pipe a worker (tuples only, pickled once a message):
     worker -> engine   ("submit", qid, [(sid, prompt ids, max_tokens, temperature, top_p, top_k, seed, stop,
                                           ignore_eos, incremental, arrival), ...])     answered ("reply", qid, error)
                        ("cancel", [sid, ...])
                        ("counts", qid) / ("metrics", qid)                              answered ("reply", qid, value)
+                       (an engine-side failure answers ("fail", qid, message): a 503)
     engine -> worker   ("out", [(sid, text) or (sid, text, finish_reason, prompt_tokens, completion_tokens,
-                                 error), ...])   ONE message per engine pass per worker, from Scheduler.post
+                                 error), ...])   one message per Scheduler.post per worker: a pass posts its
+                                 outputs, then (if any) its finished sequences
                        ("drain",)  stop accepting: the server is shutting down
 A sequence's `tag` is its (worker, sid) in the engine and its sid in the worker.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 
-# Nothing here imports torch or the model at module level: the spawned workers import this module first.
+# Nothing here imports torch at module level: a spawned worker imports this module before worker_main hides
+# the GPUs from it.
 
+log = logging.getLogger("based.serve")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -107,43 +113,18 @@ class Engine:
 
     def _serve(self, worker: _Worker) -> None:
         """A worker's requests, on a thread of their own: submit, cancel, counts, metrics."""
-        from .scheduler import QueueFull, Sequence, ShuttingDown
-
         scheduler, conn, w = self.scheduler, worker.conn, worker.index
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "submit":
-                _, qid, items = message
-                seqs = [Sequence(prompt=p, max_tokens=m, deliver=_nothing, temperature=t, top_p=tp, top_k=tk, seed=s,
-                                 stop=st, ignore_eos=ie, incremental=inc, arrival=a, tag=(w, sid))
-                        for sid, p, m, t, tp, tk, s, st, ie, inc, a in items]
-                for seq in seqs:  # before submit: the engine thread may post their outputs at once
-                    worker.seqs[seq.tag[1]] = seq
-                error = None
-                try:
-                    scheduler.submit(seqs)
-                    worker.requests += 1
-                except (QueueFull, ShuttingDown) as e:
-                    for seq in seqs:
-                        worker.seqs.pop(seq.tag[1], None)
-                    error = (type(e).__name__, str(e))
-                worker.send(("reply", qid, error))
-            elif kind == "cancel":
-                for sid in message[1]:
-                    seq = worker.seqs.pop(sid, None)
-                    if seq is not None:
-                        scheduler.cancel(seq)
-            elif kind == "counts":
-                counts = scheduler.counts()
-                counts["api_workers"] = [{"pid": x.process.pid, "requests": x.requests, "alive": not x.dead}
-                                         for x in self.workers]
-                worker.send(("reply", message[1], (scheduler.alive, counts)))
-            elif kind == "metrics":
-                worker.send(("reply", message[1], scheduler.metrics.text()))
+            try:
+                self._handle(worker, message)
+            except Exception:  # noqa: BLE001 - one request's failure: it gets a 503, the worker goes on
+                log.error("API worker %d's request failed in the engine process:\n%s", w, traceback.format_exc())
+                if message[0] != "cancel":
+                    worker.send(("fail", message[1], "internal error in the engine process (see the server log)"))
         worker.dead = True
         doomed = list(worker.seqs.values())
         worker.seqs.clear()
@@ -154,6 +135,40 @@ class Engine:
             print(f"based serve: API worker {w} (pid {worker.process.pid}) exited with code "
                   f"{worker.process.exitcode}; {len(doomed)} of its sequences cancelled, the other workers go on",
                   file=sys.stderr, flush=True)
+
+    def _handle(self, worker: _Worker, message) -> None:
+        from .scheduler import QueueFull, Sequence, ShuttingDown
+
+        scheduler, w = self.scheduler, worker.index
+        kind = message[0]
+        if kind == "submit":
+            _, qid, items = message
+            seqs = [Sequence(prompt=p, max_tokens=m, deliver=_nothing, temperature=t, top_p=tp, top_k=tk, seed=s,
+                             stop=st, ignore_eos=ie, incremental=inc, arrival=a, tag=(w, sid))
+                    for sid, p, m, t, tp, tk, s, st, ie, inc, a in items]
+            for seq in seqs:  # before submit: the engine thread may post their outputs at once
+                worker.seqs[seq.tag[1]] = seq
+            error = None
+            try:
+                scheduler.submit(seqs)
+                worker.requests += 1
+            except (QueueFull, ShuttingDown) as e:
+                for seq in seqs:
+                    worker.seqs.pop(seq.tag[1], None)
+                error = (type(e).__name__, str(e))
+            worker.send(("reply", qid, error))
+        elif kind == "cancel":
+            for sid in message[1]:
+                seq = worker.seqs.pop(sid, None)
+                if seq is not None:
+                    scheduler.cancel(seq)
+        elif kind == "counts":
+            counts = scheduler.counts()
+            counts["api_workers"] = [{"pid": x.process.pid, "requests": x.requests, "alive": not x.dead}
+                                     for x in self.workers]
+            worker.send(("reply", message[1], (scheduler.alive, counts)))
+        elif kind == "metrics":
+            worker.send(("reply", message[1], scheduler.metrics.text()))
 
     def collect(self):
         """based_api_cpu_seconds_total: the workers' CPU, so that with process_cpu_seconds_total (this
@@ -304,7 +319,8 @@ class RemoteScheduler:
         """End this worker's sequences with an error (the engine's own are the engine's to end)."""
         from .scheduler import Output
 
-        doomed, self.seqs = list(self.seqs.items()), {}
+        doomed = list(self.seqs.items())
+        self.seqs.clear()  # in place: the reader thread holds this dict
         if doomed:
             self._send(("cancel", [sid for sid, _ in doomed]))
         for _, seq in doomed:
@@ -344,6 +360,10 @@ class RemoteScheduler:
                 fut = self.replies.pop(message[1], None)
                 if fut is not None:
                     self.loop.call_soon_threadsafe(_resolve, fut, message[2])
+            elif kind == "fail":
+                fut = self.replies.pop(message[1], None)
+                if fut is not None:
+                    self.loop.call_soon_threadsafe(_fail, fut, message[2])
             elif kind == "drain":
                 self.on_drain()
         if self.connected:  # the engine went away under us
@@ -365,6 +385,13 @@ def _shutting_down():
     from .scheduler import ShuttingDown
 
     return ShuttingDown("the server is shutting down")
+
+
+def _fail(fut: asyncio.Future, message: str) -> None:
+    from .scheduler import ShuttingDown
+
+    if not fut.done():
+        fut.set_exception(ShuttingDown(message))
 
 
 def _resolve(fut: asyncio.Future, value) -> None:
