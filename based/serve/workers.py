@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
@@ -56,20 +57,32 @@ class _Worker:
 
     def __init__(self, index: int, process, conn):
         self.index, self.process, self.conn = index, process, conn
-        self.lock = threading.Lock()  # the engine thread (outputs) and the reader thread (replies) both send
         self.seqs: dict = {}  # sid -> engine Sequence, until it finishes or is cancelled
         self.requests = 0
         self.dead = False
         self.cpu = 0.0  # last CPU seconds read (what a worker that exited had used)
+        # Messages go out from a thread of their own: the engine thread only queues a pass's batch, and never
+        # waits on a worker whose socket buffer is full (busy, or stopped) while the others want their tokens.
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sender = threading.Thread(target=self._send_loop, name=f"based-api-send-{index}", daemon=True)
+        self.sender.start()
 
     def send(self, message) -> None:
-        if self.dead:
-            return
-        try:
-            with self.lock:
+        if not self.dead:
+            self.outbox.put(message)
+
+    def _send_loop(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
                 self.conn.send(message)
-        except (OSError, ValueError):  # the worker is gone; its reader thread cleans up
-            self.dead = True
+            except (OSError, ValueError):  # the worker is gone; its reader thread cleans up
+                self.dead = True
+                return
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        self.sender.join(5)
+        self.conn.close()
 
     def cpu_seconds(self) -> float:
         now = process_cpu_seconds(self.process.pid) if self.process.pid else None
@@ -238,7 +251,7 @@ class Engine:
                 w.process.join(5)
         scheduler.stop(10)
         for w in self.workers:
-            w.conn.close()
+            w.close()
 
 
 class _Metrics:
