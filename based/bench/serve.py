@@ -79,7 +79,8 @@ class ServerProcess:
         else:
             cmd = [sys.executable, "-m", "based.cli", "serve", "--preset", preset, "--device", args.device]
         cmd += ["--port", str(self.port), "--max-waiting", str(args.max_waiting),
-               "--prefill-chunk", str(args.prefill_chunk), "--stream-interval", str(args.stream_interval),
+               "--prefill-chunk", str(args.prefill_chunk), "--prefill-wait-ms", str(args.prefill_wait_ms),
+               "--stream-interval", str(args.stream_interval),
                "--grace", "5"]
         if args.max_slots:
             cmd += ["--max-slots", str(args.max_slots)]
@@ -155,13 +156,12 @@ def null_scheduler(step_s: float = 0.0):
             self.decoder = NullDecoder(self.decoder.batch_size)
 
         def _prefill(self):
-            with self.cond:
-                seqs, self.prefilling = self.prefilling, []
-                for s in seqs:
-                    s.prefilled = len(s.prompt)
-                    self.running[s.slot] = s
+            seqs = list(self.prefilling)
             if not seqs:
                 return [], []
+            for s in seqs:
+                s.prefilled = len(s.prompt)
+            self._start_running(seqs)
             self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in seqs))
             return seqs, [torch.full((len(seqs),), NULL_TOKEN, dtype=torch.long)]
 
@@ -188,7 +188,8 @@ def null_server(argv: list[str]) -> int:
     model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
     slots = args.max_slots or 1024
     scheduler = null_scheduler(step_ms / 1e3)(model, ByteTokenizer(), slots, args.max_waiting, args.prefill_chunk,
-                                 max_seq_len=64, stream_interval=args.stream_interval)
+                                 max_seq_len=64, stream_interval=args.stream_interval,
+                                 prefill_wait=args.prefill_wait_ms / 1e3)
     print(f"based bench serve: null engine, {slots} slots", file=sys.stderr, flush=True)
     if args.api_workers:
         from based.serve.workers import Engine
@@ -388,12 +389,13 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
     """The engine alone on the saturation workload: the server's Scheduler driven in this process (same
     slots, prompts, output lengths, chunked prefill and per-pass detokenising; no HTTP, no event loop). What
     the server serves against this is the cost of serving; against `offline` (decode steps of full slots, no
-    prefill) it also pays for the prompts."""
+    prefill) it also pays for the prompts. With --api-workers the engine runs as it does behind them: token ids
+    out (Scheduler.emit), the text left to the workers."""
     import threading
 
     import torch
 
-    from based.serve.scheduler import Output, Scheduler, Sequence
+    from based.serve.scheduler import EOS, GOING, Output, Scheduler, Sequence
     from based.serve.text import ByteTokenizer
 
     from .generate import build, synchronize
@@ -402,20 +404,34 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
     model = build(preset, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     tokenizer = ByteTokenizer()
     scheduler = Scheduler(model, tokenizer, slots, n, args.prefill_chunk,
-                          max_seq_len=model.config.max_position_embeddings, stream_interval=args.stream_interval)
+                          max_seq_len=model.config.max_position_embeddings, stream_interval=args.stream_interval,
+                          prefill_wait=args.prefill_wait_ms / 1e3)
+    sink = None
+    if args.api_workers:
+        def emit(batches) -> None:  # on the engine thread
+            for _, _, codes in batches.values():
+                sink(int((codes != EOS).sum()), int((codes != GOING).sum()))
+
+        scheduler.emit = emit
     scheduler.start()
     try:
         def drive(prompts: list[str], lengths: list[int]) -> tuple[int, float]:
             left, tokens, done = [len(prompts)], [0], threading.Event()
 
+            def count(new: int, ended: int) -> None:
+                tokens[0] += new
+                left[0] -= ended
+                if not left[0]:
+                    done.set()
+
             def deliver(out: Output) -> None:  # on the engine thread
                 if out.finish_reason is not None or out.error is not None:
-                    tokens[0] += out.completion_tokens
-                    left[0] -= 1
-                    if not left[0]:
-                        done.set()
+                    count(out.completion_tokens, 1)
 
-            seqs = [Sequence(tokenizer.encode(p), m, deliver, ignore_eos=True) for p, m in zip(prompts, lengths)]
+            nonlocal sink
+            sink = count
+            seqs = [Sequence(tokenizer.encode(p), m, deliver, ignore_eos=True, tag=(0, i))
+                    for i, (p, m) in enumerate(zip(prompts, lengths))]
             start = time.perf_counter()
             scheduler.submit(seqs)
             done.wait()
@@ -432,7 +448,8 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
     del scheduler, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"slots": slots, "requests": n, "output_tokens": tokens, "duration_s": seconds,
+    return {"slots": slots, "requests": n, "token_ids_out": bool(args.api_workers), "output_tokens": tokens,
+            "duration_s": seconds,
             "output_tokens_per_s": tokens / seconds, "engine_phase_s": {k[7:-2]: v for k, v in phases.items()}}
 
 
@@ -564,6 +581,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-slots", type=int, default=None, help="default: the server's own (what fits memory)")
     p.add_argument("--max-waiting", type=int, default=1_000_000, help="the servers' queue (the client sends all)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per engine pass")
+    p.add_argument("--prefill-wait-ms", type=float, default=20.0, help="the servers' --prefill-wait-ms")
     p.add_argument("--stream-interval", type=int, default=1, help="the servers' --stream-interval")
     p.add_argument("--api-workers", type=int, default=0,
                    help="the servers' --api-workers: HTTP processes in front of the engine's (0: one process)")
@@ -641,6 +659,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "config": {"prompt_len": args.prompt_len, "output_len": args.output_len, "ignore_eos": True,
                    "decoding": "greedy", "weights": "random", "prefill_chunk": args.prefill_chunk,
+                   "prefill_wait_ms": args.prefill_wait_ms,
                    "stream_interval": args.stream_interval, "api_workers": args.api_workers,
                    "null_engine": args.null_engine,
                    "null_step_ms": args.null_step_ms,

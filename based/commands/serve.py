@@ -33,6 +33,10 @@ def register(sub) -> None:
     p.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond the free slots; then 429")
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine pass; longer prompts go in pieces of this size")
+    p.add_argument("--prefill-wait-ms", type=float, default=20.0,
+                   help="while other sequences decode, a prompt waits up to this long for others to prefill with "
+                        "it unless --prefill-chunk tokens wait (fewer, larger prefills; time to first token up to "
+                        "this much longer); 0: prefill every pass")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="a stream's text is sent every N tokens (the first at once): fewer chunks, less CPU per token")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -104,6 +108,8 @@ def build(args: argparse.Namespace):
                              ("--prefill-chunk", args.prefill_chunk, 1), ("--stream-interval", args.stream_interval, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.prefill_wait_ms < 0:
+        raise ValueError(f"--prefill-wait-ms must be >= 0, got {args.prefill_wait_ms}")
     if args.max_slots is not None and args.max_slots < 1:
         raise ValueError(f"--max-slots must be >= 1, got {args.max_slots}")
     if not 0 < args.memory_fraction <= 1:
@@ -147,7 +153,8 @@ def build(args: argparse.Namespace):
           f"{f', at most {CPU_MAX_SLOTS} on a CPU' if device.type == 'cpu' and not args.max_slots else ''})",
           file=sys.stderr, flush=True)
     scheduler = Scheduler(model, tokenizer, slots, args.max_waiting, args.prefill_chunk, max_seq_len=max_seq_len,
-                          cuda_graph=False if args.no_cuda_graph else None, stream_interval=args.stream_interval)
+                          cuda_graph=False if args.no_cuda_graph else None, stream_interval=args.stream_interval,
+                          prefill_wait=args.prefill_wait_ms / 1e3)
     name = args.model_name or (str(args.checkpoint) if args.checkpoint else args.preset)
     if api_workers:
         from based.serve.workers import Engine

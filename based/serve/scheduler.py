@@ -4,12 +4,21 @@ Each pass of the loop
   1. takes cancellations (a client gone) and gives queued sequences the free slots;
   2. prefills up to `prefill_chunk` prompt tokens: whole prompts that fit go in one batched `prefill` straight
      into their slots; a longer prompt is prefilled a piece a pass into a scratch state of its own (so the
-     running slots keep decoding meanwhile) and copied into its slot when complete (`Decoder.admit`);
+     running slots keep decoding meanwhile) and copied into its slot when complete (`Decoder.admit`).
+     With `prefill_wait` > 0 a pass prefills only when it is worth a forward of its own: the prompt tokens
+     waiting reach `prefill_chunk`, or nothing decodes, or the oldest prompt holding a slot has waited
+     `prefill_wait` seconds. An eager prefill costs its kernel launches whatever its size: a few large ones
+     instead of one per pass of a prompt or two, for at most `prefill_wait` more time to first token;
   3. runs one decode step of every slot (free slots are inactive: their position stays at 0);
   4. reads back the tokens of the *previous* pass and hands out their text. The read-back of pass k waits
      for the device while pass k + 1 is already queued on it, so the host work (detokenising, stop strings,
      delivery) overlaps the next step. A sequence that finished is therefore stepped once more, and that
      token is dropped; its slot is free from the next pass on.
+
+With `emit` set (`based serve --api-workers`, workers.py) step 4 hands out token ids, not text: per-slot numpy
+arrays (tokens generated, max_tokens, whether eos ends it, owner) take the step's token array in a few
+vectorized operations, only finished sequences touch Python objects, and `emit` gets per owner the arrays
+(ids, tokens, finish codes) that the API workers detokenise (vLLM v1's output processor, likewise).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..generation.engine import Decoder, prefill, prefill_chunk
@@ -30,6 +40,11 @@ from .metrics import Metrics
 from .text import Detokenizer, StopMatcher
 
 log = logging.getLogger("based.serve")
+
+
+# Finish codes of emitted tokens (emit): eos ends the sequence and is no token of its text; length: the
+# token is its last.
+GOING, EOS, LENGTH = 0, 1, 2
 
 
 class QueueFull(Exception):
@@ -68,6 +83,7 @@ class Sequence:
     incremental: bool = True  # text every pass (streams, stop strings); False: decoded once at the end
     arrival: float = field(default_factory=time.monotonic)
     # Owned by the engine loop from here on.
+    admitted: float = 0.0  # when it got a slot (prefill_wait counts from there)
     slot: int | None = None
     prefilled: int = 0
     scratch: list | None = None
@@ -99,14 +115,22 @@ class Scheduler:
             default: in the engine thread.
         stream_interval: a stream's text goes out every this many tokens (the first token and the end at
             once): fewer, larger chunks, less work for the HTTP side per token.
+        prefill_wait: seconds a prompt holding a slot may wait for others to prefill with, while other sequences
+            decode and fewer than prefill_chunk prompt tokens wait (0: every pass prefills what waits).
+
+    `emit`, when set (before start), takes the place of detokenising: once a pass it gets
+    {owner: (ids, tokens, codes)} of the sequences whose `tag` is (owner, id): numpy int64 ids, int32 tokens,
+    int8 finish codes (GOING, EOS, LENGTH). Those sequences' Outputs are then only their errors and aborts.
     """
 
     def __init__(self, model, tokenizer, max_slots: int, max_waiting: int, prefill_chunk: int,
                  max_seq_len: int | None = None, cuda_graph: bool | None = None,
-                 post: Callable[[list[tuple[Sequence, Output]]], None] | None = None, stream_interval: int = 1):
+                 post: Callable[[list[tuple[Sequence, Output]]], None] | None = None, stream_interval: int = 1,
+                 prefill_wait: float = 0.0):
         self.model, self.tokenizer = model, tokenizer
         self.stream_interval = stream_interval
-        self.max_waiting, self.prefill_chunk = max_waiting, prefill_chunk
+        self.max_waiting, self.prefill_chunk, self.prefill_wait = max_waiting, prefill_chunk, prefill_wait
+        self.emit: Callable[[dict], None] | None = None
         self.decoder = Decoder(model, max_slots, max_seq_len=max_seq_len, cuda_graph=cuda_graph, slot_sampling=True)
         self.state_bytes_per_slot = model.inference_state_bytes(self.decoder.state.max_seq_len, 1, self.decoder.state.dtype)
         self.metrics = Metrics(max_slots, self.state_bytes_per_slot)
@@ -121,6 +145,15 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: dict[int, Sequence] = {}
         self.pending = None  # the last pass, whose tokens are not read yet
+        # Per slot, for the vectorized read-back (emit): `serial` changes whenever a slot's sequence starts or
+        # ends, so a token read back for a sequence that ended meanwhile is told by its serial at launch.
+        self.serial = np.zeros(max_slots, dtype=np.int64)
+        self.live = np.zeros(max_slots, dtype=bool)
+        self.generated = np.zeros(max_slots, dtype=np.int64)
+        self.limit = np.zeros(max_slots, dtype=np.int64)
+        self.stops_at_eos = np.zeros(max_slots, dtype=bool)
+        self.owner = np.zeros(max_slots, dtype=np.int64)
+        self.sid = np.zeros(max_slots, dtype=np.int64)
         self.accepting = True
         self._abort: str | None = None
         self._stop = False
@@ -157,8 +190,9 @@ class Scheduler:
             self._occupancy()
             self.cond.notify()
 
-    def cancel(self, seq: Sequence) -> None:
-        """The client is gone: drop the sequence, freeing its slot by the next pass."""
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """The client is gone (or an API worker found a stop string: reason "stop"): drop the sequence, freeing
+        its slot by the next pass."""
         with self.cond:
             if seq.done or seq.cancelled:
                 return
@@ -166,10 +200,10 @@ class Scheduler:
             try:
                 self.waiting.remove(seq)
                 seq.done = True
-                self.metrics.finished.labels("cancelled").inc()
+                self.metrics.finished.labels(reason).inc()
                 self._occupancy()
             except ValueError:
-                self.cancels.append(seq)
+                self.cancels.append((seq, reason))
             self.cond.notify()
 
     def drain(self) -> None:
@@ -237,9 +271,10 @@ class Scheduler:
                 doomed = []
             cancels, self.cancels = self.cancels, []
             if self.free and self.waiting:
+                now = time.monotonic()
                 while self.free and self.waiting:
                     seq = self.waiting.popleft()
-                    seq.slot = heapq.heappop(self.free)
+                    seq.slot, seq.admitted = heapq.heappop(self.free), now
                     self.prefilling.append(seq)
                 self._occupancy()
             if self._stop and not (self.prefilling or self.running or self.pending):
@@ -248,10 +283,10 @@ class Scheduler:
             self._read_pending()
             self._lap("deliver")
             self._finish([(s, "abort", "") for s in doomed], error=reason)
-        self._finish([(s, "cancelled", "") for s in cancels if not s.done], deliver=False)
+        self._finish([(s, reason, "") for s, reason in cancels if not s.done], deliver=False)
 
         self._lap("admit")
-        first_seqs, first_tokens = self._prefill()
+        first_seqs, first_tokens = self._prefill() if self.prefilling and self._prefill_due() else ([], [])
         self._lap("prefill")
         stepped = bool(self.running)
         if stepped:
@@ -269,12 +304,32 @@ class Scheduler:
             ready.record()
         else:
             host, ready = out.clone(), None
-        launched = (ready, host, first_seqs, list(self.running.items()) if stepped else [])
+        if self.emit is None:
+            launched = (ready, host, first_seqs, list(self.running.items()) if stepped else [])
+        else:  # what each token belongs to, as numbers: slots and their serials now
+            slots = np.array([s.slot for s in first_seqs], dtype=np.int64)
+            rows = self.max_slots if stepped else 0
+            launched = (ready, host, (slots, self.serial[slots]),
+                        np.where(self.live[:rows], self.serial[:rows], -1))
         self._lap("step")
         self._read_pending()
         self._lap("deliver")
         self.pending = launched
         return True
+
+    def _prefill_due(self) -> bool:
+        """Whether this pass prefills (prefill_wait): enough prompt tokens wait for one large prefill, or
+        nothing decodes meanwhile, or the oldest waiting prompt has waited long enough."""
+        if self.prefill_wait <= 0 or not self.running:
+            return True
+        if time.monotonic() - self.prefilling[0].admitted >= self.prefill_wait:
+            return True
+        tokens = 0
+        for seq in self.prefilling:
+            tokens += len(seq.prompt) - seq.prefilled
+            if tokens >= self.prefill_chunk:
+                return True
+        return False
 
     def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor]]:
         """Up to prefill_chunk prompt tokens of the sequences holding a slot; returns those that completed
@@ -334,11 +389,25 @@ class Scheduler:
             temperature=[s.temperature for s in seqs], top_k=[s.top_k for s in seqs],
             top_p=[s.top_p for s in seqs], seed=[s.seed for s in seqs],
         )
-        with self.cond:
-            for s in seqs:
-                self.prefilling.remove(s)
-                self.running[s.slot] = s
+        self._start_running(seqs)
         return first
+
+    def _start_running(self, seqs: list[Sequence]) -> None:
+        """Prefilled sequences decode from the next step on: their slots' rows of the per-slot arrays."""
+        with self.cond:
+            done = set(seqs)
+            self.prefilling = [s for s in self.prefilling if s not in done]
+            for s in seqs:
+                self.running[s.slot] = s
+        slots = np.array([s.slot for s in seqs], dtype=np.int64)
+        self.serial[slots] += 1
+        self.live[slots] = True
+        self.generated[slots] = 0
+        self.limit[slots] = [s.max_tokens for s in seqs]
+        self.stops_at_eos[slots] = [self.eos is not None and not s.ignore_eos for s in seqs]
+        if self.emit is not None:
+            self.owner[slots] = [s.tag[0] for s in seqs]
+            self.sid[slots] = [s.tag[1] for s in seqs]
 
     def _lap(self, phase: str) -> None:
         """The wall time since the last lap goes to `phase` (based_engine_phase_seconds)."""
@@ -347,7 +416,8 @@ class Scheduler:
         self._phase_start = now
 
     def _read_pending(self) -> None:
-        """Hand out the tokens of the pass before: detokenise (one batch call), stop strings, finishes."""
+        """Hand out the tokens of the pass before: detokenise (one batch call), stop strings, finishes; with
+        `emit`, the token ids (_emit_pending)."""
         if self.pending is None:
             return
         ready, host, first_seqs, stepped, = self.pending
@@ -355,6 +425,9 @@ class Scheduler:
         if ready is not None:
             ready.synchronize()
         self._lap("wait")
+        if self.emit is not None:
+            self._emit_pending(host.numpy(), *first_seqs, stepped)
+            return
         values = host.tolist()
         now = time.monotonic()
         new: dict[Sequence, list[int]] = {seq: [token] for seq, token in zip(first_seqs, values) if not seq.done}
@@ -370,8 +443,7 @@ class Scheduler:
             return
         self.metrics.itl.observe(now - self._last_read, continuing)
         self._last_read = now
-        streams, final, reasons = [], [], {}
-        produced, eos = 0, self.eos
+        reasons, produced, eos = {}, 0, self.eos
         for seq, ids in new.items():
             if not seq.ids:
                 self.metrics.ttft.observe(now - seq.arrival)
@@ -382,42 +454,55 @@ class Scheduler:
                 ids, reasons[seq] = ids[:room], "length"
             seq.ids.extend(ids)
             produced += len(ids)
-            if seq.incremental or seq in reasons:  # else its text is decoded once, when it ends
-                streams.append(seq)
-                final.append(seq in reasons)
         self.metrics.add_tokens(produced)
-        texts = self.detokenizer.step(streams, final)
-        outputs, finished = [], []
-        for seq, piece in zip(streams, texts):
-            reason = reasons.get(seq)
-            if not seq.stop:  # no text kept: each piece goes out as it comes (every stream_interval tokens)
-                if reason:
-                    finished.append((seq, reason, seq.held + piece))
-                elif piece:
-                    if seq.shown and len(seq.ids) - seq.shown < self.stream_interval:
-                        seq.held += piece
-                    else:
-                        outputs.append((seq, Output(seq.held + piece)))
-                        seq.held, seq.shown = "", len(seq.ids)
-                continue
-            # Stop strings: the text is kept, a match may begin in text already held back.
-            matcher = seq.matcher or StopMatcher(seq.stop)
-            seq.matcher = matcher
-            before = len(seq.text)
-            seq.text += piece
-            at = matcher.find(seq.text, before)
-            if at is not None:
-                seq.text, reason = seq.text[:at], "stop"
-            if reason:
-                finished.append((seq, reason, seq.text[seq.sent:]))
-                seq.sent = len(seq.text)
-                continue
-            end = len(seq.text) - matcher.held(seq.text)
-            if end > seq.sent:
-                outputs.append((seq, Output(seq.text[seq.sent:end])))
-                seq.sent = end
+        outputs, finished = text_outputs(self.detokenizer, new, reasons, self.stream_interval)
         self.post(outputs)
         self._finish(finished)
+
+    def _emit_pending(self, values: np.ndarray, first_slots: np.ndarray, first_serials: np.ndarray,
+                      stepped: np.ndarray) -> None:
+        """The vectorized read-back (emit): each live slot's token counted and checked in numpy, grouped by
+        owner; only the sequences that finished are looked up."""
+        now = time.monotonic()
+        base = len(first_slots)
+        # A sequence's first token (its prefill's) comes before the token of the step of the same pass.
+        keep = first_serials == self.serial[first_slots]
+        fs = first_slots[keep]
+        parts = [self._count(fs, values[:base][keep])] if len(fs) else []
+        for slot in fs.tolist():
+            self.metrics.ttft.observe(now - self.running[slot].arrival)
+        rows = len(stepped)
+        ss = np.flatnonzero(stepped == self.serial[:rows])  # a sequence that ended meanwhile: its token dropped
+        if len(ss):
+            parts.append(self._count(ss, values[base:base + rows][ss]))
+        if not parts:
+            return
+        slots, tokens, codes = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
+        self.metrics.itl.observe(now - self._last_read, len(ss) - int(np.isin(fs, ss).sum()))
+        self._last_read = now
+        self.metrics.add_tokens(len(codes) - int((codes == EOS).sum()))
+        owners, sids = self.owner[slots], self.sid[slots]
+        batches = {}
+        for w in np.unique(owners).tolist():
+            mine = owners == w
+            batches[w] = (sids[mine], tokens[mine].astype(np.int32), codes[mine])
+        ended = np.flatnonzero(codes)
+        finished = [(self.running[slot], "stop" if code == EOS else "length", "")
+                    for slot, code in zip(slots[ended].tolist(), codes[ended].tolist())]
+        self.emit(batches)
+        self._finish(finished, deliver=False)
+
+    def _count(self, slots: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One new token for each of `slots`: (slots, tokens, finish codes); a slot that ends here is retired
+        (its serial moves on), so a second token of the same pass is dropped."""
+        generated = self.generated[slots] + 1
+        eos = self.stops_at_eos[slots] & (tokens == self.eos) if self.eos is not None else np.zeros(len(slots), bool)
+        codes = np.where(eos, EOS, np.where(generated >= self.limit[slots], LENGTH, GOING)).astype(np.int8)
+        self.generated[slots] = generated - eos  # eos is no token of the text: not counted
+        ended = slots[codes != GOING]
+        self.serial[ended] += 1
+        self.live[ended] = False
+        return slots, tokens, codes
 
     def _finish(self, items: list[tuple], error: str | None = None, deliver: bool = True) -> None:
         """End sequences (seq, reason, last text): free their slots, count them, send each its last Output."""
@@ -427,17 +512,22 @@ class Scheduler:
         with self.cond:
             for seq, reason, text in items:
                 seq.done = True
+                completion = len(seq.ids)
                 if seq.slot is not None:
                     if self.running.get(seq.slot) is seq:
                         del self.running[seq.slot]
                         slots.append(seq.slot)
+                        self.serial[seq.slot] += 1
+                        self.live[seq.slot] = False
+                        if self.emit is not None:
+                            completion = int(self.generated[seq.slot])
                     elif seq in self.prefilling:
                         self.prefilling.remove(seq)
                     heapq.heappush(self.free, seq.slot)
                     seq.slot, seq.scratch = None, None
                 self.metrics.finished.labels(reason).inc()
                 if deliver:
-                    outputs.append((seq, Output(text, reason, len(seq.prompt), len(seq.ids), error)))
+                    outputs.append((seq, Output(text, reason, len(seq.prompt), completion, error)))
             self._occupancy()
         self.decoder.free(slots)
         self.post(outputs)
@@ -447,3 +537,51 @@ class Scheduler:
         with self.cond:
             doomed = [*self.prefilling, *self.running.values()]
         self._finish([(s, "error", "") for s in doomed], error=error)
+
+
+def text_outputs(detokenizer: Detokenizer, new: dict, reasons: dict, stream_interval: int
+                 ) -> tuple[list[tuple[Sequence, Output]], list[tuple[Sequence, str, str]]]:
+    """A pass's text: the Outputs to send and the sequences that finish (seq, reason, last text).
+
+    Args:
+        new: Sequence -> its new token ids of this pass, already in seq.ids.
+        reasons: Sequence -> finish reason ("stop": eos, "length") of those that the engine ended; a stop string
+            found in the text ends a sequence too (reason "stop").
+    The engine loop calls it with api_workers 0, each API worker (workers.py) on its own sequences otherwise.
+    """
+    streams, final = [], []
+    for seq in new:
+        if seq.incremental or seq in reasons:  # else its text is decoded once, when it ends
+            streams.append(seq)
+            final.append(seq in reasons)
+    texts = detokenizer.step(streams, final)
+    outputs, finished = [], []
+    for seq, piece in zip(streams, texts):
+        reason = reasons.get(seq)
+        if not seq.stop:  # no text kept: each piece goes out as it comes (every stream_interval tokens)
+            if reason:
+                finished.append((seq, reason, seq.held + piece))
+            elif piece:
+                if seq.shown and len(seq.ids) - seq.shown < stream_interval:
+                    seq.held += piece
+                else:
+                    outputs.append((seq, Output(seq.held + piece)))
+                    seq.held, seq.shown = "", len(seq.ids)
+            continue
+        # Stop strings: the text is kept, a match may begin in text already held back.
+        matcher = seq.matcher or StopMatcher(seq.stop)
+        seq.matcher = matcher
+        before = len(seq.text)
+        seq.text += piece
+        at = matcher.find(seq.text, before)
+        if at is not None:
+            seq.text, reason = seq.text[:at], "stop"
+        if reason:
+            finished.append((seq, reason, seq.text[seq.sent:]))
+            seq.sent = len(seq.text)
+            continue
+        end = len(seq.text) - matcher.held(seq.text)
+        if end > seq.sent:
+            outputs.append((seq, Output(seq.text[seq.sent:end])))
+            seq.sent = end
+    return outputs, finished

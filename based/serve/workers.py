@@ -10,14 +10,23 @@ or touches CUDA (it sees no GPU): its app talks to a RemoteScheduler over a dupl
 The wire, one Pipe a worker (tuples only, pickled once a message):
     worker -> engine   ("submit", qid, [(sid, prompt ids, max_tokens, temperature, top_p, top_k, seed, stop,
                                           ignore_eos, incremental, arrival), ...])     answered ("reply", qid, error)
-                       ("cancel", [sid, ...])
+                       ("cancel", [sid, ...]) or ("cancel", [sid, ...], "stop")     (a stop string matched here)
                        ("counts", qid) / ("metrics", qid)                              answered ("reply", qid, value)
                        (an engine-side failure answers ("fail", qid, message): a 503)
-    engine -> worker   ("out", [(sid, text) or (sid, text, finish_reason, prompt_tokens, completion_tokens,
-                                 error), ...])   one message per Scheduler.post per worker: a pass posts its
-                                 outputs, then (if any) its finished sequences
+    engine -> worker   ("tok", sids, tokens, codes)   one message per engine pass per worker: numpy arrays, the
+                                 new token of each of its running sequences (a sequence's first pass may bring
+                                 two: its prefill's and its first step's, in order), with the finish codes of
+                                 scheduler.py (GOING, EOS: eos ends it and is no text, LENGTH: its last token)
+                       ("out", [(sid, text, finish_reason, prompt_tokens, completion_tokens, error), ...])
+                                 sequences the engine ended otherwise: errors, aborts
                        ("drain",)  stop accepting: the server is shutting down
 A sequence's `tag` is its (worker, sid) in the engine and its sid in the worker.
+
+Detokenising and stop strings happen in the workers (as vLLM v1's output processor): the engine thread, which
+holds the one GIL that the GPU's pace depends on, only counts tokens in numpy (Scheduler.emit) and sends ids. A
+worker that finds a stop string ends the request itself and cancels the sequence in the engine ("stop"); the
+engine may have stepped it once or twice more by then, tokens the worker drops (they are in
+based_generation_tokens_total, never in a response's text or usage).
 """
 from __future__ import annotations
 
@@ -101,12 +110,24 @@ class Engine:
         self.grace = args.grace
         self.config = {"checkpoint": getattr(args, "checkpoint", None), "model_name": model_name,
                        "max_positions": max_positions, "max_slots": scheduler.max_slots, "log_level": args.log_level,
-                       "backlog": backlog, "grace": args.grace}
+                       "backlog": backlog, "grace": args.grace, "stream_interval": scheduler.stream_interval}
         self.workers: list[_Worker] = []
         self.stopping = threading.Event()
         self.signals = 0
 
-    # The engine thread's side: once per pass, every output of the pass, one message per worker.
+    # The engine thread's side: once per pass, the new tokens of the pass, one message per worker.
+    def emit(self, batches: dict) -> None:
+        from .scheduler import GOING
+
+        for w, (sids, tokens, codes) in batches.items():
+            worker = self.workers[w]
+            ended = sids[codes != GOING]
+            if len(ended):
+                for sid in ended.tolist():
+                    worker.seqs.pop(sid, None)
+            worker.send(("tok", sids, tokens, codes))
+
+    # Outputs the engine makes itself: the ends of sequences that fail, are aborted or cancelled.
     def post(self, items) -> None:
         if not items:
             return
@@ -171,10 +192,11 @@ class Engine:
                 error = (type(e).__name__, str(e))
             worker.send(("reply", qid, error))
         elif kind == "cancel":
+            reason = message[2] if len(message) > 2 else "cancelled"
             for sid in message[1]:
                 seq = worker.seqs.pop(sid, None)
                 if seq is not None:
-                    scheduler.cancel(seq)
+                    scheduler.cancel(seq, reason)
         elif kind == "counts":
             counts = scheduler.counts()
             counts["api_workers"] = [{"pid": x.process.pid, "requests": x.requests, "alive": not x.dead}
@@ -203,6 +225,7 @@ class Engine:
         scheduler = self.scheduler
         ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA context or model inherited
         scheduler.post = self.post
+        scheduler.emit = self.emit
         scheduler.metrics.registry.register(self)
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
@@ -265,10 +288,14 @@ class _Metrics:
 class RemoteScheduler:
     """What create_app uses of a Scheduler, in a worker process, over its Pipe to the engine. submit, counts and
     metrics.text return awaitables (a round trip to the engine: the 429 is decided there, as in one process);
-    outputs arrive as one message per engine pass, handed to the event loop with one call_soon_threadsafe."""
+    token ids arrive as one message per engine pass, become text here (the Detokenizer state and stop strings of
+    this worker's sequences, one batch per message) and go to the event loop with one call_soon_threadsafe."""
 
-    def __init__(self, conn, tokenizer, max_slots: int):
+    def __init__(self, conn, tokenizer, max_slots: int, stream_interval: int = 1):
+        from .text import Detokenizer
+
         self.conn, self.tokenizer, self.max_slots = conn, tokenizer, max_slots
+        self.detokenizer, self.stream_interval = Detokenizer(tokenizer), stream_interval
         self.metrics = _Metrics(self)
         self.post = lambda items: [seq.deliver(out) for seq, out in items]  # create_app's lifespan replaces it
         self.on_drain = lambda: None
@@ -356,17 +383,14 @@ class RemoteScheduler:
             except (EOFError, OSError):
                 break
             kind = message[0]
-            if kind == "out":
+            if kind == "tok":
+                self._tokens(*message[1:])
+            elif kind == "out":
                 items = []
-                for t in message[1]:
-                    if len(t) == 2:
-                        seq = seqs.get(t[0])
-                        if seq is not None:
-                            items.append((seq, Output(t[1])))
-                    else:
-                        seq = seqs.pop(t[0], None)
-                        if seq is not None:
-                            items.append((seq, Output(*t[1:])))
+                for sid, text, reason, prompt_tokens, _, error in message[1]:
+                    seq = seqs.pop(sid, None)
+                    if seq is not None:  # the tokens it got here are its completion (usage exact)
+                        items.append((seq, Output(text, reason, prompt_tokens, len(seq.ids), error)))
                 if items:
                     self.post(items)
             elif kind == "reply":
@@ -384,6 +408,35 @@ class RemoteScheduler:
             print(f"based serve: API worker {os.getpid()}: the engine process is gone; stopping",
                   file=sys.stderr, flush=True)
             self.loop.call_soon_threadsafe(self._engine_gone)
+
+    def _tokens(self, sids, tokens, codes) -> None:
+        """A pass's token ids for this worker's sequences: their text, as the engine makes it in one process
+        (scheduler.text_outputs); a stop string found ends the request here and its sequence in the engine."""
+        from .scheduler import EOS, GOING, Output, text_outputs
+
+        seqs, new, reasons = self.seqs, {}, {}
+        for sid, token, code in zip(sids.tolist(), tokens.tolist(), codes.tolist()):
+            seq = seqs.get(sid)
+            if seq is None:  # ended here (a stop string) or cancelled: what the engine made meanwhile is dropped
+                continue
+            new[seq] = None
+            if code != EOS:
+                seq.ids.append(token)
+            if code != GOING:
+                reasons[seq] = "stop" if code == EOS else "length"
+        if not new:
+            return
+        items, stopped = text_outputs(self.detokenizer, new, reasons, self.stream_interval)
+        ours = []
+        for seq, reason, text in stopped:
+            seqs.pop(seq.tag, None)
+            if seq not in reasons:
+                ours.append(seq.tag)
+            items.append((seq, Output(text, reason, len(seq.prompt), len(seq.ids))))
+        if ours:  # from the event loop's thread, the Pipe's only writer here
+            self.loop.call_soon_threadsafe(self._send, ("cancel", ours, "stop"))
+        if items:
+            self.post(items)
 
     def _engine_gone(self) -> None:
         for fut in list(self.replies.values()):
@@ -423,7 +476,7 @@ def worker_main(index: int, conn, sock, config: dict) -> None:
     from .text import load_tokenizer
 
     raise_open_files_limit()
-    remote = RemoteScheduler(conn, load_tokenizer(config["checkpoint"]), config["max_slots"])
+    remote = RemoteScheduler(conn, load_tokenizer(config["checkpoint"]), config["max_slots"], config["stream_interval"])
     app = create_app(remote, config["model_name"], config["max_positions"])
     uv = uvicorn.Config(app, log_level=config["log_level"], backlog=config["backlog"],
                         timeout_graceful_shutdown=int(config["grace"]) + 10)
