@@ -84,6 +84,41 @@ def test_16_concurrent_streams_land_on_both_workers(server, model):
     assert sum(served.values()) == 16 and all(n > 0 for n in served.values()), served
 
 
+def test_stop_string_found_in_a_worker_cuts_the_text_and_frees_the_engine_slot(server, model):
+    """The worker detokenises and matches stop strings; it ends the request and cancels the sequence in the
+    engine: with max_tokens 100000 the slot is free only if that cancel arrived."""
+    import torch
+
+    from based.generation import generate
+
+    prompt = "Stop strings are matched in a worker"
+    ids = generate(model, torch.tensor([list(prompt.encode())]), 30)[0].tolist()
+    full = greedy_text(model, prompt, 30)
+    stop = full[9:12]  # three byte tokens: matched across boundaries
+    expected = full[: full.index(stop)]
+    # Usage counts the tokens up to the one that completed the stop string (as one process does).
+    used = next(k for k in range(1, 31) if stop in bytes(ids[:k]).decode("utf-8", "replace"))
+    body = {"prompt": prompt, "max_tokens": 100000, "temperature": 0, "stop": ["\x00never", stop]}
+    text, reason, usage = _stream(server.url, body)
+    assert (text, reason) == (expected, "stop")
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(prompt), used)
+    out = requests.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    assert (out["choices"][0]["text"], out["choices"][0]["finish_reason"]) == (expected, "stop")
+    assert out["usage"]["completion_tokens"] == used
+    after = server.wait_idle()
+    assert after["based_slots_used"] == 0 and after["based_requests_running"] == 0
+
+
+def test_usage_is_exact_with_n_and_lengths(server, model):
+    prompt = "Usage, counted by the worker"
+    body = {"prompt": prompt, "n": 2, "max_tokens": 7, "temperature": 0}
+    out = requests.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    assert [c["text"] for c in out["choices"]] == [greedy_text(model, prompt, 7)] * 2
+    assert out["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 14, "total_tokens": len(prompt) + 14}
+    _, reason, usage = _stream(server.url, {**body, "n": 1, "max_tokens": 11})
+    assert reason == "length" and usage["completion_tokens"] == 11 and usage["prompt_tokens"] == len(prompt)
+
+
 def test_disconnect_frees_the_slot(server):
     server.wait_idle()
     body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
