@@ -96,7 +96,7 @@ def sliding_window_attn(q, k, v, window_size: int, scale: float | None = None) -
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if window_size >= T:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    elif torch._C._functorch.maybe_get_level(q) != -1 and T <= _FULL_MASK_MAX_T:
+    elif not torch.compiler.is_compiling() and torch._C._functorch.maybe_get_level(q) != -1 and T <= _FULL_MASK_MAX_T:
         # Under torch.func transforms (the stacked MQAR trainer's vmap(grad)): CUDA SDPA's batching rule
         # rejects a [T, T] mask ("attn_bias: wrong shape"), so the masked softmax is written out.
         mask = window_mask(T, T, window_size, q.device)
