@@ -31,10 +31,13 @@ import triton
 import triton.language as tl
 
 CHUNK = 16  # CH: steps per register tile
-# CH * BD * BN elements per register tile. At 8 warps (ptxas, sm_90, N = 24): forward ~100 registers a thread,
-# backward ~160 at half the tile (it keeps h_{t-1}, a_t, dh_t and their products live), no spills.
-TILE_FWD, TILE_BWD = 4096, 2048
+# CH * BD * BN elements per register tile. Forward: 8 warps, ~100 registers a thread (ptxas, sm_90, N = 24).
+# Backward: one warp, a tile of CH * 32 (one channel at N = 24), capped at 168 registers (12 warps an SM): its
+# inner loop spills nothing there (ptxas spills a few bytes outside it); uncapped it takes 251 (8 warps an SM).
+TILE_FWD, TILE_BWD = 4096, CHUNK * 32
 NUM_WARPS = 8
+NUM_WARPS_BWD, MAXNREG_BWD = 1, 168
+CHANNELS_BWD = 64  # channels per backward program: its share of dB, dC is one [T, N] partial, summed after
 
 
 @triton.jit
@@ -95,78 +98,98 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _last_two(v1, p1, n1, v2, p2, n2):
+    # (last element, the one before it, length) of a segment; associative, so a scan of it shifts a tensor by
+    # one step along the scan axis: in registers when that axis lies within a thread.
+    return v2, tl.where(n2 > 1, p2, v1), n1 + n2
+
+
+@triton.jit
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, ckpt_ptr, dy_ptr, dhT_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dh0_ptr,
-    T, DIM, G, N, DG, NC,
-    CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, ckpt_ptr, dy_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dh_ptr,
+    T, NC,
+    DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, DG: tl.constexpr, P: tl.constexpr,
+    CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, HAS_D: tl.constexpr,
+    EVEN_T: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
+    pid = tl.program_id(0)  # SUB blocks of BD channels, all in one group
     b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
     offs_t = tl.arange(0, CH)
-    offs_d = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, BN)
-    mask_d = offs_d < DIM
     mask_n = offs_n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    g = (pid_d * BD) // DG
-    A = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)  # [BD, BN]
-    state_offs = offs_d[:, None] * N + offs_n[None, :]
-    if HAS_D:
-        Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dh = tl.load(dhT_ptr + b * DIM * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32)  # [BD, BN]
-    dA = tl.zeros([BD, BN], dtype=tl.float32)
-    dD = tl.zeros([BD], dtype=tl.float32)
+    # Offsets within a block, the same for every block: the pointers below are a scalar base plus these, so
+    # the compiler keeps one small set of them in registers, not a 64-bit address per element and tensor.
+    td_rel = offs_t[:, None] * DIM + tl.arange(0, BD)[None, :]  # [CH, BD]
+    dn_rel = tl.arange(0, BD)[:, None] * N + offs_n[None, :]  # [BD, BN]
+    mask_dn = mask_n[None, :] & (dn_rel >= 0)
+    d_first = pid * SUB * BD
+    g = d_first // DG
     first = offs_t[:, None, None] == 0
+    ones = tl.full([CH, BD, BN], 1.0, tl.float32)
     for i in range(NC):
         c = NC - 1 - i
-        t = c * CH + offs_t
-        mask_t = t < T
-        mask_td = mask_t[:, None] & mask_d[None, :]
+        mask_t = ((c * CH + offs_t) < T) | EVEN_T
         mask_tn = mask_t[:, None] & mask_n[None, :]
-        td_offs = (b * T + t[:, None]) * DIM + offs_d[None, :]
-        tn_offs = ((b * T + t[:, None]) * G + g) * N + offs_n[None, :]
-        dt = tl.load(delta_ptr + td_offs, mask=mask_td, other=0.0).to(tl.float32)  # [CH, BD]
-        u = tl.load(u_ptr + td_offs, mask=mask_td, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + td_offs, mask=mask_td, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)  # [CH, BN]
+        mask_td = mask_t[:, None] & (td_rel >= 0)
+        tn_offs = ((b * T + c * CH + offs_t[:, None]) * G + g) * N + offs_n[None, :]  # [CH, BN]
+        Bt = tl.load(B_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)
         Ct = tl.load(C_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)
-        # h_{t-1}: the scan of the chunk's inputs shifted one step, from the checkpoint (row 0: the identity).
-        mask_p = (offs_t > 0) & mask_t
-        dt_p = tl.load(delta_ptr + td_offs - DIM, mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        u_p = tl.load(u_ptr + td_offs - DIM, mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        B_p = tl.load(B_ptr + tn_offs - G * N, mask=mask_p[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        a_p = tl.where(mask_p[:, None, None], tl.exp(dt_p[:, :, None] * A[None, :, :]), 1.0)
-        x_p = (dt_p * u_p)[:, :, None] * B_p[:, None, :]
-        decay, local = tl.associative_scan((a_p, x_p), 0, _linear_combine)
-        h_start = tl.load(ckpt_ptr + (b * NC + c) * DIM * N + state_offs, mask=mask_dn, other=0.0)
-        h_prev = local + decay * h_start[None, :, :]  # [CH, BD, BN]
-        a = tl.where(mask_t[:, None, None], tl.exp(dt[:, :, None] * A[None, :, :]), 1.0)
-        h = a * h_prev + (dt * u)[:, :, None] * Bt[:, None, :]
-        tl.atomic_add(dC_ptr + tn_offs, tl.sum(dy[:, :, None] * h, 1), mask=mask_tn)
-        # Adjoint: dh_t = a_{t+1} dh_{t+1} + dy_t C_t, with dh carried in from the chunk after (or dh_T).
-        mask_nx = (t + 1) < T
-        dt_nx = tl.load(delta_ptr + td_offs + DIM, mask=mask_nx[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        a_nx = tl.where(mask_nx[:, None, None], tl.exp(dt_nx[:, :, None] * A[None, :, :]), 1.0)
-        dh_in = dy[:, :, None] * Ct[:, None, :]
-        carry, local_dh = tl.associative_scan((a_nx, dh_in), 0, _linear_combine, reverse=True)
-        dh_t = local_dh + carry * dh[None, :, :]  # [CH, BD, BN]
-        dh = tl.sum(tl.where(first, dh_t, 0.0), 0)
-        da = dh_t * h_prev * a  # gradient through a_t = exp(delta_t A), times a_t
-        ddelta = tl.sum(dh_t * u[:, :, None] * Bt[:, None, :] + da * A[None, :, :], 2)  # [CH, BD]
-        du = tl.sum(dh_t * Bt[:, None, :], 2) * dt
-        if HAS_D:
-            du += Dskip[None, :] * dy
-        dD += tl.sum(dy * u, 0)
-        dA += tl.sum(da * dt[:, :, None], 0)
-        tl.atomic_add(dB_ptr + tn_offs, tl.sum(dh_t * (dt * u)[:, :, None], 1), mask=mask_tn)
-        tl.store(du_ptr + td_offs, du.to(du_ptr.dtype.element_ty), mask=mask_td)
-        tl.store(ddelta_ptr + td_offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=mask_td)
-    # dh now holds dh_0; the initial state enters as a_0 h_init.
-    dt0 = tl.load(delta_ptr + b * T * DIM + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    tl.store(dh0_ptr + b * DIM * N + state_offs, tl.exp(dt0[:, None] * A) * dh, mask=mask_dn)
-    tl.store(dA_ptr + b * DIM * N + state_offs, dA, mask=mask_dn)
-    tl.store(dD_ptr + b * DIM + offs_d, dD, mask=mask_d)
+        # dB_t, dC_t summed over the program's channels: in-thread over its blocks, across warps once a chunk.
+        dB = tl.zeros([CH, BD, BN], dtype=tl.float32)
+        dC = tl.zeros([CH, BD, BN], dtype=tl.float32)
+        td_base = (b * T + c * CH) * DIM + d_first  # scalar: step c * CH, channel d_first
+        dn_base = b * DIM * N + d_first * N
+        for s in tl.range(SUB, num_stages=2):
+            td = td_base + s * BD
+            dn = dn_base + s * BD * N
+            dt = tl.load(delta_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)  # [CH, BD]
+            u = tl.load(u_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)
+            A = tl.load(A_ptr + (d_first + s * BD) * N + dn_rel, mask=mask_dn, other=0.0).to(tl.float32)  # [BD, BN]
+            h_start = tl.load(ckpt_ptr + (b * NC + c) * DIM * N + d_first * N + s * BD * N + dn_rel, mask=mask_dn,
+                              other=0.0)
+            # G_{t+1} = a_{t+1} dh_{t+1} at this chunk's end (dh_T at the last chunk), from the block's last pass
+            g_next = tl.load(dh_ptr + dn + dn_rel, mask=mask_dn, other=0.0)
+            # The chunk's one exp; steps past T load delta 0, so their a is exp(0) = 1.
+            a = tl.exp(dt[:, :, None] * A[None, :, :])  # [CH, BD, BN]
+            dtu = dt * u
+            # h_t from the checkpoint: the scan with h_start folded into row 0's input, so only its linear part
+            # is used and the decay products are dead code along an axis held in one thread.
+            x = dtu[:, :, None] * Bt[:, None, :]
+            x = tl.where(first, x + a * h_start[None, :, :], x)
+            h = tl.associative_scan((a, x), 0, _linear_combine)[1]
+            dC += dy[:, :, None] * h
+            # h_{t-1}: h shifted one step down, h_start in row 0.
+            h_prev = tl.associative_scan((h, tl.broadcast_to(h_start[None, :, :], (CH, BD, BN)), ones), 0, _last_two)[1]
+            ah = a * h_prev  # a_t h_{t-1}: a and h_{t-1} are needed no further apart
+            a0 = tl.sum(tl.where(first, a, 0.0), 0)  # [BD, BN]
+            # The adjoint runs backwards in time: scan it forwards over the flipped chunk (row j is step CH-1-j).
+            # Triton lowers a reverse scan through warp shuffles even along an axis held in one thread; a flip
+            # there is a register renaming. a_{t+1} is then a_t shifted one row down, 1 in row 0, where the
+            # G_{t+1} carried in (which holds that decay) joins dy C.
+            a_nx = tl.associative_scan((tl.flip(a, 0), ones, ones), 0, _last_two)[1]
+            dyC = tl.flip(dy[:, :, None] * Ct[:, None, :], 0)
+            dyC = tl.where(first, dyC + g_next[None, :, :], dyC)
+            dh = tl.flip(tl.associative_scan((a_nx, dyC), 0, _linear_combine)[1], 0)  # [CH, BD, BN]
+            dB += dh * dtu[:, :, None]
+            da = dh * ah  # gradient through a_t = exp(delta_t A), times a_t
+            s1 = tl.sum(dh * Bt[:, None, :], 2)  # [CH, BD]
+            s2 = tl.sum(da * A[None, :, :], 2)
+            du = s1 * dt
+            if HAS_D:
+                du += tl.load(D_ptr + d_first + s * BD + tl.arange(0, BD)).to(tl.float32)[None, :] * dy
+            tl.store(du_ptr + td + td_rel, du.to(du_ptr.dtype.element_ty), mask=mask_td)
+            tl.store(ddelta_ptr + td + td_rel, (s1 * u + s2).to(ddelta_ptr.dtype.element_ty), mask=mask_td)
+            tl.store(dA_ptr + dn + dn_rel, tl.load(dA_ptr + dn + dn_rel, mask=mask_dn, other=0.0) +
+                     tl.sum(da * dt[:, :, None], 0), mask=mask_dn)
+            dD_offs = dD_ptr + b * DIM + d_first + s * BD + tl.arange(0, BD)
+            tl.store(dD_offs, tl.load(dD_offs) + tl.sum(dy * u, 0))
+            tl.store(dh_ptr + dn + dn_rel, a0 * tl.sum(tl.where(first, dh, 0.0), 0), mask=mask_dn)
+        # This program's share of dB_t, dC_t (sums over its SUB * BD channels); _bwd adds the programs of a group.
+        part = ((b * T + c * CH + offs_t[:, None]) * P + pid) * N + offs_n[None, :]
+        tl.store(dBp_ptr + part, tl.sum(dB, 1), mask=mask_tn)
+        tl.store(dCp_ptr + part, tl.sum(dC, 1), mask=mask_tn)
 
 
 def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None, tile: int) -> tuple[int, int, int]:
@@ -206,19 +229,27 @@ def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
     G, N = B.shape[2], B.shape[3]
     CH, BD, BN = _tiles(T, dim, G, N, chunk_size, TILE_BWD)  # the forward's CH: its checkpoints
     NC = triton.cdiv(T, CH)
+    per_group = dim // G
+    SUB = max(1, min(CHANNELS_BWD, per_group) // BD)
+    while per_group % (SUB * BD):
+        SUB //= 2
+    P = dim // (SUB * BD)  # programs per sequence
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
-    dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
-    dA = u.new_empty(Bsz, dim, N, dtype=torch.float32)
-    dD = u.new_empty(Bsz, dim, dtype=torch.float32)
-    dh0 = u.new_empty(Bsz, dim, N, dtype=torch.float32)
-    _bwd_kernel[(triton.cdiv(dim, BD), Bsz)](
-        u, delta, A, B, C, D if D is not None else u, ckpt, dy.contiguous(), dhT.contiguous(),
-        du, ddelta, dA, dB, dC, dD, dh0,
-        T, dim, G, N, dim // G, NC, CH=CH, BD=BD, BN=BN, HAS_D=D is not None, num_warps=NUM_WARPS,
+    dB = u.new_empty(Bsz, T, P, N, dtype=torch.float32)
+    dC = u.new_empty(Bsz, T, P, N, dtype=torch.float32)
+    dA = u.new_zeros(Bsz, dim, N, dtype=torch.float32)
+    dD = u.new_zeros(Bsz, dim, dtype=torch.float32)
+    dh = dhT.float().contiguous().clone()  # the carried a_t dh_t; dh_0's term a_0 dh_0 = dh0 at the end
+    _bwd_kernel[(P, Bsz)](
+        u, delta, A, B, C, D if D is not None else u, ckpt, dy.contiguous(),
+        du, ddelta, dA, dB, dC, dD, dh,
+        T, NC, DIM=dim, G=G, N=N, DG=per_group, P=P, CH=CH, BD=BD, BN=BN, SUB=SUB, HAS_D=D is not None,
+        EVEN_T=T % CH == 0,
+        num_warps=NUM_WARPS_BWD, **({"maxnreg": MAXNREG_BWD} if MAXNREG_BWD else {}),
     )
+    dB, dC = (x.view(Bsz, T, G, P // G, N).sum(3) for x in (dB, dC))
     return (du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if D is None else dD.sum(0).to(D.dtype), dh0)
+            None if D is None else dD.sum(0).to(D.dtype), dh)
 
 
 def _batched(x, in_dim, k, at):
