@@ -94,6 +94,22 @@ def test_grouped_B_C():
     _check(_inputs(2, 19, 8, 3, seed=7, groups=2), chunk_size=8)
 
 
+def test_backward_programs_split_groups(monkeypatch):
+    """Small tiles, so a group's channels span several backward programs of several blocks each: the per-program
+    dB, dC partials summed in PyTorch, the carries (dh, dA, dD) kept per block across chunks, T not a multiple
+    of the chunk. No atomics: two backward passes agree bit for bit."""
+    from based.ops.ssm import fused
+
+    monkeypatch.setattr(fused, "TILE_BWD", 64)  # CH 8, BN 4: BD = 2 channels a block
+    monkeypatch.setattr(fused, "CHANNELS_BWD", 4)  # 2 blocks a program, 2 programs a group of 8
+    meta = fused._bwd_meta(21, 16, 2, 3, 8)
+    assert (meta["BD"], meta["SUB"], meta["P"]) == (2, 2, 4)
+    inputs = _inputs(2, 21, 16, 3, seed=11, groups=2)
+    _check(inputs, chunk_size=8)
+    first, second = (_run(fused_selective_scan, inputs, torch.float32, chunk_size=8)[2:] for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_without_D_or_state():
     u, delta, A, B, C, _, _ = _inputs(2, 11, 4, 3, seed=3)
     y_ref = selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double())[0]
@@ -146,7 +162,8 @@ def test_vmap_grad_matches_reference_per_run(shared):
 
 
 def compile_for_sm90() -> dict:
-    """{kernel at N: "ok" or the compiler's error}: both kernels at MQAR's tile shapes (T 256, d_inner 512)."""
+    """{kernel at N: "ok" or the compiler's error}: both kernels at MQAR's tile shapes (T 256, d_inner 512, and
+    4 runs folded into 2048 channels, 4 groups)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -154,18 +171,19 @@ def compile_for_sm90() -> dict:
     from based.ops.ssm import fused
 
     results = {}
-    for N in (8, 24):
-        fwd = dict(HAS_D=True, HAS_H0=True, SAVE_CKPT=True)
-        for fn, tile, consts in ((fused._fwd_kernel, fused.TILE_FWD, fwd),
-                                 (fused._bwd_kernel, fused.TILE_BWD, dict(HAS_D=True))):
-            CH, BD, BN = fused._tiles(256, 512, 1, N, None, tile)
-            consts = {**consts, "CH": CH, "BD": BD, "BN": BN}
-            ints = ("T", "DIM", "G", "N", "DG", "NC")
+    for N, dim, groups in ((8, 512, 1), (24, 512, 1), (24, 2048, 4)):
+        CH, BD, BN = fused._tiles(256, dim, groups, N, None, fused.TILE_FWD)
+        fwd = dict(HAS_D=True, HAS_H0=True, SAVE_CKPT=True, CH=CH, BD=BD, BN=BN)
+        for fn, consts, ints, options in (
+            (fused._fwd_kernel, fwd, ("T", "DIM", "G", "N", "DG", "NC"), {"num_warps": fused.NUM_WARPS}),
+            (fused._bwd_kernel, fused._bwd_meta(256, dim, groups, N), ("T", "NC"),
+             {"num_warps": fused.NUM_WARPS_BWD, "maxnreg": fused.MAXNREG_BWD}),
+        ):
             sig = {a: "constexpr" if a in consts else "i32" if a in ints else "*fp32" for a in fn.arg_names}
-            name = f"{fn.__name__} N={N}"
+            name = f"{fn.__name__} N={N} D={dim} G={groups}"
             try:
                 ptx = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
-                                     options={"num_warps": fused.NUM_WARPS}).asm["ptx"]
+                                     options=options).asm["ptx"]
                 results[name] = "ok" if f".entry {fn.__name__}" in ptx else "no entry point in the PTX"
             except Exception as e:  # noqa: BLE001 - reported per kernel
                 results[name] = f"{type(e).__name__}: {e}"

@@ -223,28 +223,33 @@ def _fwd(u, delta, A, B, C, D, h0, chunk_size=None, save_ckpt=True):
     return y, hT, ckpt
 
 
+def _bwd_meta(T: int, dim: int, groups: int, N: int, chunk_size: int | None = None, has_D: bool = True) -> dict:
+    """_bwd_kernel's constexprs at a shape: the forward's CH (its checkpoints), blocks of BD channels, SUB of
+    them a program (about CHANNELS_BWD channels, inside one group), P programs a sequence."""
+    CH, BD, BN = _tiles(T, dim, groups, N, chunk_size, TILE_BWD)
+    per_group = dim // groups
+    SUB = max(1, min(CHANNELS_BWD, per_group) // BD)
+    while per_group % (SUB * BD):
+        SUB //= 2
+    return dict(DIM=dim, G=groups, N=N, DG=per_group, P=dim // (SUB * BD), CH=CH, BD=BD, BN=BN, SUB=SUB,
+                HAS_D=has_D, EVEN_T=T % CH == 0)
+
+
 def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dh0) of _fwd's (y, hT) given dy, dhT; ckpt from _fwd."""
     Bsz, T, dim = u.shape
     G, N = B.shape[2], B.shape[3]
-    CH, BD, BN = _tiles(T, dim, G, N, chunk_size, TILE_BWD)  # the forward's CH: its checkpoints
-    NC = triton.cdiv(T, CH)
-    per_group = dim // G
-    SUB = max(1, min(CHANNELS_BWD, per_group) // BD)
-    while per_group % (SUB * BD):
-        SUB //= 2
-    P = dim // (SUB * BD)  # programs per sequence
+    meta = _bwd_meta(T, dim, G, N, chunk_size, D is not None)
+    P = meta["P"]
     du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dB = u.new_empty(Bsz, T, P, N, dtype=torch.float32)
+    dB = u.new_empty(Bsz, T, P, N, dtype=torch.float32)  # per program: sums over its channels
     dC = u.new_empty(Bsz, T, P, N, dtype=torch.float32)
-    dA = u.new_zeros(Bsz, dim, N, dtype=torch.float32)
+    dA = u.new_zeros(Bsz, dim, N, dtype=torch.float32)  # per sequence, summed below: deterministic
     dD = u.new_zeros(Bsz, dim, dtype=torch.float32)
-    dh = dhT.float().contiguous().clone()  # the carried a_t dh_t; dh_0's term a_0 dh_0 = dh0 at the end
+    dh = dhT.float().contiguous().clone()  # the carried a_t dh_t; a_0 dh_0 = dh0 at the end
     _bwd_kernel[(P, Bsz)](
         u, delta, A, B, C, D if D is not None else u, ckpt, dy.contiguous(),
-        du, ddelta, dA, dB, dC, dD, dh,
-        T, NC, DIM=dim, G=G, N=N, DG=per_group, P=P, CH=CH, BD=BD, BN=BN, SUB=SUB, HAS_D=D is not None,
-        EVEN_T=T % CH == 0,
+        du, ddelta, dA, dB, dC, dD, dh, T, triton.cdiv(T, meta["CH"]), **meta,
         num_warps=NUM_WARPS_BWD, **({"maxnreg": MAXNREG_BWD} if MAXNREG_BWD else {}),
     )
     dB, dC = (x.view(Bsz, T, G, P // G, N).sum(3) for x in (dB, dC))
