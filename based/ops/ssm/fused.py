@@ -8,15 +8,15 @@ carried across chunks in registers.
 Forward saves the state at each chunk start (ckpt [B, T / CH, D, N], fp32): with CH = 16 that is N / 16 of u's
 size, where the PyTorch chunked scan keeps several [B, T, D, N] tensors for autograd.
 
-Backward walks the chunks in reverse. Per chunk it rebuilds h_{t-1} from the checkpoint (a scan over the
-inputs shifted one step), then runs the adjoint recurrence
+Backward walks the chunks in reverse. Per chunk it rebuilds h_t from the checkpoint (the forward scan again)
+and h_{t-1} (h shifted one step), then runs the adjoint recurrence
     dh_t = a_{t+1} dh_{t+1} + dy_t C_t
-as a reverse scan (a_{t+1} is read from delta at t + 1, so no register shift is needed), and from h_{t-1},
-dh_t forms every gradient:
+as a scan over the flipped chunk, and from h_{t-1}, dh_t forms every gradient:
     du_t = delta_t sum_n dh_t B_t + D dy_t         ddelta_t = sum_n dh_t (u_t B_t + A a_t h_{t-1})
     dA   = sum_t dh_t delta_t a_t h_{t-1}           dB_t = sum_d dh_t delta_t u_t,   dC_t = sum_d dy_t h_t
-dB, dC sum over the channel blocks of a group: fp32 atomic adds into a zeroed buffer. dA, dD sum over the
-batch: each program writes its own partial row ([B, D, N], [B, D]), summed in PyTorch (deterministic).
+dB, dC: each program sums its channels and writes a [T, N] partial, the group's partials summed in PyTorch;
+dA, dD sum over the batch the same way ([B, D, N], [B, D] partial rows). No atomics: deterministic.
+The layout and its costs are described above _bwd_kernel.
 
 B and C may be grouped, [B, T, G, N]: channel d reads group d // (D / G) (mamba_ssm's grouped B/C). That is
 how torch.func.vmap over k runs is served: the runs are folded into channels (D -> k D) and their B, C into
@@ -97,6 +97,27 @@ def _fwd_kernel(
     tl.store(hT_ptr + b * DIM * N + state_offs, h, mask=mask_dn)
 
 
+# Backward layout (why it is not the forward's tile at half size, which ran 15x the forward on an H100):
+# - One warp a program; its tile [CH, BD, BN] puts n on the 32 lanes and all CH steps of a channel in each
+#   thread (BD = 1 at N = 24). Both scans along time are then sequential register code, with no shared memory
+#   or barrier; only the sums over n (du, ddelta: 2 x 5 shuffle rounds) cross lanes. The old 8-warp tile split
+#   CH over 2 warps and sent its sums over channels through shared memory: ~40 barriers a chunk.
+# - One exp per element: a_{t+1} is a_t shifted a row (a scan of _last_two), not exp of delta_{t+1}; h_{t-1} is
+#   h shifted likewise, not a second scan of shifted inputs. The adjoint is a forward scan of the flipped chunk:
+#   Triton 3.9 lowers reverse=True with a lane-reversing shuffle per element and operand even when the axis is
+#   in-thread (2 x 32 shuffles a tile), while tl.flip of an in-thread axis compiles to register renaming.
+# - A program walks SUB blocks (CHANNELS_BWD = 64 channels) inside each chunk and accumulates dB, dC in
+#   registers, so it writes one [CH, N] partial of each a chunk, 1 / 64 of the per-channel products. The old
+#   kernel added every block's [CH, N] into dB, dC with fp32 atomics of Triton's default acq_rel order: each
+#   atomic came with a MEMBAR.GPU fence (SASS), 4 a chunk per thread, 128 blocks contending per address.
+#   The carries between chunks (a_0 dh_0, dA, dD per block) go through global memory (L1/L2 hits, [BD, N]).
+# - Loads are pipelined one block ahead (tl.range num_stages=2: cp.async into ~1 KB of shared memory).
+# Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4:
+# the inner loop is ~740 instructions per warp for 16 x 32 elements, 164 of them shuffles (forward: ~800 and
+# 80 for the same tile), 1 MUFU.EX2 per element (old: 3), no barrier or fence; 168 registers (MAXNREG_BWD,
+# no spills in the loop at N = 8 or 24; some at N = 16) -> 12 warps an SM; grid (D / 64, B) = 8192 programs.
+# So per element about the forward's issue slots, twice its shuffles: ~1-2x the forward's time if latency is
+# hidden (estimate; benchmarks/ssm_scan.py measures it).
 @triton.jit
 def _last_two(v1, p1, n1, v2, p2, n2):
     # (last element, the one before it, length) of a segment; associative, so a scan of it shifts a tensor by
@@ -164,10 +185,8 @@ def _bwd_kernel(
             h_prev = tl.associative_scan((h, tl.broadcast_to(h_start[None, :, :], (CH, BD, BN)), ones), 0, _last_two)[1]
             ah = a * h_prev  # a_t h_{t-1}: a and h_{t-1} are needed no further apart
             a0 = tl.sum(tl.where(first, a, 0.0), 0)  # [BD, BN]
-            # The adjoint runs backwards in time: scan it forwards over the flipped chunk (row j is step CH-1-j).
-            # Triton lowers a reverse scan through warp shuffles even along an axis held in one thread; a flip
-            # there is a register renaming. a_{t+1} is then a_t shifted one row down, 1 in row 0, where the
-            # G_{t+1} carried in (which holds that decay) joins dy C.
+            # The adjoint over the flipped chunk (row j is step CH-1-j), a forward scan: a_{t+1} is then a_t
+            # shifted one row down, 1 in row 0, where the G_{t+1} carried in (which holds that decay) joins dy C.
             a_nx = tl.associative_scan((tl.flip(a, 0), ones, ones), 0, _last_two)[1]
             dyC = tl.flip(dy[:, :, None] * Ct[:, None, :], 0)
             dyC = tl.where(first, dyC + g_next[None, :, :], dyC)
