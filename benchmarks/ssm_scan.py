@@ -10,13 +10,14 @@ Per shape, milliseconds per call (CUDA events, median of --reps after warm-up):
   PyTorch sums of its partials), nothing of vmap;
 - fused vmap: vmap(fused_selective_scan) forward, and its backward through autograd (folds, copies included);
 - chunk vmap: the same for chunk_selective_scan (keeps [b, T, D, N] tensors: "oom" where it does not fit).
---sweep adds the backward kernel at each MAXNREG_BWD x CHANNELS_BWD. Prints one JSON object (and writes it
-to --out) with the date, GPU and git revision.
+--sweep adds the backward kernel at each NUM_WARPS_BWD x MAXNREG_BWD x CHANNELS_BWD (at --sweep-dims, each a
+fresh compile). Prints one JSON object (and writes it to --out) with the date, GPU and git revision.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -100,6 +101,7 @@ def main():
     p.add_argument("--states", type=int, nargs="+", default=[8, 16, 24])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-dims", type=int, nargs="+", default=[512], help="d_inner values to --sweep at")
     p.add_argument("--no-chunk", action="store_true", help="skip the chunked scan")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -118,15 +120,15 @@ def main():
             case["fused_vmap"] = _vmap_times(fused_selective_scan, inputs, args.reps)
             if not args.no_chunk:
                 case["chunk_vmap"] = _vmap_times(chunk_selective_scan, inputs, args.reps)
-            if args.sweep:
+            if args.sweep and D in args.sweep_dims:
                 sweep = []
-                saved = fused.MAXNREG_BWD, fused.CHANNELS_BWD
-                for maxnreg in (None, 200, 184, 168, 152, 128):
-                    for channels in (32, 64, 128):
-                        fused.MAXNREG_BWD, fused.CHANNELS_BWD = maxnreg, channels
-                        t = _kernel_times(folded, args.reps)
-                        sweep.append({"maxnreg": maxnreg, "channels": channels, "bwd_ms": t["bwd_ms"]})
-                fused.MAXNREG_BWD, fused.CHANNELS_BWD = saved
+                saved = fused.MAXNREG_BWD, fused.CHANNELS_BWD, fused.NUM_WARPS_BWD, fused.TILE_BWD
+                for warps, maxnreg, channels in itertools.product((1, 2), (None, 184, 168, 128), (32, 64, 128)):
+                    fused.NUM_WARPS_BWD, fused.TILE_BWD = warps, fused.CHUNK * 32 * warps
+                    fused.MAXNREG_BWD, fused.CHANNELS_BWD = maxnreg, channels
+                    t = _kernel_times(folded, args.reps)
+                    sweep.append({"warps": warps, "maxnreg": maxnreg, "channels": channels, "bwd_ms": t["bwd_ms"]})
+                fused.MAXNREG_BWD, fused.CHANNELS_BWD, fused.NUM_WARPS_BWD, fused.TILE_BWD = saved
                 case["bwd_sweep"] = sweep
             result["cases"].append(case)
             print(json.dumps(case), flush=True)

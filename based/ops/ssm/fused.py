@@ -115,7 +115,7 @@ def _fwd_kernel(
 # Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4:
 # the inner loop is ~740 instructions per warp for 16 x 32 elements, 164 of them shuffles (forward: ~800 and
 # 80 for the same tile), 1 MUFU.EX2 per element (old: 3), no barrier or fence; 168 registers (MAXNREG_BWD,
-# no spills in the loop at N = 8 or 24; some at N = 16) -> 12 warps an SM; grid (D / 64, B) = 8192 programs.
+# no spills in the loop at N = 8 or 24; 8 spill loads at N = 16) -> 12 warps an SM; grid (D / 64, B) = 8192 programs.
 # So per element about the forward's issue slots, twice its shuffles: ~1-2x the forward's time if latency is
 # hidden (estimate; benchmarks/ssm_scan.py measures it).
 @triton.jit
