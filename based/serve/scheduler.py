@@ -472,13 +472,15 @@ class Scheduler:
         for slot in fs.tolist():
             self.metrics.ttft.observe(now - self.running[slot].arrival)
         rows = len(stepped)
-        ss = np.flatnonzero(stepped == self.serial[:rows])  # a sequence that ended meanwhile: its token dropped
+        valid = stepped == self.serial[:rows]  # a sequence that ended meanwhile: its token dropped
+        ss = np.flatnonzero(valid)
         if len(ss):
             parts.append(self._count(ss, values[base:base + rows][ss]))
         if not parts:
             return
         slots, tokens, codes = (np.concatenate(x) for x in zip(*parts)) if len(parts) > 1 else parts[0]
-        self.metrics.itl.observe(now - self._last_read, len(ss) - int(np.isin(fs, ss).sum()))
+        firsts_stepped = int(valid[fs].sum()) if len(fs) and rows else 0
+        self.metrics.itl.observe(now - self._last_read, len(ss) - firsts_stepped)
         self._last_read = now
         self.metrics.add_tokens(len(codes) - int((codes == EOS).sum()))
         owners, sids = self.owner[slots], self.sid[slots]
