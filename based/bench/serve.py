@@ -84,8 +84,7 @@ class ServerProcess:
                "--grace", "5"]
         if args.max_slots:
             cmd += ["--max-slots", str(args.max_slots)]
-        if args.api_workers:
-            cmd += ["--api-workers", str(args.api_workers)]
+        cmd += ["--api-workers", str(args.api_workers)]  # explicit: the engine-alone run assumes the same
         if full_attention(preset):  # a KV cache as long as the benchmark's sequences: more slots fit
             cmd += ["--max-seq-len", str(args.prompt_len + args.output_len[1])]
         self.log = open(Path(args.log_dir) / f"serve-{preset}.log", "w") if args.log_dir else subprocess.DEVNULL
@@ -583,8 +582,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prompt tokens per engine pass")
     p.add_argument("--prefill-wait-ms", type=float, default=20.0, help="the servers' --prefill-wait-ms")
     p.add_argument("--stream-interval", type=int, default=1, help="the servers' --stream-interval")
-    p.add_argument("--api-workers", type=int, default=0,
-                   help="the servers' --api-workers: HTTP processes in front of the engine's (0: one process)")
+    p.add_argument("--api-workers", type=int, default=None,
+                   help="the servers' --api-workers: HTTP processes in front of the engine's (0: one process; "
+                        "default: the server's own, 0 on a CPU, min(4, cores / 4) on CUDA)")
     p.add_argument("--prompt-len", type=int, default=PROMPT, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, nargs=2, default=list(OUTPUT), metavar=("MIN", "MAX"),
                    help="output tokens per request, uniform in MIN..MAX")
@@ -626,6 +626,10 @@ def main(argv=None) -> int:
     if args.null_engine:  # the server's overhead alone: no model, so no device and no offline engine to compare
         args.device, args.skip_offline, args.presets = "cpu", True, ["debug"]
         args.max_slots = args.max_slots or 1024
+    if args.api_workers is None:  # the server's default, resolved here: the engine-alone run matches it
+        from ..commands.serve import default_api_workers
+
+        args.api_workers = default_api_workers("cpu" if args.null_engine else args.device.split(":")[0])
     if args.output_len[0] < 1 or args.output_len[1] < args.output_len[0] or args.prompt_len < 1:
         p.error("--prompt-len must be >= 1 and --output-len MIN MAX with 1 <= MIN <= MAX")
     try:

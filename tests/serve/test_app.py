@@ -215,3 +215,16 @@ def test_stream_events_are_the_json_of_their_chunks(path):
             texts[c["index"]] += c["text"] if "text" in c else c["delta"].get("content", "")
     for c in plain["choices"]:
         assert texts[c["index"]] == (c["text"] if "text" in c else c["message"]["content"])
+
+
+def test_api_workers_default_by_device(monkeypatch):
+    """None on the command line: HTTP in the engine's process on a CPU; on CUDA up to 4 worker processes, a
+    quarter of the cores (a 2-core machine keeps one process)."""
+    import os
+
+    from based.commands.serve import default_api_workers
+
+    assert default_api_workers("cpu") == 0
+    for cores, workers in ((16, 4), (64, 4), (8, 2), (2, 0)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert default_api_workers("cuda") == workers
