@@ -10,8 +10,9 @@ Per shape, milliseconds per call (CUDA events, median of --reps after warm-up):
   PyTorch sums of its partials), nothing of vmap;
 - fused vmap: vmap(fused_selective_scan) forward, and its backward through autograd (folds, copies included);
 - chunk vmap: the same for chunk_selective_scan (keeps [b, T, D, N] tensors: "oom" where it does not fit).
---sweep adds the backward kernel at each NUM_WARPS_BWD x MAXNREG_BWD x CHANNELS_BWD (at --sweep-dims, each a
-fresh compile). Prints one JSON object (and writes it to --out) with the date, GPU and git revision.
+--sweep adds the backward kernel at each STATES_BWD x NUM_WARPS_BWD x MAXNREG_BWD x CHANNELS_BWD (at
+--sweep-dims, each a fresh compile). Prints one JSON object (and writes it to --out) with the date, GPU and
+git revision.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from torch.func import vmap
 from based.ops.ssm import fused
 from based.ops.ssm.chunk import chunk_selective_scan
 from based.ops.ssm.fused import fused_selective_scan
+
+KNOBS = ("STATES_BWD", "NUM_WARPS_BWD", "MAXNREG_BWD", "CHANNELS_BWD", "TILE_BWD")  # fused's backward settings
 
 
 def _ms(fn, reps: int, warmup: int = 3) -> float:
@@ -108,7 +111,7 @@ def main():
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),
               "batch": args.batch, "seq": args.seq, "runs": args.runs,
-              "defaults": {"MAXNREG_BWD": fused.MAXNREG_BWD, "CHANNELS_BWD": fused.CHANNELS_BWD}, "cases": []}
+              "defaults": {n: getattr(fused, n) for n in KNOBS[:4]}, "cases": []}
     for D in args.dims:
         for N in args.states:
             inputs = _inputs(args.runs, args.batch, args.seq, D, N)
@@ -122,13 +125,14 @@ def main():
                 case["chunk_vmap"] = _vmap_times(chunk_selective_scan, inputs, args.reps)
             if args.sweep and D in args.sweep_dims:
                 sweep = []
-                saved = fused.MAXNREG_BWD, fused.CHANNELS_BWD, fused.NUM_WARPS_BWD, fused.TILE_BWD
-                for warps, maxnreg, channels in itertools.product((1, 2), (None, 184, 168, 128), (32, 64, 128)):
-                    fused.NUM_WARPS_BWD, fused.TILE_BWD = warps, fused.CHUNK * 32 * warps
-                    fused.MAXNREG_BWD, fused.CHANNELS_BWD = maxnreg, channels
+                saved = [getattr(fused, n) for n in KNOBS]
+                for config in itertools.product((8, None), (1, 2), (None, 184, 168, 128), (32, 64, 128)):
+                    for n, v in zip(KNOBS, config + (fused.CHUNK * 32 * config[1],)):
+                        setattr(fused, n, v)
                     t = _kernel_times(folded, args.reps)
-                    sweep.append({"warps": warps, "maxnreg": maxnreg, "channels": channels, "bwd_ms": t["bwd_ms"]})
-                fused.MAXNREG_BWD, fused.CHANNELS_BWD, fused.NUM_WARPS_BWD, fused.TILE_BWD = saved
+                    sweep.append({**dict(zip(KNOBS, config)), "bwd_ms": t["bwd_ms"]})
+                for n, v in zip(KNOBS, saved):
+                    setattr(fused, n, v)
                 case["bwd_sweep"] = sweep
             result["cases"].append(case)
             print(json.dumps(case), flush=True)

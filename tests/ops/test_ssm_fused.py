@@ -110,6 +110,17 @@ def test_backward_programs_split_groups(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("N, groups", [(5, 2), (3, 0)])
+def test_backward_in_blocks_of_states(monkeypatch, N, groups):
+    """N looped over in blocks of STATES_BWD inside a backward program (MQAR's 24 in 3 x 8), the last block
+    part padding: the sums over n carried across blocks in fp32 scratch, dB, dC, dA, dh per block."""
+    from based.ops.ssm import fused
+
+    monkeypatch.setattr(fused, "STATES_BWD", 2)
+    assert fused._bwd_meta(21, 8, 2, N, 8)["NB"] == math.ceil(N / 2)
+    _check(_inputs(2, 21, 8, N, seed=13, groups=groups), chunk_size=8)
+
+
 def test_without_D_or_state():
     u, delta, A, B, C, _, _ = _inputs(2, 11, 4, 3, seed=3)
     y_ref = selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double())[0]

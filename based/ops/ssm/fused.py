@@ -38,6 +38,10 @@ TILE_FWD, TILE_BWD = 4096, CHUNK * 32
 NUM_WARPS = 8
 NUM_WARPS_BWD, MAXNREG_BWD = 1, 168
 CHANNELS_BWD = 64  # channels per backward program: its share of dB, dC is one [T, N] partial, summed after
+# N that is not a power of two (MQAR's 24) runs in blocks of STATES_BWD states, looped over in a program, not
+# padded to 32 lanes: no idle lanes, 3 shuffle rounds a sum over n, not 5 (the sums add up across the blocks in
+# fp32 scratch). None: BN covers N.
+STATES_BWD = 8
 
 
 @triton.jit
@@ -98,10 +102,11 @@ def _fwd_kernel(
 
 
 # Backward layout (why it is not the forward's tile at half size, which ran 15x the forward on an H100):
-# - One warp a program; its tile [CH, BD, BN] puts n on the 32 lanes and all CH steps of a channel in each
-#   thread (BD = 1 at N = 24). Both scans along time are then sequential register code, with no shared memory
-#   or barrier; only the sums over n (du, ddelta: 2 x 5 shuffle rounds) cross lanes. The old 8-warp tile split
-#   CH over 2 warps and sent its sums over channels through shared memory: ~40 barriers a chunk.
+# - One warp a program; its tile [CH, BD, BN] puts n on the lanes (8 of them at N = 24, see STATES_BWD, and
+#   BD = 4 channels on the other 4) and all CH steps in each thread. Both scans along time are then sequential
+#   register code, no shared memory or barrier; only the sums over n (du, ddelta) cross lanes, 3 shuffle rounds.
+#   The old 8-warp tile split CH over 2 warps and sent its sums over channels through shared memory (46
+#   barriers a chunk in its SASS), and padded N = 24 to 32 lanes (5 rounds, a quarter of the lanes idle).
 # - One exp per element: a_{t+1} is a_t shifted a row (a scan of _last_two), not exp of delta_{t+1}; h_{t-1} is
 #   h shifted likewise, not a second scan of shifted inputs. The adjoint is a forward scan of the flipped chunk:
 #   Triton 3.9 lowers reverse=True with a lane-reversing shuffle per element and operand even when the axis is
@@ -110,14 +115,16 @@ def _fwd_kernel(
 #   registers, so it writes one [CH, N] partial of each a chunk, 1 / 64 of the per-channel products. The old
 #   kernel added every block's [CH, N] into dB, dC with fp32 atomics of Triton's default acq_rel order: each
 #   atomic came with a MEMBAR.GPU fence (SASS), 4 a chunk per thread, 128 blocks contending per address.
-#   The carries between chunks (a_0 dh_0, dA, dD per block) go through global memory (L1/L2 hits, [BD, N]).
-# - Loads are pipelined one block ahead (tl.range num_stages=2: cp.async into ~1 KB of shared memory).
-# Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4:
-# the inner loop is ~740 instructions per warp for 16 x 32 elements, 164 of them shuffles (forward: ~800 and
-# 80 for the same tile), 1 MUFU.EX2 per element (old: 3), no barrier or fence; 168 registers (MAXNREG_BWD,
-# no spills in the loop at N = 8 or 24; 8 spill loads at N = 16) -> 12 warps an SM; grid (D / 64, B) = 8192 programs.
-# So per element about the forward's issue slots, twice its shuffles: ~1-2x the forward's time if latency is
-# hidden (estimate; benchmarks/ssm_scan.py measures it).
+#   The carries between chunks (a_0 dh_0, dA, dD per block) go through global memory (L1/L2 hits, [BD, BN]),
+#   as do the sums over n between state blocks (fp32 [CH, BD] per block and state block).
+# - Loads are pipelined one block ahead (tl.range num_stages=2: cp.async into ~2 KB of shared memory).
+# Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4,
+# per warp for a [16 steps, 32 lanes] tile: forward ~800 instructions, 80 shuffles, 16 exps, 24 / 32 lanes
+# busy; backward (3 state blocks) ~720, 106 shuffles, 16 exps, all lanes busy, no barrier or fence in the
+# loop; with STATES_BWD = None (one padded block) ~740, 164 shuffles, 24 / 32 lanes. 168 registers
+# (MAXNREG_BWD; the inner loop spills nothing at N = 8 or 24, 8 loads at N = 16) -> 12 warps an SM; grid
+# (D / 64, B) = 8192 programs. So about the forward's issue slots per element and ~1.3x its shuffles: near the
+# forward's time if latency is hidden (an estimate: benchmarks/ssm_scan.py measures it, and sweeps these).
 @triton.jit
 def _last_two(v1, p1, n1, v2, p2, n2):
     # (last element, the one before it, length) of a segment; associative, so a scan of it shifts a tensor by
@@ -128,22 +135,20 @@ def _last_two(v1, p1, n1, v2, p2, n2):
 @triton.jit
 def _bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, ckpt_ptr, dy_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dh_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dBp_ptr, dCp_ptr, dD_ptr, dh_ptr, s1_ptr, s2_ptr,
     T, NC,
     DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, DG: tl.constexpr, P: tl.constexpr,
-    CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, SUB: tl.constexpr, HAS_D: tl.constexpr,
-    EVEN_T: tl.constexpr,
+    CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, SUB: tl.constexpr,
+    HAS_D: tl.constexpr, EVEN_T: tl.constexpr,
 ):
     pid = tl.program_id(0)  # SUB blocks of BD channels, all in one group
     b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
     offs_t = tl.arange(0, CH)
     offs_n = tl.arange(0, BN)
-    mask_n = offs_n < N
     # Offsets within a block, the same for every block: the pointers below are a scalar base plus these, so
     # the compiler keeps one small set of them in registers, not a 64-bit address per element and tensor.
     td_rel = offs_t[:, None] * DIM + tl.arange(0, BD)[None, :]  # [CH, BD]
     dn_rel = tl.arange(0, BD)[:, None] * N + offs_n[None, :]  # [BD, BN]
-    mask_dn = mask_n[None, :] & (dn_rel >= 0)
     d_first = pid * SUB * BD
     g = d_first // DG
     first = offs_t[:, None, None] == 0
@@ -151,71 +156,84 @@ def _bwd_kernel(
     for i in range(NC):
         c = NC - 1 - i
         mask_t = ((c * CH + offs_t) < T) | EVEN_T
-        mask_tn = mask_t[:, None] & mask_n[None, :]
         mask_td = mask_t[:, None] & (td_rel >= 0)
-        tn_offs = ((b * T + c * CH + offs_t[:, None]) * G + g) * N + offs_n[None, :]  # [CH, BN]
-        Bt = tl.load(B_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)
-        # dB_t, dC_t summed over the program's channels: in-thread over its blocks, across warps once a chunk.
-        dB = tl.zeros([CH, BD, BN], dtype=tl.float32)
-        dC = tl.zeros([CH, BD, BN], dtype=tl.float32)
         td_base = (b * T + c * CH) * DIM + d_first  # scalar: step c * CH, channel d_first
-        dn_base = b * DIM * N + d_first * N
-        for s in tl.range(SUB, num_stages=2):
-            td = td_base + s * BD
-            dn = dn_base + s * BD * N
-            dt = tl.load(delta_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)  # [CH, BD]
-            u = tl.load(u_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)
-            A = tl.load(A_ptr + (d_first + s * BD) * N + dn_rel, mask=mask_dn, other=0.0).to(tl.float32)  # [BD, BN]
-            h_start = tl.load(ckpt_ptr + (b * NC + c) * DIM * N + d_first * N + s * BD * N + dn_rel, mask=mask_dn,
-                              other=0.0)
-            # G_{t+1} = a_{t+1} dh_{t+1} at this chunk's end (dh_T at the last chunk), from the block's last pass
-            g_next = tl.load(dh_ptr + dn + dn_rel, mask=mask_dn, other=0.0)
-            # The chunk's one exp; steps past T load delta 0, so their a is exp(0) = 1.
-            a = tl.exp(dt[:, :, None] * A[None, :, :])  # [CH, BD, BN]
-            dtu = dt * u
-            # h_t from the checkpoint: the scan with h_start folded into row 0's input, so only its linear part
-            # is used and the decay products are dead code along an axis held in one thread.
-            x = dtu[:, :, None] * Bt[:, None, :]
-            x = tl.where(first, x + a * h_start[None, :, :], x)
-            h = tl.associative_scan((a, x), 0, _linear_combine)[1]
-            dC += dy[:, :, None] * h
-            # h_{t-1}: h shifted one step down, h_start in row 0.
-            h_prev = tl.associative_scan((h, tl.broadcast_to(h_start[None, :, :], (CH, BD, BN)), ones), 0, _last_two)[1]
-            ah = a * h_prev  # a_t h_{t-1}: a and h_{t-1} are needed no further apart
-            a0 = tl.sum(tl.where(first, a, 0.0), 0)  # [BD, BN]
-            # The adjoint over the flipped chunk (row j is step CH-1-j), a forward scan: a_{t+1} is then a_t
-            # shifted one row down, 1 in row 0, where the G_{t+1} carried in (which holds that decay) joins dy C.
-            a_nx = tl.associative_scan((tl.flip(a, 0), ones, ones), 0, _last_two)[1]
-            dyC = tl.flip(dy[:, :, None] * Ct[:, None, :], 0)
-            dyC = tl.where(first, dyC + g_next[None, :, :], dyC)
-            dh = tl.flip(tl.associative_scan((a_nx, dyC), 0, _linear_combine)[1], 0)  # [CH, BD, BN]
-            dB += dh * dtu[:, :, None]
-            da = dh * ah  # gradient through a_t = exp(delta_t A), times a_t
-            s1 = tl.sum(dh * Bt[:, None, :], 2)  # [CH, BD]
-            s2 = tl.sum(da * A[None, :, :], 2)
-            du = s1 * dt
-            if HAS_D:
-                du += tl.load(D_ptr + d_first + s * BD + tl.arange(0, BD)).to(tl.float32)[None, :] * dy
-            tl.store(du_ptr + td + td_rel, du.to(du_ptr.dtype.element_ty), mask=mask_td)
-            tl.store(ddelta_ptr + td + td_rel, (s1 * u + s2).to(ddelta_ptr.dtype.element_ty), mask=mask_td)
-            tl.store(dA_ptr + dn + dn_rel, tl.load(dA_ptr + dn + dn_rel, mask=mask_dn, other=0.0) +
-                     tl.sum(da * dt[:, :, None], 0), mask=mask_dn)
-            dD_offs = dD_ptr + b * DIM + d_first + s * BD + tl.arange(0, BD)
-            tl.store(dD_offs, tl.load(dD_offs) + tl.sum(dy * u, 0))
-            tl.store(dh_ptr + dn + dn_rel, a0 * tl.sum(tl.where(first, dh, 0.0), 0), mask=mask_dn)
-        # This program's share of dB_t, dC_t (sums over its SUB * BD channels); _bwd adds the programs of a group.
-        part = ((b * T + c * CH + offs_t[:, None]) * P + pid) * N + offs_n[None, :]
-        tl.store(dBp_ptr + part, tl.sum(dB, 1), mask=mask_tn)
-        tl.store(dCp_ptr + part, tl.sum(dC, 1), mask=mask_tn)
+        for j in range(NB):  # blocks of BN states; the sums over n add up across them in s1, s2
+            n0 = j * BN
+            mask_n = (n0 + offs_n) < N
+            mask_tn = mask_t[:, None] & mask_n[None, :]
+            mask_dn = mask_n[None, :] & (dn_rel >= 0)
+            tn_offs = ((b * T + c * CH + offs_t[:, None]) * G + g) * N + n0 + offs_n[None, :]  # [CH, BN]
+            Bt = tl.load(B_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + tn_offs, mask=mask_tn, other=0.0).to(tl.float32)
+            # dB_t, dC_t summed over the program's channels: in-thread over its blocks, across warps once a chunk.
+            dB = tl.zeros([CH, BD, BN], dtype=tl.float32)
+            dC = tl.zeros([CH, BD, BN], dtype=tl.float32)
+            dn_base = b * DIM * N + d_first * N + n0
+            for s in tl.range(SUB, num_stages=2):
+                td = td_base + s * BD
+                dn = dn_base + s * BD * N
+                dt = tl.load(delta_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)  # [CH, BD]
+                u = tl.load(u_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)
+                A = tl.load(A_ptr + (d_first + s * BD) * N + n0 + dn_rel, mask=mask_dn, other=0.0).to(tl.float32)
+                h_start = tl.load(ckpt_ptr + (b * NC + c) * DIM * N + (dn - b * DIM * N) + dn_rel, mask=mask_dn,
+                                  other=0.0)
+                # G_{t+1} = a_{t+1} dh_{t+1} at this chunk's end (dh_T at the last chunk), from the block's last pass
+                g_next = tl.load(dh_ptr + dn + dn_rel, mask=mask_dn, other=0.0)
+                # The chunk's one exp; steps past T load delta 0, so their a is exp(0) = 1.
+                a = tl.exp(dt[:, :, None] * A[None, :, :])  # [CH, BD, BN]
+                dtu = dt * u
+                # h_t from the checkpoint: the scan with h_start folded into row 0's input, so only its linear part
+                # is used and the decay products are dead code along an axis held in one thread.
+                x = dtu[:, :, None] * Bt[:, None, :]
+                x = tl.where(first, x + a * h_start[None, :, :], x)
+                h = tl.associative_scan((a, x), 0, _linear_combine)[1]
+                dC += dy[:, :, None] * h
+                # h_{t-1}: h shifted one step down, h_start in row 0.
+                h_start3 = tl.broadcast_to(h_start[None, :, :], (CH, BD, BN))
+                h_prev = tl.associative_scan((h, h_start3, ones), 0, _last_two)[1]
+                ah = a * h_prev  # a_t h_{t-1}: a and h_{t-1} are needed no further apart
+                a0 = tl.sum(tl.where(first, a, 0.0), 0)  # [BD, BN]
+                # The adjoint over the flipped chunk (row j is step CH-1-j), a forward scan: a_{t+1} is then a_t
+                # shifted one row down, 1 in row 0, where the G_{t+1} carried in (which holds that decay) joins dy C.
+                a_nx = tl.associative_scan((tl.flip(a, 0), ones, ones), 0, _last_two)[1]
+                dyC = tl.flip(dy[:, :, None] * Ct[:, None, :], 0)
+                dyC = tl.where(first, dyC + g_next[None, :, :], dyC)
+                dh = tl.flip(tl.associative_scan((a_nx, dyC), 0, _linear_combine)[1], 0)  # [CH, BD, BN]
+                dB += dh * dtu[:, :, None]
+                da = dh * ah  # gradient through a_t = exp(delta_t A), times a_t
+                s1 = tl.sum(dh * Bt[:, None, :], 2)  # [CH, BD]
+                s2 = tl.sum(da * A[None, :, :], 2)
+                if NB > 1:  # the earlier state blocks' sums, fp32 in s1_ptr, s2_ptr ([B, T, D])
+                    s1 += tl.load(s1_ptr + td + td_rel, mask=mask_td & (j > 0), other=0.0)
+                    s2 += tl.load(s2_ptr + td + td_rel, mask=mask_td & (j > 0), other=0.0)
+                    tl.store(s1_ptr + td + td_rel, s1, mask=mask_td & (j < NB - 1))
+                    tl.store(s2_ptr + td + td_rel, s2, mask=mask_td & (j < NB - 1))
+                du = s1 * dt
+                if HAS_D:
+                    du += tl.load(D_ptr + d_first + s * BD + tl.arange(0, BD)).to(tl.float32)[None, :] * dy
+                tl.store(du_ptr + td + td_rel, du.to(du_ptr.dtype.element_ty), mask=mask_td & (j == NB - 1))
+                tl.store(ddelta_ptr + td + td_rel, (s1 * u + s2).to(ddelta_ptr.dtype.element_ty),
+                         mask=mask_td & (j == NB - 1))
+                tl.store(dA_ptr + dn + dn_rel, tl.load(dA_ptr + dn + dn_rel, mask=mask_dn, other=0.0) +
+                         tl.sum(da * dt[:, :, None], 0), mask=mask_dn)
+                dD_offs = dD_ptr + b * DIM + d_first + s * BD + tl.arange(0, BD)
+                mask_dD = (tl.arange(0, BD) >= 0) & (j == 0)
+                tl.store(dD_offs, tl.load(dD_offs, mask=mask_dD, other=0.0) + tl.sum(dy * u, 0), mask=mask_dD)
+                tl.store(dh_ptr + dn + dn_rel, a0 * tl.sum(tl.where(first, dh, 0.0), 0), mask=mask_dn)
+            # This program's share of dB_t, dC_t (sums over its SUB * BD channels); _bwd adds a group's programs.
+            part = ((b * T + c * CH + offs_t[:, None]) * P + pid) * N + n0 + offs_n[None, :]
+            tl.store(dBp_ptr + part, tl.sum(dB, 1), mask=mask_tn)
+            tl.store(dCp_ptr + part, tl.sum(dC, 1), mask=mask_tn)
 
 
-def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None, tile: int) -> tuple[int, int, int]:
-    """(CH, BD, BN): BN covers N; BD a power of two dividing the channels per group, sized so a tile holds
-    about `tile` elements."""
+def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None, tile: int,
+           bn_max: int | None = None) -> tuple[int, int, int]:
+    """(CH, BD, BN): BN covers N (or bn_max of it); BD a power of two dividing the channels per group, sized so a
+    tile holds about `tile` elements."""
     CH = triton.next_power_of_2(chunk_size or min(CHUNK, T))
-    BN = triton.next_power_of_2(N)
+    BN = min(triton.next_power_of_2(N), bn_max or N + N)
     per_group = dim // groups
     BD = max(1, min(tile // (CH * BN), triton.next_power_of_2(per_group)))
     while per_group % BD:
@@ -245,13 +263,14 @@ def _fwd(u, delta, A, B, C, D, h0, chunk_size=None, save_ckpt=True):
 def _bwd_meta(T: int, dim: int, groups: int, N: int, chunk_size: int | None = None, has_D: bool = True) -> dict:
     """_bwd_kernel's constexprs at a shape: the forward's CH (its checkpoints), blocks of BD channels, SUB of
     them a program (about CHANNELS_BWD channels, inside one group), P programs a sequence."""
-    CH, BD, BN = _tiles(T, dim, groups, N, chunk_size, TILE_BWD)
+    split = STATES_BWD and N > STATES_BWD and N & (N - 1)
+    CH, BD, BN = _tiles(T, dim, groups, N, chunk_size, TILE_BWD, STATES_BWD if split else None)
     per_group = dim // groups
     SUB = max(1, min(CHANNELS_BWD, per_group) // BD)
     while per_group % (SUB * BD):
         SUB //= 2
-    return dict(DIM=dim, G=groups, N=N, DG=per_group, P=dim // (SUB * BD), CH=CH, BD=BD, BN=BN, SUB=SUB,
-                HAS_D=has_D, EVEN_T=T % CH == 0)
+    return dict(DIM=dim, G=groups, N=N, DG=per_group, P=dim // (SUB * BD), CH=CH, BD=BD, BN=BN,
+                NB=triton.cdiv(N, BN), SUB=SUB, HAS_D=has_D, EVEN_T=T % CH == 0)
 
 
 def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
@@ -266,9 +285,11 @@ def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
     dA = u.new_zeros(Bsz, dim, N, dtype=torch.float32)  # per sequence, summed below: deterministic
     dD = u.new_zeros(Bsz, dim, dtype=torch.float32)
     dh = dhT.float().contiguous().clone()  # the carried a_t dh_t; a_0 dh_0 = dh0 at the end
+    # sums over n of the state blocks so far (when N spans several): fp32 whatever u's dtype
+    s1, s2 = (u.new_empty(u.shape, dtype=torch.float32) for _ in range(2)) if meta["NB"] > 1 else (du, du)
     _bwd_kernel[(P, Bsz)](
         u, delta, A, B, C, D if D is not None else u, ckpt, dy.contiguous(),
-        du, ddelta, dA, dB, dC, dD, dh, T, triton.cdiv(T, meta["CH"]), **meta,
+        du, ddelta, dA, dB, dC, dD, dh, s1, s2, T, triton.cdiv(T, meta["CH"]), **meta,
         num_warps=NUM_WARPS_BWD, **({"maxnreg": MAXNREG_BWD} if MAXNREG_BWD else {}),
     )
     dB, dC = (x.view(Bsz, T, G, P // G, N).sum(3) for x in (dB, dC))
