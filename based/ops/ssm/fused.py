@@ -32,8 +32,8 @@ import triton.language as tl
 
 CHUNK = 16  # CH: steps per register tile
 # CH * BD * BN elements per register tile. Forward: 8 warps, ~100 registers a thread (ptxas, sm_90, N = 24).
-# Backward: one warp, a tile of CH * 32 (one channel at N = 24), capped at 168 registers (12 warps an SM): its
-# inner loop spills nothing there (ptxas spills a few bytes outside it); uncapped it takes 251 (8 warps an SM).
+# Backward: one warp, a tile of CH * 32 (4 channels x 8 states at N = 24), capped at 168 registers (12 warps an
+# SM; uncapped ptxas takes 251, 8 warps): see the note above _bwd_kernel.
 TILE_FWD, TILE_BWD = 4096, CHUNK * 32
 NUM_WARPS = 8
 NUM_WARPS_BWD, MAXNREG_BWD = 1, 168
@@ -119,12 +119,13 @@ def _fwd_kernel(
 #   as do the sums over n between state blocks (fp32 [CH, BD] per block and state block).
 # - Loads are pipelined one block ahead (tl.range num_stages=2: cp.async into ~2 KB of shared memory).
 # Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4,
-# per warp for a [16 steps, 32 lanes] tile: forward ~800 instructions, 80 shuffles, 16 exps, 24 / 32 lanes
-# busy; backward (3 state blocks) ~720, 106 shuffles, 16 exps, all lanes busy, no barrier or fence in the
-# loop; with STATES_BWD = None (one padded block) ~740, 164 shuffles, 24 / 32 lanes. 168 registers
-# (MAXNREG_BWD; the inner loop spills nothing at N = 8 or 24, 8 loads at N = 16) -> 12 warps an SM; grid
-# (D / 64, B) = 8192 programs. So about the forward's issue slots per element and ~1.3x its shuffles: near the
-# forward's time if latency is hidden (an estimate: benchmarks/ssm_scan.py measures it, and sweeps these).
+# the inner loop per warp and pass: forward [16 steps, 1 channel, 32 lanes of n, 24 real] ~800 instructions,
+# 80 shuffles, 16 exps; backward [16 steps, 4 channels, 8 states] ~720, 106 shuffles, 16 exps, no fence,
+# barriers only those of the one-warp load pipeline. Per real element that is ~0.7x the forward's
+# instructions and as many shuffles (STATES_BWD = None: ~740 and 164 for 24 of 32 lanes, ~1.3x and 2.7x).
+# 168 registers (MAXNREG_BWD): 12 warps an SM, the loop reloads 5 spilled values at N = 24 (8 at N = 16, none
+# at N = 8; at 184, 11 warps, none). Grid (D / 64, B) = 8192 programs. So near the forward's time if memory
+# latency is hidden (an estimate: benchmarks/ssm_scan.py measures it and sweeps these settings).
 @triton.jit
 def _last_two(v1, p1, n1, v2, p2, n2):
     # (last element, the one before it, length) of a segment; associative, so a scan of it shifts a tensor by
