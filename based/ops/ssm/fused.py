@@ -140,7 +140,7 @@ def _bwd_kernel(
     T, NC,
     DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, DG: tl.constexpr, P: tl.constexpr,
     CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr, SUB: tl.constexpr,
-    HAS_D: tl.constexpr, EVEN_T: tl.constexpr,
+    HAS_D: tl.constexpr, EVEN_T: tl.constexpr, STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)  # SUB blocks of BD channels, all in one group
     b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
@@ -171,7 +171,7 @@ def _bwd_kernel(
             dB = tl.zeros([CH, BD, BN], dtype=tl.float32)
             dC = tl.zeros([CH, BD, BN], dtype=tl.float32)
             dn_base = b * DIM * N + d_first * N + n0
-            for s in tl.range(SUB, num_stages=2):
+            for s in tl.range(SUB, num_stages=STAGES):
                 td = td_base + s * BD
                 dn = dn_base + s * BD * N
                 dt = tl.load(delta_ptr + td + td_rel, mask=mask_td, other=0.0).to(tl.float32)  # [CH, BD]
@@ -270,8 +270,10 @@ def _bwd_meta(T: int, dim: int, groups: int, N: int, chunk_size: int | None = No
     SUB = max(1, min(CHANNELS_BWD, per_group) // BD)
     while per_group % (SUB * BD):
         SUB //= 2
+    # A block's carries are stored one pass and read back the next: with one block a program, a prefetch
+    # (cp.async) would follow its own store directly, so that case is not pipelined.
     return dict(DIM=dim, G=groups, N=N, DG=per_group, P=dim // (SUB * BD), CH=CH, BD=BD, BN=BN,
-                NB=triton.cdiv(N, BN), SUB=SUB, HAS_D=has_D, EVEN_T=T % CH == 0)
+                NB=triton.cdiv(N, BN), SUB=SUB, HAS_D=has_D, EVEN_T=T % CH == 0, STAGES=2 if SUB > 1 else 1)
 
 
 def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
