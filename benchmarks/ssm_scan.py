@@ -11,8 +11,8 @@ Per shape, milliseconds per call (CUDA events, median of --reps after warm-up):
 - fused vmap: vmap(fused_selective_scan) forward, and its backward through autograd (folds, copies included);
 - chunk vmap: the same for chunk_selective_scan (keeps [b, T, D, N] tensors: "oom" where it does not fit).
 --sweep adds the backward kernel at each STATES_BWD x NUM_WARPS_BWD x MAXNREG_BWD x CHANNELS_BWD (at
---sweep-dims, each a fresh compile). Prints one JSON object (and writes it to --out) with the date, GPU and
-git revision.
+--sweep-dims; each setting compiles anew, so sweep one shape at a time: --dims 512 --states 24 --sweep).
+Prints one JSON object (and writes it to --out) with the date, GPU and git revision.
 """
 from __future__ import annotations
 
@@ -126,7 +126,9 @@ def main():
             if args.sweep and D in args.sweep_dims:
                 sweep = []
                 saved = [getattr(fused, n) for n in KNOBS]
-                for config in itertools.product((8, None), (1, 2), (None, 184, 168, 128), (32, 64, 128)):
+                # STATES_BWD only changes N that is not a power of two (above 8)
+                states = (8, None) if N > 8 and N & (N - 1) else (None,)
+                for config in itertools.product(states, (1, 2), (None, 184, 168, 128), (32, 64, 128)):
                     for n, v in zip(KNOBS, config + (fused.CHUNK * 32 * config[1],)):
                         setattr(fused, n, v)
                     t = _kernel_times(folded, args.reps)
