@@ -13,6 +13,10 @@ Per shape, milliseconds per call (CUDA events, median of --reps after warm-up):
 --sweep adds the backward kernel at each STATES_BWD x NUM_WARPS_BWD x MAXNREG_BWD x CHANNELS_BWD (at
 --sweep-dims; each setting compiles anew, so sweep one shape at a time: --dims 512 --states 24 --sweep).
 Prints one JSON object (and writes it to --out) with the date, GPU and git revision.
+
+--sass needs no GPU: it compiles both kernels for sm_90a at each shape (triton.compile, then the ptxas and
+cuobjdump that ship with Triton) and prints, per kernel, registers, spills, shared memory and the instruction
+mix of its innermost loop (shuffles, exps, barriers, fences, spill reloads): what the notes in fused.py quote.
 """
 from __future__ import annotations
 
@@ -20,8 +24,12 @@ import argparse
 import datetime
 import itertools
 import json
+import collections
 import os
+import re
 import statistics
+import subprocess
+import tempfile
 
 import torch
 from torch.func import vmap
@@ -95,6 +103,57 @@ def _vmap_times(scan, inputs, reps: int) -> dict:
     return {"fwd_ms": fwd, "bwd_ms": round(total - fwd, 3)}
 
 
+def _sass(fn, consts: dict, ints: tuple, options: dict) -> dict:
+    """Registers, spills, shared bytes and the innermost loop's instruction counts of fn for sm_90a."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {a: "constexpr" if a in consts else "i32" if a in ints else "*fp32" for a in fn.arg_names}
+    # Triton's JIT marks pointers 16-byte aligned; without the hint the loads are not the GPU build's.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a] == "*fp32"}
+    ck = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 64),
+                        options=options)
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(ck.asm["ptx"])
+        # ptxas-blackwell (CUDA 13): the plain ptxas beside it rejects Triton 3.9's PTX version
+        ptxas = [os.path.join(bin_dir, "ptxas-blackwell"), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin]
+        info = subprocess.run(ptxas, capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True).stdout
+    addr, pred = r"/\*([0-9a-f]{4,})\*/\s+", r"(?:@!?U?P\w+\s+)?"
+    ops = {int(a, 16): op for a, op in re.findall(addr + pred + r"([A-Z][A-Z0-9_.]*)", sass)}
+    branches = [(int(t, 16), int(a, 16)) for a, t in re.findall(addr + pred + r"BRA\S*\s+0x([0-9a-f]+)", sass)]
+    loops = [(a - t, t, a) for t, a in branches if t < a]
+    _, lo, hi = min(loops) if loops else (0, 0, 0)
+    inner = collections.Counter(op.split(".")[0] for a, op in ops.items() if lo <= a <= hi)
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, info)) else None  # noqa: E731
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "shared": ck.metadata.shared, "inner_loop": {"instructions": sum(inner.values()),
+            **{k: inner[k] for k in ("SHFL", "MUFU", "BAR", "MEMBAR", "LDL", "STL", "FFMA", "FMUL", "FADD", "LDS")}}}
+
+
+def sass_report(T: int, dims, states, runs: int) -> dict:
+    """_sass of both kernels at each (runs x d_inner, N), as _fwd and _bwd would launch them."""
+    out = []
+    for D in dims:
+        for N in states:
+            dim, G = runs * D, runs
+            CH, BD, BN = fused._tiles(T, dim, G, N, None, fused.TILE_FWD)
+            fwd = dict(HAS_D=True, HAS_H0=False, SAVE_CKPT=True, CH=CH, BD=BD, BN=BN)
+            out.append({"d_inner": D, "d_state": N, "channels": dim,
+                        "fwd": _sass(fused._fwd_kernel, fwd, ("T", "DIM", "G", "N", "DG", "NC"),
+                                     {"num_warps": fused.NUM_WARPS}),
+                        "bwd": _sass(fused._bwd_kernel, fused._bwd_meta(T, dim, G, N), ("T", "NC"),
+                                     {"num_warps": fused.NUM_WARPS_BWD, "maxnreg": fused.MAXNREG_BWD})})
+            print(json.dumps(out[-1]), flush=True)
+    return {"date": datetime.date.today().isoformat(), "target": "sm_90a (offline compile)",
+            "git_rev": os.environ.get("BASED_GIT_REV", "unknown"), "cases": out}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=256)
@@ -106,8 +165,16 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-dims", type=int, nargs="+", default=[512], help="d_inner values to --sweep at")
     p.add_argument("--no-chunk", action="store_true", help="skip the chunked scan")
+    p.add_argument("--sass", action="store_true", help="no GPU: compile for sm_90a and count instructions")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.sass:
+        result = sass_report(args.seq, args.dims, args.states, args.runs)
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),
               "batch": args.batch, "seq": args.seq, "runs": args.runs,
