@@ -288,8 +288,11 @@ def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
     dA = u.new_zeros(Bsz, dim, N, dtype=torch.float32)  # per sequence, summed below: deterministic
     dD = u.new_zeros(Bsz, dim, dtype=torch.float32)
     dh = dhT.float().contiguous().clone()  # the carried a_t dh_t; a_0 dh_0 = dh0 at the end
-    # sums over n of the state blocks so far (when N spans several): fp32 whatever u's dtype
-    s1, s2 = (u.new_empty(u.shape, dtype=torch.float32) for _ in range(2)) if meta["NB"] > 1 else (du, du)
+    # Sums over n of the state blocks so far (when N spans several), fp32: in du, ddelta themselves when those
+    # are fp32 (each block's final values are written by its last state block, after its last read).
+    s1, s2 = du, ddelta
+    if meta["NB"] > 1 and u.dtype != torch.float32:
+        s1, s2 = (u.new_empty(u.shape, dtype=torch.float32) for _ in range(2))
     _bwd_kernel[(P, Bsz)](
         u, delta, A, B, C, D if D is not None else u, ckpt, dy.contiguous(),
         du, ddelta, dA, dB, dC, dD, dh, s1, s2, T, triton.cdiv(T, meta["CH"]), **meta,
