@@ -40,7 +40,7 @@ NUM_WARPS_BWD, MAXNREG_BWD = 1, 168
 CHANNELS_BWD = 64  # channels per backward program: its share of dB, dC is one [T, N] partial, summed after
 # N that is not a power of two (MQAR's 24) runs in blocks of STATES_BWD states, looped over in a program, not
 # padded to 32 lanes: no idle lanes, 3 shuffle rounds a sum over n, not 5 (the sums add up across the blocks in
-# fp32 scratch). None: BN covers N.
+# du, ddelta, or fp32 scratch for other dtypes). None: BN covers N.
 STATES_BWD = 8
 
 
