@@ -37,6 +37,7 @@ CHUNK = 16  # CH: steps per register tile
 TILE_FWD, TILE_BWD = 4096, CHUNK * 32
 NUM_WARPS = 8
 NUM_WARPS_BWD, MAXNREG_BWD = 1, 168
+PIPELINE_BWD = 1  # 2: prefetch a block's loads one ahead (see _bwd_meta; unverified on a GPU)
 CHANNELS_BWD = 64  # channels per backward program: its share of dB, dC is one [T, N] partial, summed after
 # N that is not a power of two (MQAR's 24) runs in blocks of STATES_BWD states, looped over in a program, not
 # padded to 32 lanes: no idle lanes, 3 shuffle rounds a sum over n, not 5 (the sums add up across the blocks in
@@ -117,7 +118,7 @@ def _fwd_kernel(
 #   atomic came with a MEMBAR.GPU fence (SASS), 4 a chunk per thread, 128 blocks contending per address.
 #   The carries between chunks (a_0 dh_0, dA, dD per block) go through global memory (L1/L2 hits, [BD, BN]),
 #   as do the sums over n between state blocks (fp32 [CH, BD] per block and state block).
-# - Loads are pipelined one block ahead (tl.range num_stages=2: cp.async into ~2 KB of shared memory).
+# - Loads can be pipelined one block ahead (PIPELINE_BWD = 2: cp.async into ~2 KB of shared memory); off for now.
 # Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4,
 # the inner loop per warp and pass: forward [16 steps, 1 channel, 32 lanes of n, 24 real] ~800 instructions,
 # 80 shuffles, 16 exps; backward [16 steps, 4 channels, 8 states] ~720, 106 shuffles, 16 exps, no fence,
@@ -270,10 +271,12 @@ def _bwd_meta(T: int, dim: int, groups: int, N: int, chunk_size: int | None = No
     SUB = max(1, min(CHANNELS_BWD, per_group) // BD)
     while per_group % (SUB * BD):
         SUB //= 2
-    # A block's carries are stored one pass and read back the next: with one block a program, a prefetch
-    # (cp.async) would follow its own store directly, so that case is not pipelined.
+    # A block's carries are stored one pass and read back the next. Pipelined loads (cp.async, STAGES=2) would
+    # read them after this thread's own store, which PTX does not spell out for these loads: off until a GPU
+    # run checks it (benchmarks/ssm_scan.py times both; tests/ops/test_ssm_fused.py -m gpu checks values).
     return dict(DIM=dim, G=groups, N=N, DG=per_group, P=dim // (SUB * BD), CH=CH, BD=BD, BN=BN,
-                NB=triton.cdiv(N, BN), SUB=SUB, HAS_D=has_D, EVEN_T=T % CH == 0, STAGES=2 if SUB > 1 else 1)
+                NB=triton.cdiv(N, BN), SUB=SUB, HAS_D=has_D, EVEN_T=T % CH == 0,
+                STAGES=PIPELINE_BWD if SUB > 1 else 1)
 
 
 def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
