@@ -24,6 +24,25 @@ def save_model(path) -> None:
     BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=INIT_RANGE)).save_pretrained(path)
 
 
+def stream_completion(url: str, body: dict) -> tuple[str, str | None, dict | None]:
+    """Text, finish reason and usage of one raw SSE completion stream (no error chunk allowed)."""
+    import json
+
+    text, reason, usage = [], None, None
+    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=120) as r:
+        assert r.status_code == 200, r.text
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                text.append(c["text"])
+                reason = c["finish_reason"] or reason
+    return "".join(text), reason, usage
+
+
 class Server:
     def __init__(self, *args: str, timeout: float = 120.0):
         self.port = free_port()

@@ -1,7 +1,6 @@
 """`based serve` against the official openai client and raw HTTP, one server process for the module."""
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -15,6 +14,7 @@ openai = pytest.importorskip("openai")
 from based.serve.text import default_chat_template, render_chat  # noqa: E402
 
 from .conftest import greedy_text  # noqa: E402
+from .conftest import stream_completion as _stream  # noqa: E402
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog", "a", "def f(x):\n    return",
            "Return the value of x and keep it for later use in the next function call"]
@@ -89,23 +89,6 @@ def test_n_and_seeded_sampling(client):
     assert len(top.choices) == 2  # seed + 1 wraps around instead of overflowing
     other = client.completions.create(n=1, **{**kwargs, "seed": 99}).choices[0].text
     assert other != texts[0]
-
-
-def _stream(url: str, body: dict) -> tuple[str, str, dict | None]:
-    """Text, finish reason and usage of one raw SSE completion stream."""
-    text, reason, usage = [], None, None
-    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=120) as r:
-        assert r.status_code == 200, r.text
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            usage = chunk.get("usage") or usage
-            for c in chunk["choices"]:
-                text.append(c["text"])
-                reason = c["finish_reason"] or reason
-    return "".join(text), reason, usage
 
 
 def test_32_concurrent_streams_with_different_parameters(server, model):

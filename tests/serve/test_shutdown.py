@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
 import requests
 
 from .conftest import Server
@@ -25,8 +26,9 @@ def _plain(url, body, out: list):
     out.append((r.status_code, r.json()))
 
 
-def test_sigterm_finishes_running_requests_ends_the_rest_and_exits_0():
-    s = Server("--preset", "debug", "--max-slots", "4", "--grace", "2")
+@pytest.mark.parametrize("extra", [[], ["--api-workers", "2"]], ids=["one-process", "api-workers"])
+def test_sigterm_finishes_running_requests_ends_the_rest_and_exits_0(extra):
+    s = Server("--preset", "debug", "--device", "cpu", "--max-slots", "4", "--grace", "2", *extra)
     try:
         short, long_, plain = [], [], []
         started = [threading.Event(), threading.Event()]

@@ -2,7 +2,6 @@
 answers must be those of one process (greedy text equal to based.generation.generate alone)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -12,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from .conftest import Server, greedy_text
+from .conftest import Server, greedy_text, stream_completion as _stream
 
 openai = pytest.importorskip("openai")
 
@@ -35,22 +34,6 @@ def client(server):
 def workers(server) -> list[dict]:
     """The engine's view of its API workers: pid, requests submitted, alive."""
     return requests.get(server.url + "/health", timeout=10).json()["api_workers"]
-
-
-def _stream(url: str, body: dict) -> tuple[str, str | None, dict | None]:
-    text, reason, usage = [], None, None
-    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
-        assert r.status_code == 200, r.text
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            usage = chunk.get("usage") or usage
-            for c in chunk["choices"]:
-                text.append(c["text"])
-                reason = c["finish_reason"] or reason
-    return "".join(text), reason, usage
 
 
 def test_completion_and_chat_equal_generate(server, client, model):
@@ -201,50 +184,3 @@ def test_a_worker_that_dies_frees_its_slots_and_the_other_serves(server):
     assert [w["alive"] for w in workers(server) if w["pid"] == holder] == [False]
     assert _stream(server.url, {"prompt": "a", "max_tokens": 3, "temperature": 0})[1] == "length"
     assert server.proc.poll() is None
-
-
-def _sse(url, body, out: list, started: threading.Event):
-    with requests.post(url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
-        for line in r.iter_lines():
-            if line == b"data: [DONE]":
-                out.append("DONE")
-            elif line.startswith(b"data: "):
-                out.append(json.loads(line[6:]))
-                started.set()
-
-
-def _plain(url, body, out: list):
-    r = requests.post(url + "/v1/completions", json=body, timeout=60)
-    out.append((r.status_code, r.json()))
-
-
-def test_sigterm_finishes_running_requests_ends_the_rest_and_exits_0():
-    s = Server("--preset", "debug", "--device", "cpu", "--api-workers", "2", "--max-slots", "4", "--grace", "2")
-    try:
-        short, long_, plain = [], [], []
-        started = [threading.Event(), threading.Event()]
-        threads = [
-            threading.Thread(target=_sse, args=(s.url, {"prompt": "ab", "max_tokens": 40}, short, started[0])),
-            threading.Thread(target=_sse, args=(s.url, {"prompt": "cd", "max_tokens": 10**7}, long_, started[1])),
-            threading.Thread(target=_plain, args=(s.url, {"prompt": "ef", "max_tokens": 10**7}, plain)),
-        ]
-        for t in threads:
-            t.start()
-        for e in started:
-            assert e.wait(30)
-        s.proc.terminate()
-        for t in threads:
-            t.join(60)
-        assert s.proc.wait(60) == 0
-        try:
-            refused = requests.post(s.url + "/v1/completions", json={"prompt": "a"}, timeout=5).status_code != 200
-        except requests.ConnectionError:
-            refused = True
-        assert refused
-    finally:
-        s.stop()
-    assert short[-1] == "DONE"
-    assert sum(c["usage"]["completion_tokens"] for c in short[:-1] if c.get("usage")) == 40
-    errors = [c for c in long_ if c != "DONE" and "error" in c]
-    assert errors and "shut down" in errors[0]["error"]["message"]
-    assert plain[0][0] == 503 and "shut down" in plain[0][1]["error"]["message"]
