@@ -43,6 +43,53 @@ def stream_completion(url: str, body: dict) -> tuple[str, str | None, dict | Non
     return "".join(text), reason, usage
 
 
+def check_disconnect_frees_the_slot(server) -> dict[str, float]:
+    """A stream dropped after a few chunks: its request was running in one slot, then nothing runs. Returns
+    /metrics afterwards."""
+    server.wait_idle()
+    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        during = server.metrics()
+    assert during["based_requests_running"] == 1 and during["based_slots_used"] == 1
+    after = server.wait_idle()
+    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
+    return after
+
+
+def check_queue_full_gets_429(server, holders: int, waiting: int) -> None:
+    """`holders` long streams fill the slots and `waiting` of them the queue: one more request gets 429 with
+    Retry-After and an OpenAI rate_limit_error; once they go, nothing runs or waits."""
+    import threading
+
+    server.wait_idle()
+    stop = threading.Event()
+
+    def hold():  # a long stream that occupies a slot or a place in the queue until told to go
+        with requests.post(server.url + "/v1/completions", stream=True, timeout=60,
+                           json={"prompt": "z", "max_tokens": 100000, "stream": True}) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=hold) for _ in range(holders)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while server.metrics()["based_requests_waiting"] < waiting and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=10)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    after = server.wait_idle(30)
+    assert after["based_requests_running"] == 0 and after["based_requests_waiting"] == 0
+
+
 class Server:
     def __init__(self, *args: str, timeout: float = 120.0):
         self.port = free_port()

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import random
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,6 +12,7 @@ openai = pytest.importorskip("openai")
 from based.serve.text import default_chat_template, render_chat  # noqa: E402
 
 from .conftest import greedy_text  # noqa: E402
+from .conftest import check_disconnect_frees_the_slot, check_queue_full_gets_429  # noqa: E402
 from .conftest import stream_completion as _stream  # noqa: E402
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over the lazy dog", "a", "def f(x):\n    return",
@@ -114,17 +113,7 @@ def test_32_concurrent_streams_with_different_parameters(server, model):
 
 
 def test_disconnect_frees_the_slot(server):
-    server.wait_idle()
-    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
-    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
-        during = server.metrics()
-    assert during["based_requests_running"] == 1 and during["based_slots_used"] == 1
-    after = server.wait_idle()
-    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
-    assert after["based_state_memory_bytes"] == 0
+    assert check_disconnect_frees_the_slot(server)["based_state_memory_bytes"] == 0
 
 
 def test_plain_request_disconnect_frees_the_slot(server):
@@ -198,30 +187,7 @@ def test_metrics_parse(server):
 
 
 def test_queue_full_gets_429_with_retry_after(server):
-    server.wait_idle()
-    stop = threading.Event()
-
-    def hold():  # long streams that occupy the slots and the queue until told to go
-        with requests.post(server.url + "/v1/completions", stream=True, timeout=60,
-                           json={"prompt": "z", "max_tokens": 100000, "stream": True}) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    threads = [threading.Thread(target=hold) for _ in range(8 + 48)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while server.metrics()["based_requests_waiting"] < 48 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=10)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
-    assert r.json()["error"]["type"] == "rate_limit_error"
-    after = server.wait_idle(30)
-    assert after["based_requests_running"] == 0 and after["based_requests_waiting"] == 0
+    check_queue_full_gets_429(server, 8 + 48, 48)
 
 
 @pytest.mark.parametrize("count", [200, pytest.param(2000, marks=pytest.mark.slow)])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from .conftest import Server, greedy_text, stream_completion as _stream
+from .conftest import Server, check_disconnect_frees_the_slot, check_queue_full_gets_429, greedy_text
+from .conftest import stream_completion as _stream
 
 openai = pytest.importorskip("openai")
 
@@ -103,43 +103,11 @@ def test_usage_is_exact_with_n_and_lengths(server, model):
 
 
 def test_disconnect_frees_the_slot(server):
-    server.wait_idle()
-    body = {"prompt": "Hello", "max_tokens": 100000, "temperature": 0, "stream": True}
-    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
-        lines = r.iter_lines()
-        for _ in range(6):
-            next(lines)
-        during = server.metrics()
-    assert during["based_requests_running"] == 1 and during["based_slots_used"] == 1
-    after = server.wait_idle()
-    assert after["based_requests_running"] == 0 and after["based_slots_used"] == 0
+    check_disconnect_frees_the_slot(server)
 
 
 def test_queue_full_gets_429(server):
-    server.wait_idle()
-    stop = threading.Event()
-
-    def hold():
-        with requests.post(server.url + "/v1/completions", stream=True, timeout=60,
-                           json={"prompt": "z", "max_tokens": 100000, "stream": True}) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
-
-    threads = [threading.Thread(target=hold) for _ in range(SLOTS + WAITING)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while server.metrics()["based_requests_waiting"] < WAITING and time.monotonic() < deadline:
-        time.sleep(0.1)
-    r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=10)
-    stop.set()
-    for t in threads:
-        t.join(60)
-    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
-    assert r.json()["error"]["type"] == "rate_limit_error"
-    after = server.wait_idle(30)
-    assert after["based_requests_running"] == 0 and after["based_requests_waiting"] == 0
+    check_queue_full_gets_429(server, SLOTS + WAITING, WAITING)
 
 
 def test_metrics_count_the_workers_cpu(server):
