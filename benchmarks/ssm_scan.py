@@ -12,6 +12,8 @@ Per shape, milliseconds per call (CUDA events, median of --reps after warm-up):
 - chunk vmap: the same for chunk_selective_scan (keeps [b, T, D, N] tensors: "oom" where it does not fit).
 --sweep adds the backward kernel at each STATES_BWD x NUM_WARPS_BWD x MAXNREG_BWD x CHANNELS_BWD (at
 --sweep-dims; each setting compiles anew, so sweep one shape at a time: --dims 512 --states 24 --sweep).
+--pipeline also times the backward with its loads pipelined (fused.PIPELINE_BWD = 2, off by default) and
+compares its gradients with the unpipelined kernel's (equal is the condition for turning it on).
 Prints one JSON object (and writes it to --out) with the date, GPU and git revision.
 
 --sass needs no GPU: it compiles both kernels for sm_90a at each shape (triton.compile, then the ptxas and
@@ -83,6 +85,25 @@ def _kernel_times(args5, reps: int) -> dict:
         "fwd_ms": _ms(lambda: fused._fwd(u, delta, A, B, C, Dskip, None), reps),
         "bwd_ms": _ms(lambda: fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT), reps),
     }
+
+
+def _pipeline_check(args5, reps: int) -> dict:
+    """The backward with load pipelining (fused.PIPELINE_BWD = 2, off by default until checked here): its time,
+    and its gradients against the unpipelined kernel's (they must be equal: same arithmetic, same order)."""
+    u, delta, A, B, C, Dskip = args5
+    y, hT, ckpt = fused._fwd(u, delta, A, B, C, Dskip, None)
+    dy, dhT = torch.randn_like(y), torch.zeros_like(hT)
+    saved = fused.PIPELINE_BWD
+    try:
+        fused.PIPELINE_BWD = 1
+        plain = fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT)
+        fused.PIPELINE_BWD = 2
+        piped = fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT)
+        ms = _ms(lambda: fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT), reps)
+    finally:
+        fused.PIPELINE_BWD = saved
+    diff = max((a - b).abs().max().item() for a, b in zip(plain, piped) if a is not None and b is not None)
+    return {"pipelined_bwd_ms": ms, "max_abs_diff_vs_unpipelined": diff}
 
 
 def _vmap_times(scan, inputs, reps: int) -> dict:
@@ -165,6 +186,8 @@ def main():
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--sweep-dims", type=int, nargs="+", default=[512], help="d_inner values to --sweep at")
     p.add_argument("--no-chunk", action="store_true", help="skip the chunked scan")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also time the backward with load pipelining (PIPELINE_BWD = 2) and check its gradients")
     p.add_argument("--sass", action="store_true", help="no GPU: compile for sm_90a and count instructions")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -187,6 +210,8 @@ def main():
                     "bwd_meta": fused._bwd_meta(args.seq, args.runs * D, args.runs, N)}
             kernel = case["fused_kernel"] = _kernel_times(folded, args.reps)
             kernel["bwd_over_fwd"] = round(kernel["bwd_ms"] / kernel["fwd_ms"], 2)
+            if args.pipeline:
+                kernel.update(_pipeline_check(folded, args.reps))
             case["fused_vmap"] = _vmap_times(fused_selective_scan, inputs, args.reps)
             if not args.no_chunk:
                 case["chunk_vmap"] = _vmap_times(chunk_selective_scan, inputs, args.reps)
