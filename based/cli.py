@@ -62,6 +62,12 @@ def torch_device(value: str | None, flag: str = "--device"):
     return device
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """ValueError naming the flag when `seed` is outside torch.manual_seed's range (which raises deep inside)."""
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"{flag} must fit in 64 bits (-2**63 .. 2**64 - 1), got {seed}")
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> list[tuple[argparse.ArgumentParser, str | None]]:
     """(parser, its one-line help) for each subcommand of `parser`, nested ones included."""
     found = []

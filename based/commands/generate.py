@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from based.cli import torch_device
+    from based.cli import check_seed, torch_device
     from based.generation import SamplingParams, check_lengths, stream
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)  # checks the values first
@@ -90,8 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         ) from None
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not -(2**63) <= args.seed < 2**64:  # torch.manual_seed's range
-        raise ValueError(f"--seed must fit in 64 bits (-2**63 .. 2**64 - 1), got {args.seed}")
+    check_seed(args.seed)
     device = torch_device(args.device)
     model, tokenizer, what = load(args)
     model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()

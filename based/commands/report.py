@@ -22,12 +22,15 @@ def run(args: argparse.Namespace) -> int:
 
     import based
     from based import BasedConfig, BasedForCausalLM
+    from based.cli import check_seed
     from based.generation.state import full_attention_limit
 
     if args.seq_len <= 0:
         raise SystemExit(f"--seq-len must be positive, got {args.seq_len}")
-    if not -(2**63) <= args.seed < 2**64:  # torch.manual_seed's range
-        raise SystemExit(f"--seed must fit in 64 bits (-2**63 .. 2**64 - 1), got {args.seed}")
+    try:
+        check_seed(args.seed)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     torch.manual_seed(args.seed)
     config = BasedConfig.from_preset(args.preset)
     model = BasedForCausalLM(config).eval()
