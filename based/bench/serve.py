@@ -118,6 +118,7 @@ class ServerProcess:
         return self.proc.returncode
 
 
+RESULT_KEYS = {"1.3b": "based", "transformer-1.3b": "transformer"}  # a preset's section of the JSON
 NULL_SERVER = "--null-server"  # argv[1] of this module: the null-engine server, `based serve`'s flags after it
 NULL_TOKEN = ord("a")  # every generated token: one byte, one character of text
 
@@ -175,7 +176,6 @@ def null_server(argv: list[str]) -> int:
 
     from based import BasedConfig, BasedForCausalLM
     from based.commands import serve as serve_command
-    from based.serve.app import create_app
     from based.serve.text import ByteTokenizer
 
     parser = _argparse.ArgumentParser(prog="based bench serve --null-server")
@@ -190,20 +190,15 @@ def null_server(argv: list[str]) -> int:
                                  max_seq_len=64, stream_interval=args.stream_interval,
                                  prefill_wait=args.prefill_wait_ms / 1e3)
     print(f"based bench serve: null engine, {slots} slots", file=sys.stderr, flush=True)
-    if args.api_workers:
-        from based.serve.workers import Engine
-
-        sock = serve_command.bind(args.host, args.port)
-        return Engine(scheduler, sock, args, "null", None, serve_command.backlog(args, scheduler)).run()
-    server = serve_command.Server(create_app(scheduler, "null", None), scheduler, args)
+    sock = serve_command.bind(args.host, args.port) if args.api_workers else None
+    server = serve_command.front(scheduler, args, "null", None, sock)
     profile = os.environ.get("BASED_NULL_PROFILE")  # cProfile of the event loop's thread, written at exit
-    if profile:
+    if profile and not args.api_workers:
         import cProfile
 
         cProfile.runctx("server.run()", globals(), {"server": server}, profile)
-    else:
-        server.run()
-    return 0
+        return 0
+    return server.run() or 0
 
 
 def scrape(text: str) -> dict[str, float]:
@@ -217,6 +212,12 @@ def scrape(text: str) -> dict[str, float]:
             elif s.name == "based_engine_phase_seconds_total":  # the engine loop's wall time by phase
                 out[f"engine_{s.labels['phase']}_s"] = s.value
     return out
+
+
+def phase_seconds(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The engine loop's wall time by phase (based_engine_phase_seconds) between two scrapes."""
+    return {k[len("engine_"):-len("_s")]: round(v - before.get(k, 0), 3) for k, v in sorted(after.items())
+            if k.startswith("engine_") and k.endswith("_s")}
 
 
 async def metrics(session, url: str) -> dict[str, float]:
@@ -337,9 +338,7 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
         "engine_thread_cpu_ms_per_token": _ms(engine_cpu / server_tokens) if server_tokens else None,
         "api_workers_cpu_ms_per_token": _ms(api_cpu / server_tokens) if server_tokens else None,
         "decode_steps": after.get("based_decode_steps_total", 0) - before.get("based_decode_steps_total", 0),
-        # Seconds of the engine loop's wall time by phase over the run (based_engine_phase_seconds).
-        "engine_phase_s": {k[7:-2]: round(after[k] - before.get(k, 0), 3) for k in sorted(after)
-                           if k.startswith("engine_") and k.endswith("_s")},
+        "engine_phase_s": phase_seconds(before, after),
     }
 
 
@@ -437,10 +436,9 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
             return tokens[0], time.perf_counter() - start
 
         drive(*workload(min(4, slots), args.prompt_len, tuple(args.output_len), seed))  # warm-up
-        before = scheduler.metrics.text().decode()
+        before = scrape(scheduler.metrics.text().decode())
         tokens, seconds = drive(*workload(n, args.prompt_len, tuple(args.output_len), seed))
-        phases = {k: round(v - scrape(before).get(k, 0), 3) for k, v in scrape(scheduler.metrics.text().decode()).items()
-                  if k.startswith("engine_") and k.endswith("_s")}
+        phases = phase_seconds(before, scrape(scheduler.metrics.text().decode()))
         synchronize(device)
     finally:
         scheduler.stop()
@@ -449,7 +447,7 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
         torch.cuda.empty_cache()
     return {"slots": slots, "requests": n, "token_ids_out": bool(args.api_workers), "output_tokens": tokens,
             "duration_s": seconds,
-            "output_tokens_per_s": tokens / seconds, "engine_phase_s": {k[7:-2]: v for k, v in phases.items()}}
+            "output_tokens_per_s": tokens / seconds, "engine_phase_s": phases}
 
 
 def bench_preset(preset: str, args) -> dict:
@@ -684,7 +682,8 @@ def main(argv=None) -> int:
     raise_open_files_limit()
     started = time.perf_counter()
     for preset in args.presets:
-        key = f"null_engine_{args.max_slots}_slots_{args.null_step_ms:g}ms" if args.null_engine else "based" if preset == "1.3b" else "transformer" if preset == "transformer-1.3b" else preset
+        key = (f"null_engine_{args.max_slots}_slots_{args.null_step_ms:g}ms" if args.null_engine
+               else RESULT_KEYS.get(preset, preset))
         try:
             result[key] = bench_preset(preset, args)
         except Exception as e:  # noqa: BLE001 - record it, go on with the next preset

@@ -95,7 +95,6 @@ def build(args: argparse.Namespace):
     import torch
 
     from based.generation.state import full_attention_limit
-    from based.serve.app import create_app
     from based.serve.scheduler import Scheduler
     from based.serve.text import ByteTokenizer, load_tokenizer
 
@@ -158,12 +157,19 @@ def build(args: argparse.Namespace):
                           cuda_graph=False if args.no_cuda_graph else None, stream_interval=args.stream_interval,
                           prefill_wait=args.prefill_wait_ms / 1e3)
     name = args.model_name or (str(args.checkpoint) if args.checkpoint else args.preset)
-    if api_workers:
+    return front(scheduler, args, name, limit, sock)
+
+
+def front(scheduler, args: argparse.Namespace, name: str, limit: int | None, sock=None):
+    """The HTTP side around a Scheduler, ready to run(): with --api-workers N the Engine and its N worker
+    processes on `sock` (bound by the caller), else uvicorn and the app in this process."""
+    if args.api_workers:
         from based.serve.workers import Engine
 
         return Engine(scheduler, sock, args, name, limit, backlog(args, scheduler))
-    app = create_app(scheduler, name, limit)
-    return Server(app, scheduler, args)
+    from based.serve.app import create_app
+
+    return Server(create_app(scheduler, name, limit), scheduler, args)
 
 
 def default_api_workers(device_type: str) -> int:

@@ -134,9 +134,7 @@ class Engine:
         batches: dict[int, list] = {}
         for seq, out in items:
             w, sid = seq.tag
-            batch = batches.get(w)
-            if batch is None:
-                batch = batches[w] = []
+            batch = batches.setdefault(w, [])
             if out.finish_reason is None:
                 batch.append((sid, out.text))
             else:
