@@ -11,7 +11,8 @@ preset gets its own server process (`based serve --preset P`, default slot count
 the same device, one after the other. Per run: output tokens/s, requests/s, TTFT p50/p99, inter-token
 latency p50/p99 (between a stream's chunks; a chunk carrying k tokens counts as k gaps of 1/k), server CPU
 time per output token (process_cpu_seconds_total of the server, plus based_api_cpu_seconds_total of its
-API worker processes with --api-workers, over the tokens it generated, from /metrics) and the steady-state tokens/s while every slot was busy (from /metrics, sampled each second).
+API worker processes with --api-workers, over the tokens it generated, from /metrics) and the steady-state
+tokens/s while every slot was busy (from /metrics, sampled each second).
 Inter-token latency is the gap between a stream's consecutive chunks, as vLLM's ITL: the server sends what
 queued up for a stream as one chunk, so under load a chunk may carry several tokens, and a gap counts once;
 time per output token (TPOT, (latency - TTFT) / (tokens - 1) per request) is reported beside it.
