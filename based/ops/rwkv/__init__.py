@@ -7,6 +7,8 @@ Layout [B, T, H, D] as the other ops; state S [B, H, dk, dv] in fp32.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..common import check_chunk_size
@@ -15,6 +17,11 @@ from .chunk import DEFAULT_CHUNK_SIZE, chunk_rwkv5_attn
 from .common import check_inputs
 from .naive import naive_rwkv5_attn
 from .recurrent import rwkv5_step
+
+try:  # the fused training kernels need Triton; without it every call takes the chunked form
+    from .triton import fused_rwkv5_attn
+except ImportError:
+    fused_rwkv5_attn = None
 
 
 def rwkv5_attn(
@@ -28,7 +35,8 @@ def rwkv5_attn(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal RWKV-5 attention, chunked (linear in T).
+    """Causal RWKV-5 attention, linear in T: chunked, or on CUDA without initial or final state (training) the
+    fused Triton kernels of triton.py (BASED_RWKV_FUSED=0 turns them off).
 
     Args:
         r, k: [B, T, H, dk] receptance and key.
@@ -44,6 +52,9 @@ def rwkv5_attn(
     """
     check_inputs(r, k, v, w_log, u, initial_state)
     check_chunk_size(chunk_size)
+    if (fused_rwkv5_attn is not None and r.is_cuda and initial_state is None and not output_final_state
+            and os.environ.get("BASED_RWKV_FUSED", "1") != "0"):
+        return fused_rwkv5_attn(r, k, v, w_log, u), None
     return chunk_rwkv5_attn(
         r, k, v, w_log, u, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
     )
