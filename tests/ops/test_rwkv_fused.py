@@ -64,8 +64,11 @@ def _run(op, inputs, dtype):
     return [o] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("T, dk, dv", [(5, 4, 4), (19, 16, 4), (40, 4, 16)])
-@pytest.mark.parametrize("w_log", [None, -20.0, -1e-4], ids=["mixed", "strong", "weak"])
+@pytest.mark.parametrize("T, dk, dv, w_log", [
+    (5, 4, 4, None), (19, 16, 4, None), (40, 4, 16, None),  # RWKV-5-like decays from ~0.9975 to ~e^{-7}
+    (19, 16, 4, -20.0), (40, 4, 16, -20.0),  # strong: w ~ 2e-9
+    (5, 16, 16, -1e-4), (40, 4, 16, -1e-4),  # weak: w ~ 0.9999, the state sums the whole sequence
+])
 def test_matches_naive(T, dk, dv, w_log):
     inputs = _inputs(2, T, 2, dk, dv, seed=T + dk + dv, w_log=w_log)
     got = _run(fused_rwkv5_attn, inputs, torch.float32)
@@ -73,16 +76,10 @@ def test_matches_naive(T, dk, dv, w_log):
     for name, a, b in zip(("o",) + NAMES, got, ref):
         assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
         assert rel_err(a, b) < 1e-4, name
-
-
-def test_strong_decay_gradient_is_exact_not_cancelled():
-    """At w_log = -20 the true dw_log is ~e^{-20} times the others (only lags of 2+ steps depend on it): the
-    kernel carries the state's tangent along w_log, so it is right to fp32 precision, not swamped by the O(1)
-    terms a t * r dr - (t + 1) * k dk identity would cancel."""
-    inputs = _inputs(2, 19, 2, 16, 16, seed=3, w_log=-20.0)
-    got, ref = (_run(op, inputs, dt)[4] for op, dt in ((fused_rwkv5_attn, torch.float32), (_naive, torch.float64)))
-    assert 0 < ref.abs().max() < 1e-6
-    assert rel_err(got, ref) < 1e-4
+    if w_log == -20.0:
+        # The true dw_log is ~e^{-20} of the rest (only lags of 2+ steps see w): exact to fp32 here because the
+        # kernel carries the state's tangent along w_log; GLA's t r dr - (t + 1) k dk would cancel O(1) terms.
+        assert 0 < ref[4].abs().max() < 1e-6
 
 
 def test_bf16_inputs_give_bf16_outputs():
@@ -157,7 +154,7 @@ def test_rwkv5_attn_takes_the_fused_path_on_cuda_only(monkeypatch):
 
 
 def compile_for_sm90() -> dict:
-    """{kernel: "ok" or the compiler's error}: the three kernels at the sweep's head size 64."""
+    """{kernel: "ok" or the compiler's error}: both kernels at the sweep's head size 64."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -166,8 +163,8 @@ def compile_for_sm90() -> dict:
 
     kernels = (
         (fused._fwd_kernel, dict(BK=64, BV=fused.BLOCK_V_FWD), fused.NUM_WARPS_FWD),
-        (fused._bwd_dr_kernel, dict(BK=fused.BLOCK_K_BWD, BV=64), fused.NUM_WARPS_DR),
-        (fused._bwd_dkv_kernel, dict(BK=64, BV=64), fused.NUM_WARPS_DKV),
+        (fused._bwd_kernel, dict(BK=64, BV=64, BKB=fused.BLOCK_BWD, BVB=fused.BLOCK_BWD, NKB=64 // fused.BLOCK_BWD),
+         fused.NUM_WARPS_BWD),
     )
     results = {}
     for fn, blocks, warps in kernels:

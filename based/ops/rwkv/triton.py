@@ -31,11 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-# Forward: dv columns a program (more programs at small batch), and warps. Backward forward sweep: dk rows a
-# program. Tuned on an H100/H200 by benchmarks/rwkv_attn.py --sweep.
-BLOCK_V_FWD, NUM_WARPS_FWD = 32, 2
-BLOCK_K_BWD, NUM_WARPS_DR = 32, 2
-NUM_WARPS_DKV = 4
+# Block sizes and warps (tuned by benchmarks/rwkv_attn.py --sweep). A state block is laid out with its summed
+# axis first: Triton spreads the last axis over lanes, so each step's sum stays mostly within a thread.
+BLOCK_V_FWD, NUM_WARPS_FWD = 32, 2  # forward: dv columns a program
+BLOCK_BWD, NUM_WARPS_BWD = 32, 2  # backward: dk rows (dr, dk roles) or dv columns (dv role) a program
+
+
+@triton.jit
+def _row(ptr, base, t, T, stride, mask):
+    # Step t % T of one (sequence, head) as fp32: prefetches past either end wrap to a real step, unused.
+    return tl.load(ptr + base + (t % T) * stride, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -52,106 +57,135 @@ def _fwd_kernel(
     mask_k, mask_v = offs_k < DK, offs_v < DV
     w = tl.exp(tl.load(wlog_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32))  # [BK], exp of <= 0
     u = tl.load(u_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    rk = r_ptr + (b * T * H + h).to(tl.int64) * DK + offs_k  # step t at + t * H * DK
-    kk = k_ptr + (b * T * H + h).to(tl.int64) * DK + offs_k
-    vv = v_ptr + (b * T * H + h).to(tl.int64) * DV + offs_v
-    oo = o_ptr + (b * T * H + h).to(tl.int64) * DV + offs_v
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    # The next step's loads are issued before this step's arithmetic, which does not need them.
-    r_n = tl.load(rk, mask=mask_k, other=0.0).to(tl.float32)
-    k_n = tl.load(kk, mask=mask_k, other=0.0).to(tl.float32)
-    v_n = tl.load(vv, mask=mask_v, other=0.0).to(tl.float32)
+    bk = (b * T * H + h).to(tl.int64) * DK + offs_k  # step t at + t * H * DK
+    bv = (b * T * H + h).to(tl.int64) * DV + offs_v
+    sk, sv = H * DK, H * DV
+    S = tl.zeros([BK, BV], dtype=tl.float32)  # summed over its first axis (dk)
+    # Loads run two steps ahead of the arithmetic, which does not wait for them.
+    r1, k1, v1 = _row(r_ptr, bk, 0, T, sk, mask_k), _row(k_ptr, bk, 0, T, sk, mask_k), _row(v_ptr, bv, 0, T, sv, mask_v)
+    r2, k2, v2 = _row(r_ptr, bk, 1, T, sk, mask_k), _row(k_ptr, bk, 1, T, sk, mask_k), _row(v_ptr, bv, 1, T, sv, mask_v)
     for t in range(T):
-        r, k, v = r_n, k_n, v_n
-        tn = (t + 1) % T  # step 0 again after the last step: an unused load, in bounds
-        r_n = tl.load(rk + tn * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-        k_n = tl.load(kk + tn * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-        v_n = tl.load(vv + tn * H * DV, mask=mask_v, other=0.0).to(tl.float32)
+        r, k, v = r1, k1, v1
+        r1, k1, v1 = r2, k2, v2
+        r2, k2, v2 = (_row(r_ptr, bk, t + 2, T, sk, mask_k), _row(k_ptr, bk, t + 2, T, sk, mask_k),
+                      _row(v_ptr, bv, t + 2, T, sv, mask_v))
         o = tl.sum(r[:, None] * S, 0) + tl.sum(r * u * k) * v  # [BV]
-        tl.store(oo + t * H * DV, o.to(o_ptr.dtype.element_ty), mask=mask_v)
-        S = w[:, None] * S + k[:, None] * v[None, :]  # [BK, BV]
+        tl.store(o_ptr + bv + t * sv, o.to(o_ptr.dtype.element_ty), mask=mask_v)
+        S = w[:, None] * S + k[:, None] * v[None, :]
 
 
 @triton.jit
-def _bwd_dr_kernel(
-    r_ptr, k_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dr_ptr, dwp_ptr, dup_ptr, T, H, RB,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    # Forward sweep over a block of key channels (all of dv): dr, and du, dlambda summed over this sequence.
-    pid_k = tl.program_id(0)
-    pid = tl.program_id(1)
-    b, h = pid // H, pid % H
-    row = (b // RB) * H + h
-    offs_k = pid_k * BK + tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
-    mask_k, mask_v = offs_k < DK, offs_v < DV
+def _decay_bonus(wlog_ptr, u_ptr, row, offs_k, mask_k, DK: tl.constexpr):
+    # w = exp(w_log) (of a number <= 0) and u of the run's head, fp32
     w = tl.exp(tl.load(wlog_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32))
-    u = tl.load(u_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    base_k = (b * T * H + h).to(tl.int64) * DK + offs_k
-    base_v = (b * T * H + h).to(tl.int64) * DV + offs_v
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    P = tl.zeros([BK, BV], dtype=tl.float32)  # dS/dlambda, row by row
+    return w, tl.load(u_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dr_role(r_ptr, k_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dr_ptr, dwp_ptr, dup_ptr, blk, row, seq, pid, T, sk, sv,
+             DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    # Forward sweep, a block of key channels: dr, and du, dlambda summed over the sequence.
+    offs_k, offs_v = blk * BK + tl.arange(0, BK), tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DK, offs_v < DV
+    w, u = _decay_bonus(wlog_ptr, u_ptr, row, offs_k, mask_k, DK)
+    bk, bv = seq * DK + offs_k, seq * DV + offs_v
+    ST = tl.zeros([BV, BK], dtype=tl.float32)  # S^T: summed over dv
+    PT = tl.zeros([BV, BK], dtype=tl.float32)  # (dS/dlambda)^T, row by row of S
     dl = tl.zeros([BK], dtype=tl.float32)
     du = tl.zeros([BK], dtype=tl.float32)
-    r_n = tl.load(r_ptr + base_k, mask=mask_k, other=0.0).to(tl.float32)
-    k_n = tl.load(k_ptr + base_k, mask=mask_k, other=0.0).to(tl.float32)
-    v_n = tl.load(v_ptr + base_v, mask=mask_v, other=0.0).to(tl.float32)
-    do_n = tl.load(do_ptr + base_v, mask=mask_v, other=0.0).to(tl.float32)
+    r1, k1 = _row(r_ptr, bk, 0, T, sk, mask_k), _row(k_ptr, bk, 0, T, sk, mask_k)
+    v1, do1 = _row(v_ptr, bv, 0, T, sv, mask_v), _row(do_ptr, bv, 0, T, sv, mask_v)
+    r2, k2 = _row(r_ptr, bk, 1, T, sk, mask_k), _row(k_ptr, bk, 1, T, sk, mask_k)
+    v2, do2 = _row(v_ptr, bv, 1, T, sv, mask_v), _row(do_ptr, bv, 1, T, sv, mask_v)
     for t in range(T):
-        r, k, v, do = r_n, k_n, v_n, do_n
-        tn = (t + 1) % T  # step 0 again after the last step: an unused load, in bounds
-        r_n = tl.load(r_ptr + base_k + tn * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-        k_n = tl.load(k_ptr + base_k + tn * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-        v_n = tl.load(v_ptr + base_v + tn * H * DV, mask=mask_v, other=0.0).to(tl.float32)
-        do_n = tl.load(do_ptr + base_v + tn * H * DV, mask=mask_v, other=0.0).to(tl.float32)
+        r, k, v, do = r1, k1, v1, do1
+        r1, k1, v1, do1 = r2, k2, v2, do2
+        r2, k2 = _row(r_ptr, bk, t + 2, T, sk, mask_k), _row(k_ptr, bk, t + 2, T, sk, mask_k)
+        v2, do2 = _row(v_ptr, bv, t + 2, T, sv, mask_v), _row(do_ptr, bv, t + 2, T, sv, mask_v)
         vdo = tl.sum(v * do)
-        dr = tl.sum(S * do[None, :], 1) + u * k * vdo  # [BK]
-        tl.store(dr_ptr + base_k + t * H * DK, dr.to(dr_ptr.dtype.element_ty), mask=mask_k)
-        dl += r * tl.sum(P * do[None, :], 1)
+        dr = tl.sum(ST * do[:, None], 0) + u * k * vdo  # [BK]
+        tl.store(dr_ptr + bk + t * sk, dr.to(dr_ptr.dtype.element_ty), mask=mask_k)
+        dl += r * tl.sum(PT * do[:, None], 0)
         du += r * k * vdo
-        P = w[:, None] * (S + P)
-        S = w[:, None] * S + k[:, None] * v[None, :]
+        PT = w[None, :] * (ST + PT)
+        ST = w[None, :] * ST + v[:, None] * k[None, :]
     tl.store(dwp_ptr + pid * DK + offs_k, dl, mask=mask_k)
     tl.store(dup_ptr + pid * DK + offs_k, du, mask=mask_k)
 
 
 @triton.jit
-def _bwd_dkv_kernel(
-    r_ptr, k_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dk_ptr, dv_ptr, T, H, RB,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    # Reverse sweep of dS (the whole [dk, dv] state): dk, dv.
-    pid = tl.program_id(0)
-    b, h = pid // H, pid % H
-    row = (b // RB) * H + h
-    offs_k = tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
+def _dk_role(r_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dk_ptr, blk, row, seq, T, sk, sv,
+             DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    # Reverse sweep of dS^T for a block of key channels (rows of dS are independent): dk.
+    offs_k, offs_v = blk * BK + tl.arange(0, BK), tl.arange(0, BV)
     mask_k, mask_v = offs_k < DK, offs_v < DV
-    w = tl.exp(tl.load(wlog_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32))
-    u = tl.load(u_ptr + row * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    base_k = (b * T * H + h).to(tl.int64) * DK + offs_k
-    base_v = (b * T * H + h).to(tl.int64) * DV + offs_v
-    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    w, u = _decay_bonus(wlog_ptr, u_ptr, row, offs_k, mask_k, DK)
+    bk, bv = seq * DK + offs_k, seq * DV + offs_v
+    dST = tl.zeros([BV, BK], dtype=tl.float32)  # summed over dv
     last = T - 1
-    r_n = tl.load(r_ptr + base_k + last * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-    k_n = tl.load(k_ptr + base_k + last * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-    v_n = tl.load(v_ptr + base_v + last * H * DV, mask=mask_v, other=0.0).to(tl.float32)
-    do_n = tl.load(do_ptr + base_v + last * H * DV, mask=mask_v, other=0.0).to(tl.float32)
+    r1, v1, do1 = _row(r_ptr, bk, last, T, sk, mask_k), _row(v_ptr, bv, last, T, sv, mask_v), \
+        _row(do_ptr, bv, last, T, sv, mask_v)
+    r2, v2, do2 = _row(r_ptr, bk, last + T - 1, T, sk, mask_k), _row(v_ptr, bv, last + T - 1, T, sv, mask_v), \
+        _row(do_ptr, bv, last + T - 1, T, sv, mask_v)
     for i in range(T):
         t = last - i
-        r, k, v, do = r_n, k_n, v_n, do_n
-        tp = (t + T - 1) % T  # step T - 1 again after step 0: an unused load, in bounds
-        r_n = tl.load(r_ptr + base_k + tp * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-        k_n = tl.load(k_ptr + base_k + tp * H * DK, mask=mask_k, other=0.0).to(tl.float32)
-        v_n = tl.load(v_ptr + base_v + tp * H * DV, mask=mask_v, other=0.0).to(tl.float32)
-        do_n = tl.load(do_ptr + base_v + tp * H * DV, mask=mask_v, other=0.0).to(tl.float32)
-        vdo = tl.sum(v * do)
-        ruk = tl.sum(r * u * k)
-        dk = tl.sum(dS * v[None, :], 1) + u * r * vdo  # [BK]
-        dv = tl.sum(dS * k[:, None], 0) + ruk * do  # [BV]
-        tl.store(dk_ptr + base_k + t * H * DK, dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
-        tl.store(dv_ptr + base_v + t * H * DV, dv.to(dv_ptr.dtype.element_ty), mask=mask_v)
+        r, v, do = r1, v1, do1
+        r1, v1, do1 = r2, v2, do2
+        tp = t + 2 * T - 2  # step t - 2, mod T
+        r2, v2, do2 = _row(r_ptr, bk, tp, T, sk, mask_k), _row(v_ptr, bv, tp, T, sv, mask_v), \
+            _row(do_ptr, bv, tp, T, sv, mask_v)
+        dk = tl.sum(dST * v[:, None], 0) + u * r * tl.sum(v * do)  # [BK]
+        tl.store(dk_ptr + bk + t * sk, dk.to(dk_ptr.dtype.element_ty), mask=mask_k)
+        dST = w[None, :] * dST + do[:, None] * r[None, :]
+
+
+@triton.jit
+def _dv_role(r_ptr, k_ptr, wlog_ptr, u_ptr, do_ptr, dv_ptr, blk, row, seq, T, sk, sv,
+             DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    # Reverse sweep of dS for a block of value channels (its columns are independent): dv.
+    offs_k, offs_v = tl.arange(0, BK), blk * BV + tl.arange(0, BV)
+    mask_k, mask_v = offs_k < DK, offs_v < DV
+    w, u = _decay_bonus(wlog_ptr, u_ptr, row, offs_k, mask_k, DK)
+    bk, bv = seq * DK + offs_k, seq * DV + offs_v
+    dS = tl.zeros([BK, BV], dtype=tl.float32)  # summed over dk
+    last = T - 1
+    r1, k1, do1 = _row(r_ptr, bk, last, T, sk, mask_k), _row(k_ptr, bk, last, T, sk, mask_k), \
+        _row(do_ptr, bv, last, T, sv, mask_v)
+    r2, k2, do2 = _row(r_ptr, bk, last + T - 1, T, sk, mask_k), _row(k_ptr, bk, last + T - 1, T, sk, mask_k), \
+        _row(do_ptr, bv, last + T - 1, T, sv, mask_v)
+    for i in range(T):
+        t = last - i
+        r, k, do = r1, k1, do1
+        r1, k1, do1 = r2, k2, do2
+        tp = t + 2 * T - 2
+        r2, k2, do2 = _row(r_ptr, bk, tp, T, sk, mask_k), _row(k_ptr, bk, tp, T, sk, mask_k), \
+            _row(do_ptr, bv, tp, T, sv, mask_v)
+        dv = tl.sum(dS * k[:, None], 0) + tl.sum(r * u * k) * do  # [BV]
+        tl.store(dv_ptr + bv + t * sv, dv.to(dv_ptr.dtype.element_ty), mask=mask_v)
         dS = w[:, None] * dS + r[:, None] * do[None, :]
+
+
+@triton.jit
+def _bwd_kernel(
+    r_ptr, k_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dr_ptr, dk_ptr, dv_ptr, dwp_ptr, dup_ptr, T, H, RB,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKB: tl.constexpr, BVB: tl.constexpr,
+    NKB: tl.constexpr,
+):
+    # Three roles in one launch, by program: NKB blocks of BKB key channels each for dr (forward sweep) and for dk
+    # (reverse sweep), then blocks of BVB value channels for dv (reverse sweep).
+    role = tl.program_id(0)
+    pid = tl.program_id(1)
+    b, h = pid // H, pid % H
+    row = (b // RB) * H + h
+    seq = (b * T * H + h).to(tl.int64)
+    sk, sv = H * DK, H * DV
+    if role < NKB:
+        _dr_role(r_ptr, k_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dr_ptr, dwp_ptr, dup_ptr, role, row, seq, pid, T, sk, sv,
+                 DK, DV, BKB, BV)
+    elif role < 2 * NKB:
+        _dk_role(r_ptr, v_ptr, wlog_ptr, u_ptr, do_ptr, dk_ptr, role - NKB, row, seq, T, sk, sv, DK, DV, BKB, BV)
+    else:
+        _dv_role(r_ptr, k_ptr, wlog_ptr, u_ptr, do_ptr, dv_ptr, role - 2 * NKB, row, seq, T, sk, sv, DK, DV, BK, BVB)
 
 
 def _fwd(r, k, v, w_log, u):
@@ -173,15 +207,15 @@ def _bwd(r, k, v, w_log, u, do):
     dv = v.shape[-1]
     R = w_log.shape[0]
     BK, BV = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
-    BKb = min(BK, BLOCK_K_BWD)
+    BKB, BVB = min(BLOCK_BWD, BK), min(BLOCK_BWD, BV)
+    NKB = triton.cdiv(dk, BKB)
     dr, dk_, dv_ = torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)
     dl = r.new_empty(B, H, dk, dtype=torch.float32)  # per sequence: summed over each run's sequences below
     du = r.new_empty(B, H, dk, dtype=torch.float32)
-    meta = dict(DK=dk, DV=dv, BV=BV)
-    _bwd_dr_kernel[(triton.cdiv(dk, BKb), B * H)](
-        r, k, v, w_log, u, do, dr, dl, du, T, H, B // R, BK=BKb, **meta, num_warps=NUM_WARPS_DR)
-    _bwd_dkv_kernel[(B * H,)](
-        r, k, v, w_log, u, do, dk_, dv_, T, H, B // R, BK=BK, **meta, num_warps=NUM_WARPS_DKV)
+    _bwd_kernel[(2 * NKB + triton.cdiv(dv, BVB), B * H)](
+        r, k, v, w_log, u, do, dr, dk_, dv_, dl, du, T, H, B // R,
+        DK=dk, DV=dv, BK=BK, BV=BV, BKB=BKB, BVB=BVB, NKB=NKB, num_warps=NUM_WARPS_BWD,
+    )
     dl = dl.view(R, B // R, H, dk).sum(1)
     du = du.view(R, B // R, H, dk).sum(1)
     return dr, dk_, dv_, dl.to(w_log.dtype), du.to(u.dtype)
