@@ -8,6 +8,8 @@ v = dt x. Layout [B, T, H, D] as the Taylor op; the state S [B, H, dk, dv] is fp
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..common import check_chunk_size
@@ -15,6 +17,21 @@ from .chunk import DEFAULT_CHUNK_SIZE, chunk_decay_linear_attn, segsum
 from .common import check_inputs, check_state, zero_state
 from .naive import naive_decay_linear_attn
 from .recurrent import decay_linear_attn_step
+
+try:  # the fused training kernels need Triton; without it every call takes the chunked form
+    from .triton import fused_decay_linear_attn
+except ImportError:
+    fused_decay_linear_attn = None
+
+
+MAX_FUSED_DIM = 256  # dk, dv: the fused kernels keep a [dk, dv / blocks] state and [C, dk] tiles in registers
+
+
+def _use_fused(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool) -> bool:
+    """The fused kernels serve training on CUDA (no state in or out, head dims up to MAX_FUSED_DIM);
+    BASED_DECAY_FUSED=0 turns them off (for comparisons)."""
+    return (fused_decay_linear_attn is not None and q.is_cuda and initial_state is None and not output_final_state
+            and max(q.shape[-1], v.shape[-1]) <= MAX_FUSED_DIM and os.environ.get("BASED_DECAY_FUSED", "1") != "0")
 
 
 def decay_linear_attn(
@@ -36,7 +53,8 @@ def decay_linear_attn(
         log_decay: g, [B, T, H] (per token, Mamba-2) or [H] (constant per head, Lightning), <= 0: the
             state is multiplied by exp(g_t) before token t is added.
         scale: o_t = scale * q_t^T S_t. 1 by default: neither TransNormerLLM nor Mamba-2 scales q.
-        chunk_size: tokens per chunk (intra-chunk masked matmul, inter-chunk state).
+        chunk_size: tokens per chunk of the PyTorch form (intra-chunk masked matmul, inter-chunk state); the
+            fused Triton form (CUDA, no state in or out, see triton.py) picks its own.
         initial_state: S [B, H, dk, dv] (fp32) before the first token, e.g. an earlier call's final state.
         output_final_state: also return S after the last token.
     Returns:
@@ -45,6 +63,8 @@ def decay_linear_attn(
     check_inputs(q, k, v, log_decay)
     check_state(initial_state, q, v)
     check_chunk_size(chunk_size)
+    if _use_fused(q, v, initial_state, output_final_state):
+        return fused_decay_linear_attn(q, k, v, log_decay, scale=scale), None
     return chunk_decay_linear_attn(
         q, k, v, log_decay, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, chunk_size=chunk_size,
@@ -52,6 +72,6 @@ def decay_linear_attn(
 
 
 __all__ = [
-    "decay_linear_attn", "decay_linear_attn_step", "chunk_decay_linear_attn", "naive_decay_linear_attn",
-    "segsum", "zero_state",
+    "decay_linear_attn", "decay_linear_attn_step", "chunk_decay_linear_attn", "fused_decay_linear_attn",
+    "naive_decay_linear_attn", "segsum", "zero_state",
 ]

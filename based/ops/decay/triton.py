@@ -1,0 +1,310 @@
+"""Decayed linear attention for training in Triton: one fused kernel forward, one backward, no initial or final
+state (the MQAR sweep's Lightning and Mamba-2 layers), and a vmap rule so that torch.func's stacked runs cost
+one launch.
+
+A program owns one sequence and head (and a block of value columns in the forward) and walks T in chunks of
+C tokens, the state S [dk, dv] in fp32 registers. Per chunk, b = cumsum(g) from the chunk's start and
+D[i, j] = exp(b_i - b_j) for j <= i, 0 above (see README.md):
+
+    O  = scale ((Q K^T * D) V + diag(exp(b)) Q S)
+    S <- exp(b_C) S + (K * exp(b_C - b))^T V
+
+Every exponent is <= 0: b is a cumsum of values <= 0, so b_i - b_j <= 0 for j <= i (the cumsum is monotone in
+floating point too), and the entries above the diagonal are set to -inf before exp. Nothing of size
+[B, H, n, C, C] is kept: backward recomputes the chunk states.
+
+Backward (dO pre-multiplied by scale, dA = (dO V^T) * D, A = (Q K^T) * D), per block of value columns:
+    forward sweep:  dQ = dA K + diag(exp(b)) dO S^T                                     (S entering the chunk)
+    reverse sweep:  dK = dA^T Q + diag(exp(b_C - b)) V dS^T,  dV = A^T dO + diag(exp(b_C - b)) K dS
+                    dS <- exp(b_C) dS + (Q * exp(b))^T dO                               (dS leaving the chunk)
+With G_t the global cumsum of g, o_t = scale sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s, so
+dL/dG_t = q_t . dq_t - k_t . dk_t and dg_t = sum_{s>=t} dL/dG_s (a reverse cumsum over T, in PyTorch). The
+s = t terms of the two dot products are equal, so dG is formed without them (no cancellation of O(1) terms).
+
+Tensors are taken as [R, B, T, H, D] with any strides but D's (1): R stacks vmapped runs, and a shared input
+(vmap in_dims None) or a constant decay [H] is a stride-0 view, never copied.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# fp32 dots through tensor cores at about fp32 accuracy (3 TF32 products); plain TF32 loses ~1e-3 relative.
+PRECISION = "tf32x3"
+CHUNK = None  # C: tokens per chunk; None picks by the head dims (tests set it to cross chunk borders)
+TILE = 8192  # BK * BV, the fp32 state block a program keeps in registers
+
+
+@triton.jit
+def _fwd_kernel(
+    q, k, v, g, o,
+    sq_r, sq_b, sq_t, sq_h, sk_r, sk_b, sk_t, sk_h, sv_r, sv_b, sv_t, sv_h, sg_r, sg_b, sg_t, sg_h,
+    T, B, H, DK, DV, scale,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid = tl.program_id(1).to(tl.int64)
+    h = pid % H
+    b = (pid // H) % B
+    r = pid // (H * B)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    offs_v = pid_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    q += r * sq_r + b * sq_b + h * sq_h
+    k += r * sk_r + b * sk_b + h * sk_h
+    v += r * sv_r + b * sv_b + h * sv_h
+    g += r * sg_r + b * sg_b + h * sg_h
+    o += ((r * B + b) * T * H + h) * DV  # o is [R, B, T, H, DV], contiguous
+    causal = offs_c[:, None] >= offs_c[None, :]
+    last = offs_c == C - 1
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(tl.cdiv(T, C)):
+        t = c * C + offs_c
+        mask_t = t < T
+        # Tokens past T load q = k = v = 0 and g = 0: they add nothing to S and their rows are not stored.
+        bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+        bg = tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32)
+        bq, bk, bv = bq.to(tl.float32), bk.to(tl.float32), bv.to(tl.float32)  # [C, BK], [C, BK], [C, BV]
+        bb = tl.cumsum(bg, 0)  # [C]
+        b_last = tl.sum(tl.where(last, bb, 0.0), 0)
+        decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))  # [C, C]
+        A = tl.dot(bq, tl.trans(bk), input_precision=PREC) * decay
+        bo = tl.dot(A, bv, input_precision=PREC) + tl.dot(bq * tl.exp(bb)[:, None], S, input_precision=PREC)
+        tl.store(o + t[:, None] * H * DV + offs_v[None, :], (scale * bo).to(o.dtype.element_ty),
+                 mask=mask_t[:, None] & mask_v[None, :])
+        kd = bk * tl.exp(b_last - bb)[:, None]
+        S = S * tl.exp(b_last) + tl.dot(tl.trans(kd), bv, input_precision=PREC)  # [BK, BV]
+
+
+@triton.jit
+def _bwd_kernel(
+    q, k, v, g, do, dq, dk, dv, dgq, dgk,
+    sq_r, sq_b, sq_t, sq_h, sk_r, sk_b, sk_t, sk_h, sv_r, sv_b, sv_t, sv_h, sg_r, sg_b, sg_t, sg_h,
+    so_r, so_b, so_t, so_h,
+    T, B, H, DK, DV, scale,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    h = pid % H
+    b = (pid // H) % B
+    r = pid // (H * B)
+    NC = tl.cdiv(T, C)
+    offs_c = tl.arange(0, C)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < DK
+    q += r * sq_r + b * sq_b + h * sq_h
+    k += r * sk_r + b * sk_b + h * sk_h
+    v += r * sv_r + b * sv_b + h * sv_h
+    g += r * sg_r + b * sg_b + h * sg_h
+    do += r * so_r + b * so_b + h * so_h
+    rbh = (r * B + b) * T * H + h  # outputs are [R, B, T, H, D] contiguous, dgq / dgk [R, B, T, H]
+    dq += rbh * DK
+    dk += rbh * DK
+    dv += rbh * DV
+    dgq += rbh
+    dgk += rbh
+    causal = offs_c[:, None] >= offs_c[None, :]
+    strict = offs_c[:, None] > offs_c[None, :]
+    last = offs_c == C - 1
+    # dQ, dK (and q . dq, k . dk) sum over the blocks of value columns: the first block stores, later ones add
+    # (NV > 1 only, fp32 buffers; each block ends with a barrier so its stores are seen by the next one's loads).
+    for iv in range(NV):
+        offs_v = iv * BV + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+        for c in range(NC):
+            t = c * C + offs_c
+            mask_t = t < T
+            mask_tk = mask_t[:, None] & mask_k[None, :]
+            mask_tv = mask_t[:, None] & mask_v[None, :]
+            bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+            bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+            bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+            bdo = scale * tl.load(do + t[:, None] * so_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+            bb = tl.cumsum(tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32), 0)
+            b_last = tl.sum(tl.where(last, bb, 0.0), 0)
+            decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))
+            # dA without its diagonal: the s = t terms of q_t . dq_t and k_t . dk_t are equal and would cancel in
+            # dG_t, leaving fp32 rounding of O(1) terms where the true dG is tiny (strong decay); added back after.
+            dA = tl.where(strict, tl.dot(bdo, tl.trans(bv), input_precision=PREC) * decay, 0.0)  # [C, C]
+            bdq = tl.dot(dA, bk, input_precision=PREC) + \
+                tl.dot(bdo, tl.trans(S), input_precision=PREC) * tl.exp(bb)[:, None]  # [C, BK]
+            bgq = tl.sum(bq * bdq, 1)  # [C]
+            bdq += tl.sum(bdo * bv, 1)[:, None] * bk
+            if iv > 0:
+                bdq += tl.load(dq + t[:, None] * H * DK + offs_k[None, :], mask=mask_tk, other=0.0)
+                bgq += tl.load(dgq + t * H, mask=mask_t, other=0.0)
+            tl.store(dq + t[:, None] * H * DK + offs_k[None, :], bdq.to(dq.dtype.element_ty), mask=mask_tk)
+            tl.store(dgq + t * H, bgq, mask=mask_t)
+            kd = bk * tl.exp(b_last - bb)[:, None]
+            S = S * tl.exp(b_last) + tl.dot(tl.trans(kd), bv, input_precision=PREC)
+        dS = tl.zeros([BK, BV], dtype=tl.float32)  # dL/dS at the end of chunk c, from the chunks after it
+        for i in range(NC):
+            c = NC - 1 - i
+            t = c * C + offs_c
+            mask_t = t < T
+            mask_tk = mask_t[:, None] & mask_k[None, :]
+            mask_tv = mask_t[:, None] & mask_v[None, :]
+            bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+            bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+            bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+            bdo = scale * tl.load(do + t[:, None] * so_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+            bb = tl.cumsum(tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32), 0)
+            b_last = tl.sum(tl.where(last, bb, 0.0), 0)
+            decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))
+            A = tl.dot(bq, tl.trans(bk), input_precision=PREC) * decay  # [C, C]
+            dA = tl.where(strict, tl.dot(bdo, tl.trans(bv), input_precision=PREC) * decay, 0.0)
+            w = tl.exp(b_last - bb)[:, None]  # [C, 1]: decay from each token to the chunk's end
+            bdk = tl.dot(tl.trans(dA), bq, input_precision=PREC) + \
+                tl.dot(bv, tl.trans(dS), input_precision=PREC) * w  # [C, BK]
+            bdv = tl.dot(tl.trans(A), bdo, input_precision=PREC) + tl.dot(bk, dS, input_precision=PREC) * w
+            bgk = tl.sum(bk * bdk, 1)
+            bdk += tl.sum(bdo * bv, 1)[:, None] * bq  # the diagonal, as in dQ
+            if iv > 0:
+                bdk += tl.load(dk + t[:, None] * H * DK + offs_k[None, :], mask=mask_tk, other=0.0)
+                bgk += tl.load(dgk + t * H, mask=mask_t, other=0.0)
+            tl.store(dk + t[:, None] * H * DK + offs_k[None, :], bdk.to(dk.dtype.element_ty), mask=mask_tk)
+            tl.store(dgk + t * H, bgk, mask=mask_t)
+            tl.store(dv + t[:, None] * H * DV + offs_v[None, :], bdv.to(dv.dtype.element_ty), mask=mask_tv)
+            dS = dS * tl.exp(b_last) + tl.dot(tl.trans(bq * tl.exp(bb)[:, None]), bdo, input_precision=PREC)
+        if NV > 1:
+            tl.debug_barrier()
+
+
+def _meta(T: int, dk: int, dv: int) -> dict:
+    """Block sizes: dk and dv padded to powers of two >= 16 (tl.dot's least), BV so a state block holds about
+    TILE elements, C = 64 tokens a chunk for small heads and 32 for wide ones (fewer registers)."""
+    BK = max(16, triton.next_power_of_2(dk))
+    BV = max(16, min(triton.next_power_of_2(dv), TILE // BK))
+    C = CHUNK or (64 if BK <= 64 else 32)
+    C = max(16, min(C, triton.next_power_of_2(T)))
+    return dict(C=C, BK=BK, BV=BV, num_warps=4 if BK * max(BV, C) <= 4096 else 8)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.stride()[:4])
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """x with stride 1 along its last dim, the one the kernels read as contiguous."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _fwd(q, k, v, g, scale):
+    """q, k [R, B, T, H, dk], v [R, B, T, H, dv], g [R, B, T, H] (any strides) -> o [R, B, T, H, dv]."""
+    q, k, v = (_unit_last(x) for x in (q, k, v))
+    R, B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    o = v.new_empty(R, B, T, H, dv)
+    meta = _meta(T, dk, dv)
+    grid = (triton.cdiv(dv, meta["BV"]), R * B * H)
+    _fwd_kernel[grid](
+        q, k, v, g, o, *_strides(q), *_strides(k), *_strides(v), *g.stride(),
+        T, B, H, dk, dv, float(scale), PREC=PRECISION, **meta,
+    )
+    return o
+
+
+def _bwd(q, k, v, g, do, scale):
+    """Gradients (dq, dk, dv, dg) of _fwd's o given dO; dg per token [R, B, T, H] in g's dtype."""
+    q, k, v, do = (_unit_last(x) for x in (q, k, v, do))
+    R, B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    meta = _meta(T, dk, dv)
+    NV = triton.cdiv(dv, meta["BV"])
+    # With several blocks of value columns dQ, dK add up in fp32 and are cast after.
+    dq = q.new_empty(R, B, T, H, dk, dtype=q.dtype if NV == 1 else torch.float32)
+    dk_ = k.new_empty(R, B, T, H, dk, dtype=k.dtype if NV == 1 else torch.float32)
+    dv_ = v.new_empty(R, B, T, H, dv)
+    dgq, dgk = (q.new_empty(R, B, T, H, dtype=torch.float32) for _ in range(2))
+    _bwd_kernel[(R * B * H,)](
+        q, k, v, g, do, dq, dk_, dv_, dgq, dgk,
+        *_strides(q), *_strides(k), *_strides(v), *g.stride(), *_strides(do),
+        T, B, H, dk, dv, float(scale), NV=NV, PREC=PRECISION, **meta,
+    )
+    # dL/dG_t = q_t . dq_t - k_t . dk_t; g_t enters every G_s with s >= t.
+    dg = (dgq - dgk).flip(2).cumsum(2).flip(2)
+    return dq.to(q.dtype), dk_.to(k.dtype), dv_, dg.to(g.dtype)
+
+
+def _fold(x, in_dim, n):
+    """[R, ...] with a vmapped dim of n runs at in_dim (None: shared, expanded as a view) -> [n R, ...]."""
+    x = x.expand(n, *x.shape) if in_dim is None else x.movedim(in_dim, 0)
+    return x.flatten(0, 1)  # a view where R is 1, the usual case
+
+
+def _unfold(x, n):
+    return x.unflatten(0, (n, x.shape[0] // n))
+
+
+class _DecayAttnBackward(torch.autograd.Function):
+    """The backward kernel as a Function of its own, so that vmap(grad(...)) can batch it too."""
+
+    @staticmethod
+    def forward(q, k, v, g, do, scale):
+        return _bwd(q, k, v, g, do, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("fused_decay_linear_attn has no double backward")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, g, do, scale):
+        n = info.batch_size
+        args = [_fold(x, d, n) for x, d in zip((q, k, v, g, do), in_dims[:5])]
+        grads = _DecayAttnBackward.apply(*args, scale)
+        return tuple(_unfold(x, n) for x in grads), (0, 0, 0, 0)
+
+
+class DecayLinearAttn(torch.autograd.Function):
+    """(q, k, v [R, B, T, H, D], g [R, B, T, H], scale) -> o [R, B, T, H, dv]."""
+
+    @staticmethod
+    def forward(q, k, v, g, scale):
+        return _fwd(q, k, v, g, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, g, scale = inputs
+        ctx.save_for_backward(q, k, v, g)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g = ctx.saved_tensors
+        return (*_DecayAttnBackward.apply(q, k, v, g, do, ctx.scale), None)
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, g, scale):
+        n = info.batch_size
+        args = [_fold(x, d, n) for x, d in zip((q, k, v, g), in_dims[:4])]
+        return _unfold(DecayLinearAttn.apply(*args, scale), n), 0
+
+
+def fused_decay_linear_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """decay_linear_attn without initial or final state, as Triton kernels (forward and backward).
+
+    Args:
+        q, k: [B, T, H, dk]; v: [B, T, H, dv]; dk, dv up to 256.
+        log_decay: g <= 0, [B, T, H] (per token) or [H] (constant per head, read through a stride-0 view).
+        scale: o_t = scale * q_t^T S_t.
+    Returns:
+        o [B, T, H, dv] in v's dtype (fp32 math).
+    """
+    B, T, H, _ = q.shape
+    g = log_decay.view(1, 1, 1, H).expand(1, B, T, H) if log_decay.dim() == 1 else log_decay.unsqueeze(0)
+    return DecayLinearAttn.apply(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g, scale).squeeze(0)
+
+
+__all__ = ["fused_decay_linear_attn"]
