@@ -65,13 +65,16 @@ def test_matches_naive(T, dk, dv, per_token):
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["mamba2_decay", "lightning_decay"])
-def test_chunk_borders_and_value_blocks(monkeypatch, per_token):
-    """Chunks of 16 (T = 67: five, the last part padding) and value columns in blocks of 16 (dv = 40: three, the
-    last part padding), so the state crosses chunk borders and dQ, dK add up over blocks in fp32."""
+def test_chunk_borders_and_blocks(monkeypatch, per_token):
+    """Chunks of 16 (T = 67: five, the last part padding), key and value columns in blocks of 16 (dk = 20: two,
+    dv = 40: three, the last part padding): the state crosses chunk borders, dQ, dK add up over value blocks in
+    fp32, o, dV, dG over key blocks."""
     monkeypatch.setattr(fused, "CHUNK", 16)
     monkeypatch.setattr(fused, "TILE", 256)
-    assert fused._meta(67, 8, 40)["C"] == 16 and fused._meta(67, 8, 40)["BV"] == 16
-    _check(_inputs(2, 67, 2, 8, 40, per_token, seed=3))
+    monkeypatch.setattr(fused, "MAX_BK", 16)
+    meta = fused._meta(67, 20, 40)
+    assert (meta["C"], meta["BK"], meta["BV"]) == (16, 16, 16)
+    _check(_inputs(2, 67, 2, 20, 40, per_token, seed=3))
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["mamba2_decay", "lightning_decay"])
@@ -123,7 +126,8 @@ def test_dispatch(monkeypatch):
     assert decay._use_fused(cuda_q, cuda_q, None, False)
     assert not decay._use_fused(cuda_q, cuda_q, None, True)
     assert not decay._use_fused(cuda_q, cuda_q, torch.empty(1, 2, 8, 8), False)
-    assert not decay._use_fused(cuda_q, SimpleNamespace(is_cuda=True, shape=(1, 4, 2, 512)), None, False)
+    wide = SimpleNamespace(is_cuda=True, shape=(1, 4, 2, decay.MAX_FUSED_DIM + 1))
+    assert not decay._use_fused(cuda_q, wide, None, False)
     monkeypatch.setenv("BASED_DECAY_FUSED", "0")
     assert not decay._use_fused(cuda_q, cuda_q, None, False)
 
@@ -188,7 +192,7 @@ def compile_for_sm90() -> dict:
     from triton.compiler import ASTSource
 
     meta = fused._meta(256, 24, 64)
-    options = {"num_warps": meta.pop("num_warps")}
+    options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
     pointers = {"q", "k", "v", "g", "o", "do", "dq", "dk", "dv", "dgq", "dgk"}
     results = {}
     for fn, extra in ((fused._fwd_kernel, {}), (fused._bwd_kernel, {"NV": triton.cdiv(64, meta["BV"])})):

@@ -24,7 +24,7 @@ except ImportError:
     fused_decay_linear_attn = None
 
 
-MAX_FUSED_DIM = 256  # dk, dv: the fused kernels keep a [dk, dv / blocks] state and [C, dk] tiles in registers
+MAX_FUSED_DIM = 256  # dk, dv: the sweep's widest heads (the kernels run wider dims in blocks, untested past it)
 
 
 def _use_fused(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool) -> bool:

@@ -2,8 +2,8 @@
 state (the MQAR sweep's Lightning and Mamba-2 layers), and a vmap rule so that torch.func's stacked runs cost
 one launch.
 
-A program owns one sequence and head (and a block of value columns in the forward) and walks T in chunks of
-C tokens, the state S [dk, dv] in fp32 registers. Per chunk, b = cumsum(g) from the chunk's start and
+A program owns one sequence and head, a block of key columns (and of value columns in the forward) and walks T
+in chunks of C tokens, its block of the state S [dk, dv] in fp32 registers. Per chunk, b = cumsum(g) from the chunk's start and
 D[i, j] = exp(b_i - b_j) for j <= i, 0 above (see README.md):
 
     O  = scale ((Q K^T * D) V + diag(exp(b)) Q S)
@@ -32,32 +32,43 @@ import triton.language as tl
 
 # fp32 dots through tensor cores at about fp32 accuracy (3 TF32 products); plain TF32 loses ~1e-3 relative.
 PRECISION = "tf32x3"
-CHUNK = None  # C: tokens per chunk; None picks by the head dims (tests set it to cross chunk borders)
-TILE = 8192  # BK * BV, the fp32 state block a program keeps in registers
+# Launch settings, chosen from ptxas's register counts for sm_90 (no GPU timing yet; benchmarks/decay_attn.py
+# --sweep times the alternatives). Every dot's operands hold a full [16 rows, BK] slab per warp (mma v2), doubled
+# by tf32x3's high and low halves, so registers grow with BK and C: at BK <= 64, C = 16 compiles with at most
+# ~60 bytes of spills a thread (C = 32: 350 to 2100 in the backward; C = 64: 1900 to 2800), while a whole dk of
+# 128 spilled ~440 bytes and of 256 ~5 KB: wider dk is split into blocks of MAX_BK, a program each, whose shares
+# of o (and dV, q . dq, k . dk) are summed after. Triton's default 3 pipeline stages took up to 160 KB of shared
+# memory.
+CHUNK = None  # C: tokens per chunk; None: 16
+TILE = 4096  # BK * BV, the fp32 state block a program keeps in registers
+MAX_BK = 64  # wider dk runs in blocks of MAX_BK, a program each
+NUM_WARPS = None  # None: 4 for tiles up to 1024 elements (BK * BV), else 8
+NUM_STAGES = 1  # software pipelining of the chunk loop's loads (None: Triton's default)
 
 
 @triton.jit
 def _fwd_kernel(
     q, k, v, g, o,
     sq_r, sq_b, sq_t, sq_h, sk_r, sk_b, sk_t, sk_h, sv_r, sv_b, sv_t, sv_h, sg_r, sg_b, sg_t, sg_h,
-    T, B, H, DK, DV, scale,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    T, B, H, DK, DV, scale, so_k,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_v = tl.program_id(0)
-    pid = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     b = (pid // H) % B
     r = pid // (H * B)
+    iv = tl.program_id(1) % NV
+    ik = (tl.program_id(1) // NV).to(tl.int64)
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
-    offs_v = pid_v * BV + tl.arange(0, BV)
+    offs_k = ik * BK + tl.arange(0, BK)
+    offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
     q += r * sq_r + b * sq_b + h * sq_h
     k += r * sk_r + b * sk_b + h * sk_h
     v += r * sv_r + b * sv_b + h * sv_h
     g += r * sg_r + b * sg_b + h * sg_h
-    o += ((r * B + b) * T * H + h) * DV  # o is [R, B, T, H, DV], contiguous
+    o += ik * so_k + ((r * B + b) * T * H + h) * DV  # o is [NK, R, B, T, H, DV], contiguous
     causal = offs_c[:, None] >= offs_c[None, :]
     last = offs_c == C - 1
     S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -86,28 +97,31 @@ def _bwd_kernel(
     q, k, v, g, do, dq, dk, dv, dgq, dgk,
     sq_r, sq_b, sq_t, sq_h, sk_r, sk_b, sk_t, sk_h, sv_r, sv_b, sv_t, sv_h, sg_r, sg_b, sg_t, sg_h,
     so_r, so_b, so_t, so_h,
-    T, B, H, DK, DV, scale,
+    T, B, H, DK, DV, scale, sp_k,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     h = pid % H
     b = (pid // H) % B
     r = pid // (H * B)
+    ik = tl.program_id(1).to(tl.int64)
     NC = tl.cdiv(T, C)
     offs_c = tl.arange(0, C)
-    offs_k = tl.arange(0, BK)
+    offs_k = ik * BK + tl.arange(0, BK)
     mask_k = offs_k < DK
     q += r * sq_r + b * sq_b + h * sq_h
     k += r * sk_r + b * sk_b + h * sk_h
     v += r * sv_r + b * sv_b + h * sv_h
     g += r * sg_r + b * sg_b + h * sg_h
     do += r * so_r + b * so_b + h * so_h
-    rbh = (r * B + b) * T * H + h  # outputs are [R, B, T, H, D] contiguous, dgq / dgk [R, B, T, H]
+    # Outputs are contiguous: dq, dk [R, B, T, H, DK]; this block's share of dV [NK, R, B, T, H, DV], of q . dq
+    # and k . dk [NK, R, B, T, H] (sp_k = R B T H).
+    rbh = (r * B + b) * T * H + h
     dq += rbh * DK
     dk += rbh * DK
-    dv += rbh * DV
-    dgq += rbh
-    dgk += rbh
+    dv += ik * sp_k * DV + rbh * DV
+    dgq += ik * sp_k + rbh
+    dgk += ik * sp_k + rbh
     causal = offs_c[:, None] >= offs_c[None, :]
     strict = offs_c[:, None] > offs_c[None, :]
     last = offs_c == C - 1
@@ -177,13 +191,13 @@ def _bwd_kernel(
 
 
 def _meta(T: int, dk: int, dv: int) -> dict:
-    """Block sizes: dk and dv padded to powers of two >= 16 (tl.dot's least), BV so a state block holds about
-    TILE elements, C = 64 tokens a chunk for small heads and 32 for wide ones (fewer registers)."""
-    BK = max(16, triton.next_power_of_2(dk))
+    """Block sizes: dk and dv padded to powers of two >= 16 (tl.dot's least), dk in blocks of at most MAX_BK,
+    BV so a state block holds about TILE elements, C tokens a chunk (see the settings above)."""
+    BK = max(16, min(MAX_BK, triton.next_power_of_2(dk)))
     BV = max(16, min(triton.next_power_of_2(dv), TILE // BK))
-    C = CHUNK or (64 if BK <= 64 else 32)
-    C = max(16, min(C, triton.next_power_of_2(T)))
-    return dict(C=C, BK=BK, BV=BV, num_warps=4 if BK * max(BV, C) <= 4096 else 8)
+    C = max(16, min(CHUNK or 16, triton.next_power_of_2(T)))
+    meta = dict(C=C, BK=BK, BV=BV, num_warps=NUM_WARPS or (4 if BK * BV <= 1024 else 8))
+    return meta if NUM_STAGES is None else dict(meta, num_stages=NUM_STAGES)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
@@ -200,14 +214,15 @@ def _fwd(q, k, v, g, scale):
     q, k, v = (_unit_last(x) for x in (q, k, v))
     R, B, T, H, dk = q.shape
     dv = v.shape[-1]
-    o = v.new_empty(R, B, T, H, dv)
     meta = _meta(T, dk, dv)
-    grid = (triton.cdiv(dv, meta["BV"]), R * B * H)
-    _fwd_kernel[grid](
+    NK, NV = triton.cdiv(dk, meta["BK"]), triton.cdiv(dv, meta["BV"])
+    # Blocks of dk each give a share of o (both terms are sums over dk), added in fp32 after.
+    o = v.new_empty(NK, R, B, T, H, dv, dtype=v.dtype if NK == 1 else torch.float32)
+    _fwd_kernel[(R * B * H, NK * NV)](
         q, k, v, g, o, *_strides(q), *_strides(k), *_strides(v), *g.stride(),
-        T, B, H, dk, dv, float(scale), PREC=PRECISION, **meta,
+        T, B, H, dk, dv, float(scale), o[0].numel(), NV=NV, PREC=PRECISION, **meta,
     )
-    return o
+    return o[0] if NK == 1 else o.sum(0).to(v.dtype)
 
 
 def _bwd(q, k, v, g, do, scale):
@@ -216,19 +231,21 @@ def _bwd(q, k, v, g, do, scale):
     R, B, T, H, dk = q.shape
     dv = v.shape[-1]
     meta = _meta(T, dk, dv)
-    NV = triton.cdiv(dv, meta["BV"])
-    # With several blocks of value columns dQ, dK add up in fp32 and are cast after.
+    NK, NV = triton.cdiv(dk, meta["BK"]), triton.cdiv(dv, meta["BV"])
+    # With several blocks of value columns dQ, dK add up in fp32 and are cast after; so do the blocks of dk's
+    # shares of dV.
     dq = q.new_empty(R, B, T, H, dk, dtype=q.dtype if NV == 1 else torch.float32)
     dk_ = k.new_empty(R, B, T, H, dk, dtype=k.dtype if NV == 1 else torch.float32)
-    dv_ = v.new_empty(R, B, T, H, dv)
-    dgq, dgk = (q.new_empty(R, B, T, H, dtype=torch.float32) for _ in range(2))
-    _bwd_kernel[(R * B * H,)](
+    dv_ = v.new_empty(NK, R, B, T, H, dv, dtype=v.dtype if NK == 1 else torch.float32)
+    dgq, dgk = (q.new_empty(NK, R, B, T, H, dtype=torch.float32) for _ in range(2))
+    _bwd_kernel[(R * B * H, NK)](
         q, k, v, g, do, dq, dk_, dv_, dgq, dgk,
         *_strides(q), *_strides(k), *_strides(v), *g.stride(), *_strides(do),
-        T, B, H, dk, dv, float(scale), NV=NV, PREC=PRECISION, **meta,
+        T, B, H, dk, dv, float(scale), R * B * T * H, NV=NV, PREC=PRECISION, **meta,
     )
     # dL/dG_t = q_t . dq_t - k_t . dk_t; g_t enters every G_s with s >= t.
-    dg = (dgq - dgk).flip(2).cumsum(2).flip(2)
+    dg = (dgq - dgk).sum(0).flip(2).cumsum(2).flip(2)
+    dv_ = dv_[0] if NK == 1 else dv_.sum(0).to(v.dtype)
     return dq.to(q.dtype), dk_.to(k.dtype), dv_, dg.to(g.dtype)
 
 
