@@ -92,7 +92,8 @@ def _result(args, rows) -> dict:
 
 
 SWEEP_SHAPES = [  # the sweep's most common Mamba-2 shape and Lightning's narrowest and widest heads
-    dict(model="mamba2", H=4, dk=16, dv=64, per_token=True), dict(model="lightning", H=16, dk=16, dv=16, per_token=False),
+    dict(model="mamba2", H=4, dk=16, dv=64, per_token=True),
+    dict(model="lightning", H=16, dk=16, dv=16, per_token=False),
     dict(model="lightning", H=1, dk=256, dv=256, per_token=False),
 ]
 

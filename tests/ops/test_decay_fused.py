@@ -110,6 +110,16 @@ def test_vmap_grad_matches_per_run(shared, per_token):
             assert a.shape[1:] == b.shape and rel_err(a[r], b) < 1e-4, (name, r)
 
 
+def test_bf16_inputs():
+    """bf16 inputs: o and gradients in bf16, within bf16 rounding of the chunked form on the same inputs (both
+    compute in fp32; the interpreter rounds to bf16 toward zero, a GPU to nearest)."""
+    inputs = _inputs(2, 19, 2, 8, 16, True, seed=6)
+    got = _run(fused_decay_linear_attn, inputs, torch.bfloat16, 0.7)
+    ref = _run(chunk_decay_linear_attn, inputs, torch.bfloat16, 0.7)
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.dtype == b.dtype == torch.bfloat16 and rel_err(a, b) < 1e-2, (name, rel_err(a, b))
+
+
 def test_output_dtype_and_no_grad():
     q, k, v, g = _inputs(1, 9, 2, 4, 4, True, seed=5)
     ref = naive_decay_linear_attn(q.double(), k.double(), v.double(), g.double())[0]

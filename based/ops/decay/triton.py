@@ -3,8 +3,8 @@ state (the MQAR sweep's Lightning and Mamba-2 layers), and a vmap rule so that t
 one launch.
 
 A program owns one sequence and head, a block of key columns (and of value columns in the forward) and walks T
-in chunks of C tokens, its block of the state S [dk, dv] in fp32 registers. Per chunk, b = cumsum(g) from the chunk's start and
-D[i, j] = exp(b_i - b_j) for j <= i, 0 above (see README.md):
+in chunks of C tokens, its block of the state S [dk, dv] in fp32 registers. Per chunk, b = cumsum(g) from the
+chunk's start and D[i, j] = exp(b_i - b_j) for j <= i, 0 above (see README.md):
 
     O  = scale ((Q K^T * D) V + diag(exp(b)) Q S)
     S <- exp(b_C) S + (K * exp(b_C - b))^T V
@@ -35,7 +35,7 @@ PRECISION = "tf32x3"
 # Launch settings, chosen from ptxas's register counts for sm_90 (no GPU timing yet; benchmarks/decay_attn.py
 # --sweep times the alternatives). Every dot's operands hold a full [16 rows, BK] slab per warp (mma v2), doubled
 # by tf32x3's high and low halves, so registers grow with BK and C: at BK <= 64, C = 16 compiles with at most
-# ~60 bytes of spills a thread (C = 32: 350 to 2100 in the backward; C = 64: 1900 to 2800), while a whole dk of
+# ~100 bytes of spills a thread (C = 32: 350 to 2100 in the backward; C = 64: 1900 to 2800), while a whole dk of
 # 128 spilled ~440 bytes and of 256 ~5 KB: wider dk is split into blocks of MAX_BK, a program each, whose shares
 # of o (and dV, q . dq, k . dk) are summed after. Triton's default 3 pipeline stages took up to 160 KB of shared
 # memory.
