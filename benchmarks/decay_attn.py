@@ -2,7 +2,7 @@
 and forward + backward, at the MQAR figure-2 sweep's shapes: batch 256, k = 4 runs stacked by vmap, T 256.
 
     BASED_GIT_REV=$(git rev-parse HEAD) python benchmarks/decay_attn.py [--T 64 128 256] [--runs 4]
-        [--dtype fp32|bf16] [--out PATH]
+        [--dtype fp32|bf16] [--matmul-precision high|highest] [--sweep] [--out PATH]
 
 Shapes: Mamba-2 (d_model 64..256 -> d_inner 128..512, H = d_inner / 64, dk = N in 8/16/24, dv = 64, log-decay
 per token) and Lightning (d_model 64/128/256, H 1/4/16, dk = dv = d_model / H, log-decay constant per head).
@@ -82,7 +82,7 @@ def _result(args, rows) -> dict:
     result = dict(
         date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(),
         git_rev=os.environ.get("BASED_GIT_REV", "unknown"), batch=args.batch, runs=args.runs, dtype=args.dtype,
-        torch=torch.__version__, rows=rows,
+        matmul_precision=args.matmul_precision, torch=torch.__version__, rows=rows,
     )
     print(json.dumps(result))
     if args.out:
@@ -123,10 +123,13 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--matmul-precision", choices=("highest", "high"), default="high",
+                   help="torch.set_float32_matmul_precision for both forms: high (TF32) as the MQAR trainers set")
     p.add_argument("--sweep", action="store_true",
                    help="time the fused form at each CHUNK x NUM_WARPS x NUM_STAGES of triton.py instead")
     p.add_argument("--out")
     args = p.parse_args()
+    torch.set_float32_matmul_precision(args.matmul_precision)
     if args.sweep:
         return sweep(args)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16

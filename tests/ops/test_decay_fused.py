@@ -128,6 +128,19 @@ def test_output_dtype_and_no_grad():
     assert o.dtype == torch.float64 and rel_err(o, ref) < 1e-5
 
 
+def test_dot_precision_follows_torch():
+    """fp32 dots as PyTorch's matmuls: about fp32 by default, TF32 where the trainer allows it."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        assert fused._precision() == ("tf32x3" if previous == "highest" else "tf32")
+        torch.set_float32_matmul_precision("high")
+        assert fused._precision() == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        assert fused._precision() == "tf32x3"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_dispatch(monkeypatch):
     """decay_linear_attn takes the fused form on CUDA without state in or out, unless BASED_DECAY_FUSED=0."""
     q = torch.empty(1, 4, 2, 8)
@@ -206,7 +219,7 @@ def compile_for_sm90() -> dict:
     pointers = {"q", "k", "v", "g", "o", "do", "dq", "dk", "dv", "dgq", "dgk"}
     results = {}
     for fn, extra in ((fused._fwd_kernel, {}), (fused._bwd_kernel, {"NV": triton.cdiv(64, meta["BV"])})):
-        consts = dict(meta, PREC=fused.PRECISION, **extra)
+        consts = dict(meta, PREC=fused._precision(), **extra)
         sig = {a: "constexpr" if a in consts else "*fp32" if a in pointers else "fp32" if a == "scale" else "i32"
                for a in fn.arg_names}
         try:

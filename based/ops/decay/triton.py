@@ -30,8 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-# fp32 dots through tensor cores at about fp32 accuracy (3 TF32 products); plain TF32 loses ~1e-3 relative.
-PRECISION = "tf32x3"
+# tl.dot's input_precision for fp32 operands; None follows torch.get_float32_matmul_precision(), as the chunked
+# form's matmuls do: "highest" (PyTorch's default) -> "tf32x3", three TF32 products, about fp32 accuracy; "high"
+# or "medium" (the MQAR trainers set "high" on CUDA) -> "tf32", one product, ~1e-3 relative, fewer registers.
+PRECISION = None
 # Launch settings, chosen from ptxas's register counts for sm_90 (no GPU timing yet; benchmarks/decay_attn.py
 # --sweep times the alternatives). Every dot's operands hold a full [16 rows, BK] slab per warp (mma v2), doubled
 # by tf32x3's high and low halves, so registers grow with BK and C: at BK <= 64, C = 16 compiles with at most
@@ -200,6 +202,10 @@ def _meta(T: int, dk: int, dv: int) -> dict:
     return meta if NUM_STAGES is None else dict(meta, num_stages=NUM_STAGES)
 
 
+def _precision() -> str:
+    return PRECISION or ("tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32")
+
+
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.stride()[:4])
 
@@ -220,7 +226,7 @@ def _fwd(q, k, v, g, scale):
     o = v.new_empty(NK, R, B, T, H, dv, dtype=v.dtype if NK == 1 else torch.float32)
     _fwd_kernel[(R * B * H, NK * NV)](
         q, k, v, g, o, *_strides(q), *_strides(k), *_strides(v), *g.stride(),
-        T, B, H, dk, dv, float(scale), o[0].numel(), NV=NV, PREC=PRECISION, **meta,
+        T, B, H, dk, dv, float(scale), o[0].numel(), NV=NV, PREC=_precision(), **meta,
     )
     return o[0] if NK == 1 else o.sum(0).to(v.dtype)
 
@@ -241,7 +247,7 @@ def _bwd(q, k, v, g, do, scale):
     _bwd_kernel[(R * B * H, NK)](
         q, k, v, g, do, dq, dk_, dv_, dgq, dgk,
         *_strides(q), *_strides(k), *_strides(v), *g.stride(), *_strides(do),
-        T, B, H, dk, dv, float(scale), R * B * T * H, NV=NV, PREC=PRECISION, **meta,
+        T, B, H, dk, dv, float(scale), R * B * T * H, NV=NV, PREC=_precision(), **meta,
     )
     # dL/dG_t = q_t . dq_t - k_t . dk_t; g_t enters every G_s with s >= t.
     dg = (dgq - dgk).sum(0).flip(2).cumsum(2).flip(2)
