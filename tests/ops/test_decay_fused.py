@@ -110,6 +110,29 @@ def test_vmap_grad_matches_per_run(shared, per_token):
             assert a.shape[1:] == b.shape and rel_err(a[r], b) < 1e-4, (name, r)
 
 
+def test_strided_inputs():
+    """q, k, v as views of one wider projection (Lightning's qkvu chunks) and g a strided slice, read through
+    their strides: output and the gradients of the projection and of g against the naive form."""
+    B, T, H, D = 2, 21, 2, 4
+
+    def run(attn, dtype):
+        qkvu = torch.randn(B, T, 4 * H * D, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+        g2 = -torch.rand(B, T, 2 * H, generator=torch.Generator().manual_seed(8)).to(DEVICE, dtype)
+        qkvu.requires_grad_(), g2.requires_grad_()
+        q, k, v, _ = (t.view(B, T, H, D) for t in qkvu.chunk(4, dim=-1))
+        g = g2[..., ::2]
+        if attn is fused_decay_linear_attn:
+            assert not q.is_contiguous() and not v.is_contiguous() and g.stride() == (T * 2 * H, 2 * H, 2)
+        o = attn(q, k, v, g, scale=0.7)
+        o = o[0] if isinstance(o, tuple) else o
+        (o * o.detach().cos()).sum().backward()
+        return o, qkvu.grad, g2.grad
+
+    for name, a, b in zip(("o", "qkvu", "g"), run(fused_decay_linear_attn, torch.float32),
+                          run(naive_decay_linear_attn, torch.float64)):
+        assert rel_err(a, b) < 1e-4, name
+
+
 def test_bf16_inputs():
     """bf16 inputs: o and gradients in bf16, within bf16 rounding of the chunked form on the same inputs (both
     compute in fp32; the interpreter rounds to bf16 toward zero, a GPU to nearest)."""
