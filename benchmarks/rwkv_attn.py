@@ -29,6 +29,7 @@ from based.ops.rwkv.chunk import chunk_rwkv5_attn
 from based.ops.rwkv.triton import fused_rwkv5_attn
 
 HEAD = 64
+SETTINGS = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_BWD", "NUM_WARPS_BWD")  # fused's block sizes and warps
 
 
 def _ms(fn, reps: int, warmup: int = 3) -> float:
@@ -110,8 +111,8 @@ def _sweep(runs, b, T, d_model, reps) -> dict:
     inputs, _ = _inputs(runs, b, T, d_model // HEAD)
     args = _folded(inputs)
     do = torch.randn_like(args[2])
-    grids = {"fwd": (("BLOCK_V_FWD", "NUM_WARPS_FWD"), ((16, 32, 64), (1, 2, 4, 8)), lambda: fused._fwd(*args)),
-             "bwd": (("BLOCK_BWD", "NUM_WARPS_BWD"), ((16, 32, 64), (1, 2, 4, 8)), lambda: fused._bwd(*args, do))}
+    grids = {"fwd": (("BLOCK_V_FWD", "NUM_WARPS_FWD"), ((16, 32, 64), (1, 2, 4)), lambda: fused._fwd(*args)),
+             "bwd": (("BLOCK_BWD", "NUM_WARPS_BWD"), ((16, 32, 64), (1, 2, 4)), lambda: fused._bwd(*args, do))}
     out = {"d_model": d_model, "T": T}
     for kernel, (names, values, fn) in grids.items():
         saved = {n: getattr(fused, n) for n in names}
@@ -146,7 +147,7 @@ def main():
         print(json.dumps(cases[-1]), flush=True)
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "git_rev": os.environ.get("BASED_GIT_REV", "unknown"), "batch": args.batch, "runs": args.runs,
-              "settings": {n: getattr(fused, n) for n in ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_BWD", "NUM_WARPS_BWD")},
+              "settings": {n: getattr(fused, n) for n in SETTINGS},
               "cases": cases}
     if args.sweep:
         result["sweep"] = _sweep(args.runs, args.batch, max(args.seqs), max(args.d_models), args.reps)

@@ -1,4 +1,4 @@
-"""RWKV-5 attention for training in Triton: one forward kernel, two backward kernels, no initial or final state.
+"""RWKV-5 attention for training in Triton: a forward and a backward kernel, no initial or final state.
 
     o_t = r_t^T (S_{t-1} + diag(u) k_t v_t^T),    S_t = diag(w) S_{t-1} + k_t v_t^T,    w = exp(lambda), lambda <= 0
 
@@ -17,10 +17,12 @@ Backward, with dS_t the gradient of the state after token t (dS_{T-1} = 0: no fi
 
 dlambda is carried forward (P, the state's tangent along lambda, beside S) rather than taken from GLA's identity
 sum_t t r_t dr_t - (t + 1) k_t dk_t: at a strong decay (lambda = -20) that is a difference of O(T) terms whose
-true value is ~e^{-20}, all cancellation; P_t is a sum of positive multiples of w^n and loses nothing.
-The forward sweep blocks over key channels (dr, du, dlambda are per channel, so nothing is summed across
-programs); the reverse sweep owns the whole state (dk sums over dv, dv over dk). du and dlambda are written per
-(sequence, head) and summed over the sequences of each run in PyTorch: deterministic, no atomics.
+true value is ~e^{-20}, all cancellation. P_t = sum_{s<=t} (t - s) w^{t-s} k_s v_s^T: each term carries its own
+decay, so nothing of O(1) cancels.
+The backward is one launch of three roles: the forward sweep (dr, du, dlambda) and the reverse sweep for dk, each
+over a block of key channels (rows of S, dS evolve independently), and the reverse sweep for dv over a block of
+value channels (columns likewise); so every sum is within a program. du and dlambda are written per (sequence,
+head) and summed over the sequences of each run in PyTorch: deterministic, no atomics.
 
 w_log and u come per run, [R, H, dk]: sequence b reads row b // (B / R). That is how torch.func.vmap over k runs
 is served: runs are folded into the batch (r, k, v) and into R (w_log, u), one launch for all of them.
