@@ -128,8 +128,10 @@ class StackedTrainer:
         self.losses = torch.full((k,), float("nan"), device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.steps_done = 0
-        # The k losses and gradients: params per run, the batch shared.
-        self.forward_backward = vmap(grad_and_value(self._loss), in_dims=(0, None, None, None))
+        # The k losses and gradients (params per run, the batch shared); None: built per step. Not kept
+        # built: a stored vmap of the bound self._loss would tie the trainer into a reference cycle, and its
+        # device memory (data, graphs) would outlive it until the garbage collector runs.
+        self.forward_backward = None
 
     def _loss(self, params: dict, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return functional_call(self.loss_module, {**params, **self.buffers}, (x, positions, targets))
@@ -139,7 +141,8 @@ class StackedTrainer:
         can be captured."""
         rows = self.index_table.index_select(0, self.step_t)[0, :n]
         x, positions, targets = (t.index_select(0, rows) for t in self.train[task])
-        grads, loss = self.forward_backward(self.params, x, positions, targets)
+        fb = self.forward_backward or vmap(grad_and_value(self._loss), in_dims=(0, None, None, None))
+        grads, loss = fb(self.params, x, positions, targets)
         g = torch.cat([grads[name].reshape(self.k, -1) for name in self.names], 1)  # [k, P]
         # torch.nn.utils.clip_grad_norm_ per run: one global norm over all of a run's gradients.
         coef = (MAX_GRAD_NORM / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)

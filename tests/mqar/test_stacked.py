@@ -1,6 +1,8 @@
 """Stacked training (based/mqar/stacked.py) against the runs trained one by one (train.fit)."""
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -40,6 +42,21 @@ def test_stacked_runs_equal_runs_trained_one_by_one(mixer, d_model, kwargs):
         for name, p in model.state_dict().items():
             torch.testing.assert_close(stacked[name], p, atol=1e-5, rtol=1e-5, msg=f"{run.lr} {name}")
     assert losses[-1] < losses[0]  # something was learned, so the comparison is not between two inits
+
+
+def test_a_trainer_is_freed_as_soon_as_it_is_dropped():
+    """No reference cycle: a sweep trains group after group in one process, and a trainer's device memory
+    (data, CUDA graphs) must go with it, not wait for the garbage collector (on an H100 the groups' leftovers
+    filled the card)."""
+    trainer = StackedTrainer([MQARRun("linear_attn", 16, lr, {"feature_dim": 4}, **TINY) for lr in LRS[:2]])
+    trainer.step()
+    gone = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_fit_stops_where_asked_with_the_steps_it_took_so_far():
