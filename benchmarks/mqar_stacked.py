@@ -128,9 +128,9 @@ def baseline_rate(run: MQARRun, steps: int) -> float:
     return steps / (_sync_time() - start[0])
 
 
-def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool) -> dict:
+def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool, compile: bool = False) -> dict:
     t0 = time.perf_counter()
-    trainer = StackedTrainer(runs, "cuda", cuda_graphs=graphs)
+    trainer = StackedTrainer(runs, "cuda", cuda_graphs=graphs, compile=compile)
     trainer.step()  # captures
     t1 = _sync_time()
     for _ in range(3):
@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--baseline", default="based-64-f16,mamba-128-n16,h3-128")
     ap.add_argument("--eager", default="based-64-f16,mamba-128-n16")
+    ap.add_argument("--compile", default="", help="groups also timed with torch.compile of the step (setup_s"
+                    " then includes compiling every batch shape)")
     ap.add_argument("--profile", action="store_true", help="profile --groups (torch.profiler) instead of timing")
     args = ap.parse_args()
     if args.count_ops:
@@ -233,6 +235,9 @@ def main() -> None:
                 except torch.OutOfMemoryError as error:
                     entry[f"oom_k{k}"] = str(error)[:200]
                     torch.cuda.empty_cache()
+            if name in args.compile.split(","):
+                entry["stacked_graphs_compiled"] = stacked_rate(runs[:entry["stacked_graphs"]["k"]], args.steps,
+                                                                graphs=True, compile=True)
             if mixer == "mamba":
                 chunked = mamba_layer.chunk_selective_scan
                 mamba_layer.chunk_selective_scan = selective_scan  # the reference loop over T

@@ -70,6 +70,18 @@ class _QueryLoss(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def _forward_backward(loss_module: nn.Module, buffers: dict):
+    """params (stacked on dim 0), x, positions, targets -> the k runs' gradients and losses, the batch shared.
+    A closure over the module, not a method of the trainer: a trainer holding a vmap of its own bound method
+    would sit in a reference cycle, and its device memory (data, graphs) would outlive it until the garbage
+    collector ran (on an H100 the sweep's earlier groups then filled the card)."""
+
+    def loss(params: dict, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return functional_call(loss_module, {**params, **buffers}, (x, positions, targets))
+
+    return vmap(grad_and_value(loss), in_dims=(0, None, None, None))
+
+
 class StackedTrainer:
     """k runs of one shape (group_runs) and their state on `device`: step() trains all of them one step.
 
@@ -77,9 +89,11 @@ class StackedTrainer:
         runs: k runs with one stack_key.
         device: where to train.
         cuda_graphs: capture each batch shape's step as a CUDA graph (CUDA only).
+        compile: torch.compile the vmapped forward and backward (fused elementwise work; costs compile time
+            per batch shape: benchmarks/mqar_stacked.py --compile measures whether it pays).
     """
 
-    def __init__(self, runs: list[MQARRun], device="cpu", cuda_graphs: bool = False):
+    def __init__(self, runs: list[MQARRun], device="cpu", cuda_graphs: bool = False, compile: bool = False):
         if len({stack_key(r) for r in runs}) != 1:
             raise ValueError("stacked runs must differ in lr only")
         for run in runs:
@@ -128,21 +142,16 @@ class StackedTrainer:
         self.losses = torch.full((k,), float("nan"), device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.steps_done = 0
-        # The k losses and gradients (params per run, the batch shared); None: built per step. Not kept
-        # built: a stored vmap of the bound self._loss would tie the trainer into a reference cycle, and its
-        # device memory (data, graphs) would outlive it until the garbage collector runs.
-        self.forward_backward = None
-
-    def _loss(self, params: dict, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.loss_module, {**params, **self.buffers}, (x, positions, targets))
+        self.forward_backward = _forward_backward(self.loss_module, self.buffers)
+        if compile:
+            self.forward_backward = torch.compile(self.forward_backward)
 
     def _step(self, task: int, n: int) -> None:
         """One step of all k runs on a batch of n examples of train task `task`; only device tensors, so it
         can be captured."""
         rows = self.index_table.index_select(0, self.step_t)[0, :n]
         x, positions, targets = (t.index_select(0, rows) for t in self.train[task])
-        fb = self.forward_backward or vmap(grad_and_value(self._loss), in_dims=(0, None, None, None))
-        grads, loss = fb(self.params, x, positions, targets)
+        grads, loss = self.forward_backward(self.params, x, positions, targets)
         g = torch.cat([grads[name].reshape(self.k, -1) for name in self.names], 1)  # [k, P]
         # torch.nn.utils.clip_grad_norm_ per run: one global norm over all of a run's gradients.
         coef = (MAX_GRAD_NORM / (g.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)

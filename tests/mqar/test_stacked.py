@@ -125,3 +125,18 @@ def test_cuda_graphs_equal_eager_and_cpu(mixer, d_model, kwargs):
     assert flat[2] == pytest.approx(flat[1], abs=1e-6) and flat[1] == pytest.approx(flat[0], abs=1e-4)
     torch.testing.assert_close(trainers[2].flat, trainers[1].flat, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(trainers[1].flat.cpu(), trainers[0].flat, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_compiled_step_equals_eager(device):
+    """torch.compile of the vmapped forward and backward (an option benchmarks/mqar_stacked.py --compile times)
+    trains as the eager step does, over batches of two shapes (the second recompiles or goes dynamic)."""
+    runs = [MQARRun("attention", 16, lr, **TINY) for lr in LRS[:2]]
+    eager, compiled = StackedTrainer(runs, device), StackedTrainer(runs, device, compile=True)
+    for _ in range(6):
+        eager.step()
+        compiled.step()
+        torch.testing.assert_close(compiled.losses, eager.losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.flat, eager.flat, atol=1e-5, rtol=1e-5)

@@ -39,7 +39,11 @@ def check_state(state: State | None, q: torch.Tensor, v: torch.Tensor, feature_m
 
 def triton_available(x: torch.Tensor) -> bool:
     """True when x is on CUDA and the Triton kernels import (triton installed), and x is no torch.func
-    (vmap, grad) wrapper: the kernels' autograd Functions have no vmap rule, the PyTorch forms need none."""
+    (vmap, grad) wrapper: the kernels' autograd Functions have no vmap rule, the PyTorch forms need none.
+    Inside torch.compile the PyTorch forms too: dynamo cannot trace the wrapper check (a graph break in the
+    middle of a compiled stacked MQAR step), and the compiler fuses those forms itself."""
+    if torch.compiler.is_compiling():
+        return False
     return x.is_cuda and _triton_imports() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
