@@ -24,7 +24,10 @@ except ImportError:
     fused_decay_linear_attn = None
 
 
-MAX_FUSED_DIM = 256  # dk, dv: the sweep's widest heads (the kernels run wider dims in blocks, untested past it)
+# dk, dv up to which the fused kernels run: on an H100 (benchmarks/results/decay-attn-h100-2026-12-07.json,
+# forward + backward, 4 stacked runs) they are 1.7-3.4x the chunked form up to 64 but 0.9x at 128 and 0.6x at
+# 256 (Lightning with one head), so wider heads take the chunked form until the kernels are tuned for them.
+MAX_FUSED_DIM = 64
 
 
 def _use_fused(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool) -> bool:
