@@ -10,7 +10,8 @@ The rest of the step works on the stacked parameters flattened into one [k, P] b
 clipping at 1.0 and AdamW (torch.optim.AdamW's arithmetic, decoupled decay on the tensors `decays` picks, the
 per-run lr times the warm-up + cosine schedule), each a handful of kernels. On CUDA the whole step (batch
 gather from device-resident data by a device step counter, forward, backward, clipping, AdamW, schedule) is
-captured once per batch shape as a CUDA graph and replayed, so the host launches one graph per step.
+captured once per task (its batch shape: a short last batch is padded, its padding ignored by the loss) as a
+CUDA graph and replayed, so the host launches one graph per step.
 
 The model is used only through its parameters and forward (torch.func.functional_call), whatever the layout
 mqar_config builds. Each run's row is the one train_mqar would write, plus "stacked": k; a run trained here
@@ -38,6 +39,7 @@ from .train import (
 
 # torch.optim.AdamW's defaults, which train_mqar uses.
 BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
+IGNORE = -100  # F.cross_entropy's ignore_index
 
 
 def stack_key(run: MQARRun) -> str:
@@ -118,7 +120,9 @@ class StackedTrainer:
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
 
-        # Data on the device once; every step's example indices in a [steps, batch_size] table (padded).
+        # Data on the device once; every step's example indices in a [steps, batch_size] table. A short last
+        # batch is padded (with example 0) to the full size and its padding rows' targets are ignored by the
+        # loss, so each task has one batch shape: one CUDA graph (and one compilation) per task, not two.
         self.train = [tuple(t.to(device) for t in (x, *query_positions(y)))
                       for x, y in (task_data(base, "train", i) for i in range(len(base.train)))]
         order = list(batch_order(base))
@@ -129,6 +133,8 @@ class StackedTrainer:
         for s, (_, idx) in enumerate(order):
             table[s, : len(idx)] = idx
         self.index_table = table.to(device)
+        self.size_table = torch.tensor(self.sizes, device=device)
+        self.row_ids = torch.arange(base.batch_size, device=device)
 
         # AdamW's per-step scalars in float64 (as torch.optim computes them), stored per step and run.
         beta1, beta2 = BETAS
@@ -140,17 +146,19 @@ class StackedTrainer:
         self.bc2_sqrt_table = ((1 - beta2**steps) ** 0.5).float().to(device)  # [steps]
         self.step_t = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.full((k,), float("nan"), device=device)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.steps_done = 0
         self.forward_backward = _forward_backward(self.loss_module, self.buffers)
         if compile:
             self.forward_backward = torch.compile(self.forward_backward)
 
-    def _step(self, task: int, n: int) -> None:
-        """One step of all k runs on a batch of n examples of train task `task`; only device tensors, so it
-        can be captured."""
-        rows = self.index_table.index_select(0, self.step_t)[0, :n]
+    def _step(self, task: int) -> None:
+        """One step of all k runs on the next batch, of train task `task`; only device tensors, so it can be
+        captured."""
+        rows = self.index_table.index_select(0, self.step_t)[0]
         x, positions, targets = (t.index_select(0, rows) for t in self.train[task])
+        padding = self.row_ids >= self.size_table.index_select(0, self.step_t)  # rows past a short batch
+        targets = targets.masked_fill(padding[:, None], IGNORE)  # cross_entropy's mean leaves them out
         grads, loss = self.forward_backward(self.params, x, positions, targets)
         g = torch.cat([grads[name].reshape(self.k, -1) for name in self.names], 1)  # [k, P]
         # torch.nn.utils.clip_grad_norm_ per run: one global norm over all of a run's gradients.
@@ -172,36 +180,34 @@ class StackedTrainer:
         return [self.flat, self.exp_avg, self.exp_avg_sq, self.step_t, self.losses]
 
     def _capture(self) -> None:
-        """One graph per batch shape (task, batch size), sharing one memory pool (they never run at once).
-        Warm-up steps run first on a side stream, as capture needs; the state is restored after them."""
+        """One graph per task (its batch shape), sharing one memory pool (they never run at once). Warm-up
+        steps run first on a side stream, as capture needs; the state is restored after them."""
         saved = [t.clone() for t in self._state()]
         try:
-            shapes = sorted(set(zip(self.tasks, self.sizes)))
+            first = {}
+            for s, task in enumerate(self.tasks):
+                first.setdefault(task, s)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            first = {}
-            for s, shape in enumerate(zip(self.tasks, self.sizes)):
-                first.setdefault(shape, s)
             with torch.cuda.stream(side):
-                for shape in shapes:
-                    for _ in range(2):  # on a step of this shape: its indices fit this task's examples
-                        self.step_t.fill_(first[shape])
-                        self._step(*shape)
+                for task in sorted(first):
+                    for _ in range(2):  # on a step of this task: its indices fit this task's examples
+                        self.step_t.fill_(first[task])
+                        self._step(task)
             torch.cuda.current_stream(self.device).wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
-            for shape in shapes:
+            for task in sorted(first):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._step(*shape)
-                self.graphs[shape] = graph
+                    self._step(task)
+                self.graphs[task] = graph
         finally:
             for t, s in zip(self._state(), saved):
                 t.copy_(s)
 
     def step(self) -> None:
         """The next training step of all k runs."""
-        s = self.steps_done
-        shape = (self.tasks[s], self.sizes[s])
+        task = self.tasks[self.steps_done]
         if self.cuda_graphs and not self.graphs:
             try:
                 self._capture()
@@ -212,9 +218,9 @@ class StackedTrainer:
                 self.graphs.clear()
                 self.cuda_graphs = False
         if self.cuda_graphs:
-            self.graphs[shape].replay()
+            self.graphs[task].replay()
         else:
-            self._step(*shape)
+            self._step(task)
         self.steps_done += 1
 
     def state_dict(self, seconds: float) -> dict:
