@@ -34,6 +34,8 @@ class Attention(nn.Module):
         d_model: model width.
         num_heads: heads (d_model / num_heads must be an even integer).
         rotary_base: RoPE base.
+        rotary: rotate q and k (RoPE); False for position-free attention (Zoology's MQAR models, whose
+            positions come from their BaseConv).
         qkv_bias: bias on the fused Wqkv projection.
         layer_idx: position in the model (bookkeeping only).
     """
@@ -54,13 +56,14 @@ class Attention(nn.Module):
         rotary_base: float = 10000.0,
         qkv_bias: bool = False,
         layer_idx: int | None = None,
+        rotary: bool = True,
     ):
         super().__init__()
         self.head_dim = check_heads(d_model, num_heads)
         self.d_model, self.num_heads, self.layer_idx = d_model, num_heads, layer_idx
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=qkv_bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim, rotary_base)
+        self.rotary = RotaryEmbedding(self.head_dim, rotary_base) if rotary else None
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention within one fresh sequence; q, k, v [B, T, H, D] -> [B, T, H, D]."""
@@ -130,13 +133,15 @@ class Attention(nn.Module):
         self._check_fits(state, seqlen_offset, 1)
         pos = token_positions(seqlen_offset, B, 1, qkv.device)[:, 0]
         q, k, v = qkv.view(B, 3, self.num_heads, self.head_dim).unbind(1)
-        o = decode_attn_step(q, k, v, state[0], state[1], pos, self.rotary.cached_inv_freq(qkv.device))
+        inv_freq = None if self.rotary is None else self.rotary.cached_inv_freq(qkv.device)
+        o = decode_attn_step(q, k, v, state[0], state[1], pos, inv_freq)
         return o.reshape(B, self.d_model)
 
     def _qkv(self, x: torch.Tensor, seqlen_offset: Offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
         q, k, v = self.Wqkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.rotary(q, k, seqlen_offset)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, seqlen_offset)
         return q, k, v
 
     def _check_fits(self, state: State, seqlen_offset: Offset, T: int) -> None:

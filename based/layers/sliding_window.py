@@ -21,6 +21,7 @@ class SlidingWindowAttention(Attention):
         num_heads: heads (d_model / num_heads must be an even integer).
         window_size: tokens visible per query, itself included (>= 1).
         rotary_base: RoPE base.
+        rotary: rotate q and k (RoPE), as Attention.
         qkv_bias: bias on the fused Wqkv projection.
         layer_idx: position in the model (bookkeeping only).
     """
@@ -33,10 +34,12 @@ class SlidingWindowAttention(Attention):
         rotary_base: float = 10000.0,
         qkv_bias: bool = False,
         layer_idx: int | None = None,
+        rotary: bool = True,
     ):
         if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size <= 0:
             raise ValueError(f"window_size must be a positive int (tokens visible, self included), got {window_size!r}")
-        super().__init__(d_model, num_heads, rotary_base=rotary_base, qkv_bias=qkv_bias, layer_idx=layer_idx)
+        super().__init__(d_model, num_heads, rotary_base=rotary_base, qkv_bias=qkv_bias, layer_idx=layer_idx,
+                         rotary=rotary)
         self.window_size = window_size
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,8 @@ class BasedConfig(PretrainedConfig):
         window_size, swa_num_heads: sliding-window attention (window counts tokens, self included).
         attn_num_heads: full attention (Transformer++).
         rotary_base: RoPE base of both softmax attentions.
+        attn_rotary: whether both softmax attentions rotate q and k (RoPE); False in the MQAR models of
+            figure 2, as in Zoology's (positions come from the BaseConv before them).
         conv_kernel_size, conv_expand: BaseConv.
         ssm_state_size, ssm_expand: Mamba's d_state and expand (also Mamba-2's). h3_state_size: H3's N (even).
         lightning_num_heads: Lightning Attention heads (head_dim = d_model / heads, state per head head_dim^2).
@@ -84,6 +86,7 @@ class BasedConfig(PretrainedConfig):
     swa_num_heads: int = 16
     attn_num_heads: int = 16
     rotary_base: float = 10000.0
+    attn_rotary: bool = True
     conv_kernel_size: int = 3
     conv_expand: int = 2
     la_num_features: int | None = None
@@ -118,6 +121,8 @@ class BasedConfig(PretrainedConfig):
         )
         _positive(rms_norm_eps=self.rms_norm_eps, la_eps=self.la_eps, rotary_base=self.rotary_base,
                   initializer_range=self.initializer_range)
+        if not isinstance(self.attn_rotary, bool):
+            raise ValueError(f"attn_rotary must be true or false, got {self.attn_rotary!r}")
         for name in ("la_head_dim", "mlp_hidden_size", "la_num_features"):
             if getattr(self, name) is not None:
                 _positive_int(**{name: getattr(self, name)})

@@ -44,10 +44,12 @@ def build_mixer(config: BasedConfig, kind: str, layer_idx: int) -> nn.Module:
         )
     if kind == "sliding_window":
         return SlidingWindowAttention(
-            d, config.swa_num_heads, config.window_size, rotary_base=config.rotary_base, layer_idx=layer_idx
+            d, config.swa_num_heads, config.window_size, rotary_base=config.rotary_base, layer_idx=layer_idx,
+            rotary=config.attn_rotary,
         )
     if kind == "attention":
-        return Attention(d, config.attn_num_heads, rotary_base=config.rotary_base, layer_idx=layer_idx)
+        return Attention(d, config.attn_num_heads, rotary_base=config.rotary_base, layer_idx=layer_idx,
+                         rotary=config.attn_rotary)
     if kind == "mamba":
         return Mamba(d, d_state=config.ssm_state_size, expand=config.ssm_expand, layer_idx=layer_idx)
     if kind == "lightning":

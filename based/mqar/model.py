@@ -12,7 +12,9 @@ Two layouts:
   x = x + mixer(layernorm1(x)), then x = x + layernorm2(x) (the identity "MLP" adds its normalised input
   to the residual), with every nn.Linear (the Hyena filter's MLP too) at N(0, 0.02), biases zero and the
   mixers' out_proj at N(0, 0.02 / sqrt(2 * n_layer)) (H3's output projection, `output_linear` there, is
-  not rescaled). All: tied embeddings at N(0, 0.02), no position embedding, a final LayerNorm.
+  not rescaled). All: tied embeddings at N(0, 0.02), no position embedding, a final LayerNorm. Softmax
+  attention (full and sliding-window) has no rotary embeddings either, as Zoology's MHA and SlidingAttn:
+  positions reach it through the BaseConv before it.
   Zoology's embedding dropout (0.1) is left out (`embed_dropout` puts it back): stacked and separate
   training must give the same models.
 - "conv_hybrid": the layout this package used before (labelled so in results): [BaseConv, mixer] for
@@ -40,9 +42,12 @@ MAMBA_BLOCK_MIXERS = ("mamba", "mamba2")
 
 
 def paper_mixer_kwargs(mixer: str, d_model: int) -> dict:
-    """BasedConfig fields figure 2 sets for a mixer at this width: H3 N = d_model / 4, head_dim 2."""
+    """BasedConfig fields figure 2 sets for a mixer at this width: H3 N = d_model / 4, head_dim 2; softmax
+    attention (full and sliding-window) without rotary embeddings, as Zoology's MHA and SlidingAttn."""
     if mixer == "h3":
         return {"h3_state_size": max(2, d_model // 4), "h3_head_dim": 2}
+    if mixer in ("attention", "sliding_window"):
+        return {"attn_rotary": False}
     return {}
 
 

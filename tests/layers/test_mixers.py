@@ -13,6 +13,9 @@ MIXERS = {
     "linear_attn_fold_every_3": lambda: LinearAttention(D, feature_dim=4, num_heads=H, fold_every=3),
     "sliding_window": lambda: SlidingWindowAttention(D, H, window_size=WINDOW),
     "attention": lambda: Attention(D, H),
+    # Without rotary embeddings (the MQAR models of figure 2, as Zoology's): decode must skip it too.
+    "attention_no_rotary": lambda: Attention(D, H, rotary=False),
+    "sliding_window_no_rotary": lambda: SlidingWindowAttention(D, H, window_size=WINDOW, rotary=False),
     "base_conv": lambda: BaseConv(D, kernel_size=3),
 }
 T = 4 * WINDOW + 3  # several windows long
@@ -183,3 +186,19 @@ def test_linear_attention_decode_traffic_counts_the_deferred_writes():
     assert deferred.decode_traffic_bytes() == round(fp32 * 9 / 8) + buffered + buffered // 7
     with pytest.raises(ValueError, match="fold_every"):
         LinearAttention(D, feature_dim=4, num_heads=H, fold_every=0)
+
+
+def test_attention_without_rotary_is_plain_causal_softmax_attention():
+    """rotary=False: softmax(q k^T / sqrt(D) + causal mask) v per head, from the Wqkv split, then out_proj;
+    with rotary the same inputs give another output (so the flag is not ignored)."""
+    torch.manual_seed(0)
+    plain, rotated = Attention(D, H, rotary=False).eval(), Attention(D, H).eval()
+    rotated.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 9, D)
+    q, k, v = plain.Wqkv(x).view(2, 9, 3, H, D // H).unbind(2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / (D // H) ** 0.5
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(2, 9, D)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), plain.out_proj(o), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(rotated(x), plain(x), atol=1e-3)

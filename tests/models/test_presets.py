@@ -114,6 +114,7 @@ def test_default_config_is_360m():
     "overrides, match",
     [
         (dict(mixer_types=["base_conv", "xlstm", "linear_attn", "base_conv"]), r"unknown mixer type\(s\) \['xlstm'\]"),
+        (dict(attn_rotary="no"), "attn_rotary must be true or false, got 'no'"),
         (dict(mixer_types=["base_conv", "h3", "linear_attn", "base_conv"], h3_state_size=7), "h3_state_size must be even"),
         (dict(n_layer=3), "mixer_types has 4 entries but n_layer=3"),
         (dict(d_model=66), "d_model=66 is not divisible by la_num_heads=4"),

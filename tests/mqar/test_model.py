@@ -25,6 +25,14 @@ def test_paper_layout_per_family(mixer, layers):
     assert model.head(torch.zeros(64)).shape == (100,) and model.embeddings.weight is not None  # tied head
 
 
+@pytest.mark.parametrize("mixer", ["attention", "sliding_window"])
+def test_paper_attention_has_no_rotary(mixer):
+    """Zoology's MHA and SlidingAttn have no position encoding (the BaseConv before them gives positions);
+    the earlier conv_hybrid layout keeps the LM's rotary attention."""
+    assert MQARModel(mqar_config(mixer, 64, 100, 64)).mixers[1].rotary is None
+    assert MQARModel(mqar_config(mixer, 64, 100, 64, layout="conv_hybrid")).mixers[1].rotary is not None
+
+
 def test_paper_h3_is_figure2s():
     model = MQARModel(mqar_config("h3", 128, 100, 64))
     h3 = model.mixers[1]
