@@ -19,6 +19,8 @@ Prints one JSON object (and writes it to --out) with the date, GPU and git revis
 --sass needs no GPU: it compiles both kernels for sm_90a at each shape (triton.compile, then the ptxas and
 cuobjdump that ship with Triton) and prints, per kernel, registers, spills, shared memory and the instruction
 mix of its innermost loop (shuffles, exps, barriers, fences, spill reloads): what the notes in fused.py quote.
+The forward is compiled once per block of states it launches (24 = 16 + 8), and its chunk loop's instructions
+are summed over the blocks per element (one step, channel and state): fwd_instructions_per_element.
 """
 from __future__ import annotations
 
@@ -158,16 +160,22 @@ def _sass(fn, consts: dict, ints: tuple, options: dict) -> dict:
 
 
 def sass_report(T: int, dims, states, runs: int) -> dict:
-    """_sass of both kernels at each (runs x d_inner, N), as _fwd and _bwd would launch them."""
+    """_sass of both kernels at each (runs x d_inner, N), as _fwd and _bwd would launch them: the forward once per
+    state block (fused._state_blocks), with its instructions per element (one step of one channel and state)."""
     out = []
     for D in dims:
         for N in states:
             dim, G = runs * D, runs
-            CH, BD, BN = fused._tiles(T, dim, G, N, None, fused.TILE_FWD)
-            fwd = dict(HAS_D=True, HAS_H0=False, SAVE_CKPT=True, CH=CH, BD=BD, BN=BN)
-            out.append({"d_inner": D, "d_state": N, "channels": dim,
-                        "fwd": _sass(fused._fwd_kernel, fwd, ("T", "DIM", "G", "N", "DG", "NC"),
-                                     {"num_warps": fused.NUM_WARPS}),
+            fwd, per_element = [], 0.0
+            for meta in fused._fwd_launches(T, dim, G, N):
+                programs, warps = meta.pop("programs"), meta.pop("num_warps")
+                consts = dict(HAS_D=True, HAS_H0=False, SAVE_CKPT=True, **meta)
+                counts = _sass(fused._fwd_kernel, consts, ("T", "DIM", "G", "N", "DG", "NC"), {"num_warps": warps})
+                # the inner loop is one chunk: CH steps of the block's channels, per thread
+                per_element += counts["inner_loop"]["instructions"] * 32 * warps * programs / (meta["CH"] * dim * N)
+                fwd.append({"N0": meta["N0"], "BN": meta["BN"], "BD": meta["BD"], "num_warps": warps, **counts})
+            out.append({"d_inner": D, "d_state": N, "channels": dim, "fwd": fwd,
+                        "fwd_instructions_per_element": round(per_element, 1),
                         "bwd": _sass(fused._bwd_kernel, fused._bwd_meta(T, dim, G, N), ("T", "NC"),
                                      {"num_warps": fused.NUM_WARPS_BWD, "maxnreg": fused.MAXNREG_BWD})})
             print(json.dumps(out[-1]), flush=True)

@@ -127,6 +127,23 @@ def test_backward_in_blocks_of_states(monkeypatch, N, groups):
         assert rel_err(a, b) < 1e-4, name
 
 
+@pytest.mark.parametrize("N, groups, blocks", [(24, 2, [16, 8]), (7, 0, [4, 2, 1])])
+def test_forward_in_blocks_of_states(N, groups, blocks):
+    """N that is not a power of two runs one forward launch per power-of-two block of states (MQAR's 24 as
+    16 + 8, not padded to 32): y summed across the launches (in y when fp32, else in fp32 scratch), each block's
+    final state and checkpoints (so the backward too) in its own columns, a middle block at N = 7."""
+    from based.ops.ssm import fused
+
+    assert [BN for _, BN in fused._state_blocks(N)] == blocks
+    inputs = _inputs(2, 37, 8, N, seed=17, groups=groups)
+    _check(inputs, chunk_size=8)
+    _check(inputs, with_state=False, chunk_size=8)
+    got = _run(fused_selective_scan, inputs, torch.float64, chunk_size=8)  # the scratch path
+    ref = _run(_grouped_reference, inputs, torch.float64)
+    for name, a, b in zip(("y", "final_state") + NAMES, got, ref):
+        assert rel_err(a, b) < 1e-4, name
+
+
 def test_without_D_or_state():
     u, delta, A, B, C, _, _ = _inputs(2, 11, 4, 3, seed=3)
     y_ref = selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double())[0]
@@ -189,15 +206,18 @@ def compile_for_sm90() -> dict:
 
     results = {}
     for N, dim, groups in ((8, 512, 1), (24, 512, 1), (24, 2048, 4)):
-        CH, BD, BN = fused._tiles(256, dim, groups, N, None, fused.TILE_FWD)
-        fwd = dict(HAS_D=True, HAS_H0=True, SAVE_CKPT=True, CH=CH, BD=BD, BN=BN)
-        for fn, consts, ints, options in (
-            (fused._fwd_kernel, fwd, ("T", "DIM", "G", "N", "DG", "NC"), {"num_warps": fused.NUM_WARPS}),
+        fwd = []  # one launch per block of states
+        for meta in fused._fwd_launches(256, dim, groups, N):
+            options = {"num_warps": meta.pop("num_warps")}
+            meta.pop("programs")
+            fwd.append((fused._fwd_kernel, dict(HAS_D=True, HAS_H0=True, SAVE_CKPT=True, **meta),
+                        ("T", "DIM", "G", "N", "DG", "NC"), options))
+        for fn, consts, ints, options in fwd + [
             (fused._bwd_kernel, fused._bwd_meta(256, dim, groups, N), ("T", "NC"),
              {"num_warps": fused.NUM_WARPS_BWD, "maxnreg": fused.MAXNREG_BWD}),
-        ):
+        ]:
             sig = {a: "constexpr" if a in consts else "i32" if a in ints else "*fp32" for a in fn.arg_names}
-            name = f"{fn.__name__} N={N} D={dim} G={groups}"
+            name = f"{fn.__name__} N={N} D={dim} G={groups}" + (f" states {consts['N0']}+" if "N0" in consts else "")
             try:
                 ptx = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
                                      options=options).asm["ptx"]

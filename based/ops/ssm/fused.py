@@ -1,4 +1,5 @@
 """Selective scan in Triton for training: one kernel forward, one backward, nothing of size [B, T, D, N] in memory.
+(The forward launches once per power-of-two block of states: N = 24 as 16 + 8, see the note above _fwd_kernel.)
 
 A program owns one sequence and a block of channels, and walks T in chunks of CH steps. Inside a chunk the
 recurrence h_t = a_t h_{t-1} + x_t (a_t = exp(delta_t A), x_t = delta_t u_t B_t) is an associative scan over
@@ -31,11 +32,13 @@ import triton
 import triton.language as tl
 
 CHUNK = 16  # CH: steps per register tile
-# CH * BD * BN elements per register tile. Forward: 8 warps, ~100 registers a thread (ptxas, sm_90, N = 24).
+# CH * BD * BN elements per register tile. Forward: 8 warps (4 at blocks of 8 states), 16 elements and 64-72
+# registers a thread (ptxas, sm_90a).
 # Backward: one warp, a tile of CH * 32 (4 channels x 8 states at N = 24), capped at 168 registers (12 warps an
 # SM; uncapped ptxas takes 251, 8 warps): see the note above _bwd_kernel.
 TILE_FWD, TILE_BWD = 4096, CHUNK * 32
 NUM_WARPS = 8
+NUM_WARPS_FWD = {8: 4}  # BN (a forward block of states) -> its warps where not NUM_WARPS; the tile scales with them
 NUM_WARPS_BWD, MAXNREG_BWD = 1, 168
 PIPELINE_BWD = 2  # 2: prefetch a block's loads one ahead (see _bwd_meta): 10-20% faster on an H100, bitwise equal
 CHANNELS_BWD = 64  # channels per backward program: its share of dB, dC is one [T, N] partial, summed after
@@ -51,18 +54,39 @@ def _linear_combine(a1, x1, a2, x2):
     return a1 * a2, x1 * a2 + x2
 
 
+# Forward layout: Triton's default for the [CH, BD, BN] tile puts the CH steps in each thread (the scan along
+# time is sequential register code), n on BN lanes, channels on the other lanes and the warps; y's sum over n
+# takes log2(BN) shuffle rounds a row. N = 24 padded to BN = 32 ran at 4.2x N = 16's time on an H100 (for 1.5x
+# the states): besides 8 idle lanes of 32, the layout Triton derived for [16, 8, 32] loads delta and u in the
+# tile's own layout, every lane the 16 steps of its warp's one channel (32 scalar loads a thread and chunk, each
+# with its 64-bit address arithmetic, where N = 16 loads 4 vectors and converts them through shared memory),
+# and it took 103 registers (2 programs an SM, 64 at N = 16: 4).
+# So N runs as one launch per power-of-two block of states (_state_blocks: 24 = 16 + 8, no padding), y summed
+# across the launches in global memory (in y when fp32, else fp32 scratch; u, delta are read once per block),
+# each block with its own tile and warps: at 8 states 8 warps loaded B, C per lane in the same way, 4 do not
+# (NUM_WARPS_FWD).
+# Estimated from SASS, not timed on a GPU (benchmarks/ssm_scan.py --sass: ptxas 13.4, sm_90a, d_inner 512 x 4
+# runs; the same at 128, 256): instructions of the chunk loop per element (one step, channel and state), regs:
+#   before: N 8 45.8 (94 registers), N 16 29.5 (64), N 24 67.0 (103, BN 32: 804 a thread, 80 shuffles a chunk)
+#   after:  N 8 29.0 (72),           N 16 29.5 (64), N 24 29.4 (16 states: 472 a thread, 64 shuffles, 64 regs;
+#                                                               8 states: 469, 48 shuffles, 64 regs)
+# no spills in any. The N = 24 forward then does ~1.0x N = 16's work per state (was 2.3x), so ~1.5x its time is
+# the expectation. Its memory traffic grows from ~4.6 to ~8.6 times u's size (u, delta read twice, y written
+# and read back once more): ~1.4 ms at 3.35 TB/s at d_inner 512 x 4 runs, batch 256, T 256, under that time.
 @triton.jit
 def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr, ckpt_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, acc_ptr, hT_ptr, ckpt_ptr,
     T, DIM, G, N, DG, NC,
-    CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
-    SAVE_CKPT: tl.constexpr,
+    CH: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, N0: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE_CKPT: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
 ):
+    # States N0 .. N0 + BN of N (see _state_blocks): y's sum over them is added to the earlier blocks' (fp32 in
+    # acc_ptr unless FIRST) and written to acc_ptr, or to y_ptr in its dtype by the LAST block.
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # offsets past 2^31 at long T, large batch
     offs_t = tl.arange(0, CH)
     offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
+    offs_n = N0 + tl.arange(0, BN)
     mask_d = offs_d < DIM
     mask_n = offs_n < N
     mask_dn = mask_d[:, None] & mask_n[None, :]
@@ -73,7 +97,7 @@ def _fwd_kernel(
         h = tl.load(h0_ptr + b * DIM * N + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BD, BN], dtype=tl.float32)
-    if HAS_D:
+    if HAS_D and FIRST:
         Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BD]
     last = offs_t[:, None, None] == CH - 1
     for c in range(NC):
@@ -95,9 +119,14 @@ def _fwd_kernel(
         decay, local = tl.associative_scan((a, x), 0, _linear_combine)
         hs = local + decay * h[None, :, :]  # [CH, BD, BN]
         y = tl.sum(hs * Ct[:, None, :], 2)  # [CH, BD]
-        if HAS_D:
+        if HAS_D and FIRST:
             y += Dskip[None, :] * u
-        tl.store(y_ptr + td_offs, y.to(y_ptr.dtype.element_ty), mask=mask_td)
+        if not FIRST:
+            y += tl.load(acc_ptr + td_offs, mask=mask_td, other=0.0)
+        if LAST:
+            tl.store(y_ptr + td_offs, y.to(y_ptr.dtype.element_ty), mask=mask_td)
+        else:
+            tl.store(acc_ptr + td_offs, y, mask=mask_td)
         h = tl.sum(tl.where(last, hs, 0.0), 0)
     tl.store(hT_ptr + b * DIM * N + state_offs, h, mask=mask_dn)
 
@@ -121,10 +150,10 @@ def _fwd_kernel(
 # - Loads are pipelined one block ahead (PIPELINE_BWD = 2: cp.async into ~2 KB of shared memory): on an H100
 #   (benchmarks/results/ssm-scan-h100-2026-12-07.json) 10-20% less backward time, gradients bitwise equal.
 # Estimates from the sm_90a SASS (ptxas 13.4 here, no GPU timing) at N = 24, D = 2048 (4 runs x 512), G = 4,
-# the inner loop per warp and pass: forward [16 steps, 1 channel, 32 lanes of n, 24 real] ~800 instructions,
-# 80 shuffles, 16 exps; backward [16 steps, 4 channels, 8 states] ~720, 106 shuffles, 16 exps, no fence,
-# barriers only those of the one-warp load pipeline. Per real element that is ~0.7x the forward's
-# instructions and as many shuffles (STATES_BWD = None: ~740 and 164 for 24 of 32 lanes, ~1.3x and 2.7x).
+# the inner loop per warp and pass: backward [16 steps, 4 channels, 8 states] ~720 instructions, 106 shuffles,
+# 16 exps, no fence, barriers only those of the one-warp load pipeline: ~45 instructions per element, 1.5x the
+# forward's 29 (0.7x the padded forward's 67, before the forward ran in blocks of states; STATES_BWD = None:
+# ~740 instructions and 164 shuffles for 24 of 32 lanes).
 # 168 registers (MAXNREG_BWD): 12 warps an SM, the loop reloads 5 spilled values at N = 24 (8 at N = 16, none
 # at N = 8; at 184, 11 warps, none). Grid (D / 64, B) = 8192 programs. So near the forward's time if memory
 # latency is hidden (an estimate: benchmarks/ssm_scan.py measures it and sweeps these settings).
@@ -244,22 +273,46 @@ def _tiles(T: int, dim: int, groups: int, N: int, chunk_size: int | None, tile: 
     return CH, BD, BN
 
 
+def _state_blocks(N: int) -> list[tuple[int, int]]:
+    """(N0, BN) per forward launch: N as a sum of powers of two, largest first (24 = 16 + 8, 20 = 16 + 4)."""
+    blocks, n0 = [], 0
+    while n0 < N:
+        BN = 1 << ((N - n0).bit_length() - 1)
+        blocks.append((n0, BN))
+        n0 += BN
+    return blocks
+
+
+def _fwd_launches(T: int, dim: int, groups: int, N: int, chunk_size: int | None = None) -> list[dict]:
+    """_fwd_kernel's tile constexprs per launch (one per state block) and its channel blocks a sequence."""
+    out = []
+    for i, (N0, BN) in enumerate(blocks := _state_blocks(N)):
+        warps = NUM_WARPS_FWD.get(BN, NUM_WARPS)
+        CH, BD, _ = _tiles(T, dim, groups, BN, chunk_size, TILE_FWD * warps // NUM_WARPS)
+        out.append(dict(CH=CH, BD=BD, BN=BN, N0=N0, FIRST=i == 0, LAST=i == len(blocks) - 1,
+                        programs=triton.cdiv(dim, BD), num_warps=warps))
+    return out
+
+
 def _fwd(u, delta, A, B, C, D, h0, chunk_size=None, save_ckpt=True):
     """Plain tensors: u, delta [b, T, D]; A [D, N]; B, C [b, T, G, N]; D [D] or None; h0 [b, D, N] or None.
     Returns y [b, T, D], hT [b, D, N] fp32, ckpt [b, T / CH, D, N] fp32."""
     Bsz, T, dim = u.shape
     G, N = B.shape[2], B.shape[3]
-    CH, BD, BN = _tiles(T, dim, G, N, chunk_size, TILE_FWD)
-    NC = triton.cdiv(T, CH)
+    launches = _fwd_launches(T, dim, G, N, chunk_size)
+    NC = triton.cdiv(T, launches[0]["CH"])
     y = torch.empty_like(u)
     hT = u.new_empty(Bsz, dim, N, dtype=torch.float32)
     ckpt = u.new_empty(Bsz, NC if save_ckpt else 0, dim, N, dtype=torch.float32)
-    # Channel blocks of one sequence launch next to each other: they share the sectors of u, delta and B, C.
-    _fwd_kernel[(triton.cdiv(dim, BD), Bsz)](
-        u, delta, A, B, C, D if D is not None else u, h0 if h0 is not None else u, y, hT, ckpt,
-        T, dim, G, N, dim // G, NC, CH=CH, BD=BD, BN=BN, HAS_D=D is not None, HAS_H0=h0 is not None,
-        SAVE_CKPT=save_ckpt, num_warps=NUM_WARPS,
-    )
+    # y summed over the state blocks so far: in y itself when fp32, else in fp32 scratch
+    acc = y if len(launches) == 1 or y.dtype == torch.float32 else torch.empty_like(u, dtype=torch.float32)
+    for meta in launches:
+        # Channel blocks of one sequence launch next to each other: they share the sectors of u, delta and B, C.
+        _fwd_kernel[(meta.pop("programs"), Bsz)](
+            u, delta, A, B, C, D if D is not None else u, h0 if h0 is not None else u, y, acc, hT, ckpt,
+            T, dim, G, N, dim // G, NC, **meta, HAS_D=D is not None, HAS_H0=h0 is not None,
+            SAVE_CKPT=save_ckpt,
+        )
     return y, hT, ckpt
 
 
