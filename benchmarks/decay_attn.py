@@ -18,27 +18,13 @@ import datetime
 import itertools
 import json
 import os
-import statistics
 
 import torch
 from torch.func import vmap
 
 from based.ops.decay import chunk_decay_linear_attn, fused_decay_linear_attn
 from based.ops.decay import triton as fused
-
-
-def _ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
+from _timing import cuda_ms  # benchmarks/ is on sys.path when run as a script
 
 
 def shapes() -> list[dict]:
@@ -75,7 +61,7 @@ def _time(attn, inputs, reps):
         for t in inputs:
             t.grad = None
 
-    return dict(fwd=_ms(fwd, reps), fwd_bwd=_ms(fwd_bwd, reps))
+    return dict(fwd=cuda_ms(fwd, reps), fwd_bwd=cuda_ms(fwd_bwd, reps))
 
 
 def _result(args, rows) -> dict:

@@ -19,7 +19,6 @@ import datetime
 import itertools
 import json
 import os
-import statistics
 
 import torch
 from torch.func import grad, vmap
@@ -27,23 +26,10 @@ from torch.func import grad, vmap
 from based.ops.rwkv import triton as fused
 from based.ops.rwkv.chunk import chunk_rwkv5_attn
 from based.ops.rwkv.triton import fused_rwkv5_attn
+from _timing import cuda_ms  # benchmarks/ is on sys.path when run as a script
 
 HEAD = 64
 SETTINGS = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_BWD", "NUM_WARPS_BWD")  # fused's block sizes and warps
-
-
-def _ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
 
 
 def _inputs(k: int, b: int, T: int, H: int):
@@ -81,8 +67,8 @@ def _shape(runs, b, T, d_model, reps) -> dict:
         fwd_bwd = vmap(grad(_loss(op), argnums=(0, 1, 2, 3, 4)))
         try:
             results[name] = [fwd(*inputs)] + list(fwd_bwd(*inputs, wo))
-            out[name] = {"fwd_ms": _ms(lambda: fwd(*inputs), reps),
-                         "fwd_bwd_ms": _ms(lambda: fwd_bwd(*inputs, wo), reps)}
+            out[name] = {"fwd_ms": cuda_ms(lambda: fwd(*inputs), reps),
+                         "fwd_bwd_ms": cuda_ms(lambda: fwd_bwd(*inputs, wo), reps)}
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             out[name] = {"fwd_ms": "oom", "fwd_bwd_ms": "oom"}
@@ -102,8 +88,8 @@ def _folded(inputs):
 def _kernel_times(inputs, reps: int) -> dict:
     args = _folded(inputs)
     do = torch.randn_like(args[2])
-    return {"kernel_fwd_ms": _ms(lambda: fused._fwd(*args), reps),
-            "kernel_bwd_ms": _ms(lambda: fused._bwd(*args, do), reps)}
+    return {"kernel_fwd_ms": cuda_ms(lambda: fused._fwd(*args), reps),
+            "kernel_bwd_ms": cuda_ms(lambda: fused._bwd(*args, do), reps)}
 
 
 def _sweep(runs, b, T, d_model, reps) -> dict:
@@ -121,7 +107,7 @@ def _sweep(runs, b, T, d_model, reps) -> dict:
             for combo in itertools.product(*values):
                 for n, val in zip(names, combo):
                     setattr(fused, n, val)
-                rows.append({**dict(zip(names, combo)), "ms": _ms(fn, reps)})
+                rows.append({**dict(zip(names, combo)), "ms": cuda_ms(fn, reps)})
         finally:
             for n, val in saved.items():
                 setattr(fused, n, val)

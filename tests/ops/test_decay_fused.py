@@ -7,8 +7,6 @@ Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny shapes (set before
 """
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +25,7 @@ from based.ops.decay import chunk_decay_linear_attn, naive_decay_linear_attn  # 
 from based.ops.decay import triton as fused  # noqa: E402
 from based.ops.decay.triton import fused_decay_linear_attn  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
+from tests.ops._triton_check import compile_in_child, ptx_status  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("o", "q", "k", "v", "g")
@@ -234,8 +233,6 @@ def compile_for_sm90() -> dict:
     """{kernel: "ok" or the compiler's error}: both kernels for an H100 at Mamba-2's N = 24 (padded to 32),
     dv = 64, T = 256."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     meta = fused._meta(256, 24, 64)
     options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
@@ -245,25 +242,14 @@ def compile_for_sm90() -> dict:
         consts = dict(meta, PREC=fused._precision(), **extra)
         sig = {a: "constexpr" if a in consts else "*fp32" if a in pointers else "fp32" if a == "scale" else "i32"
                for a in fn.arg_names}
-        try:
-            ptx = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
-                                 options=options).asm["ptx"]
-            results[fn.__name__] = "ok" if f".entry {fn.__name__}" in ptx else "no entry point in the PTX"
-        except Exception as e:  # noqa: BLE001 - reported per kernel
-            results[fn.__name__] = f"{type(e).__name__}: {e}"
+        results[fn.__name__] = ptx_status(fn, sig, consts, options)
     return results
 
 
 def test_kernels_compile_for_sm90():
     """The interpreter runs kernels as NumPy and misses what only the compiler sees: compile both for an H100
     in a child process, where TRITON_INTERPRET is unset (tests/ops/test_ssm_fused.py does the same)."""
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results = compile_in_child(__file__)
     assert results and all(v == "ok" for v in results.values()), results
 
 

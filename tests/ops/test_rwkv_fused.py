@@ -7,8 +7,6 @@ pytest -m gpu tests/ops/test_rwkv_fused.py
 """
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -26,6 +24,7 @@ from based.ops.rwkv.chunk import chunk_rwkv5_attn  # noqa: E402
 from based.ops.rwkv.naive import naive_rwkv5_attn  # noqa: E402
 from based.ops.rwkv.triton import fused_rwkv5_attn  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
+from tests.ops._triton_check import compile_in_child, ptx_status  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("r", "k", "v", "w_log", "u")
@@ -155,10 +154,6 @@ def test_rwkv5_attn_takes_the_fused_path_on_cuda_only(monkeypatch):
 
 def compile_for_sm90() -> dict:
     """{kernel: "ok" or the compiler's error}: both kernels at the sweep's head size 64."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from based.ops.rwkv import triton as fused
 
     kernels = (
@@ -170,25 +165,14 @@ def compile_for_sm90() -> dict:
     for fn, blocks, warps in kernels:
         consts = dict(DK=64, DV=64, **blocks)
         sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "H", "RB") else "*fp32" for a in fn.arg_names}
-        try:
-            ptx = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
-                                 options={"num_warps": warps}).asm["ptx"]
-            results[fn.__name__] = "ok" if f".entry {fn.__name__}" in ptx else "no entry point in the PTX"
-        except Exception as e:  # noqa: BLE001 - reported per kernel
-            results[fn.__name__] = f"{type(e).__name__}: {e}"
+        results[fn.__name__] = ptx_status(fn, sig, consts, {"num_warps": warps})
     return results
 
 
 def test_kernels_compile_for_sm90():
     """The interpreter misses what only the compiler sees: compile the kernels for an H100 in a child process,
     where TRITON_INTERPRET is unset (tests/ops/test_triton_compile.py)."""
-    pytest.importorskip("triton.backends.nvidia")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results = compile_in_child(__file__)
     assert results and all(v == "ok" for v in results.values()), results
 
 

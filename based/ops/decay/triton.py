@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vmap_fold import fold_runs, unfold_runs
+
 # tl.dot's input_precision for fp32 operands; None follows torch.get_float32_matmul_precision(), as the chunked
 # form's matmuls do: "highest" (PyTorch's default) -> "tf32x3", three TF32 products, about fp32 accuracy; "high"
 # or "medium" (the MQAR trainers set "high" on CUDA) -> "tf32", one product, ~1e-3 relative, fewer registers.
@@ -255,16 +257,6 @@ def _bwd(q, k, v, g, do, scale):
     return dq.to(q.dtype), dk_.to(k.dtype), dv_, dg.to(g.dtype)
 
 
-def _fold(x, in_dim, n):
-    """[R, ...] with a vmapped dim of n runs at in_dim (None: shared, expanded as a view) -> [n R, ...]."""
-    x = x.expand(n, *x.shape) if in_dim is None else x.movedim(in_dim, 0)
-    return x.flatten(0, 1)  # a view where R is 1, the usual case
-
-
-def _unfold(x, n):
-    return x.unflatten(0, (n, x.shape[0] // n))
-
-
 class _DecayAttnBackward(torch.autograd.Function):
     """The backward kernel as a Function of its own, so that vmap(grad(...)) can batch it too."""
 
@@ -283,9 +275,10 @@ class _DecayAttnBackward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, q, k, v, g, do, scale):
         n = info.batch_size
-        args = [_fold(x, d, n) for x, d in zip((q, k, v, g, do), in_dims[:5])]
+        # The runs become rows of R, [R, ...] -> [n R, ...]: a view where R is 1, the usual case.
+        args = [fold_runs(x, d, n) for x, d in zip((q, k, v, g, do), in_dims[:5])]
         grads = _DecayAttnBackward.apply(*args, scale)
-        return tuple(_unfold(x, n) for x in grads), (0, 0, 0, 0)
+        return tuple(unfold_runs(x, n) for x in grads), (0, 0, 0, 0)
 
 
 class DecayLinearAttn(torch.autograd.Function):
@@ -309,8 +302,8 @@ class DecayLinearAttn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, q, k, v, g, scale):
         n = info.batch_size
-        args = [_fold(x, d, n) for x, d in zip((q, k, v, g), in_dims[:4])]
-        return _unfold(DecayLinearAttn.apply(*args, scale), n), 0
+        args = [fold_runs(x, d, n) for x, d in zip((q, k, v, g), in_dims[:4])]
+        return unfold_runs(DecayLinearAttn.apply(*args, scale), n), 0
 
 
 def fused_decay_linear_attn(

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vmap_fold import fold_runs, unfold_runs
+
 # Block sizes and warps (tuned by benchmarks/rwkv_attn.py --sweep). A state block is laid out with its summed
 # axis first: Triton spreads the last axis over lanes, so each step's sum stays mostly within a thread.
 BLOCK_V_FWD, NUM_WARPS_FWD = 32, 2  # forward: dv columns a program
@@ -223,24 +225,6 @@ def _bwd(r, k, v, w_log, u, do):
     return dr, dk_, dv_, dl.to(w_log.dtype), du.to(u.dtype)
 
 
-def _batched(x, in_dim, k):
-    """x with its vmapped dim (k runs; expanded where x is shared by all runs) moved to the front."""
-    if in_dim is None:
-        return x.unsqueeze(0).expand(k, *x.shape)
-    return x.movedim(in_dim, 0)
-
-
-def _fold(x, in_dim, k):
-    """[k, N, ...] -> [k N, ...]: the runs become sequences (r, k, v, do) or rows of R (w_log, u)."""
-    x = _batched(x, in_dim, k)
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
-
-
-def _unfold(x, k):
-    """The inverse of _fold, a view: [k N, ...] -> [k, N, ...]."""
-    return x.view(k, x.shape[0] // k, *x.shape[1:])
-
-
 class _RWKV5Backward(torch.autograd.Function):
     """The backward kernels as a Function of their own, so that vmap(grad(...)) batches them too."""
 
@@ -259,8 +243,10 @@ class _RWKV5Backward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, r, k, v, w_log, u, do):
         n = info.batch_size
-        grads = _RWKV5Backward.apply(*(_fold(x, d, n) for x, d in zip((r, k, v, w_log, u, do), in_dims)))
-        return tuple(_unfold(g, n) for g in grads), (0,) * 5
+        # The runs become sequences (r, k, v, do) or rows of R (w_log, u); the kernels take contiguous tensors.
+        grads = _RWKV5Backward.apply(*(fold_runs(x, d, n, contiguous=True)
+                                       for x, d in zip((r, k, v, w_log, u, do), in_dims)))
+        return tuple(unfold_runs(g, n) for g in grads), (0,) * 5
 
 
 class RWKV5Attn(torch.autograd.Function):
@@ -282,8 +268,8 @@ class RWKV5Attn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, r, k, v, w_log, u):
         n = info.batch_size
-        o = RWKV5Attn.apply(*(_fold(x, d, n) for x, d in zip((r, k, v, w_log, u), in_dims)))
-        return _unfold(o, n), 0
+        o = RWKV5Attn.apply(*(fold_runs(x, d, n, contiguous=True) for x, d in zip((r, k, v, w_log, u), in_dims)))
+        return unfold_runs(o, n), 0
 
 
 def fused_rwkv5_attn(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_log: torch.Tensor,
