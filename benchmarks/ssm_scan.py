@@ -31,32 +31,18 @@ import json
 import collections
 import os
 import re
-import statistics
 import subprocess
 import tempfile
 
 import torch
 from torch.func import vmap
 
+from _timing import cuda_ms  # benchmarks/ is on sys.path when run as a script
 from based.ops.ssm import fused
 from based.ops.ssm.chunk import chunk_selective_scan
 from based.ops.ssm.fused import fused_selective_scan
 
 KNOBS = ("STATES_BWD", "NUM_WARPS_BWD", "MAXNREG_BWD", "CHANNELS_BWD", "TILE_BWD")  # fused's backward settings
-
-
-def _ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
 
 
 def _inputs(k: int, b: int, T: int, D: int, N: int, device="cuda"):
@@ -84,8 +70,8 @@ def _kernel_times(args5, reps: int) -> dict:
     y, hT, ckpt = fused._fwd(u, delta, A, B, C, Dskip, None)
     dy, dhT = torch.randn_like(y), torch.zeros_like(hT)
     return {
-        "fwd_ms": _ms(lambda: fused._fwd(u, delta, A, B, C, Dskip, None), reps),
-        "bwd_ms": _ms(lambda: fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT), reps),
+        "fwd_ms": cuda_ms(lambda: fused._fwd(u, delta, A, B, C, Dskip, None), reps),
+        "bwd_ms": cuda_ms(lambda: fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT), reps),
     }
 
 
@@ -101,7 +87,7 @@ def _pipeline_check(args5, reps: int) -> dict:
         plain = fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT)
         fused.PIPELINE_BWD = 2
         piped = fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT)
-        ms = _ms(lambda: fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT), reps)
+        ms = cuda_ms(lambda: fused._bwd(u, delta, A, B, C, Dskip, ckpt, dy, dhT), reps)
     finally:
         fused.PIPELINE_BWD = saved
     diff = max((a - b).abs().max().item() for a, b in zip(plain, piped) if a is not None and b is not None)
@@ -114,12 +100,12 @@ def _vmap_times(scan, inputs, reps: int) -> dict:
     try:
         y = f(*leaves)
         dy = torch.randn_like(y)
-        fwd = _ms(lambda: f(*leaves), reps)
+        fwd = cuda_ms(lambda: f(*leaves), reps)
 
         def fwd_bwd():
             torch.autograd.grad(f(*leaves), leaves, dy)
 
-        total = _ms(fwd_bwd, reps)
+        total = cuda_ms(fwd_bwd, reps)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"fwd_ms": "oom", "bwd_ms": "oom"}

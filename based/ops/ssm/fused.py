@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..vmap_fold import fold_runs, unfold_runs
+
 CHUNK = 16  # CH: steps per register tile
 # CH * BD * BN elements per register tile. Forward: 8 warps (4 at blocks of 8 states), 16 elements and 64-72
 # registers a thread (ptxas, sm_90a).
@@ -360,39 +362,13 @@ def _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size=None):
             None if D is None else dD.sum(0).to(D.dtype), dh)
 
 
-def _batched(x, in_dim, k, at):
-    """x with its vmapped dim (k runs; expanded where x is shared) moved to position `at`."""
-    if x is None:
-        return None
-    if in_dim is None:
-        return x.unsqueeze(at).expand(*x.shape[:at], k, *x.shape[at:])
-    return x.movedim(in_dim, at)
-
-
-def _fold(x, at):
-    """Merge dim `at` (runs) into the dim after it: runs become channels (or groups)."""
-    if x is None:
-        return None
-    return x.reshape(*x.shape[:at], x.shape[at] * x.shape[at + 1], *x.shape[at + 2:])
-
-
 def _fold_inputs(info, in_dims, u, delta, A, B, C, D, extra):
     """Per-run [b, T, D] / [D, N] / [b, T, G, N] / [D] / extra [b, (nc,) D, N] -> one problem of k D channels
     and k G groups; `extra` is a list of (tensor, in_dim, position of its channel dim)."""
     k = info.batch_size
-    u_d, delta_d, A_d, B_d, C_d, D_d = in_dims[:6]
-    folded = [
-        _fold(_batched(u, u_d, k, 2), 2), _fold(_batched(delta, delta_d, k, 2), 2),
-        _fold(_batched(A, A_d, k, 0), 0), _fold(_batched(B, B_d, k, 2), 2), _fold(_batched(C, C_d, k, 2), 2),
-        _fold(_batched(D, D_d, k, 0), 0),
-    ]
-    folded += [_fold(_batched(x, d, k, at), at) for x, d, at in extra]
-    return [x.contiguous() if x is not None else None for x in folded]
-
-
-def _unfold(x, at, k):
-    """Split channel dim `at` into (k runs, channels): the inverse of _fold, a view."""
-    return x.view(*x.shape[:at], k, x.shape[at] // k, *x.shape[at + 1:])
+    inputs = [(u, 2), (delta, 2), (A, 0), (B, 2), (C, 2), (D, 0)]
+    folded = [fold_runs(x, d, k, at, contiguous=True) for (x, at), d in zip(inputs, in_dims[:6])]
+    return folded + [fold_runs(x, d, k, at, contiguous=True) for x, d, at in extra]
 
 
 class _SelectiveScanBackward(torch.autograd.Function):
@@ -418,8 +394,8 @@ class _SelectiveScanBackward(torch.autograd.Function):
         )
         du, ddelta, dA, dB, dC, dD, dh0 = _SelectiveScanBackward.apply(
             u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size)
-        out = (_unfold(du, 2, k), _unfold(ddelta, 2, k), _unfold(dA, 0, k), _unfold(dB, 2, k), _unfold(dC, 2, k),
-               None if dD is None else _unfold(dD, 0, k), _unfold(dh0, 1, k))
+        out = (unfold_runs(du, k, 2), unfold_runs(ddelta, k, 2), unfold_runs(dA, k, 0), unfold_runs(dB, k, 2),
+               unfold_runs(dC, k, 2), None if dD is None else unfold_runs(dD, k, 0), unfold_runs(dh0, k, 1))
         return out, (2, 2, 0, 2, 2, None if dD is None else 0, 1)
 
 
@@ -453,7 +429,7 @@ class SelectiveScan(torch.autograd.Function):
         k = info.batch_size
         u, delta, A, B, C, D, h0 = _fold_inputs(info, in_dims, u, delta, A, B, C, D, [(h0, in_dims[6], 1)])
         y, hT, ckpt = SelectiveScan.apply(u, delta, A, B, C, D, h0, chunk_size)
-        return (_unfold(y, 2, k), _unfold(hT, 1, k), _unfold(ckpt, 2, k)), (2, 1, 2)
+        return (unfold_runs(y, k, 2), unfold_runs(hT, k, 1), unfold_runs(ckpt, k, 2)), (2, 1, 2)
 
 
 def fused_selective_scan(
