@@ -78,7 +78,9 @@ def _check(inputs, with_state=True, y_tol=1e-5, grad_tol=1e-4, **kw):
         assert rel_err(a, b) < (y_tol if name in ("y", "final_state") else grad_tol), name
 
 
-@pytest.mark.parametrize("T, Dm, N, chunk_size", [(5, 4, 2, None), (21, 6, 3, 8), (33, 16, 5, 16), (40, 4, 4, 4)])
+# (33, 16, 5, 16): ~45 s under the interpreter, so -m slow; odd N across chunks is covered by (21, 6, 3, 8) too.
+@pytest.mark.parametrize("T, Dm, N, chunk_size", [(5, 4, 2, None), (21, 6, 3, 8),
+                                                  pytest.param(33, 16, 5, 16, marks=pytest.mark.slow), (40, 4, 4, 4)])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_matches_reference(T, Dm, N, chunk_size, with_state):
     _check(_inputs(2, T, Dm, N, seed=T + Dm), with_state=with_state, chunk_size=chunk_size)
@@ -178,7 +180,8 @@ def _loss(scan):
     return loss
 
 
-@pytest.mark.parametrize("shared", [(), ("u", "delta", "B", "C")], ids=["all_batched", "shared_inputs"])
+@pytest.mark.parametrize("shared", [(), pytest.param(("u", "delta", "B", "C"), marks=pytest.mark.slow)],
+                         ids=["all_batched", "shared_inputs"])  # shared inputs: -m slow (~20 s interpreted)
 def test_vmap_grad_matches_reference_per_run(shared):
     """vmap(grad) over k = 3 runs (the stacked MQAR trainer) against the reference run by run; `shared`
     inputs are one tensor for all runs (in_dims None)."""
