@@ -51,6 +51,23 @@ NUM_STAGES = 1  # software pipelining of the chunk loop's loads (None: Triton's 
 
 
 @triton.jit
+def _chunk(q, k, v, g, t, T, offs_k, offs_v, mask_k, mask_v, sq_t, sk_t, sv_t, sg_t, causal, last):
+    """Tokens t of one chunk as fp32: q, k [C, BK], v [C, BV], b = cumsum(g) from the chunk's start [C], its last
+    value b_C, and the decays exp(b_i - b_j) for j <= i (0 above: -inf before exp, so every exponent is <= 0).
+    Tokens past T load q = k = v = 0 and g = 0: they add nothing to a state and their rows are not stored."""
+    mask_t = t < T
+    mask_tk = mask_t[:, None] & mask_k[None, :]
+    mask_tv = mask_t[:, None] & mask_v[None, :]
+    bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+    bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+    bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+    bb = tl.cumsum(tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32), 0)
+    b_last = tl.sum(tl.where(last, bb, 0.0), 0)
+    decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))
+    return mask_t, mask_tk, mask_tv, bq, bk, bv, bb, b_last, decay
+
+
+@triton.jit
 def _fwd_kernel(
     q, k, v, g, o,
     sq_r, sq_b, sq_t, sq_h, sk_r, sk_b, sk_t, sk_h, sv_r, sv_b, sv_t, sv_h, sg_r, sg_b, sg_t, sg_h,
@@ -78,20 +95,11 @@ def _fwd_kernel(
     S = tl.zeros([BK, BV], dtype=tl.float32)
     for c in range(tl.cdiv(T, C)):
         t = c * C + offs_c
-        mask_t = t < T
-        # Tokens past T load q = k = v = 0 and g = 0: they add nothing to S and their rows are not stored.
-        bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0)
-        bg = tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32)
-        bq, bk, bv = bq.to(tl.float32), bk.to(tl.float32), bv.to(tl.float32)  # [C, BK], [C, BK], [C, BV]
-        bb = tl.cumsum(bg, 0)  # [C]
-        b_last = tl.sum(tl.where(last, bb, 0.0), 0)
-        decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))  # [C, C]
+        _, _, mask_tv, bq, bk, bv, bb, b_last, decay = _chunk(
+            q, k, v, g, t, T, offs_k, offs_v, mask_k, mask_v, sq_t, sk_t, sv_t, sg_t, causal, last)
         A = tl.dot(bq, tl.trans(bk), input_precision=PREC) * decay
         bo = tl.dot(A, bv, input_precision=PREC) + tl.dot(bq * tl.exp(bb)[:, None], S, input_precision=PREC)
-        tl.store(o + t[:, None] * H * DV + offs_v[None, :], (scale * bo).to(o.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_v[None, :])
+        tl.store(o + t[:, None] * H * DV + offs_v[None, :], (scale * bo).to(o.dtype.element_ty), mask=mask_tv)
         kd = bk * tl.exp(b_last - bb)[:, None]
         S = S * tl.exp(b_last) + tl.dot(tl.trans(kd), bv, input_precision=PREC)  # [BK, BV]
 
@@ -137,16 +145,9 @@ def _bwd_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
         for c in range(NC):
             t = c * C + offs_c
-            mask_t = t < T
-            mask_tk = mask_t[:, None] & mask_k[None, :]
-            mask_tv = mask_t[:, None] & mask_v[None, :]
-            bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
-            bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
-            bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+            mask_t, mask_tk, mask_tv, bq, bk, bv, bb, b_last, decay = _chunk(
+                q, k, v, g, t, T, offs_k, offs_v, mask_k, mask_v, sq_t, sk_t, sv_t, sg_t, causal, last)
             bdo = scale * tl.load(do + t[:, None] * so_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
-            bb = tl.cumsum(tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32), 0)
-            b_last = tl.sum(tl.where(last, bb, 0.0), 0)
-            decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))
             # dA without its diagonal: the s = t terms of q_t . dq_t and k_t . dk_t are equal and would cancel in
             # dG_t, leaving fp32 rounding of O(1) terms where the true dG is tiny (strong decay); added back after.
             dA = tl.where(strict, tl.dot(bdo, tl.trans(bv), input_precision=PREC) * decay, 0.0)  # [C, C]
@@ -165,16 +166,9 @@ def _bwd_kernel(
         for i in range(NC):
             c = NC - 1 - i
             t = c * C + offs_c
-            mask_t = t < T
-            mask_tk = mask_t[:, None] & mask_k[None, :]
-            mask_tv = mask_t[:, None] & mask_v[None, :]
-            bq = tl.load(q + t[:, None] * sq_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
-            bk = tl.load(k + t[:, None] * sk_t + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
-            bv = tl.load(v + t[:, None] * sv_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
+            mask_t, mask_tk, mask_tv, bq, bk, bv, bb, b_last, decay = _chunk(
+                q, k, v, g, t, T, offs_k, offs_v, mask_k, mask_v, sq_t, sk_t, sv_t, sg_t, causal, last)
             bdo = scale * tl.load(do + t[:, None] * so_t + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32)
-            bb = tl.cumsum(tl.load(g + t * sg_t, mask=mask_t, other=0.0).to(tl.float32), 0)
-            b_last = tl.sum(tl.where(last, bb, 0.0), 0)
-            decay = tl.exp(tl.where(causal, bb[:, None] - bb[None, :], float("-inf")))
             A = tl.dot(bq, tl.trans(bk), input_precision=PREC) * decay  # [C, C]
             dA = tl.where(strict, tl.dot(bdo, tl.trans(bv), input_precision=PREC) * decay, 0.0)
             w = tl.exp(b_last - bb)[:, None]  # [C, 1]: decay from each token to the chunk's end
