@@ -2,6 +2,8 @@
 backend switch of the ops with a Triton kernel."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -36,3 +38,11 @@ def check_backend(backend: str) -> None:
     """An op's backend: "auto" (its Triton kernel where that applies, else PyTorch), "triton" or "torch"."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def fused_training_call(x: torch.Tensor, kernel, initial_state, output_final_state: bool, switch: str) -> bool:
+    """Whether an op takes its fused Triton training kernel: `kernel` imported (Triton installed), x on CUDA,
+    no state in or out (the kernels keep none), and the environment variable `switch` not "0" (for
+    comparisons against the PyTorch form)."""
+    return (kernel is not None and x.is_cuda and initial_state is None and not output_final_state
+            and os.environ.get(switch, "1") != "0")

@@ -8,11 +8,9 @@ v = dt x. Layout [B, T, H, D] as the Taylor op; the state S [B, H, dk, dv] is fp
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..common import check_chunk_size
+from ..common import check_chunk_size, fused_training_call
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_decay_linear_attn, segsum
 from .common import check_inputs, check_state, zero_state
 from .naive import naive_decay_linear_attn
@@ -33,8 +31,8 @@ MAX_FUSED_DIM = 64
 def _use_fused(q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None, output_final_state: bool) -> bool:
     """The fused kernels serve training on CUDA (no state in or out, head dims up to MAX_FUSED_DIM);
     BASED_DECAY_FUSED=0 turns them off (for comparisons)."""
-    return (fused_decay_linear_attn is not None and q.is_cuda and initial_state is None and not output_final_state
-            and max(q.shape[-1], v.shape[-1]) <= MAX_FUSED_DIM and os.environ.get("BASED_DECAY_FUSED", "1") != "0")
+    return (max(q.shape[-1], v.shape[-1]) <= MAX_FUSED_DIM
+            and fused_training_call(q, fused_decay_linear_attn, initial_state, output_final_state, "BASED_DECAY_FUSED"))
 
 
 def decay_linear_attn(

@@ -7,11 +7,9 @@ Layout [B, T, H, D] as the other ops; state S [B, H, dk, dv] in fp32.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..common import check_chunk_size
+from ..common import check_chunk_size, fused_training_call
 from ..decay.common import zero_state  # the same [B, H, dk, dv] fp32 matrix state
 from .chunk import DEFAULT_CHUNK_SIZE, chunk_rwkv5_attn
 from .common import check_inputs
@@ -52,8 +50,7 @@ def rwkv5_attn(
     """
     check_inputs(r, k, v, w_log, u, initial_state)
     check_chunk_size(chunk_size)
-    if (fused_rwkv5_attn is not None and r.is_cuda and initial_state is None and not output_final_state
-            and os.environ.get("BASED_RWKV_FUSED", "1") != "0"):
+    if fused_training_call(r, fused_rwkv5_attn, initial_state, output_final_state, "BASED_RWKV_FUSED"):
         return fused_rwkv5_attn(r, k, v, w_log, u), None
     return chunk_rwkv5_attn(
         r, k, v, w_log, u, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
