@@ -116,11 +116,13 @@ SWEEPS = {"quick": quick_runs, "figure2": figure2_runs, "figure2-short": figure2
 
 def read_results(path: str | Path) -> list[dict]:
     """The rows of a results.jsonl. A broken line (a write cut off by a kill, a bad merge) is reported on
-    stderr with its line number and skipped, so a resumed sweep trains its run again."""
+    stderr with its line number and skipped, so a resumed sweep trains its run again. A run's second row (two
+    sweeps started on one folder trained it twice) is reported and skipped: each run counts, and is plotted,
+    once."""
     path = Path(path)
     if not path.exists():
         return []
-    rows = []
+    rows, seen = [], set()
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -132,6 +134,11 @@ def read_results(path: str | Path) -> list[dict]:
             print(f"warning: {path} line {number} is broken ({error}): skipped, its run will be trained again",
                   file=sys.stderr)
             continue
+        if row["run_id"] in seen:
+            print(f"warning: {path} line {number} repeats run {row['run_id']} (trained twice): the first row is kept",
+                  file=sys.stderr)
+            continue
+        seen.add(row["run_id"])
         rows.append(row)
     return rows
 

@@ -79,6 +79,22 @@ def test_a_broken_line_is_reported_skipped_and_its_run_redone(tmp_path, capsys):
     assert len(path.read_text().splitlines()) == 5  # the broken lines stay, each new row on a line of its own
 
 
+def test_a_run_trained_twice_counts_once(tmp_path, capsys):
+    """Two sweeps started on one folder may both train a run: each row is appended whole (locked), and the
+    reader keeps a run's first row, so counts, tables and the plot see every run once."""
+    runs = tiny_sweep()[:2]
+    run_sweep(runs, tmp_path, progress=False)
+    path = tmp_path / "results.jsonl"
+    first, second = path.read_text().splitlines()
+    twin = {**json.loads(first), "final_train_loss": -1.0}
+    append_row(path, twin)  # the other process's row for the same run
+    capsys.readouterr()
+    rows = read_results(path)
+    assert [r["run_id"] for r in rows] == [runs[0].run_id, runs[1].run_id]
+    assert rows[0] == json.loads(first)  # the first row kept, the twin left out
+    assert f"{path} line 3 repeats run {runs[0].run_id}" in capsys.readouterr().err
+
+
 def test_shards_split_the_sweep_by_whole_groups(tmp_path):
     groups = group_runs(figure2_runs())
     assert len(groups) == 55 and all(len(g) == 4 and len({stack_key(r) for r in g}) == 1 for g in groups)
