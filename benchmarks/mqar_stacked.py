@@ -143,7 +143,26 @@ def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool, compile: bool = 
     return {"k": k, "graphs": trainer.cuda_graphs, "setup_s": round(t1 - t0, 2),
             "stacked_steps_per_s": round(steps / seconds, 1), "summed_steps_per_s": round(k * steps / seconds, 1),
             "projected_group_s": round(trainer.total_steps * seconds / steps, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            "task_ms": task_times(trainer) if trainer.cuda_graphs else None}
+
+
+def task_times(trainer: StackedTrainer, reps: int = 20) -> dict:
+    """ms per stacked step of each training task (its graph replayed on one of its own steps), and each task's
+    share of the group's steps: where a group's time goes by sequence length."""
+    times = {}
+    for task, graph in trainer.graphs.items():
+        first = trainer.tasks.index(task)
+        graph.replay()
+        start = _sync_time()
+        for _ in range(reps):
+            trainer.step_t.fill_(first)  # stay on this task's steps: its example indices
+            graph.replay()
+        spec = trainer.runs[0].train[task]
+        times[f"T{spec.seq_len}_kv{spec.num_kv_pairs}"] = {
+            "ms": round(1e3 * (_sync_time() - start) / reps, 3),
+            "share_of_steps": round(trainer.tasks.count(task) / len(trainer.tasks), 3)}
+    return times
 
 
 _VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "unsqueeze", "squeeze", "permute",
