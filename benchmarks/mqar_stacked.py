@@ -153,6 +153,7 @@ def task_times(trainer: StackedTrainer, reps: int = 20) -> dict:
     times = {}
     for task, graph in trainer.graphs.items():
         first = trainer.tasks.index(task)
+        trainer.step_t.fill_(first)  # a replay reads the batch of step step_t: one of this task's
         graph.replay()
         start = _sync_time()
         for _ in range(reps):
