@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if rows.paused:
         print(f"{len(rows.paused)} models paused at the time limit, their state in {Path(args.out) / 'partial'}: "
               "run the same command again to go on")
+    if rows.claimed:
+        print(f"{len(rows.claimed)} models skipped: another process on {args.out} is training them (see above); "
+              "their rows join results.jsonl when it finishes")
     if rows.failed:
         print(f"{len(rows.failed)} runs failed (not recorded; a rerun tries them again): tracebacks in "
               f"{Path(args.out) / 'failures'}/<run_id>.txt", file=sys.stderr)

@@ -20,7 +20,6 @@ equals the same run trained alone up to fp32 rounding (tests/mqar/test_stacked.p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 import warnings
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from .claims import group_key
 from .model import MQARModel
 from .train import (
     MQARRun, _query_logits, batch_order, check_run, decays, lr_factor, query_positions, result_row, steps_per_epoch,
@@ -263,8 +263,7 @@ class Paused(Exception):
 
 def checkpoint_path(runs: list[MQARRun], folder: str | Path) -> Path:
     """Where a paused group keeps its state: named by its runs, so only the same group resumes from it."""
-    key = hashlib.sha1(" ".join(r.run_id for r in runs).encode()).hexdigest()[:16]
-    return Path(folder) / f"{key}.pt"
+    return Path(folder) / f"{group_key([r.run_id for r in runs])}.pt"
 
 
 def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = None, deadline: float | None = None,

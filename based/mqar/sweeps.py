@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .claims import GroupClaim, GroupClaimed
 from .train import MQARRun, MQARTask, train_mqar
 
 # BASED paper, figure 2 (Zoology's arxiv24_based_figure2 setting): (seq_len, kv pairs, examples).
@@ -114,11 +115,11 @@ def quick_runs(scale: float = 1.0, epochs: int = 4) -> list[MQARRun]:
 SWEEPS = {"quick": quick_runs, "figure2": figure2_runs, "figure2-short": figure2_short_runs}
 
 
-def read_results(path: str | Path) -> list[dict]:
+def read_results(path: str | Path, quiet: bool = False) -> list[dict]:
     """The rows of a results.jsonl. A broken line (a write cut off by a kill, a bad merge) is reported on
     stderr with its line number and skipped, so a resumed sweep trains its run again. A run's second row (two
     sweeps started on one folder trained it twice) is reported and skipped: each run counts, and is plotted,
-    once."""
+    once. quiet: no warnings (a re-read of a file already reported)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -131,12 +132,14 @@ def read_results(path: str | Path) -> list[dict]:
             if not isinstance(row, dict) or "run_id" not in row:
                 raise ValueError("not a results row (no run_id)")
         except ValueError as error:
-            print(f"warning: {path} line {number} is broken ({error}): skipped, its run will be trained again",
-                  file=sys.stderr)
+            if not quiet:
+                print(f"warning: {path} line {number} is broken ({error}): skipped, its run will be trained "
+                      "again", file=sys.stderr)
             continue
         if row["run_id"] in seen:
-            print(f"warning: {path} line {number} repeats run {row['run_id']} (trained twice): the first row is kept",
-                  file=sys.stderr)
+            if not quiet:
+                print(f"warning: {path} line {number} repeats run {row['run_id']} (trained twice): the first row "
+                      "is kept", file=sys.stderr)
             continue
         seen.add(row["run_id"])
         rows.append(row)
@@ -207,16 +210,40 @@ def best_table(rows: list[dict]) -> str:
 
 class SweepRows(list):
     """run_sweep's rows (every row of results.jsonl), with the runs of this call that failed:
-    `failed` [(run, path of its traceback)], and the stacked groups stopped at the time limit: `paused`."""
+    `failed` [(run, path of its traceback)], the stacked groups stopped at the time limit: `paused`, and the
+    groups skipped because another process was training them: `claimed`."""
 
     failed: list[tuple[MQARRun, Path]]
     paused: list
+    claimed: list
 
 
-def _init_worker(threads: int) -> None:
+_WORKER_DEVICE: str | None = None  # a worker process's own GPU (run_sweep with several GPUs)
+
+
+def _init_worker(threads: int, devices=None) -> None:
+    """A worker process's set-up; with `devices` (a queue) it takes one device for its whole life, so that
+    each GPU trains one group at a time whichever groups finish first."""
+    global _WORKER_DEVICE
     import torch
 
     torch.set_num_threads(threads)
+    if devices is not None:
+        _WORKER_DEVICE = devices.get()
+
+
+# ms per stacked step of a model's 4 runs at d_model 128 on one H100, averaged over figure 2's tasks
+# (benchmarks/results/mqar-stacked-h100-2026-12-07c.json; Based measured at d_model 64, doubled): parallel
+# jobs take the longest groups first, so the sweep does not end waiting on one long group started last.
+_MS_PER_STEP_D128 = {"mamba": 28, "mamba2": 29, "h3": 32, "hyena": 24, "rwkv": 18, "linear_attn": 24,
+                     "lightning": 14, "attention": 13, "sliding_window": 13}
+
+
+def estimated_cost(group: list[MQARRun]) -> float:
+    """A group's relative training time (for ordering only): ms per step x width x steps."""
+    run = group[0]
+    return _MS_PER_STEP_D128.get(run.mixer, 20) * run.d_model / 128 * run.epochs * sum(t.num_examples
+                                                                                      for t in run.train)
 
 
 def _devices(device: str, jobs: int) -> list[str]:
@@ -254,6 +281,21 @@ def train_group(runs: list[MQARRun], device: str, stacked: bool, deadline: float
             + train_group(runs[half:], device, stacked, deadline, checkpoint_dir))
 
 
+def train_claimed(group: list[MQARRun], device: str, stacked: bool, deadline: float | None, out: Path) -> list[dict]:
+    """Train the runs of `group` that out/results.jsonl does not hold yet, under the group's claim
+    (claims.py: read again once claimed, so a run another process finished meanwhile is not trained twice),
+    append their rows and return them. Raises GroupClaimed while another process trains the group."""
+    device = _WORKER_DEVICE or device
+    results = out / "results.jsonl"
+    with GroupClaim(out, [r.run_id for r in group], group[0].model_name):
+        done = {row["run_id"] for row in read_results(results, quiet=True)}
+        left = [r for r in group if r.run_id not in done]
+        rows = train_group(left, device, stacked, deadline, out / "partial") if left else []
+        for row in rows:
+            append_row(results, row)
+    return rows
+
+
 def run_sweep(
     runs: list[MQARRun], out_dir: str | Path, device: str = "cpu", jobs: int = 1, limit: int | None = None,
     progress: bool = True, time_limit: float | None = None, stacked: bool | None = None,
@@ -269,7 +311,9 @@ def run_sweep(
     state to out_dir/partial/ and stops (Paused; the next call goes on from there), runs trained alone
     finish (with jobs > 1, so does the one queued behind them). A run that raises is left out of
     results.jsonl (a rerun tries it again), its traceback written to out_dir/failures/<run_id>.txt; the
-    others go on.
+    others go on. Each group trains under its claim (claims.py): sweeps started on one out_dir share its
+    groups out instead of training them twice. jobs > 1 with device "cuda" and several GPUs: each worker
+    process keeps one GPU; groups go to workers longest first (estimated_cost).
     """
     import time
     import traceback
@@ -291,19 +335,20 @@ def run_sweep(
     todo = [r for r in mine if r.run_id not in done][:limit]
     groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
     devices = _devices(device, jobs)
+    if jobs > 1:
+        groups.sort(key=estimated_cost, reverse=True)  # stable: the sweep's order among equals
     deadline = None if time_limit is None else time.monotonic() + time_limit
     pause_at = None if time_limit is None else time.time() + time_limit
     failed: list[tuple[MQARRun, Path]] = []
     paused: list[Paused] = []
+    claimed: list[GroupClaimed] = []
 
     bar = tqdm(total=len(todo), desc=f"MQAR runs ({len(done)} done before)", disable=not progress)
 
     def finished(rows: list[dict]) -> None:
-        for row in rows:
-            append_row(results, row)
+        for row in rows:  # train_claimed appended them
             (out / "failures" / f"{row['run_id']}.txt").unlink(missing_ok=True)  # an earlier failure, now fixed
             tqdm.write(run_line(row), file=sys.stdout)
-        bar.update(len(rows))
 
     def failed_group(group: list[MQARRun], error: BaseException) -> None:
         tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
@@ -314,11 +359,20 @@ def run_sweep(
             failed.append((run, path))
             tqdm.write(f"FAILED {run.model_name} lr={run.lr:.2g}: {type(error).__name__}: {error} ({path})",
                        file=sys.stderr)
-        bar.update(len(group))
 
-    def paused_group(pause: Paused) -> None:
-        paused.append(pause)
-        tqdm.write(f"paused: {pause} (rerun to go on)", file=sys.stdout)
+    def ended(group: list[MQARRun], outcome) -> None:
+        """A group's end, whatever it was: rows, paused, claimed by another process, failed."""
+        if isinstance(outcome, Paused):
+            paused.append(outcome)
+            tqdm.write(f"paused: {outcome} (rerun to go on)", file=sys.stdout)
+        elif isinstance(outcome, GroupClaimed):
+            claimed.append(outcome)
+            tqdm.write(str(outcome), file=sys.stdout)
+        elif isinstance(outcome, BaseException):  # one broken mixer must not stop the sweep
+            failed_group(group, outcome)
+        else:
+            finished(outcome)
+        bar.update(len(group))
 
     if jobs <= 1:
         for group in groups:
@@ -326,45 +380,39 @@ def run_sweep(
                 break
             bar.set_postfix_str(group[0].model_name)
             try:
-                rows = train_group(group, device, stacked, pause_at, out / "partial")
-            except Paused as pause:
-                paused_group(pause)
-            except Exception as error:  # one broken mixer must not stop the sweep
-                failed_group(group, error)
-            else:
-                finished(rows)
+                outcome = train_claimed(group, device, stacked, pause_at, out)
+            except Exception as error:
+                outcome = error
+            ended(group, outcome)
     else:
         # Processes rather than threads: the small ops of these models scale better one core each.
         threads = max(1, (os.cpu_count() or 1) // jobs)
         import multiprocessing
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(train_group, group, devices[k % len(devices)], stacked, pause_at,
-                                   out / "partial"): group
-                       for k, group in enumerate(groups)}
+        context = multiprocessing.get_context("spawn")
+        queue = None
+        if len(devices) > 1:  # each worker keeps one GPU: jobs = GPUs trains one group per GPU at a time
+            queue = context.Queue()
+            for k in range(jobs):
+                queue.put(devices[k % len(devices)])
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads, queue)) as pool:
+            futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group for group in groups}
             pending = set(futures)
             while pending:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 done_now, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 for future in done_now:
-                    if future.cancelled():
-                        continue
-                    try:
-                        rows = future.result()
-                    except Paused as pause:
-                        paused_group(pause)
-                    except Exception as error:
-                        failed_group(futures[future], error)
-                    else:
-                        finished(rows)
+                    if not future.cancelled():
+                        error = future.exception()
+                        ended(futures[future], error if error is not None else future.result())
                 if deadline is not None and time.monotonic() > deadline:
                     for future in pending:
                         future.cancel()  # groups not yet handed to a worker
                     deadline = None
     bar.close()
     rows = SweepRows(read_results(results))
-    rows.failed, rows.paused = failed, paused
+    rows.failed, rows.paused, rows.claimed = failed, paused, claimed
     if rows:
         plot_pareto(rows, out / "pareto.png")
     return rows

@@ -156,3 +156,76 @@ def test_runs_keep_the_sweep_order(tmp_path):
     runs = [MQARRun(m, 16, lr, **TINY) for lr in (1e-3, 1e-2) for m in ("attention", "sliding_window")]
     rows = run_sweep(runs, tmp_path, progress=False, limit=2)
     assert [(r["mixer"], r["lr"]) for r in rows] == [("attention", 1e-3), ("sliding_window", 1e-3)]
+
+
+def test_a_group_another_process_trains_is_skipped_then_trained_later(tmp_path, capsys, tiny_cli):
+    from based.mqar.claims import GroupClaim, GroupClaimed
+
+    runs = tiny_sweep()
+    held = [r for r in runs if r.mixer == "attention"]
+    with GroupClaim(tmp_path, [r.run_id for r in held], held[0].model_name):  # "another process" (own fd)
+        with pytest.raises(GroupClaimed, match=r"another process is training it \(pid \d+ on "):
+            with GroupClaim(tmp_path, [r.run_id for r in held], held[0].model_name):
+                pass
+        # one group per run on the CPU (not stacked): the attention runs are held as a group of two here,
+        # so claim each alone as the sweep does
+        with GroupClaim(tmp_path, [held[0].run_id], held[0].model_name), \
+                GroupClaim(tmp_path, [held[1].run_id], held[1].model_name):
+            assert main(["mqar", "--quick", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped, another process is training it") == 2 and "2 models skipped" in out
+    assert {r["mixer"] for r in read_results(tmp_path / "results.jsonl")} == {"sliding_window"}
+    assert main(["mqar", "--quick", "--jobs", "1", "--out", str(tmp_path)]) == 0  # the claims are free again
+    assert sorted(r["run_id"] for r in read_results(tmp_path / "results.jsonl")) == sorted(r.run_id for r in runs)
+
+
+def _sweep_into(out, barrier):
+    import based.mqar.sweeps as sweeps_here
+
+    real, first = sweeps_here.train_group, [True]
+
+    def slow(*args, **kwargs):  # each process's first group starts once both hold one
+        if first.pop() if first else False:
+            barrier.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    sweeps_here.train_group = slow
+    run_sweep(tiny_sweep(), out, progress=False)
+
+
+def test_two_sweeps_on_one_folder_train_each_run_once(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_sweep_into, args=(tmp_path, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = [json.loads(line)["run_id"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(lines) == sorted(r.run_id for r in tiny_sweep())  # every run, none twice
+
+
+def test_parallel_jobs_take_the_longest_groups_first():
+    groups = group_runs(figure2_runs())
+    order = sorted(groups, key=sweeps.estimated_cost, reverse=True)
+    assert order[0][0].mixer in ("h3", "mamba", "mamba2") and order[0][0].d_model == 256
+    assert order[-1][0].d_model == 64 and order[-1][0].mixer in ("attention", "sliding_window", "lightning")
+
+
+def test_each_worker_keeps_one_gpu(tmp_path, monkeypatch):
+    import queue
+
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this test process keeps its threads
+    devices = queue.Queue()
+    for d in ("cuda:1", "cuda:0"):
+        devices.put(d)
+    seen = []
+    monkeypatch.setattr(sweeps, "train_group", lambda runs, device, *a: seen.append(device) or [])
+    monkeypatch.setattr(sweeps, "_WORKER_DEVICE", None)
+    sweeps._init_worker(1, devices)  # as a worker process starts: it takes the next GPU for good
+    sweeps.train_claimed(tiny_sweep()[:1], "cuda", False, None, tmp_path)
+    sweeps.train_claimed(tiny_sweep()[1:2], "cuda", False, None, tmp_path)
+    assert seen == ["cuda:1", "cuda:1"] and devices.get_nowait() == "cuda:0"
