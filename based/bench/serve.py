@@ -273,15 +273,41 @@ async def one_request(session, url: str, prompt: str, max_tokens: int, stream: b
     return out
 
 
-async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float, stream: bool,
-                   seed: int) -> dict:
-    """All requests at Poisson arrivals of `rate` per second (inf: all at once); /metrics sampled each second."""
+async def send_requests(url: str, prompts: list[str], lengths: list[int], rate: float, stream: bool,
+                        seed: int) -> dict:
+    """One client's requests at Poisson arrivals of `rate` per second (inf: all at once): per-request results,
+    when it began and ended (time.perf_counter, one clock for every process of this host) and its CPU time."""
     import aiohttp
 
     rng = random.Random(seed)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=0)
+    cpu = time.process_time()
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        start = time.perf_counter()
+        tasks = []
+        for prompt, n in zip(prompts, lengths):
+            tasks.append(asyncio.create_task(one_request(session, url, prompt, n, stream)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        end = time.perf_counter()
+    return {"results": results, "start": start, "end": end, "cpu_s": time.process_time() - cpu}
+
+
+def _client_process(url: str, prompts: list[str], lengths: list[int], rate: float, stream: bool, seed: int) -> dict:
+    return asyncio.run(send_requests(url, prompts, lengths, rate, stream, seed))
+
+
+async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float, stream: bool,
+                   seed: int, clients: int = 1) -> dict:
+    """All requests at Poisson arrivals of `rate` per second (inf: all at once); /metrics sampled each second.
+    clients > 1: the requests are dealt to that many client processes, each with Poisson arrivals of
+    rate / clients (together a Poisson stream of `rate`), so that one Python process reading tens of
+    thousands of SSE events a second does not become what the inter-token latency measures."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=600)) as session:
         before = await metrics(session, url)
         samples, done = [], asyncio.Event()
 
@@ -299,17 +325,23 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
                     pass
 
         sampling = asyncio.create_task(sampler())
-        start = time.perf_counter()
-        tasks = []
-        for prompt, n in zip(prompts, lengths):
-            tasks.append(asyncio.create_task(one_request(session, url, prompt, n, stream)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        if clients <= 1:
+            parts = [await send_requests(url, prompts, lengths, rate, stream, seed)]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            loop = asyncio.get_running_loop()
+            with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parts = await asyncio.gather(*(
+                    loop.run_in_executor(pool, _client_process, url, prompts[i::clients], lengths[i::clients],
+                                         rate / clients, stream, seed * 1000 + i) for i in range(clients)))
         done.set()
         await sampling
         after = await metrics(session, url)
+    results = [r for part in parts for r in part["results"]]
+    elapsed = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    client_cpu = sum(p["cpu_s"] for p in parts)
     ok = [r for r in results if r["error"] is None]
     tokens = sum(r["tokens"] for r in ok)
     itl = [g for r in ok for g in r["itl"]]
@@ -340,6 +372,8 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
         "api_workers_cpu_ms_per_token": _ms(api_cpu / server_tokens) if server_tokens else None,
         "decode_steps": after.get("based_decode_steps_total", 0) - before.get("based_decode_steps_total", 0),
         "engine_phase_s": phase_seconds(before, after),
+        # Near 1: the client processes were busy all along, and their own queueing is in the latencies.
+        "client_processes": len(parts), "client_cpu_fraction": client_cpu / (elapsed * len(parts)),
     }
 
 
@@ -464,7 +498,7 @@ def bench_preset(preset: str, args) -> dict:
             nonlocal seed
             seed += 1
             prompts, lengths = workload(n, args.prompt_len, tuple(args.output_len), seed)
-            row = asyncio.run(run_load(server.url, prompts, lengths, rate, stream, seed))
+            row = asyncio.run(run_load(server.url, prompts, lengths, rate, stream, seed, args.clients))
             result["runs"].append(row)
             print(preset, json.dumps(row), flush=True)
             return row
@@ -590,6 +624,9 @@ def main(argv=None) -> int:
     p.add_argument("--rates", type=float, nargs="*", default=None, help="requests/s (default: --rate-fractions)")
     p.add_argument("--rate-fractions", type=float, nargs="*", default=[0.25, 0.5, 0.75, 0.9],
                    help="Poisson rates as fractions of the saturation run's requests/s")
+    p.add_argument("--clients", type=int, default=1,
+                   help="client processes sharing the requests (Poisson rate / N each): more than one when one "
+                   "client's CPU fraction nears 1 (it then adds its own queueing to the latencies)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per Poisson run")
     p.add_argument("--min-prompts", type=int, default=50, help="requests per run at the least")
     p.add_argument("--saturation-factor", type=float, default=1.5, help="saturation requests = factor x slots")
@@ -631,6 +668,8 @@ def main(argv=None) -> int:
         args.api_workers = default_api_workers("cpu" if args.null_engine else args.device.split(":")[0])
     if args.output_len[0] < 1 or args.output_len[1] < args.output_len[0] or args.prompt_len < 1:
         p.error("--prompt-len must be >= 1 and --output-len MIN MAX with 1 <= MIN <= MAX")
+    if args.clients < 1:
+        p.error(f"--clients must be >= 1 (client processes), got {args.clients}")
     try:
         import aiohttp  # noqa: F401
     except ImportError:
@@ -664,6 +703,7 @@ def main(argv=None) -> int:
                    "decoding": "greedy", "weights": "random", "prefill_chunk": args.prefill_chunk,
                    "prefill_wait_ms": args.prefill_wait_ms,
                    "stream_interval": args.stream_interval, "api_workers": args.api_workers,
+                   "client_processes": args.clients,
                    "null_engine": args.null_engine,
                    "null_step_ms": args.null_step_ms,
                    "rates": args.rates, "rate_fractions": None if args.rates else args.rate_fractions,

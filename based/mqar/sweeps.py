@@ -233,7 +233,7 @@ def _init_worker(threads: int, devices=None) -> None:
 
 
 # ms per stacked step of a model's 4 runs at d_model 128 on one H100, averaged over figure 2's tasks
-# (benchmarks/results/mqar-stacked-h100-2026-12-07c.json; Based measured at d_model 64, doubled): parallel
+# (benchmarks/results/mqar-stacked-h100-2026-12-07-tasks.json; Based measured at d_model 64, doubled): parallel
 # jobs take the longest groups first, so the sweep does not end waiting on one long group started last.
 _MS_PER_STEP_D128 = {"mamba": 28, "mamba2": 29, "h3": 32, "hyena": 24, "rwkv": 18, "linear_attn": 24,
                      "lightning": 14, "attention": 13, "sliding_window": 13}

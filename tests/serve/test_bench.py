@@ -22,6 +22,15 @@ def test_client_counts_tokens_latencies_and_server_cpu(server):
     assert stream["server_cpu_ms_per_token"] > 0 and stream["engine_thread_cpu_ms_per_token"] > 0
     plain = asyncio.run(run_load(server.url, prompts, lengths, 50.0, False, seed=1))
     assert plain["output_tokens"] == sum(lengths) and plain["itl_ms_p50"] is None
+    assert stream["client_processes"] == 1 and 0 < stream["client_cpu_fraction"] <= 1.5
+
+
+def test_client_processes_share_the_requests(server):
+    prompts, lengths = workload(7, 20, (3, 9), seed=2)
+    run = asyncio.run(run_load(server.url, prompts, lengths, 40.0, True, seed=2, clients=2))
+    assert run["client_processes"] == 2 and run["completed"] == 7 and run["failed"] == 0
+    assert run["output_tokens"] == sum(lengths) and run["itl_ms_p99"] >= run["itl_ms_p50"] > 0
+    assert run["duration_s"] > 0 and run["client_cpu_fraction"] > 0
 
 
 def _run(rate, stream, tps, itl99, rps=10.0):
