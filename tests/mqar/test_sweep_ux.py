@@ -229,3 +229,34 @@ def test_each_worker_keeps_one_gpu(tmp_path, monkeypatch):
     sweeps.train_claimed(tiny_sweep()[:1], "cuda", False, None, tmp_path)
     sweeps.train_claimed(tiny_sweep()[1:2], "cuda", False, None, tmp_path)
     assert seen == ["cuda:1", "cuda:1"] and devices.get_nowait() == "cuda:0"
+
+
+def _hold_claim(out, run_ids, ready):
+    from based.mqar.claims import GroupClaim
+
+    with GroupClaim(out, run_ids, "held"):
+        ready.set()
+        import time
+
+        time.sleep(600)
+
+
+def test_a_killed_sweep_leaves_no_claim_behind(tmp_path):
+    import os
+    import signal
+
+    from based.mqar.claims import GroupClaim, GroupClaimed
+
+    ids = [r.run_id for r in tiny_sweep()[:2]]
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    holder = ctx.Process(target=_hold_claim, args=(tmp_path, ids, ready))
+    holder.start()
+    assert ready.wait(60)
+    with pytest.raises(GroupClaimed, match=f"pid {holder.pid} on "):
+        with GroupClaim(tmp_path, ids, "m"):
+            pass
+    os.kill(holder.pid, signal.SIGKILL)  # its claim file stays, naming it; the kernel dropped its flock
+    holder.join()
+    with GroupClaim(tmp_path, ids, "m"):
+        assert json.loads((tmp_path / "claims").glob("*.lock").__next__().read_text())["pid"] == os.getpid()
