@@ -104,8 +104,8 @@ class Mamba(nn.Module):
         xs, conv_final = short_conv(
             xs, self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_state=None if carried is None else carried[0], output_final_state=state is not None,
+            activation="silu",
         )
-        xs = F.silu(xs)
         delta, B, C = self._ssm_inputs(xs)
         # On CUDA the Triton scan (two kernels, no [B, T, D, N] activations, batches under vmap); elsewhere the
         # chunked PyTorch scan, ~2 sqrt(T) small steps where the reference takes T.

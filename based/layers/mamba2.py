@@ -152,8 +152,9 @@ class Mamba2(nn.Module):
         xBC, conv_final = short_conv(
             xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_state=None if carried is None else carried[0], output_final_state=state is not None,
+            activation="silu",
         )
-        xs, B, C, dt, log_decay = self._ssm_inputs(F.silu(xBC), dt)
+        xs, B, C, dt, log_decay = self._ssm_inputs(xBC, dt)
         initial = None if carried is None else carried[1]
         if self._use_mamba_ssm(x):
             y, ssm_final = self._mamba_ssm_scan(xs, dt, B, C, initial, state is not None)

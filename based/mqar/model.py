@@ -34,6 +34,7 @@ from torch import nn
 from ..layers import H3, RMSNorm
 from ..models import BasedConfig
 from ..models.modeling import build_mixer
+from ..ops.conv import short_conv
 
 LAYOUTS = ("paper", "conv_hybrid")
 # Zoology's figure 2 stacks two of these mixers; every other mixer follows a BaseConv.
@@ -91,8 +92,9 @@ class ZoologyBaseConv(nn.Module):
         self.conv = nn.Conv1d(d_model, d_model, kernel_size, groups=d_model, padding=kernel_size - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        u = self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        # nn.Conv1d padded by K - 1 on both sides, its first T outputs kept: the causal short_conv (its fused
+        # kernel on CUDA, with a vmap rule for the stacked sweep).
+        u, _ = short_conv(x, self.conv.weight.squeeze(1), self.conv.bias)
         return u * self.projection(x) + x
 
     def state_size(self, seq_len: int) -> int:

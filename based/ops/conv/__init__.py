@@ -9,8 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import check_backend
+from ..common import check_backend, fused_training_call
 from ..taylor.common import triton_available as _triton_available
+
+try:  # the fused training kernels (CUDA, no state): absent without Triton
+    from .fused import fused_short_conv
+except ImportError:  # pragma: no cover - Triton is a dependency on Linux
+    fused_short_conv = None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor):
@@ -26,16 +31,26 @@ def short_conv(
     bias: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal depthwise conv over time.
 
     Args:
         x: [B, T, C]; weight: [C, K]; bias: [C] or None
         initial_state: [B, C, K], the K inputs before x (newest last), e.g. a previous final_state.
+        activation: None or "silu" (Mamba's), applied to y.
     Returns:
         y [B, T, C] and, if asked, the final state [B, C, K].
+
+    On CUDA without a state in or out (training) one fused Triton kernel each way (based/ops/conv/fused.py,
+    with a vmap rule for stacked runs); BASED_CONV_FUSED=0 keeps the PyTorch form.
     """
     _check(x, weight)
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if not torch.compiler.is_compiling() and fused_training_call(x, fused_short_conv, initial_state,
+                                                                  output_final_state, "BASED_CONV_FUSED"):
+        return fused_short_conv(x, weight, bias, activation), None
     B, T, C = x.shape
     K = weight.shape[1]
     xt = x.transpose(1, 2)  # [B, C, T]
@@ -49,7 +64,7 @@ def short_conv(
         padded = torch.cat([initial_state[..., 1:].to(x.dtype), xt], dim=-1)  # [B, C, K - 1 + T]
         y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), bias, groups=C).transpose(1, 2)
     final = torch.cat([initial_state.to(x.dtype), xt], dim=-1)[..., -K:] if output_final_state else None
-    return y, final
+    return (F.silu(y) if activation == "silu" else y), final
 
 
 def _shifted_sum(

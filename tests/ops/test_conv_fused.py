@@ -1,0 +1,202 @@
+"""The fused Triton short conv for training (based/ops/conv/fused.py) against the sum written out in fp64: output and
+every gradient (x, weight, bias), with and without SiLU, at lengths and widths that leave partial tiles, kernel
+sizes 1 to 9, strided inputs, and under vmap(grad) over stacked runs.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny shapes (tests/conftest.py); a child process compiles
+them for sm_90. The `gpu` tests compare with the PyTorch form at the MQAR sweep's sizes:
+pytest -m gpu tests/ops/test_conv_fused.py
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available() and __name__ != "__main__":  # run as a script: the compile check's child
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from torch.func import grad, vmap  # noqa: E402
+
+from based.ops.conv import naive_short_conv, short_conv  # noqa: E402
+from based.ops.conv.fused import fused_short_conv  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+from tests.ops._triton_check import compile_in_child, ptx_status  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, T, C, K, seed, runs=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    lead = (runs,) if runs else ()
+    x = torch.randn(*lead, B, T, C, generator=g)
+    w, b = torch.randn(*lead, C, K, generator=g) / K**0.5, torch.randn(*lead, C, generator=g)
+    return [t.to(device) for t in (x, w, b)]
+
+
+def _naive(x, w, b, silu):
+    y = naive_short_conv(x.double(), w.double(), None if b is None else b.double())
+    return F.silu(y) if silu else y
+
+
+def _fused(x, w, b, silu):
+    return fused_short_conv(x, w, b, "silu" if silu else None)
+
+
+def _run(op, x, w, b, silu, dtype):
+    """y and the gradients of a fixed random loss of it: x, w and b (None without bias)."""
+    leaves = [None if t is None else t.to(dtype).clone().requires_grad_() for t in (x, w, b)]
+    y = op(*leaves, silu)
+    wy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
+    (y * wy).sum().backward()
+    return [y] + [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("B, T, C, K", [(2, 5, 3, 3), (1, 70, 70, 4), (2, 9, 66, 1), (1, 33, 5, 9), (3, 1, 8, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("silu", [False, True])
+def test_matches_naive(B, T, C, K, bias, silu):
+    x, w, b = _inputs(B, T, C, K, seed=T + C + K)
+    b = b if bias else None
+    got = _run(_fused, x, w, b, silu, torch.float32)
+    ref = _run(_naive, x, w, b, silu, torch.float64)
+    for name, a, r in zip(("y", "x", "weight", "bias"), got, ref):
+        if r is None:
+            assert a is None, name
+            continue
+        assert a.dtype == torch.float32 and a.shape == r.shape and torch.isfinite(a).all(), name
+        assert rel_err(a, r) < 1e-5, name
+
+
+def test_strided_rows_are_read_in_place():
+    """A split of a wider projection (Mamba's xs, z = in_proj(x).split) goes in as a view."""
+    xz, w, b = _inputs(2, 11, 20, 4, seed=3)
+    x = xz[..., :10]
+    assert not x.is_contiguous()
+    y = fused_short_conv(x, w[:10], b[:10], "silu")
+    assert rel_err(y, _naive(x, w[:10], b[:10], True)) < 1e-6
+
+
+def test_bf16_inputs_give_bf16_outputs():
+    x, w, b = (t.bfloat16() for t in _inputs(2, 13, 9, 3, seed=4))
+    y, dx, dw, db = _run(_fused, x, w, b, True, torch.bfloat16)
+    ref = _run(_naive, x, w, b, True, torch.float64)
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == torch.bfloat16
+    for name, a, r in zip(("y", "x", "weight", "bias"), (y, dx, dw, db), ref):
+        assert rel_err(a, r) < 1e-2, name
+
+
+def test_saves_only_its_inputs():
+    """The backward recomputes the conv (and the SiLU's input): autograd keeps x, weight and bias alone."""
+    leaves = [t.requires_grad_() for t in _inputs(2, 7, 5, 3, seed=1)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fused_short_conv(*leaves, "silu")
+    assert sorted(saved) == sorted([leaves[0].numel(), leaves[1].numel(), leaves[2].numel()])
+
+
+def _loss(op, silu):
+    def loss(x, w, b, wy):
+        y = op(x, w, b, silu)
+        return (y * wy).sum() + y.square().sum()
+    return loss
+
+
+@pytest.mark.parametrize("shared", [(), ("x",), ("w", "b")], ids=["all_batched", "shared_x", "shared_w_b"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_vmap_grad_matches_naive_per_run(shared, silu):
+    """vmap(grad) over k = 3 runs (the stacked MQAR trainer) against the reference run by run; `shared` inputs are
+    one tensor for all runs (in_dims None)."""
+    runs = 3
+    stacked = _inputs(2, 6, 5, 3, seed=9, runs=runs) + [torch.randn(runs, 2, 6, 5, device=DEVICE)]
+    in_dims = tuple(None if n in shared else 0 for n in ("x", "w", "b")) + (0,)
+    args = [s[0] if d is None else s for s, d in zip(stacked, in_dims)]
+    got = vmap(grad(_loss(_fused, silu), argnums=(0, 1, 2)), in_dims=in_dims)(*args)
+    for i in range(runs):
+        run_args = [(a if d is None else a[i]).double() for a, d in zip(args, in_dims)]
+        ref = grad(_loss(_naive, silu), argnums=(0, 1, 2))(*run_args)
+        for name, a, r in zip(("x", "w", "b"), got, ref):
+            assert rel_err(a[i], r) < 1e-5, (name, i)
+
+
+def test_vmap_without_bias():
+    x, w, _ = _inputs(2, 6, 5, 3, seed=7, runs=2)
+    y = vmap(lambda x, w: fused_short_conv(x, w))(x, w)
+    for i in range(2):
+        assert rel_err(y[i], _naive(x[i], w[i], None, False)) < 1e-6
+
+
+def test_short_conv_takes_the_fused_path_on_cuda_only(monkeypatch):
+    """short_conv: fused on CUDA without states, unless BASED_CONV_FUSED=0; PyTorch otherwise (and equal)."""
+    from based.ops import conv
+
+    calls = []
+    monkeypatch.setattr(conv, "fused_short_conv", lambda *a: calls.append(1) or fused_short_conv(*a))
+    x, w, b = _inputs(1, 5, 4, 3, seed=0)
+    y, _ = short_conv(x, w, b, activation="silu")
+    short_conv(x, w, b, output_final_state=True)
+    assert len(calls) == (1 if DEVICE == "cuda" else 0)
+    assert rel_err(y, _naive(x, w, b, True)) < 1e-6
+    monkeypatch.setenv("BASED_CONV_FUSED", "0")
+    short_conv(x, w, b)
+    assert len(calls) == (1 if DEVICE == "cuda" else 0)
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        short_conv(x, w, b, activation="gelu")
+
+
+def compile_for_sm90() -> dict:
+    """{kernel: "ok" or the compiler's error}: the three kernels at Mamba's K = 4 and H3's shift conv K = 64."""
+    from based.ops.conv import fused
+
+    results = {}
+    for K in (4, 64):
+        blocks = dict(K=K, BT=fused.BLOCK_T, BC=fused.BLOCK_C)
+        for fn, flags in ((fused._fwd_kernel, dict(HAS_BIAS=True, SILU=True)),
+                          (fused._silu_grad_kernel, dict(HAS_BIAS=False)), (fused._bwd_kernel, {})):
+            consts = {**blocks, **flags}
+            sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "C", "RB", "s_xb", "s_xt") else "*fp32"
+                   for a in fn.arg_names}
+            results[f"{fn.__name__}_K{K}"] = ptx_status(fn, sig, consts, {"num_warps": fused.NUM_WARPS})
+    return results
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter misses what only the compiler sees: compile the kernels for an H100 in a child process,
+    where TRITON_INTERPRET is unset."""
+    results = compile_in_child(__file__)
+    assert results and all(v == "ok" for v in results.values()), results
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_for_sm90()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("C, K, silu", [(128, 3, False), (512, 4, True), (64, 32, False)])
+def test_gpu_matches_torch_at_sweep_size(C, K, silu, monkeypatch):
+    """B 256, T 256: output and every gradient against the PyTorch form (cuDNN's depthwise conv), both fp32,
+    and vmap(grad) over 4 stacked runs."""
+    x, w, b = _inputs(256, 256, C, K, seed=0)
+
+    def torch_form(x, w, b, silu):
+        monkeypatch.setenv("BASED_CONV_FUSED", "0")
+        try:
+            return short_conv(x, w, b, activation="silu" if silu else None)[0]
+        finally:
+            monkeypatch.delenv("BASED_CONV_FUSED")
+
+    got = _run(_fused, x, w, b, silu, torch.float32)
+    ref = _run(torch_form, x, w, b, silu, torch.float32)
+    for name, a, r in zip(("y", "x", "weight", "bias"), got, ref):
+        assert torch.isfinite(a).all() and rel_err(a, r) < 1e-5, name
+    xs, ws, bs = _inputs(256, 256, C, K, seed=1, runs=4)
+    wy = torch.randn_like(xs)
+    got = vmap(grad(_loss(_fused, silu), argnums=(0, 1, 2)))(xs, ws, bs, wy)
+    for i in range(4):
+        ref = grad(_loss(torch_form, silu), argnums=(0, 1, 2))(xs[i], ws[i], bs[i], wy[i])
+        for name, a, r in zip(("x", "w", "b"), got, ref):
+            assert rel_err(a[i], r) < 1e-5, (name, i)
