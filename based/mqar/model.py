@@ -35,6 +35,7 @@ from ..layers import H3, RMSNorm
 from ..models import BasedConfig
 from ..models.modeling import build_mixer
 from ..ops.conv import short_conv
+from ..ops.norm import layer_norm, rms_norm
 
 LAYOUTS = ("paper", "conv_hybrid")
 # Zoology's figure 2 stacks two of these mixers; every other mixer follows a BaseConv.
@@ -101,6 +102,21 @@ class ZoologyBaseConv(nn.Module):
         return self.d_model * self.kernel_size
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) through based.ops.norm: on CUDA a fused kernel whose vmap rule keeps each
+    stacked run's weight and bias inside it (PyTorch batches them as separate elementwise kernels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class StackableRMSNorm(RMSNorm):
+    """based.layers.RMSNorm (same parameter and arithmetic) through based.ops.norm, as LayerNorm above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
 def _layout(config: BasedConfig) -> str:
     return getattr(config, "mqar_layout", "conv_hybrid")
 
@@ -137,15 +153,15 @@ class MQARModel(nn.Module):
         # the identity state mixer adds layernorm2(x).
         self.mamba_block = self.layout == "paper" and config.mixer_types[-1] in MAMBA_BLOCK_MIXERS
         if self.layout == "conv_hybrid":
-            self.norms = nn.ModuleList(RMSNorm(d) for _ in config.mixer_types)
-            self.ln_f = RMSNorm(d)
+            self.norms = nn.ModuleList(StackableRMSNorm(d) for _ in config.mixer_types)
+            self.ln_f = StackableRMSNorm(d)
         elif self.mamba_block:
-            self.norms = nn.ModuleList(RMSNorm(d, eps=1e-5) for _ in config.mixer_types)
-            self.ln_f = nn.LayerNorm(d)
+            self.norms = nn.ModuleList(StackableRMSNorm(d, eps=1e-5) for _ in config.mixer_types)
+            self.ln_f = LayerNorm(d)
         else:
-            self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in config.mixer_types)
-            self.norms2 = nn.ModuleList(nn.LayerNorm(d) for _ in config.mixer_types)
-            self.ln_f = nn.LayerNorm(d)
+            self.norms = nn.ModuleList(LayerNorm(d) for _ in config.mixer_types)
+            self.norms2 = nn.ModuleList(LayerNorm(d) for _ in config.mixer_types)
+            self.ln_f = LayerNorm(d)
         self._init_weights()
 
     @torch.no_grad()
