@@ -22,13 +22,12 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 
 import based.layers.mamba as mamba_layer
 from based.mqar import MQARRun, MQARTask, figure2_runs
 from based.mqar.stacked import StackedTrainer, group_runs
 from based.mqar.train import (
-    MQARModel, _param_groups, _query_logits, fit, query_positions, task_data,
+    MQARModel, _param_groups, fit, query_loss, query_positions, task_data,
 )
 from based.ops.ssm import selective_scan
 
@@ -203,7 +202,7 @@ def count_ops(out: str, batch: int = 8) -> None:
             positions, targets = query_positions(y)
 
             def today():
-                loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1), targets.flatten())
+                loss = query_loss(model, x, positions, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

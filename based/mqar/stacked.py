@@ -26,14 +26,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from .claims import group_key
 from .model import MQARModel
 from .train import (
-    MQARRun, _query_logits, batch_order, check_run, decays, lr_factor, query_positions, result_row, steps_per_epoch,
+    MQARRun, batch_order, check_run, decays, lr_factor, query_loss, query_positions, result_row, steps_per_epoch,
     task_data,
 )
 
@@ -68,8 +67,7 @@ class _QueryLoss(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = _query_logits(self.model, x, positions)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return query_loss(self.model, x, positions, targets)
 
 
 def _forward_backward(loss_module: nn.Module, buffers: dict):

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from ..data.mqar import IGNORE_INDEX, generate_mqar
+from ..ops.cross_entropy import linear_cross_entropy
 from .model import MQARModel, mqar_config
 
 
@@ -152,11 +152,22 @@ def query_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, labels.gather(1, positions)
 
 
-def _query_logits(model: MQARModel, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Logits [B, Q, vocab] at the query positions [B, Q] only: a gather of known size, so a training step
-    never waits for the device to count masked positions (a boolean mask would)."""
+def _query_hidden(model: MQARModel, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, Q, d_model] at the query positions [B, Q] only: a gather of known size, so a
+    training step never waits for the device to count masked positions (a boolean mask would)."""
     hidden = model.hidden(x)
-    return model.head(hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+    return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def _query_logits(model: MQARModel, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits [B, Q, vocab] at the query positions [B, Q]."""
+    return model.head(_query_hidden(model, x, positions))
+
+
+def query_loss(model: MQARModel, x: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss: cross-entropy of the (tied) head at the query positions, targets -100 ignored; on CUDA
+    without the [B, Q, vocab] logits in memory (based.ops.cross_entropy)."""
+    return linear_cross_entropy(_query_hidden(model, x, positions), model.embeddings.weight, targets)
 
 
 @torch.no_grad()
@@ -221,7 +232,7 @@ def fit(run: MQARRun, device="cpu", step_losses: list[float] | None = None,
         if stop is not None and stop(s):
             break
         x, positions, targets = (t[idx.to(device)] for t in train[i])
-        loss = F.cross_entropy(_query_logits(model, x, positions).flatten(0, 1).float(), targets.flatten())
+        loss = query_loss(model, x, positions, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
