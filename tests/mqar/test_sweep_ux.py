@@ -260,3 +260,12 @@ def test_a_killed_sweep_leaves_no_claim_behind(tmp_path):
     holder.join()
     with GroupClaim(tmp_path, ids, "m"):
         assert json.loads((tmp_path / "claims").glob("*.lock").__next__().read_text())["pid"] == os.getpid()
+
+
+def test_parallel_jobs_train_every_run_once(tmp_path):
+    """--jobs 2: worker processes (spawned) train under claims and append their rows themselves."""
+    rows = run_sweep(tiny_sweep(), tmp_path, jobs=2, progress=False)
+    assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in tiny_sweep())
+    assert not rows.failed and not rows.claimed
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and (tmp_path / "pareto.png").exists()
