@@ -46,4 +46,18 @@ def unfold_runs(x: torch.Tensor, k: int, at: int = 0) -> torch.Tensor:
     return x.unflatten(at, (k, x.shape[at] // k))
 
 
-__all__ = ["runs_at", "fold_runs", "unfold_runs"]
+class KernelBackward(torch.autograd.Function):
+    """Base of a fused op's backward kernels as an autograd.Function of their own, so that vmap(grad(...))
+    batches them too (through the subclass's vmap rule). Subclasses define forward (the kernels) and vmap;
+    there is no double backward."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("a fused kernel's backward has no backward of its own (no double backward)")
+
+
+__all__ = ["runs_at", "fold_runs", "unfold_runs", "KernelBackward"]

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 BLOCK_T, BLOCK_C, NUM_WARPS = 64, 64, 4
 
@@ -148,20 +148,12 @@ def _bwd(x, w, b, dy, silu: bool):
     return dx, dw, db
 
 
-class _ShortConvBackward(torch.autograd.Function):
+class _ShortConvBackward(KernelBackward):
     """The backward kernels as a Function of their own, so that vmap(grad(...)) batches them too."""
 
     @staticmethod
     def forward(x, w, b, dy, silu):
         return _bwd(x, w, b, dy, silu)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("fused_short_conv has no double backward")
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, dy, silu):

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 BLOCK_K = 32
 
@@ -175,20 +175,12 @@ def _targets(t: torch.Tensor, in_dim, n: int) -> torch.Tensor:
     return t if in_dim is None else fold_runs(t, in_dim, n)
 
 
-class _LinearCEBackward(torch.autograd.Function):
+class _LinearCEBackward(KernelBackward):
     """The backward kernels as a Function of their own, so that vmap(grad(...)) batches them too."""
 
     @staticmethod
     def forward(h, w, t, lse, dnll, ignore_index):
         return _bwd(h, w, t, lse, dnll, ignore_index)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("fused_linear_cross_entropy has no double backward")
 
     @staticmethod
     def vmap(info, in_dims, h, w, t, lse, dnll, ignore_index):

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 # tl.dot's input_precision for fp32 operands; None follows torch.get_float32_matmul_precision(), as the chunked
 # form's matmuls do: "highest" (PyTorch's default) -> "tf32x3", three TF32 products, about fp32 accuracy; "high"
@@ -251,20 +251,12 @@ def _bwd(q, k, v, g, do, scale):
     return dq.to(q.dtype), dk_.to(k.dtype), dv_, dg.to(g.dtype)
 
 
-class _DecayAttnBackward(torch.autograd.Function):
+class _DecayAttnBackward(KernelBackward):
     """The backward kernel as a Function of its own, so that vmap(grad(...)) can batch it too."""
 
     @staticmethod
     def forward(q, k, v, g, do, scale):
         return _bwd(q, k, v, g, do, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("fused_decay_linear_attn has no double backward")
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, g, do, scale):

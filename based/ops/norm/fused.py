@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 NUM_WARPS = 4
 
@@ -114,20 +114,12 @@ def _bwd(x, w, b, dy, eps: float, rms: bool):
     return dx.view(x.shape), dw_part.sum(1).to(w.dtype), db
 
 
-class _NormBackward(torch.autograd.Function):
+class _NormBackward(KernelBackward):
     """The backward kernel as a Function of its own, so that vmap(grad(...)) batches it too."""
 
     @staticmethod
     def forward(x, w, b, dy, eps, rms):
         return _bwd(x, w, b, dy, eps, rms)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("the fused norms have no double backward")
 
     @staticmethod
     def vmap(info, in_dims, x, w, b, dy, eps, rms):

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 # Block sizes and warps (tuned by benchmarks/rwkv_attn.py --sweep). A state block is laid out with its summed
 # axis first: Triton spreads the last axis over lanes, so each step's sum stays mostly within a thread.
@@ -225,20 +225,12 @@ def _bwd(r, k, v, w_log, u, do):
     return dr, dk_, dv_, dl.to(w_log.dtype), du.to(u.dtype)
 
 
-class _RWKV5Backward(torch.autograd.Function):
+class _RWKV5Backward(KernelBackward):
     """The backward kernels as a Function of their own, so that vmap(grad(...)) batches them too."""
 
     @staticmethod
     def forward(r, k, v, w_log, u, do):
         return _bwd(r, k, v, w_log, u, do)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("fused_rwkv5_attn has no double backward")
 
     @staticmethod
     def vmap(info, in_dims, r, k, v, w_log, u, do):

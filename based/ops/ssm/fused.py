@@ -25,13 +25,12 @@ groups, so k runs cost one launch.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 CHUNK = 16  # CH: steps per register tile
 # CH * BD * BN elements per register tile. Forward: 8 warps (4 at blocks of 8 states), 16 elements and 64-72
@@ -371,20 +370,12 @@ def _fold_inputs(info, in_dims, u, delta, A, B, C, D, extra):
     return folded + [fold_runs(x, d, k, at, contiguous=True) for x, d, at in extra]
 
 
-class _SelectiveScanBackward(torch.autograd.Function):
+class _SelectiveScanBackward(KernelBackward):
     """The backward kernel as a Function of its own, so that vmap(grad(...)) can batch it too."""
 
     @staticmethod
     def forward(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size):
         return _bwd(u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("fused_selective_scan has no double backward")
 
     @staticmethod
     def vmap(info, in_dims, u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size):
