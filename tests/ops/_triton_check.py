@@ -30,6 +30,14 @@ def ptx_status(fn, signature: dict, constexprs: dict, options: dict) -> str:
     return "ok" if f".entry {fn.__name__}" in ptx else "no entry point in the PTX"
 
 
+def signature(fn, constexprs: dict, ints=(), floats=(), pointers: dict | None = None) -> dict:
+    """ptx_status's signature of fn: constexprs by name, `ints` i32, `floats` fp32, other arguments pointers
+    (*fp32 unless `pointers` names another type)."""
+    pointers = pointers or {}
+    return {a: "constexpr" if a in constexprs else "i32" if a in ints else "fp32" if a in floats
+            else pointers.get(a, "*fp32") for a in fn.arg_names}
+
+
 def compile_in_child(script: str) -> dict:
     """Run `script` (a test module whose __main__ prints its ptx_status results as JSON) without
     TRITON_INTERPRET; its results. Skips where Triton has no NVIDIA backend."""

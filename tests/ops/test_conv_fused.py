@@ -24,7 +24,7 @@ from torch.func import grad, vmap  # noqa: E402
 from based.ops.conv import naive_short_conv, short_conv  # noqa: E402
 from based.ops.conv.fused import fused_short_conv  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops._triton_check import compile_in_child, ptx_status  # noqa: E402
+from tests.ops._triton_check import compile_in_child, ptx_status, signature  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -157,8 +157,7 @@ def compile_for_sm90() -> dict:
         for fn, flags in ((fused._fwd_kernel, dict(HAS_BIAS=True, SILU=True)),
                           (fused._silu_grad_kernel, dict(HAS_BIAS=False)), (fused._bwd_kernel, {})):
             consts = {**blocks, **flags}
-            sig = {a: "constexpr" if a in consts else "i32" if a in ("T", "C", "RB", "s_xb", "s_xt") else "*fp32"
-                   for a in fn.arg_names}
+            sig = signature(fn, consts, ints=("T", "C", "RB", "s_xb", "s_xt"))
             results[f"{fn.__name__}_K{K}"] = ptx_status(fn, sig, consts, {"num_warps": fused.NUM_WARPS})
     return results
 

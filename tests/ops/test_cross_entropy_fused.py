@@ -23,7 +23,7 @@ from torch.func import grad, vmap  # noqa: E402
 from based.ops.cross_entropy import linear_cross_entropy  # noqa: E402
 from based.ops.cross_entropy.fused import fused_linear_cross_entropy  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops._triton_check import compile_in_child, ptx_status  # noqa: E402
+from tests.ops._triton_check import compile_in_child, ptx_status, signature  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,8 +125,7 @@ def compile_for_sm90() -> dict:
             consts = dict(IGNORE=-100, BM=BM, BV=BV, BK=fused.BLOCK_K, PREC="tf32")
             if "BD" in fn.arg_names:
                 consts["BD"] = BD
-            sig = {a: "constexpr" if a in consts else "i32" if a in ("RN", "V", "D", "s_tr") else
-                   "*i64" if a == "t" else "*fp32" for a in fn.arg_names}
+            sig = signature(fn, consts, ints=("RN", "V", "D", "s_tr"), pointers={"t": "*i64"})
             results[f"{fn.__name__}_D{D}"] = ptx_status(fn, sig, consts, {"num_warps": warps})
     return results
 

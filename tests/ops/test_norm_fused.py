@@ -23,7 +23,7 @@ from torch.func import grad, vmap  # noqa: E402
 from based.ops.norm import layer_norm, rms_norm  # noqa: E402
 from based.ops.norm.fused import fused_layer_norm, fused_rms_norm  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops._triton_check import compile_in_child, ptx_status  # noqa: E402
+from tests.ops._triton_check import compile_in_child, ptx_status, signature  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
@@ -134,8 +134,7 @@ def compile_for_sm90() -> dict:
     for rms in (False, True):
         for fn, flags in ((fused._fwd_kernel, dict(HAS_BIAS=not rms)), (fused._bwd_kernel, {})):
             consts = dict(BM=fused._rows_per_block(128), BD=128, RMS=rms, **flags)
-            sig = {a: "constexpr" if a in consts else "i32" if a in ("RN", "D") else "fp32" if a == "eps"
-                   else "*fp32" for a in fn.arg_names}
+            sig = signature(fn, consts, ints=("RN", "D"), floats=("eps",))
             results[f"{fn.__name__}_{'rms' if rms else 'ln'}"] = ptx_status(fn, sig, consts,
                                                                          {"num_warps": fused.NUM_WARPS})
     return results
