@@ -29,6 +29,7 @@ from based.mqar.stacked import StackedTrainer, group_runs
 from based.mqar.train import (
     MQARModel, _param_groups, fit, query_loss, query_positions, task_data,
 )
+from based.ops.ssm import fused as scan
 from based.ops.ssm import selective_scan
 
 GROUPS = {  # name -> (mixer, d_model, mixer_kwargs) of FIGURE2_MODELS; the largest Mamba last (memory)
@@ -225,6 +226,8 @@ def main() -> None:
     ap.add_argument("--eager", default="based-64-f16,mamba-128-n16")
     ap.add_argument("--compile", default="", help="groups also timed with torch.compile of the step (setup_s"
                     " then includes compiling every batch shape)")
+    ap.add_argument("--ssm-runs-first", default="", help="groups also timed with the fused scan's outputs copied "
+                    "runs-first under vmap (based.ops.ssm.fused.RUNS_FIRST_OUT)")
     ap.add_argument("--profile", action="store_true", help="profile --groups (torch.profiler) instead of timing")
     args = ap.parse_args()
     if args.count_ops:
@@ -257,6 +260,13 @@ def main() -> None:
             if name in args.compile.split(","):
                 entry["stacked_graphs_compiled"] = stacked_rate(runs[:entry["stacked_graphs"]["k"]], args.steps,
                                                                 graphs=True, compile=True)
+            if name in args.ssm_runs_first.split(","):
+                scan.RUNS_FIRST_OUT = True
+                try:
+                    entry["stacked_graphs_ssm_runs_first"] = stacked_rate(runs[:entry["stacked_graphs"]["k"]],
+                                                                          args.steps, graphs=True)
+                finally:
+                    scan.RUNS_FIRST_OUT = False
             if mixer == "mamba":
                 chunked = mamba_layer.chunk_selective_scan
                 mamba_layer.chunk_selective_scan = selective_scan  # the reference loop over T

@@ -180,11 +180,15 @@ def _loss(scan):
     return loss
 
 
-@pytest.mark.parametrize("shared", [(), pytest.param(("u", "delta", "B", "C"), marks=pytest.mark.slow)],
-                         ids=["all_batched", "shared_inputs"])  # shared inputs: -m slow (~20 s interpreted)
-def test_vmap_grad_matches_reference_per_run(shared):
+@pytest.mark.parametrize("shared, runs_first", [
+    ((), False), ((), True), pytest.param(("u", "delta", "B", "C"), False, marks=pytest.mark.slow),
+], ids=["all_batched", "all_batched_runs_first_out", "shared_inputs"])  # shared inputs: -m slow (~20 s interpreted)
+def test_vmap_grad_matches_reference_per_run(shared, runs_first, monkeypatch):
     """vmap(grad) over k = 3 runs (the stacked MQAR trainer) against the reference run by run; `shared`
-    inputs are one tensor for all runs (in_dims None)."""
+    inputs are one tensor for all runs (in_dims None); runs_first: outputs copied runs-first (RUNS_FIRST_OUT)."""
+    from based.ops.ssm import fused
+
+    monkeypatch.setattr(fused, "RUNS_FIRST_OUT", runs_first)
     k, argnums = 3, (0, 1, 2, 3, 4, 5)
     per_run = [_inputs(2, 21, 4, 3, seed=10 + r) for r in range(k)]
     stacked = [torch.stack(ts) for ts in zip(*per_run)][:6] + [torch.randn(k, 2, 21, 4, device=DEVICE)]

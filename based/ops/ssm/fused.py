@@ -47,6 +47,11 @@ CHANNELS_BWD = 64  # channels per backward program: its share of dB, dC is one [
 # padded to 32 lanes: no idle lanes, 3 shuffle rounds a sum over n, not 5 (the sums add up across the blocks in
 # du, ddelta, or fp32 scratch for other dtypes). None: BN covers N.
 STATES_BWD = 8
+# Under vmap the runs are folded into the channels, so y and the input gradients come back as views with the
+# runs at dim 2 ([b, T, k D] memory): every op after them then reads strided rows. True: they are copied to
+# runs-first contiguous memory once instead (one copy each; benchmarks/mqar_stacked.py --ssm-runs-first times
+# both on a GPU; not yet measured, so off).
+RUNS_FIRST_OUT = False
 
 
 @triton.jit
@@ -370,6 +375,14 @@ def _fold_inputs(info, in_dims, u, delta, A, B, C, D, extra):
     return folded + [fold_runs(x, d, k, at, contiguous=True) for x, d, at in extra]
 
 
+def _runs_out(outputs: list[torch.Tensor], k: int) -> tuple[list[torch.Tensor], int]:
+    """[b, T, k C] outputs -> per-run views at dim 2, or runs-first copies (RUNS_FIRST_OUT); and that dim."""
+    views = [unfold_runs(x, k, 2) for x in outputs]
+    if not RUNS_FIRST_OUT:
+        return views, 2
+    return [x.movedim(2, 0).contiguous() for x in views], 0
+
+
 class _SelectiveScanBackward(KernelBackward):
     """The backward kernel as a Function of its own, so that vmap(grad(...)) can batch it too."""
 
@@ -385,9 +398,10 @@ class _SelectiveScanBackward(KernelBackward):
         )
         du, ddelta, dA, dB, dC, dD, dh0 = _SelectiveScanBackward.apply(
             u, delta, A, B, C, D, ckpt, dy, dhT, chunk_size)
-        out = (unfold_runs(du, k, 2), unfold_runs(ddelta, k, 2), unfold_runs(dA, k, 0), unfold_runs(dB, k, 2),
-               unfold_runs(dC, k, 2), None if dD is None else unfold_runs(dD, k, 0), unfold_runs(dh0, k, 1))
-        return out, (2, 2, 0, 2, 2, None if dD is None else 0, 1)
+        (du, ddelta, dB, dC), at = _runs_out([du, ddelta, dB, dC], k)
+        out = (du, ddelta, unfold_runs(dA, k, 0), dB, dC, None if dD is None else unfold_runs(dD, k, 0),
+               unfold_runs(dh0, k, 1))
+        return out, (at, at, 0, at, at, None if dD is None else 0, 1)
 
 
 class SelectiveScan(torch.autograd.Function):
@@ -420,7 +434,8 @@ class SelectiveScan(torch.autograd.Function):
         k = info.batch_size
         u, delta, A, B, C, D, h0 = _fold_inputs(info, in_dims, u, delta, A, B, C, D, [(h0, in_dims[6], 1)])
         y, hT, ckpt = SelectiveScan.apply(u, delta, A, B, C, D, h0, chunk_size)
-        return (unfold_runs(y, k, 2), unfold_runs(hT, k, 1), unfold_runs(ckpt, k, 2)), (2, 1, 2)
+        (y,), at = _runs_out([y], k)
+        return (y, unfold_runs(hT, k, 1), unfold_runs(ckpt, k, 2)), (at, 1, 2)  # ckpt: only this backward reads it
 
 
 def fused_selective_scan(
