@@ -58,6 +58,8 @@ def test_step_matches_full_conv():
 def test_bad_shapes():
     with pytest.raises(ValueError, match=r"weight must be \[C=4, K\]"):
         short_conv(torch.randn(1, 3, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"K >= 1 taps"):
+        short_conv(torch.randn(1, 3, 4), torch.randn(4, 0))
     with pytest.raises(ValueError, match=r"x must be \[B, T, C\]"):
         short_conv(torch.randn(3, 4), torch.randn(4, 3))
     with pytest.raises(ValueError, match="initial_state must be"):

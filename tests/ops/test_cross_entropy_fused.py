@@ -73,6 +73,16 @@ def test_every_row_ignored_gives_nan_as_torch():
     assert torch.isnan(fused_linear_cross_entropy(h, w, t)) and torch.isnan(F.cross_entropy(h @ w.T, t))
 
 
+def test_a_target_out_of_range_makes_the_loss_nan():
+    """F.cross_entropy raises; the kernel cannot stop without a host sync, so the loss says it."""
+    h, w, t = _inputs(6, 9, 8, seed=5, ignored=0.0)
+    for bad in (9, -3):
+        t2 = t.clone()
+        t2[2] = bad
+        assert torch.isnan(fused_linear_cross_entropy(h, w, t2))
+    assert torch.isfinite(fused_linear_cross_entropy(h, w, t))
+
+
 def test_saves_inputs_and_one_number_per_row():
     """Autograd keeps hidden, weight, targets and each row's log-sum-exp: no [N, V] tensor."""
     h, w, t = _inputs(12, 40, 8, seed=2)

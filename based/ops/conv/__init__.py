@@ -21,8 +21,8 @@ except ImportError:  # pragma: no cover - Triton is a dependency on Linux
 def _check(x: torch.Tensor, weight: torch.Tensor):
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, C], got shape {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight must be [C={x.shape[-1]}, K], got shape {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[-1] or weight.shape[1] < 1:
+        raise ValueError(f"weight must be [C={x.shape[-1]}, K] with K >= 1 taps, got shape {tuple(weight.shape)}")
 
 
 def short_conv(

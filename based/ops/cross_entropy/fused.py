@@ -82,7 +82,10 @@ def _fwd_kernel(h, w, t, nll, lse, RN, V, D, s_tr, IGNORE: tl.constexpr, BM: tl.
     l = m_i + tl.log(s_i)
     rows = run.to(tl.int64) * RN + o_m
     tl.store(lse + rows, l, mask=m_m)
-    tl.store(nll + rows, tl.where(tgt != IGNORE, l - z_t, 0.0), mask=m_m)
+    # A target outside [0, V) (not ignore_index) makes its loss NaN: F.cross_entropy raises there, and a kernel
+    # cannot without a host sync (which a CUDA graph would not allow).
+    nll_row = tl.where((tgt < 0) | (tgt >= V), float("nan"), l - z_t)
+    tl.store(nll + rows, tl.where(tgt != IGNORE, nll_row, 0.0), mask=m_m)
 
 
 @triton.jit
@@ -224,7 +227,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     kernels that never hold the logits in memory.
 
     Args:
-        hidden: [N, D]; weight: [V, D]; targets: [N], class ids in [0, V) or ignore_index.
+        hidden: [N, D]; weight: [V, D]; targets: [N], class ids in [0, V) or ignore_index (any other id
+            makes the loss NaN).
     """
     nll, _ = LinearCE.apply(hidden, weight.unsqueeze(0), targets.unsqueeze(0), ignore_index)
     return nll.sum() / (targets != ignore_index).sum()
