@@ -109,6 +109,20 @@ def test_vmap_grad_matches_torch_per_run(shared, rms):
             assert rel_err(a[i], b) < 1e-5, (name, i)
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_vmap_over_single_rows(rms):
+    """Each run's x one row [D] (no dim before it to fold the runs into): the runs become the rows."""
+    fused, ref = _ops(rms)
+    x, w, b = _inputs((12,), seed=11, runs=3)
+    argnums = (0, 1) if rms else (0, 1, 2)
+    got = vmap(grad(lambda x, w, b: fused(x, w, b).sin().sum(), argnums=argnums))(x, w, b)
+    for i in range(3):
+        want = grad(lambda x, w, b: ref(x, w, b).sin().sum(), argnums=argnums)(x[i].double(), w[i].double(),
+                                                                             b[i].double())
+        for name, a, r in zip(("x", "w", "b"), got, want):
+            assert a.shape == (3, 12) and rel_err(a[i], r) < 1e-5, (name, i)
+
+
 def test_dispatch_takes_the_fused_path_on_cuda_only(monkeypatch):
     from based.ops import norm
 

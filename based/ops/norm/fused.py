@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
+from ..vmap_fold import KernelBackward, fold_runs, runs_at, unfold_runs
 
 NUM_WARPS = 4
 
@@ -124,9 +124,11 @@ class _NormBackward(KernelBackward):
     @staticmethod
     def vmap(info, in_dims, x, w, b, dy, eps, rms):
         n = info.batch_size
-        dx, dw, db = _NormBackward.apply(fold_runs(x, in_dims[0], n), fold_runs(w, in_dims[1], n),
-                                         fold_runs(b, in_dims[2], n), fold_runs(dy, in_dims[3], n), eps, rms)
-        out = (unfold_runs(dx, n), unfold_runs(dw, n), None if db is None else unfold_runs(db, n))
+        # x and dy keep the runs as a leading dim of their own (x may have no other dim before D): its rows
+        # come run after run all the same. w and b: [1, D] per run -> [k, D].
+        dx, dw, db = _NormBackward.apply(runs_at(x, in_dims[0], n), fold_runs(w, in_dims[1], n),
+                                         fold_runs(b, in_dims[2], n), runs_at(dy, in_dims[3], n), eps, rms)
+        out = (dx, unfold_runs(dw, n), None if db is None else unfold_runs(db, n))
         return out, (0, 0, None if db is None else 0)
 
 
@@ -152,9 +154,9 @@ class Norm(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, w, b, eps, rms):
         n = info.batch_size
-        y = Norm.apply(fold_runs(x, in_dims[0], n), fold_runs(w, in_dims[1], n), fold_runs(b, in_dims[2], n),
+        y = Norm.apply(runs_at(x, in_dims[0], n), fold_runs(w, in_dims[1], n), fold_runs(b, in_dims[2], n),
                        eps, rms)
-        return unfold_runs(y, n), 0
+        return y, 0
 
 
 def fused_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
