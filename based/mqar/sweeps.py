@@ -313,7 +313,7 @@ def run_sweep(
     results.jsonl (a rerun tries it again), its traceback written to out_dir/failures/<run_id>.txt; the
     others go on. Each group trains under its claim (claims.py): sweeps started on one out_dir share its
     groups out instead of training them twice. jobs > 1 with device "cuda" and several GPUs: each worker
-    process keeps one GPU; groups go to workers longest first (estimated_cost).
+    process keeps one GPU; stacked groups go to workers longest first (estimated_cost).
     """
     import time
     import traceback
@@ -335,7 +335,7 @@ def run_sweep(
     todo = [r for r in mine if r.run_id not in done][:limit]
     groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
     devices = _devices(device, jobs)
-    if jobs > 1:
+    if jobs > 1 and stacked:  # (unstacked, the sweep's own order stands: figure2-short puts first lrs first)
         groups.sort(key=estimated_cost, reverse=True)  # stable: the sweep's order among equals
     deadline = None if time_limit is None else time.monotonic() + time_limit
     pause_at = None if time_limit is None else time.time() + time_limit
