@@ -15,11 +15,12 @@ def register(sub) -> None:
                        help="the CPU sweep (<= 10 minutes on 2 cores); same as --sweep quick")
     which.add_argument("--sweep", choices=("quick", "figure2", "figure2-short"),
                        help="which sweep (figure2-short: figure 2 cut to ~6 minutes of one H200 at --jobs 8)")
-    p.add_argument("--out", required=True, help="output folder (results.jsonl, pareto.png)")
+    p.add_argument("--out", required=True, help="output folder (results.jsonl, pareto.png); sweeps started on one "
+                   "folder share its models out (each trains under a claim in OUT/claims/), none trained twice")
     p.add_argument("--device", default="cpu", help="cpu, cuda (every visible GPU when --jobs > 1) or cuda:N")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained in parallel, one process each (default: one per CPU core, at most 4, for "
-                   "--quick; 1 otherwise)")
+                   "--quick; 1 otherwise); with --device cuda and several GPUs each process keeps one GPU")
     p.add_argument("--limit", type=int, default=None, help="train at most this many new runs, then stop")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new run after this many seconds; stacked models still training then save "
