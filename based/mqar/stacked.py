@@ -33,7 +33,7 @@ from .claims import group_key
 from .model import MQARModel
 from .train import (
     MQARRun, batch_order, check_run, decays, lr_factor, query_loss, query_positions, result_row, steps_per_epoch,
-    task_data,
+    task_data, training_device,
 )
 
 # torch.optim.AdamW's defaults, which train_mqar uses.
@@ -272,11 +272,7 @@ def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = 
     train_mqar. deadline (time.time()) with checkpoint_dir: past it, the parameters, AdamW moments and step
     go to checkpoint_dir and Paused is raised; a later call with the same runs goes on from there.
     """
-    tf32 = torch.device(device).type == "cuda"
-    previous = torch.get_float32_matmul_precision()
-    if tf32:
-        torch.set_float32_matmul_precision("high")
-    try:
+    with training_device(device) as tf32:
         start = time.perf_counter()
         trainer = StackedTrainer(runs, device, cuda_graphs=tf32 if cuda_graphs is None else cuda_graphs)
         path = None if checkpoint_dir is None else checkpoint_path(runs, checkpoint_dir)
@@ -303,8 +299,6 @@ def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = 
         if path is not None:
             path.unlink(missing_ok=True)
         return rows
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 __all__ = ["Paused", "StackedTrainer", "group_runs", "stack_key", "steps_per_epoch", "train_stacked"]

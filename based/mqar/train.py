@@ -1,7 +1,8 @@
 """Train and evaluate one MQAR model: one run of a sweep, one row of results.jsonl."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import dataclasses
 import hashlib
@@ -183,20 +184,31 @@ def evaluate(model: MQARModel, inputs: torch.Tensor, labels: torch.Tensor, batch
     return correct.item() / max(targets.numel(), 1)
 
 
+@contextlib.contextmanager
+def training_device(device) -> Iterator[bool]:
+    """Around a run's training: on a CUDA device, TF32 matmuls (restored after) and that device made current,
+    because Triton kernels launch on the current device and CUDA graphs capture there (a sweep's worker
+    training on cuda:3 would otherwise launch them on cuda:0). Yields whether the device is CUDA."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    previous = torch.get_float32_matmul_precision()
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    try:
+        with torch.cuda.device(dev) if cuda else contextlib.nullcontext():
+            yield cuda
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def train_mqar(run: MQARRun, device: str = "cpu") -> dict:
     """Train run's model, test it on every test task; returns one results row (JSON-serialisable).
 
     Weights, activations, scans and losses are fp32 on every device; on CUDA the matmuls run as TF32 (tensor
     cores). No autocast: these models are launch-bound, and casts would add kernels, not save time.
     """
-    tf32 = torch.device(device).type == "cuda"
-    previous = torch.get_float32_matmul_precision()
-    if tf32:
-        torch.set_float32_matmul_precision("high")
-    try:
+    with training_device(device) as tf32:
         return {**_train_and_test(run, device), "tf32": tf32}
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def check_run(run: MQARRun) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import math
 import weakref
 
 import pytest
@@ -140,3 +141,27 @@ def test_compiled_step_equals_eager(device):
         compiled.step()
         torch.testing.assert_close(compiled.losses, eager.losses, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled.flat, eager.flat, atol=1e-5, rtol=1e-5)
+
+
+def test_training_device_restores_precision_and_says_cpu():
+    from based.mqar.train import training_device
+
+    before = torch.get_float32_matmul_precision()
+    with training_device("cpu") as cuda:
+        assert cuda is False and torch.get_float32_matmul_precision() == before
+    assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_group_trains_on_a_gpu_other_than_the_current_one():
+    """A sweep worker on cuda:1 while cuda:0 is current: Triton kernels and graph capture follow the run's device."""
+    from based.mqar.train import training_device
+
+    runs = [MQARRun("mamba", 16, lr, {"ssm_state_size": 4}, **TINY) for lr in (1e-3, 3e-3)]
+    torch.cuda.set_device(0)
+    with training_device("cuda:1") as cuda:
+        assert cuda and torch.cuda.current_device() == 1
+    assert torch.cuda.current_device() == 0
+    rows = train_stacked(runs, "cuda:1")
+    assert len(rows) == 2 and all(math.isfinite(r["final_train_loss"]) for r in rows)
