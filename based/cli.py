@@ -40,7 +40,9 @@ class _Version(argparse.Action):
 def torch_device(value: str | None, flag: str = "--device"):
     """The torch.device a --device flag names (None: cuda when available, else cpu); ValueError naming the
     flag when torch does not know the name or this machine lacks the device, instead of the traceback torch
-    or the first CUDA call would give later. Imports torch: call it when the subcommand runs."""
+    or the first CUDA call would give later. A named GPU (cuda:N) is made the current device: Triton kernels
+    launch on the current device and CUDA graphs capture there. Imports torch: call it when the subcommand
+    runs."""
     import torch
 
     if value is None:
@@ -55,6 +57,8 @@ def torch_device(value: str | None, flag: str = "--device"):
             raise ValueError(f"{flag} {value}: no CUDA GPU is visible here; use {flag} cpu")
         if device.index is not None and device.index >= count:
             raise ValueError(f"{flag} {value}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+        if device.index is not None:
+            torch.cuda.set_device(device)
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {value}: MPS is not available here; use {flag} cpu")
     elif device.type not in ("cpu", "mps"):
