@@ -172,7 +172,11 @@ def test_torch_device_refuses_a_gpu_this_machine_lacks(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     assert cli.torch_device("cuda:1") == torch.device("cuda:1")
+    assert current == [torch.device("cuda:1")]  # the named GPU is made current (Triton launches there)
+    assert cli.torch_device("cuda") == torch.device("cuda") and len(current) == 1  # unnamed: left as it is
     with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 2 CUDA GPU\(s\), cuda:0 \.\. cuda:1"):
         cli.torch_device("cuda:7")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
