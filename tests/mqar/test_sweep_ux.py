@@ -219,6 +219,8 @@ def test_each_worker_keeps_one_gpu(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this test process keeps its threads
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     devices = queue.Queue()
     for d in ("cuda:1", "cuda:0"):
         devices.put(d)
@@ -228,7 +230,7 @@ def test_each_worker_keeps_one_gpu(tmp_path, monkeypatch):
     sweeps._init_worker(1, devices)  # as a worker process starts: it takes the next GPU for good
     sweeps.train_claimed(tiny_sweep()[:1], "cuda", False, None, tmp_path)
     sweeps.train_claimed(tiny_sweep()[1:2], "cuda", False, None, tmp_path)
-    assert seen == ["cuda:1", "cuda:1"] and devices.get_nowait() == "cuda:0"
+    assert seen == ["cuda:1", "cuda:1"] and devices.get_nowait() == "cuda:0" and current == ["cuda:1"]
 
 
 def _hold_claim(out, run_ids, ready):
