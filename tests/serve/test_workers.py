@@ -55,16 +55,23 @@ def test_streaming_equals_generate(client, model):
 
 
 def test_16_concurrent_streams_land_on_both_workers(server, model):
+    """Bursts of 16 concurrent streams, each checked against generate alone, until both workers have served
+    some (at most 5 bursts): the workers share one listening socket, and which one accepts a connection is
+    the kernel's choice, so one burst can land whole on one worker (seen under load in CI)."""
     before = {w["pid"]: w["requests"] for w in workers(server)}
     bodies = [{"prompt": f"Stream number {i}: the", "max_tokens": 4 + (5 * i) % 17, "temperature": 0}
               for i in range(16)]
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda b: _stream(server.url, b), bodies))
-    for body, (text, reason, usage) in zip(bodies, together):
-        assert reason == "length" and usage["completion_tokens"] == body["max_tokens"]
-        assert text == greedy_text(model, body["prompt"], body["max_tokens"])
-    served = {w["pid"]: w["requests"] - before[w["pid"]] for w in workers(server)}
-    assert sum(served.values()) == 16 and all(n > 0 for n in served.values()), served
+    for burst in range(1, 6):
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda b: _stream(server.url, b), bodies))
+        for body, (text, reason, usage) in zip(bodies, together):
+            assert reason == "length" and usage["completion_tokens"] == body["max_tokens"]
+            assert text == greedy_text(model, body["prompt"], body["max_tokens"])
+        served = {w["pid"]: w["requests"] - before[w["pid"]] for w in workers(server)}
+        assert sum(served.values()) == 16 * burst, served
+        if all(n > 0 for n in served.values()):
+            break
+    assert all(n > 0 for n in served.values()), served
 
 
 def test_stop_string_found_in_a_worker_cuts_the_text_and_frees_the_engine_slot(server, model):
