@@ -5,9 +5,10 @@ stacked by vmap (weights per run), as `based mqar --sweep figure2` trains.
     BASED_GIT_REV=$(git rev-parse HEAD) python benchmarks/short_conv.py [--runs 4] [--seqs 64 256] [--out PATH]
 
 Cases (channels C, taps K, SiLU after): Zoology's BaseConv at d_model 128 (128, 3), Mamba's conv at d_model 128
-and 256 (d_inner 256 / 512, 4, SiLU), H3's shift conv at d_model 128 (C 128, K = N = 32). Per case, milliseconds per call (CUDA events, median of --reps): fwd_ms of vmap(op) and fwd_bwd_ms of
-vmap(grad(loss)) over x, weight and bias (the stacked trainer's pattern), and the fused path's max relative error
-against the PyTorch form. CUDA only; prints one JSON object (and writes it to --out) with date, GPU, revision.
+and 256 (d_inner 256 / 512, 4, SiLU), H3's shift conv at d_model 128 (C 128, K = N = 32). Per case, milliseconds
+per call (CUDA events, median of --reps): fwd_ms of vmap(op) and fwd_bwd_ms of vmap(grad(loss)) over x, weight
+and bias (the stacked trainer's pattern), and the fused path's max relative error against the PyTorch form.
+CUDA only; prints one JSON object (and writes it to --out) with date, GPU, revision.
 """
 from __future__ import annotations
 

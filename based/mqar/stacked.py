@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from ..data.mqar import IGNORE_INDEX
 from .claims import group_key
 from .model import MQARModel
 from .train import (
@@ -38,7 +39,6 @@ from .train import (
 
 # torch.optim.AdamW's defaults, which train_mqar uses.
 BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
-IGNORE = -100  # F.cross_entropy's ignore_index
 
 
 def stack_key(run: MQARRun) -> str:
@@ -156,7 +156,7 @@ class StackedTrainer:
         rows = self.index_table.index_select(0, self.step_t)[0]
         x, positions, targets = (t.index_select(0, rows) for t in self.train[task])
         padding = self.row_ids >= self.size_table.index_select(0, self.step_t)  # rows past a short batch
-        targets = targets.masked_fill(padding[:, None], IGNORE)  # cross_entropy's mean leaves them out
+        targets = targets.masked_fill(padding[:, None], IGNORE_INDEX)  # the loss's mean leaves them out
         grads, loss = self.forward_backward(self.params, x, positions, targets)
         g = torch.cat([grads[name].reshape(self.k, -1) for name in self.names], 1)  # [k, P]
         # torch.nn.utils.clip_grad_norm_ per run: one global norm over all of a run's gradients.
