@@ -25,7 +25,6 @@ groups, so k runs cost one launch.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -79,6 +78,8 @@ def _linear_combine(a1, x1, a2, x2):
 # no spills in any. The N = 24 forward then does ~1.0x N = 16's work per state (was 2.3x), so ~1.5x its time is
 # the expectation. Its memory traffic grows from ~4.6 to ~8.6 times u's size (u, delta read twice, y written
 # and read back once more): ~1.4 ms at 3.35 TB/s at d_inner 512 x 4 runs, batch 256, T 256, under that time.
+# Timed since on an H100 (benchmarks/results/ssm-scan-h100-2026-12-07-nblocks.json): N = 24 at d_inner 512,
+# 4 runs, batch 256, T 256: 4.8 ms a forward (12.0 before the split), 1.76x N = 16's 2.73 ms.
 @triton.jit
 def _fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, acc_ptr, hT_ptr, ckpt_ptr,
