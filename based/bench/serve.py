@@ -325,7 +325,8 @@ async def run_load(url: str, prompts: list[str], lengths: list[int], rate: float
                     pass
 
         sampling = asyncio.create_task(sampler())
-        if clients <= 1:
+        clients = max(1, min(clients, len(prompts)))  # no client process without requests
+        if clients == 1:
             parts = [await send_requests(url, prompts, lengths, rate, stream, seed)]
         else:
             import multiprocessing
@@ -628,7 +629,7 @@ def main(argv=None) -> int:
                    help="Poisson rates as fractions of the saturation run's requests/s")
     p.add_argument("--clients", type=int, default=None,
                    help="client processes sharing the requests (Poisson rate / N each), so that one client's own "
-                   "queueing is not in the latencies (default: 4 on CUDA, 1 on a CPU)")
+                   "queueing is not in the latencies (default: 4 on CUDA, at most one a core; 1 on a CPU)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per Poisson run")
     p.add_argument("--min-prompts", type=int, default=50, help="requests per run at the least")
     p.add_argument("--saturation-factor", type=float, default=1.5, help="saturation requests = factor x slots")
@@ -671,9 +672,10 @@ def main(argv=None) -> int:
     if args.output_len[0] < 1 or args.output_len[1] < args.output_len[0] or args.prompt_len < 1:
         p.error("--prompt-len must be >= 1 and --output-len MIN MAX with 1 <= MIN <= MAX")
     if args.clients is None:  # 4 clients used 0.88 of a core together at ~30k SSE events/s (docs/serving.md)
-        args.clients = 4 if args.device.startswith("cuda") else 1
-    if args.clients < 1:
-        p.error(f"--clients must be >= 1 (client processes), got {args.clients}")
+        args.clients = min(4, os.cpu_count() or 1) if args.device.startswith("cuda") else 1
+    if not 1 <= args.clients <= (os.cpu_count() or 1):
+        p.error(f"--clients must be 1 .. {os.cpu_count() or 1} (client processes, at most one a core), "
+                f"got {args.clients}")
     try:
         import aiohttp  # noqa: F401
     except ImportError:

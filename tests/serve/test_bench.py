@@ -31,6 +31,15 @@ def test_client_processes_share_the_requests(server):
     assert run["client_processes"] == 2 and run["completed"] == 7 and run["failed"] == 0
     assert run["output_tokens"] == sum(lengths) and run["itl_ms_p99"] >= run["itl_ms_p50"] > 0
     assert run["duration_s"] > 0 and run["client_cpu_fraction"] > 0
+    few = asyncio.run(run_load(server.url, prompts[:1], lengths[:1], float("inf"), True, seed=3, clients=2))
+    assert few["client_processes"] == 1 and few["completed"] == 1  # no client process without requests
+
+
+@pytest.mark.parametrize("clients", ["0", "-1", "100000"])
+def test_client_count_out_of_range_is_refused(clients, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--device", "cpu", "--clients", clients])
+    assert exit_.value.code == 2 and "--clients must be 1 .. " in capsys.readouterr().err
 
 
 def _run(rate, stream, tps, itl99, rps=10.0):
