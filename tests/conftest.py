@@ -24,6 +24,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _matmul_precision():
+    # A test that turns on TF32 ("high") must not leave it on: later fp32 comparisons on CUDA (the stacked
+    # trainer's CUDA-vs-CPU test) would run their matmuls in TF32 and fail by 1e-4.
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the error measure fla's tests use."""
     a, b = a.double(), b.double()
