@@ -6,9 +6,23 @@ import statistics
 import torch
 
 
-def cuda_ms(fn, reps: int, warmup: int = 3) -> float:
+def cuda_ms(fn, reps: int, warmup: int = 3, graph: bool = False) -> float:
     """Median milliseconds of fn() over `reps` calls after `warmup` untimed ones, by CUDA events (each call
-    timed alone: a synchronize after it), rounded to 3 decimals."""
+    timed alone: a synchronize after it), rounded to 3 decimals. graph=True captures fn once in a CUDA graph
+    and times its replays: the kernels alone, without the host's Python and dispatch time, which for
+    vmap(grad(...)) of small ops is milliseconds and would hide the kernels (the stacked trainer replays graphs
+    too)."""
+    if graph:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            fn()
+        fn, warmup = captured.replay, 1
     for _ in range(warmup):
         fn()
     times = []
