@@ -25,6 +25,10 @@ def register(sub) -> None:
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new run after this many seconds; stacked models still training then save "
                    "their state to OUT/partial/ and stop, runs trained alone finish; rerun to go on")
+    p.add_argument("--fit", action="store_true",
+                   help="with --time-limit: start no model whose estimated time exceeds the time left, for "
+                   "machines that lose OUT/partial/ between sittings (no sitting ends on a model it cannot "
+                   "finish); the estimates are an H100's, so on a slower GPU give a smaller --time-limit")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every example count (smoke tests of the sweep machinery only)")
     p.add_argument("--epochs", type=int, default=None, help="override the sweep's epochs (smoke tests; >= 1)")
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
             or (args.time_limit is not None and args.time_limit < 0)):
         raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0")
+    if args.fit and args.time_limit is None:
+        raise SystemExit("--fit needs --time-limit (it starts no model that would outlast the time left)")
     if args.epochs is not None and args.epochs < 1:
         raise SystemExit(f"--epochs must be >= 1 (it replaces the sweep's number of epochs), got {args.epochs}")
     if args.max_stack is not None and args.max_stack < 1:
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"scale": args.scale} | ({"epochs": args.epochs} if args.epochs is not None else {})
     runs = SWEEPS[args.sweep](**kwargs)
     rows = run_sweep(runs, args.out, device=args.device, jobs=args.jobs, limit=args.limit, time_limit=args.time_limit,
-                     stacked=args.stacked, shard=shard, max_stack=args.max_stack)
+                     stacked=args.stacked, shard=shard, max_stack=args.max_stack, fit=args.fit)
     ids = {r.run_id for r in runs}
     print(best_table([r for r in rows if r["run_id"] in ids]))
     print(f"{sum(r['run_id'] in ids for r in rows)} of {len(runs)} runs of '{args.sweep}' in {args.out}/results.jsonl; "
@@ -82,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if rows.claimed:
         print(f"{len(rows.claimed)} models skipped: another process on {args.out} is training them (see above); "
               "their rows join results.jsonl when it finishes")
+    if rows.unfit:
+        print(f"{len(rows.unfit)} models not started: each needs more than the time that was left (--fit, see "
+              "above); rerun to go on (one longer than the whole --time-limit needs a longer one)")
     if rows.failed:
         print(f"{len(rows.failed)} runs failed (not recorded; a rerun tries them again): tracebacks in "
               f"{Path(args.out) / 'failures'}/<run_id>.txt", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .claims import GroupClaim, GroupClaimed
-from .train import MQARRun, MQARTask, train_mqar
+from .train import MQARRun, MQARTask, steps_per_epoch, train_mqar
 
 # BASED paper, figure 2 (Zoology's arxiv24_based_figure2 setting): (seq_len, kv pairs, examples).
 FIGURE2_TRAIN = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
@@ -211,11 +211,13 @@ def best_table(rows: list[dict]) -> str:
 class SweepRows(list):
     """run_sweep's rows (every row of results.jsonl), with the runs of this call that failed:
     `failed` [(run, path of its traceback)], the stacked groups stopped at the time limit: `paused`, and the
-    groups skipped because another process was training them: `claimed`."""
+    groups skipped because another process was training them: `claimed`, and the groups not started because
+    they would not finish in the time left (fit): `unfit`."""
 
     failed: list[tuple[MQARRun, Path]]
     paused: list
     claimed: list
+    unfit: list[list[MQARRun]]
 
 
 _WORKER_DEVICE: str | None = None  # a worker process's own GPU (run_sweep with several GPUs)
@@ -234,18 +236,23 @@ def _init_worker(threads: int, devices=None) -> None:
             torch.cuda.set_device(_WORKER_DEVICE)  # the current device too: empty_cache after an OOM, kernels
 
 
-# ms per stacked step of a model's 4 runs at d_model 128 on one H100, averaged over figure 2's tasks
-# (benchmarks/results/mqar-stacked-h100-2026-12-07-tasks.json; Based measured at d_model 64, doubled): parallel
-# jobs take the longest groups first, so the sweep does not end waiting on one long group started last.
-_MS_PER_STEP_D128 = {"mamba": 28, "mamba2": 29, "h3": 32, "hyena": 24, "rwkv": 18, "linear_attn": 24,
-                     "lightning": 14, "attention": 13, "sliding_window": 13}
+# ms per stacked step of a model's 4 runs at d_model 128 on one H100, averaged over figure 2's tasks (weighted
+# by their share of the steps), with the fused conv / norm / cross-entropy kernels: attention, H3, Mamba,
+# Mamba-2 and Based (measured at d_model 64, doubled) from
+# benchmarks/results/mqar-stacked-h100-2026-12-07-shared-fused.json; Hyena, RWKV and Lightning from
+# mqar-stacked-h100-2026-12-07-tasks.json (before those kernels) x 0.7, the measured families' mean ratio;
+# sliding window as attention. Parallel jobs take the longest groups first, so the sweep does not end waiting
+# on one long group started last, and --fit starts no group a sitting cannot finish.
+_MS_PER_STEP_D128 = {"attention": 9.2, "h3": 28.2, "mamba": 21.3, "mamba2": 19.8, "linear_attn": 16.8,
+                     "hyena": 17.4, "rwkv": 13.4, "lightning": 10.6, "sliding_window": 9.2}
 
 
-def estimated_cost(group: list[MQARRun]) -> float:
-    """A group's relative training time (for ordering only): ms per step x width x steps."""
+def estimated_seconds(group: list[MQARRun]) -> float:
+    """A group's training seconds on one H100 (stacked, CUDA graphs): ms per stacked step x d_model / 128 x
+    its steps. Data generation and graph capture (a few seconds) are left out."""
     run = group[0]
-    return _MS_PER_STEP_D128.get(run.mixer, 20) * run.d_model / 128 * run.epochs * sum(t.num_examples
-                                                                                      for t in run.train)
+    ms = _MS_PER_STEP_D128.get(run.mixer, 20) * run.d_model / 128
+    return ms * steps_per_epoch(run) * run.epochs / 1000
 
 
 def _devices(device: str, jobs: int) -> list[str]:
@@ -301,7 +308,7 @@ def train_claimed(group: list[MQARRun], device: str, stacked: bool, deadline: fl
 def run_sweep(
     runs: list[MQARRun], out_dir: str | Path, device: str = "cpu", jobs: int = 1, limit: int | None = None,
     progress: bool = True, time_limit: float | None = None, stacked: bool | None = None,
-    shard: tuple[int, int] | None = None, max_stack: int | None = None,
+    shard: tuple[int, int] | None = None, max_stack: int | None = None, fit: bool = False,
 ) -> SweepRows:
     """Train the runs not yet in out_dir/results.jsonl (at most `limit` of them), appending one row per
     finished run and printing it as one line, then redraw out_dir/pareto.png from every row. Returns all
@@ -315,7 +322,11 @@ def run_sweep(
     results.jsonl (a rerun tries it again), its traceback written to out_dir/failures/<run_id>.txt; the
     others go on. Each group trains under its claim (claims.py): sweeps started on one out_dir share its
     groups out instead of training them twice. jobs > 1 with device "cuda" and several GPUs: each worker
-    process keeps one GPU; stacked groups go to workers longest first (estimated_cost).
+    process keeps one GPU; stacked groups go to workers longest first (estimated_seconds).
+
+    fit (with time_limit): start no group whose estimated_seconds (an H100's) exceed the time left (jobs > 1:
+    the time limit), for machines that lose out_dir/partial/ between sittings, where a paused group is
+    wasted work; it is reported, listed in `unfit`, and later groups that fit go on.
     """
     import time
     import traceback
@@ -338,12 +349,13 @@ def run_sweep(
     groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
     devices = _devices(device, jobs)
     if jobs > 1 and stacked:  # (unstacked, the sweep's own order stands: figure2-short puts first lrs first)
-        groups.sort(key=estimated_cost, reverse=True)  # stable: the sweep's order among equals
+        groups.sort(key=estimated_seconds, reverse=True)  # stable: the sweep's order among equals
     deadline = None if time_limit is None else time.monotonic() + time_limit
     pause_at = None if time_limit is None else time.time() + time_limit
     failed: list[tuple[MQARRun, Path]] = []
     paused: list[Paused] = []
     claimed: list[GroupClaimed] = []
+    unfit: list[list[MQARRun]] = []
 
     bar = tqdm(total=len(todo), desc=f"MQAR runs ({len(done)} done before)", disable=not progress)
 
@@ -376,10 +388,23 @@ def run_sweep(
             finished(outcome)
         bar.update(len(group))
 
+    def fits(group: list[MQARRun], left: float) -> bool:
+        """fit: a group that would still train when the time is up is not started (its partial state would be
+        lost with the machine); reported and counted."""
+        if not fit or deadline is None or estimated_seconds(group) <= left:
+            return True
+        unfit.append(group)
+        tqdm.write(f"not started: {group[0].model_name} needs ~{estimated_seconds(group):.0f} s on an H100, "
+                   f"{left:.0f} s left (--fit)", file=sys.stdout)
+        bar.update(len(group))
+        return False
+
     if jobs <= 1:
         for group in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
+            if not fits(group, 0.0 if deadline is None else deadline - time.monotonic()):
+                continue
             bar.set_postfix_str(group[0].model_name)
             try:
                 outcome = train_claimed(group, device, stacked, pause_at, out)
@@ -399,7 +424,10 @@ def run_sweep(
                 queue.put(devices[k % len(devices)])
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                                  initargs=(threads, queue)) as pool:
-            futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group for group in groups}
+            # fit: all groups are queued at once, so only those longer than the whole limit are known not to
+            # fit; one queued behind others may still start late and pause.
+            futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group for group in groups
+                       if fits(group, time_limit or 0.0)}
             pending = set(futures)
             while pending:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -414,7 +442,7 @@ def run_sweep(
                     deadline = None
     bar.close()
     rows = SweepRows(read_results(results))
-    rows.failed, rows.paused, rows.claimed = failed, paused, claimed
+    rows.failed, rows.paused, rows.claimed, rows.unfit = failed, paused, claimed, unfit
     if rows:
         plot_pareto(rows, out / "pareto.png")
     return rows
