@@ -247,12 +247,18 @@ _MS_PER_STEP_D128 = {"attention": 9.2, "h3": 28.2, "mamba": 21.3, "mamba2": 19.8
                      "hyena": 17.4, "rwkv": 13.4, "lightning": 10.6, "sliding_window": 9.2}
 
 
+# Below d_model 64 a step costs about what it costs at 64 (Based d48, feature dim 8: 154 s for its 22,624
+# steps with set-up, on an H100; feature dim 16 paused at step 18,650 after 146 s), and every group spends
+# seconds generating its data and capturing its graphs before its first step.
+_MIN_WIDTH, _SETUP_S = 64, 15.0
+
+
 def estimated_seconds(group: list[MQARRun]) -> float:
-    """A group's training seconds on one H100 (stacked, CUDA graphs): ms per stacked step x d_model / 128 x
-    its steps. Data generation and graph capture (a few seconds) are left out."""
+    """A group's seconds on one H100 (stacked, CUDA graphs): ms per stacked step x max(d_model, 64) / 128 x
+    its steps, plus set-up (data, graph capture)."""
     run = group[0]
-    ms = _MS_PER_STEP_D128.get(run.mixer, 20) * run.d_model / 128
-    return ms * steps_per_epoch(run) * run.epochs / 1000
+    ms = _MS_PER_STEP_D128.get(run.mixer, 20) * max(run.d_model, _MIN_WIDTH) / 128
+    return ms * steps_per_epoch(run) * run.epochs / 1000 + _SETUP_S
 
 
 def _devices(device: str, jobs: int) -> list[str]:
