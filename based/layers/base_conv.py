@@ -8,7 +8,6 @@ kernel_size inputs per channel.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import conv_state_zeros, short_conv, short_conv_step
@@ -64,10 +63,11 @@ class BaseConv(nn.Module):
         y, final = short_conv(
             u1, self.conv.weight.squeeze(1), self.conv.bias,
             initial_state=None if carried is None else carried[0], output_final_state=state is not None,
+            activation="silu", gate=u2,
         )
         if state is not None:
             state[0].copy_(final)
-        return self.out_proj(F.silu(y) * u2)
+        return self.out_proj(y)
 
     def step(self, x: torch.Tensor, state: State, seqlen_offset: Offset = 0) -> torch.Tensor:
         """Decode one token per sequence; updates `state` in place. x: [B, d_model] or [B, 1, d_model]."""

@@ -22,7 +22,8 @@ pytest.importorskip("triton")
 from torch.func import grad, vmap  # noqa: E402
 
 from based.ops.conv import naive_short_conv, short_conv  # noqa: E402
-from based.ops.conv.fused import fused_short_conv  # noqa: E402
+from based.ops.conv import _final_state, _shifted_sum  # noqa: E402
+from based.ops.conv.fused import fused_short_conv, fused_short_conv_inference  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.ops._triton_check import compile_in_child, ptx_status, signature  # noqa: E402
 
@@ -147,6 +148,87 @@ def test_short_conv_takes_the_fused_path_on_cuda_only(monkeypatch):
         short_conv(x, w, b, activation="gelu")
 
 
+def _state(B, C, K, seed, tap_major):
+    g = torch.Generator().manual_seed(seed)
+    if tap_major:  # as conv_state_zeros stores decode states: [B, K, C] in memory
+        return torch.randn(B, K, C, generator=g).transpose(1, 2).to(DEVICE)
+    return torch.randn(B, C, K, generator=g).to(DEVICE)
+
+
+def _prefill_naive(x, w, b, state, silu, gate):
+    """act(conv) * gate in fp64, continuing from state (zeros if None)."""
+    B, T, C = x.shape
+    st = torch.zeros(B, C, w.shape[1], dtype=torch.float64, device=x.device) if state is None else state.double()
+    y = _shifted_sum(x.double(), w.double(), None if b is None else b.double(), st, torch.float64)
+    y = F.silu(y) if silu else y
+    return y if gate is None else y * gate.double()
+
+
+@pytest.mark.parametrize("B, T, C, K", [(2, 5, 3, 3), (1, 70, 70, 4), (2, 1, 8, 4), (1, 2, 5, 9), (2, 9, 66, 1)])
+@pytest.mark.parametrize("state", [None, "tap_major", "channel_major"])
+@pytest.mark.parametrize("silu, gated, bias", [(True, True, True), (False, False, False), (True, False, True)])
+def test_prefill_kernel_matches_naive(B, T, C, K, state, silu, gated, bias):
+    """The prefill pass continues from a state of either layout (T shorter than the taps included), with the
+    activation and a gate read in place from a split projection, as BaseConv calls it."""
+    x, w, b = _inputs(B, T, C, K, seed=3)
+    st = None if state is None else _state(B, C, K, seed=4, tap_major=state == "tap_major")
+    proj = torch.randn(B, T, 2 * C, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    u, gate = proj.split(C, dim=-1)  # strided views: rows 2C apart
+    x = u if gated else x
+    gate = gate if gated else None
+    y = fused_short_conv_inference(x, w, b if bias else None, st, "silu" if silu else None, gate)
+    assert y.shape == (B, T, C) and y.is_contiguous()
+    assert rel_err(y, _prefill_naive(x, w, b if bias else None, st, silu, gate)) < 1e-6
+
+
+def test_prefill_kernel_in_bf16_rounds_once():
+    x, w, b = _inputs(2, 40, 24, 3, seed=6)
+    st = _state(2, 24, 3, seed=7, tap_major=True)
+    gate = torch.randn_like(x)
+    xb, gb, sb = x.bfloat16(), gate.bfloat16(), st.bfloat16()
+    y = fused_short_conv_inference(xb, w, b, sb, "silu", gb)
+    assert y.dtype == torch.bfloat16
+    want = _prefill_naive(xb.float(), w, b, sb.float(), True, gb.float())
+    assert rel_err(y, want) < 4e-3  # one bf16 rounding of an fp32 result
+
+
+@pytest.mark.parametrize("T, K, with_state", [(7, 3, True), (2, 4, True), (2, 4, False), (1, 1, True), (4, 4, False)])
+def test_final_state_is_the_last_k_inputs(T, K, with_state):
+    """_final_state against the concatenation it replaces: [state, x^T][..., -K:]."""
+    x, _, _ = _inputs(2, T, 5, K, seed=8)
+    st = _state(2, 5, K, seed=9, tap_major=True) if with_state else None
+    full = torch.cat([torch.zeros(2, 5, K, device=DEVICE) if st is None else st, x.transpose(1, 2)], dim=-1)
+    assert torch.equal(_final_state(x, st, K), full[..., -K:])
+
+
+def test_short_conv_gate_and_state_on_every_path(monkeypatch):
+    """short_conv(..., initial_state, output_final_state, activation, gate): the PyTorch form and (on CUDA)
+    the prefill pass under no_grad give the same y and final state; with a gradient to take and no state,
+    the training kernel (CUDA) or PyTorch, the gate applied after it."""
+    from based.ops import conv
+
+    calls = []
+    monkeypatch.setattr(conv, "fused_short_conv_inference",
+                        lambda *a: calls.append("prefill") or fused_short_conv_inference(*a))
+    x, w, b = _inputs(2, 11, 6, 4, seed=10)
+    st, gate = _state(2, 6, 4, seed=11, tap_major=True), torch.randn_like(x)
+    want = _prefill_naive(x, w, b, st, True, gate)
+    with torch.no_grad():
+        y, final = short_conv(x, w, b, st, True, "silu", gate)
+    assert rel_err(y, want) < 1e-6 and torch.equal(final, _final_state(x, st, 4))
+    monkeypatch.setenv("BASED_CONV_FUSED", "0")
+    y0, final0 = short_conv(x, w, b, st, True, "silu", gate)
+    assert rel_err(y0, want) < 1e-6 and torch.equal(final0, final)
+    assert calls == (["prefill"] if DEVICE == "cuda" else [])
+    monkeypatch.delenv("BASED_CONV_FUSED")
+    xg = x.clone().requires_grad_()
+    y1, _ = short_conv(xg, w, b, activation="silu", gate=gate)  # a gradient to take: not the prefill pass
+    assert calls == (["prefill"] if DEVICE == "cuda" else [])
+    assert rel_err(y1.detach(), _prefill_naive(x, w, b, None, True, gate)) < 1e-6
+    with pytest.raises(ValueError, match="gate must have x's shape"):
+        short_conv(x, w, b, gate=gate[:, 1:])
+
+
 def compile_for_sm90() -> dict:
     """{kernel: "ok" or the compiler's error}: the three kernels at Mamba's K = 4 and H3's shift conv K = 64."""
     from based.ops.conv import fused
@@ -159,6 +241,10 @@ def compile_for_sm90() -> dict:
             consts = {**blocks, **flags}
             sig = signature(fn, consts, ints=("T", "C", "RB", "s_xb", "s_xt"))
             results[f"{fn.__name__}_K{K}"] = ptx_status(fn, sig, consts, {"num_warps": fused.NUM_WARPS})
+        consts = {**blocks, **dict(HAS_STATE=True, HAS_BIAS=True, SILU=True, HAS_GATE=True)}
+        sig = signature(fused._infer_kernel, consts, ints=("T", "C", "s_xb", "s_xt", "s_sb", "s_sc", "s_sk", "s_gb",
+                                                            "s_gt"), pointers={"x": "*bf16", "gate": "*bf16", "y": "*bf16", "st": "*bf16"})
+        results[f"_infer_kernel_K{K}"] = ptx_status(fused._infer_kernel, sig, consts, {"num_warps": fused.NUM_WARPS})
     return results
 
 
@@ -199,3 +285,22 @@ def test_gpu_matches_torch_at_sweep_size(C, K, silu, monkeypatch):
         ref = grad(_loss(torch_form, silu), argnums=(0, 1, 2))(xs[i], ws[i], bs[i], wy[i])
         for name, a, r in zip(("x", "w", "b"), got, ref):
             assert rel_err(a[i], r) < 1e-5, (name, i)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_prefill_matches_torch_at_1p3b_size(monkeypatch):
+    """BaseConv's prefill at the 1.3b preset's width (d_inner 3584, K 3), bf16, 8 prompts of 512 continuing from
+    a tap-major state: the Triton pass against the PyTorch form (cuDNN conv, SiLU, gate), and the final state."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    proj = torch.randn(8, 512, 2 * 3584, device="cuda", dtype=torch.bfloat16, generator=g)
+    u, gate = proj.split(3584, dim=-1)
+    w = torch.randn(3584, 3, device="cuda", generator=g).bfloat16() / 3**0.5
+    b = torch.randn(3584, device="cuda", generator=g).bfloat16()
+    st = torch.randn(8, 3, 3584, device="cuda", generator=g).bfloat16().transpose(1, 2)
+    with torch.no_grad():
+        y, final = short_conv(u, w, b, st, True, "silu", gate)
+        monkeypatch.setenv("BASED_CONV_FUSED", "0")
+        y0, final0 = short_conv(u, w, b, st, True, "silu", gate)
+    assert rel_err(y, y0) < 1e-2 and torch.equal(final, final0)
+    assert rel_err(y, _prefill_naive(u.float(), w.float(), b.float(), st.float(), True, gate.float())) < 4e-3

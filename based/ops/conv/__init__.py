@@ -6,16 +6,18 @@ y[b, t, c] = bias[c] + sum_{i<K} weight[c, i] * x[b, t - (K - 1) + i, c], with x
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from ..common import check_backend, fused_training_call
 from ..taylor.common import triton_available as _triton_available
 
-try:  # the fused training kernels (CUDA, no state): absent without Triton
-    from .fused import fused_short_conv
+try:  # the fused kernels (CUDA; training: no state; prefill: no gradient): absent without Triton
+    from .fused import fused_short_conv, fused_short_conv_inference
 except ImportError:  # pragma: no cover - Triton is a dependency on Linux
-    fused_short_conv = None
+    fused_short_conv = fused_short_conv_inference = None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor):
@@ -32,6 +34,7 @@ def short_conv(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     activation: str | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal depthwise conv over time.
 
@@ -39,32 +42,63 @@ def short_conv(
         x: [B, T, C]; weight: [C, K]; bias: [C] or None
         initial_state: [B, C, K], the K inputs before x (newest last), e.g. a previous final_state.
         activation: None or "silu" (Mamba's), applied to y.
+        gate: [B, T, C] or None: y = act(conv(x)) * gate (BaseConv's u2).
     Returns:
         y [B, T, C] and, if asked, the final state [B, C, K].
 
-    On CUDA without a state in or out (training) one fused Triton kernel each way (based/ops/conv/fused.py,
-    with a vmap rule for stacked runs); BASED_CONV_FUSED=0 keeps the PyTorch form.
+    On CUDA (BASED_CONV_FUSED=0 keeps the PyTorch form): without a gradient to take (prefill, with or without
+    states) one Triton pass that also applies the activation and the gate; in training without a state in
+    or out, one fused Triton kernel each way (based/ops/conv/fused.py, with a vmap rule for stacked runs).
     """
     _check(x, weight)
-    if activation not in (None, "silu"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    if not torch.compiler.is_compiling() and fused_training_call(x, fused_short_conv, initial_state,
-                                                                  output_final_state, "BASED_CONV_FUSED"):
-        return fused_short_conv(x, weight, bias, activation), None
     B, T, C = x.shape
     K = weight.shape[1]
-    xt = x.transpose(1, 2)  # [B, C, T]
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, C, K):
+        raise ValueError(f"initial_state must be [B, C, K]=({B}, {C}, {K}), got {tuple(initial_state.shape)}")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _fused_inference(x, weight, bias, initial_state, gate):
+        y = fused_short_conv_inference(x, weight, bias, initial_state, activation, gate)
+        return y, _final_state(x, initial_state, K) if output_final_state else None
+    if not compiling and fused_training_call(x, fused_short_conv, initial_state, output_final_state,
+                                             "BASED_CONV_FUSED"):
+        y = fused_short_conv(x, weight, bias, activation)
+        return (y if gate is None else y * gate), None
     if initial_state is None:
         initial_state = x.new_zeros(B, C, K)
-    elif tuple(initial_state.shape) != (B, C, K):
-        raise ValueError(f"initial_state must be [B, C, K]=({B}, {C}, {K}), got {tuple(initial_state.shape)}")
-    if torch.compiler.is_compiling():
+    if compiling:
         y = _shifted_sum(x, weight, bias, initial_state, torch.float32)
     else:
-        padded = torch.cat([initial_state[..., 1:].to(x.dtype), xt], dim=-1)  # [B, C, K - 1 + T]
+        padded = torch.cat([initial_state[..., 1:].to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K - 1 + T]
         y = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), bias, groups=C).transpose(1, 2)
-    final = torch.cat([initial_state.to(x.dtype), xt], dim=-1)[..., -K:] if output_final_state else None
-    return (F.silu(y) if activation == "silu" else y), final
+    if activation == "silu":
+        y = F.silu(y)
+    if gate is not None:
+        y = y * gate
+    return y, _final_state(x, initial_state, K) if output_final_state else None
+
+
+def _fused_inference(x, *tensors) -> bool:
+    """Whether short_conv takes the Triton prefill pass: x on CUDA with Triton there, no gradient to take,
+    BASED_CONV_FUSED not "0"."""
+    if fused_short_conv_inference is None or not x.is_cuda or os.environ.get("BASED_CONV_FUSED", "1") == "0":
+        return False
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    return not grads
+
+
+def _final_state(x: torch.Tensor, initial_state: torch.Tensor | None, K: int) -> torch.Tensor:
+    """The last K inputs [B, C, K] (newest last) in x's dtype: x's last K steps, or the state's newest
+    inputs before a shorter x; a copy of only those (not of the whole sequence)."""
+    B, T, C = x.shape
+    xt = x.transpose(1, 2)
+    if T >= K:
+        return xt[..., T - K:].clone()
+    before = x.new_zeros(B, C, K - T) if initial_state is None else initial_state[..., T:].to(x.dtype)
+    return torch.cat([before, xt], dim=-1)
 
 
 def _shifted_sum(

@@ -1,4 +1,5 @@
-"""Fused Triton kernels of short_conv for training (no state in or out): forward, backward and a vmap rule.
+"""Fused Triton kernels of short_conv: for training (no state in or out) forward, backward and a vmap rule; for
+prefill (no gradient) a forward that continues from a state and applies the activation and a gate.
 
 In PyTorch a causal depthwise conv on [B, T, C] activations is a transpose, a copy padded with K - 1 zeros,
 cuDNN's depthwise conv on [B, C, T] and a transpose back; its backward adds the same copies and cuDNN's
@@ -103,6 +104,37 @@ def _bwd_kernel(x, s_xb, s_xt, w, g, dx, dw_part, db_part, T, C, RB,
     tl.store(dx + seq * T * C + o_t.to(tl.int64)[:, None] * C + o_c[None, :], acc.to(dx.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _infer_kernel(x, s_xb, s_xt, st, s_sb, s_sc, s_sk, w, b, gate, s_gb, s_gt, y, T, C,
+                  K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_STATE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_GATE: tl.constexpr):
+    """Prefill (no gradient): y = act(conv) * gate, the inputs before x read from the state [B, C, K] (any
+    strides; tap K - 1 is x's previous input), computed in fp32 and rounded once."""
+    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    seq = tl.program_id(2).to(tl.int64)
+    m_c = o_c < C
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(K):
+        w_i = tl.load(w + o_c * K + i, mask=m_c, other=0.0).to(tl.float32)
+        rows = o_t + (i - (K - 1))
+        v = _tile(x + seq * s_xb, o_t, o_c, T, C, s_xt, i - (K - 1))
+        if HAS_STATE:  # rows -1 .. -(K - 1): state taps K - 1 .. 1 (only the first tile has any)
+            m_s = (rows < 0)[:, None] & m_c[None, :]
+            p = st + seq * s_sb + o_c.to(tl.int64)[None, :] * s_sc + (K + rows).to(tl.int64)[:, None] * s_sk
+            v += tl.load(p, mask=m_s, other=0.0).to(tl.float32)
+        acc += v * w_i[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    m = (o_t < T)[:, None] & m_c[None, :]
+    if HAS_GATE:
+        acc *= tl.load(gate + seq * s_gb + o_t.to(tl.int64)[:, None] * s_gt + o_c[None, :], mask=m,
+                       other=0.0).to(tl.float32)
+    tl.store(y + seq * T * C + o_t.to(tl.int64)[:, None] * C + o_c[None, :], acc.to(y.dtype.element_ty), mask=m)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [B, T, C] with unit channel stride (a split or folded view stays a view)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -204,4 +236,33 @@ def fused_short_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return ShortConv.apply(x, weight.unsqueeze(0), None if bias is None else bias.unsqueeze(0), activation == "silu")
 
 
-__all__ = ["fused_short_conv"]
+def fused_short_conv_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                                initial_state: torch.Tensor | None = None, activation: str | None = None,
+                                gate: torch.Tensor | None = None) -> torch.Tensor:
+    """short_conv's y for prefill (no gradient) in one Triton pass: act(conv(x)) * gate, continuing from
+    initial_state, in place on [B, T, C] (where PyTorch concatenates the state before x, transposes, runs cuDNN's
+    depthwise conv, transposes back and applies the activation and the gate as kernels of their own).
+
+    Args:
+        x, gate: [B, T, C], channels contiguous (a split of a projection is read in place); gate or None.
+        weight: [C, K]; bias: [C] or None; initial_state: [B, C, K] (any strides, newest input last) or None.
+    Returns:
+        y [B, T, C] in x's dtype (fp32 inside, rounded once).
+    """
+    x = _rows(x)
+    B, T, C = x.shape
+    K = weight.shape[1]
+    gate = None if gate is None else _rows(gate)
+    st = initial_state
+    y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+    _infer_kernel[_grid(B, T, C)](
+        x, x.stride(0), x.stride(1), x if st is None else st, *((0, 0, 0) if st is None else st.stride()),
+        weight.contiguous(), weight if bias is None else bias, x if gate is None else gate,
+        *((0, 0) if gate is None else gate.stride()[:2]), y, T, C,
+        K=K, BT=BLOCK_T, BC=BLOCK_C, HAS_STATE=st is not None, HAS_BIAS=bias is not None,
+        SILU=activation == "silu", HAS_GATE=gate is not None, num_warps=NUM_WARPS,
+    )
+    return y
+
+
+__all__ = ["fused_short_conv", "fused_short_conv_inference"]
