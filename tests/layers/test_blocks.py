@@ -25,6 +25,24 @@ def test_rmsnorm_computes_in_fp32_and_returns_input_dtype():
     torch.testing.assert_close(y.float(), norm(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_on_cuda_in_half_precision_rounds_the_fp32_result_once(dtype):
+    """The CUDA path hands a bf16 / fp16 x and weight to PyTorch's fused kernel as they are: it must equal the fp32
+    computation rounded once (at most one ulp apart where the two reductions' orders differ), at 1.3b's width."""
+    norm = RMSNorm(1792).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(1792))
+    x = (torch.randn(4096, 1792, device="cuda") * 3).to(dtype)
+    want = F.rms_norm(x.float(), (1792,), norm.weight.float(), norm.eps).to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((got.float() - want.float()).abs() <= ulp * 1.01).all()
+    assert (got != want).float().mean() < 0.01
+
+
 def test_swiglu_formula():
     mlp = SwiGLU(6, hidden_size=10)
     assert mlp.fc1.weight.shape == (20, 6) and mlp.fc2.weight.shape == (6, 10) and mlp.fc1.bias is None
