@@ -227,6 +227,12 @@ def test_short_conv_gate_and_state_on_every_path(monkeypatch):
     assert rel_err(y1.detach(), _prefill_naive(x, w, b, None, True, gate)) < 1e-6
     with pytest.raises(ValueError, match="gate must have x's shape"):
         short_conv(x, w, b, gate=gate[:, 1:])
+    xs, ws = torch.stack([x, 2 * x]), torch.stack([w, -w])
+    with torch.no_grad():  # under vmap: the training kernel's vmap rule (CUDA) or PyTorch, not the prefill pass
+        ys = vmap(lambda x, w: short_conv(x, w, b, activation="silu", gate=gate)[0])(xs, ws)
+    assert calls == (["prefill"] if DEVICE == "cuda" else [])
+    for i in range(2):
+        assert rel_err(ys[i], _prefill_naive(xs[i], ws[i], b, None, True, gate)) < 1e-6
 
 
 def compile_for_sm90() -> dict:

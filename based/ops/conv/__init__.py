@@ -82,9 +82,11 @@ def short_conv(
 
 
 def _fused_inference(x, *tensors) -> bool:
-    """Whether short_conv takes the Triton prefill pass: x on CUDA with Triton there, no gradient to take,
+    """Whether short_conv takes the Triton prefill pass: x on CUDA with Triton there and no torch.func wrapper
+    (the pass has no vmap rule: under vmap the training kernel's rule or PyTorch serve), no gradient to take,
     BASED_CONV_FUSED not "0"."""
-    if fused_short_conv_inference is None or not x.is_cuda or os.environ.get("BASED_CONV_FUSED", "1") == "0":
+    if (fused_short_conv_inference is None or not _triton_available(x)
+            or os.environ.get("BASED_CONV_FUSED", "1") == "0"):
         return False
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
     return not grads
