@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..ops.swiglu import swiglu
 
 
 class SwiGLU(nn.Module):
@@ -29,4 +30,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(up * F.silu(gate))
+        return self.fc2(swiglu(up, gate))
