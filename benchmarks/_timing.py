@@ -1,6 +1,7 @@
 """GPU timing shared by the op benchmarks (run as `python benchmarks/x.py`, so benchmarks/ is on sys.path)."""
 from __future__ import annotations
 
+import json
 import statistics
 
 import torch
@@ -34,3 +35,12 @@ def cuda_ms(fn, reps: int, warmup: int = 3, graph: bool = False) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return round(statistics.median(times), 3)
+
+
+def emit(result: dict, out: str | None) -> None:
+    """Print a benchmark's JSON and write it to `out` (if given), as benchmarks/results/ keeps them."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")

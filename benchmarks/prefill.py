@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import torch
+    from _timing import emit  # benchmarks/ is on sys.path when run as a script
 
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prefill.py needs a CUDA GPU")
@@ -72,11 +73,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
         print(table)
         result[f"profile_{args.profile}_prompts_5_calls_top40"] = table.splitlines()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from torch.func import grad, vmap
 
 from based.ops.conv import short_conv
-from _timing import cuda_ms  # benchmarks/ is on sys.path when run as a script
+from _timing import cuda_ms, emit  # benchmarks/ is on sys.path when run as a script
 
 CASES = {"baseconv-128": (128, 3, False), "mamba-128": (256, 4, True), "mamba-256": (512, 4, True),
          "h3-shift-128": (128, 32, False)}
@@ -71,11 +71,7 @@ def main():
             result["cases"].append(row)
             print(json.dumps(row), flush=True)
     os.environ.pop("BASED_CONV_FUSED", None)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
