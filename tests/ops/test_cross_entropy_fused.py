@@ -4,6 +4,10 @@ tiles, and under vmap(grad) over stacked runs with shared targets (the MQAR trai
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny shapes (tests/conftest.py); a child process compiles
 them for sm_90. `pytest -m gpu tests/ops/test_cross_entropy_fused.py` compares at the MQAR sweep's sizes.
+
+The kernels' paths: widths D <= 128 load whole [BM, BD] / [BV, BD] tiles (16; 40, not a power of 2; 128),
+wider ones walk D in chunks (136); the vocabulary split in parts (SPLIT > 1) at few rows, merged in PyTorch.
+Small tiles (BASED_CE_TILES) give tiny shapes several row and vocabulary tiles, BASED_CE_SPLIT forces the split.
 """
 import json
 import os
@@ -21,7 +25,8 @@ pytest.importorskip("triton")
 from torch.func import grad, vmap  # noqa: E402
 
 from based.ops.cross_entropy import linear_cross_entropy  # noqa: E402
-from based.ops.cross_entropy.fused import fused_linear_cross_entropy  # noqa: E402
+from based.ops.cross_entropy import fused  # noqa: E402
+from based.ops.cross_entropy.fused import LinearCE, fused_linear_cross_entropy  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.ops._triton_check import compile_in_child, ptx_status, signature  # noqa: E402
 
@@ -124,19 +129,124 @@ def test_dispatch(monkeypatch):
         linear_cross_entropy(h, w, t[:5])
 
 
+SMALL_TILES = "16x32x4x1"  # BM 16, BV 32: several tiles of each kind at a few dozen rows and words
+
+
+def _check(got, want, t, tol=1e-5):
+    for name, a, b in zip(("loss", "hidden", "weight"), got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape and torch.isfinite(a).all(), name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+    assert (got[1][t == -100] == 0).all()
+
+
+@pytest.mark.parametrize("D", [16, 40, 128, 136])
+@pytest.mark.parametrize("split", [1, 4])
+def test_paths_match_torch(D, split, monkeypatch):
+    """Whole-width tiles (D <= 128) and chunked ones (136), the vocabulary (4 tiles of 32, the last partial)
+    in 1 part or 4, partial row and width tiles."""
+    monkeypatch.setenv("BASED_CE_TILES", SMALL_TILES)
+    monkeypatch.setenv("BASED_CE_SPLIT", str(split))
+    N, V = 20, 100
+    h, w, t = _inputs(N, V, D, seed=D + split)
+    for backward in (False, True):
+        c, parts, per = fused._plan(h, 1, N, V, D, backward)
+        assert (c.one_k, parts, per) == (D <= 128, split, 4 // split)
+    _check(_run(fused_linear_cross_entropy, h, w, t, torch.float32), _run(_ref, h, w, t, torch.float64), t)
+
+
+@pytest.mark.parametrize("per_run_targets", [False, True], ids=["shared_targets", "per_run_targets"])
+@pytest.mark.parametrize("D", [40])
+def test_vmap_grad_split_matches_torch(D, per_run_targets, monkeypatch):
+    """vmap(grad) over 3 runs with the vocabulary in 2 parts: the runs' rows, weights and targets kept apart."""
+    monkeypatch.setenv("BASED_CE_TILES", SMALL_TILES)
+    monkeypatch.setenv("BASED_CE_SPLIT", "2")
+    runs = 3
+    h, w, t = _inputs(12, 70, D, seed=D, runs=runs)
+    targets = torch.stack([t.roll(i) for i in range(runs)]) if per_run_targets else t
+    in_dims = (0, 0, 0 if per_run_targets else None)
+    got = vmap(grad(fused_linear_cross_entropy, argnums=(0, 1)), in_dims=in_dims)(h, w, targets)
+    for i in range(runs):
+        ti = targets[i] if per_run_targets else t
+        want = grad(_ref, argnums=(0, 1))(h[i].double(), w[i].double(), ti)
+        for name, a, b in zip(("hidden", "weight"), got, want):
+            assert rel_err(a[i], b) < 1e-5, (name, i)
+        assert (got[0][i][ti == -100] == 0).all()
+
+
+def test_split_rows_nan_and_ignored(monkeypatch):
+    """Merged parts: an ignored row's loss is 0, an out-of-range target's NaN (its row only), lse exact."""
+    monkeypatch.setenv("BASED_CE_TILES", SMALL_TILES)
+    monkeypatch.setenv("BASED_CE_SPLIT", "4")
+    h, w, t = _inputs(9, 130, 24, seed=4, ignored=0.0)
+    t[1], t[2], t[3] = -100, 130, -5
+    nll, lse = LinearCE.apply(h, w.unsqueeze(0), t.unsqueeze(0), -100)
+    z = h.double() @ w.double().T
+    want_lse = z.logsumexp(-1)
+    assert rel_err(lse, want_lse) < 1e-6
+    assert nll[1] == 0 and torch.isnan(nll[2]) and torch.isnan(nll[3])
+    keep = torch.tensor([i not in (1, 2, 3) for i in range(9)])
+    want = want_lse - z.gather(1, t.clamp(0, 129)[:, None])[:, 0]
+    assert rel_err(nll[keep], want[keep]) < 1e-6
+
+
+def test_default_tiles_split_by_the_heuristic():
+    """The tables' tiles (BD 16: BV 128 forward, 64 backward) on 5 rows of a 1024-word vocabulary: few
+    programs, so the split is taken (2 parts forward, 4 backward)."""
+    h, w, t = _inputs(5, 1024, 16, seed=6, ignored=0.2)
+    assert fused._plan(h, 1, 5, 1024, 16, False)[1:] == (2, 4)
+    assert fused._plan(h, 1, 5, 1024, 16, True)[1:] == (4, 4)
+    _check(_run(fused_linear_cross_entropy, h, w, t, torch.float32), _run(_ref, h, w, t, torch.float64), t)
+
+
+def test_split_count_and_tiles_spec(monkeypatch):
+    assert fused.split_count(32, 64, 132) == (8, 8)  # 1024 rows x 4 runs at BM 128 on an H100
+    assert fused.split_count(512, 64, 132) == (1, 64)  # 16k rows x 4 runs: one part
+    assert fused.split_count(128, 64, 132) == (3, 22)  # parts of 22, 22, 20 tiles
+    assert fused.split_count(1, 3, 132) == (1, 3)  # parts of at least 4 tiles
+    monkeypatch.setenv("BASED_CE_SPLIT", "5")
+    assert fused.split_count(10**6, 7, 132) == (4, 2)  # forced; no empty part
+    assert fused.parse_tiles("64x128x4") == (64, 128, 4, 2) and fused.parse_tiles("128X64x8x3") == (128, 64, 8, 3)
+    for bad in ("64x64", "48x64x4", "8x64x4", "64x64x3x2", "a"):
+        with pytest.raises(ValueError):
+            fused.parse_tiles(bad)
+    monkeypatch.setenv("BASED_CE_TILES", "128x128x8x3,64x64x4x2")
+    assert fused.config(100) == (128, 128, 128, 8, 3, True)
+    assert fused.config(100, backward=True) == (64, 64, 128, 4, 2, True)
+    monkeypatch.delenv("BASED_CE_TILES")
+    assert fused.config(200).one_k is False and fused.config(200).BD == 256
+
+
+SHARED_MEMORY_SM90 = 232448  # bytes a block may take on an H100 (227 KB)
+
+
 def compile_for_sm90() -> dict:
-    """{kernel: "ok" or the compiler's error}: the three kernels at the sweep's widths 64 and 256."""
-    from based.ops.cross_entropy import fused
+    """{kernel: "ok" or the compiler's error}: every kernel and constexpr variant at the tables' tiles, at the
+    widths 128 (whole-width tiles, the most shared memory of them) and 256 (D in chunks), the forward with and
+    without the vocabulary split's partials (at 128: the epilogue is the same code at every width); "ok" also
+    says that the kernel's shared memory fits an H100."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     results = {}
-    for D in (64, 256):
-        BM, BV, BD, warps = fused._blocks(D)
-        for fn in (fused._fwd_kernel, fused._dh_kernel, fused._dw_kernel):
-            consts = dict(IGNORE=-100, BM=BM, BV=BV, BK=fused.BLOCK_K, PREC="tf32")
-            if "BD" in fn.arg_names:
-                consts["BD"] = BD
-            sig = signature(fn, consts, ints=("RN", "V", "D", "s_tr"), pointers={"t": "*i64"})
-            results[f"{fn.__name__}_D{D}"] = ptx_status(fn, sig, consts, {"num_warps": warps})
+    for D in (128, 256):
+        for fn, backward, partial in ((fused._fwd_kernel, False, False), (fused._fwd_kernel, False, True),
+                                      (fused._dh_kernel, True, None), (fused._dw_kernel, True, None)):
+            if partial and D != 128:
+                continue
+            c = fused.config(D, backward)
+            consts = dict(IGNORE=-100, BM=c.BM, BV=c.BV, BK=fused.BLOCK_K, BD=c.BD, ONE_K=c.one_k, PREC="tf32")
+            if partial is not None:
+                consts["PARTIAL"] = partial
+            sig = signature(fn, consts, ints=("RN", "V", "D", "s_tr", "TPS"), pointers={"t": "*i64"})
+            name = f"{fn.__name__}_D{D}" + ("_partial" if partial else "")
+            options = {"num_warps": c.warps, "num_stages": c.stages}
+            results[name] = status = ptx_status(fn, sig, consts, options)
+            if status == "ok":  # from Triton's cache: the build ptx_status made
+                shared = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
+                                        options=options).metadata.shared
+                if shared > SHARED_MEMORY_SM90:
+                    results[name] = f"{shared} bytes of shared memory, more than an H100's {SHARED_MEMORY_SM90}"
     return results
 
 
@@ -165,3 +275,24 @@ def test_gpu_vmap_matches_torch_at_sweep_size(D, monkeypatch):
         want = grad(torch_form, argnums=(0, 1))(h[i], w[i], t)
         for name, a, b in zip(("hidden", "weight"), got, want):
             assert rel_err(a[i], b) < 3e-3, (name, i)  # TF32 on both sides, different summation orders
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("D", [64, 256])
+def test_gpu_vmap_split_matches_torch_at_few_queries(D):
+    """4 stacked runs of 256 examples x 4 queries (1024 rows a run): the vocabulary split in parts, TF32."""
+    torch.set_float32_matmul_precision("high")
+    h, w, t = _inputs(256 * 4, 8192, D, seed=1, runs=4)
+    assert fused._plan(h, 4, 256 * 4, 8192, D, False)[1] > 1 and fused._plan(h, 4, 256 * 4, 8192, D, True)[1] > 1
+
+    def torch_form(h, w, t):
+        return F.cross_entropy(h @ w.T, t, ignore_index=-100)
+
+    loss = vmap(fused_linear_cross_entropy, in_dims=(0, 0, None))(h, w, t)
+    got = vmap(grad(fused_linear_cross_entropy, argnums=(0, 1)), in_dims=(0, 0, None))(h, w, t)
+    for i in range(4):
+        assert rel_err(loss[i], torch_form(h[i], w[i], t)) < 1e-3, i
+        want = grad(torch_form, argnums=(0, 1))(h[i], w[i], t)
+        for name, a, b in zip(("hidden", "weight"), got, want):
+            assert rel_err(a[i], b) < 3e-3, (name, i)

@@ -11,12 +11,38 @@ logits live only in registers, a [BM, BV] tile at a time:
                to the memory it saves), dh = p @ W in one kernel (over row blocks), dW = p^T @ h in another
                (over vocabulary blocks): no atomics, the same bits every run
 
+Widths D <= 128 (BD, the next power of 2 >= D and >= 16, at most 128) take the whole width in one tile
+(ONE_K): the forward and dh programs load their [BM, BD] block of h once, before the vocabulary loop, and
+each [BV, BD] tile of W once per step, for the logits z = h W^T (one tl.dot) and, in dh, for p W too; dW's
+programs load their W tile once and each h tile once per step, for z = h W^T (as the forward and dh compute
+it: the same bits, so that exp(z - lse) agrees with the forward's log-sum-exp at large logits) and p^T h.
+Wider hidden states walk D in BK = 32 chunks for the logits (the [BM, BD] / [BV, BD] accumulators leave no
+registers for whole-width operands).
+
+Few rows (few programs over the row blocks, e.g. 1024 rows a run x 4 runs at BM 128: 32 programs on an
+H100's 132 SMs): the forward and dh split the vocabulary in SPLIT parts, a third grid dim, chosen so that
+there are about 2 programs per SM (split_count; BASED_CE_SPLIT=k forces k). Each part writes partials,
+merged in PyTorch: (max, sum of exp(z - max), target logit) per row by the log-sum-exp rule, dh as fp32
+[SPLIT, N, D] summed over the parts (no atomics: still the same bits every run). dW's grid (vocabulary
+blocks x runs, 128 x 4 at BV 64) needs no split.
+
+Tiles: (BM, BV, num_warps, num_stages) per BD, for the forward (FWD_TILES) and the backward (BWD_TILES),
+chosen for an H100 from registers and shared memory at sm_90a (`python benchmarks/cross_entropy.py --regs`,
+no GPU needed) and NOT yet timed on one. BASED_CE_TILES=BMxBVxWARPS[xSTAGES] (e.g. 128x64x8x2), or
+FWD,BWD (e.g. 128x128x8x3,64x64x4x2), read at every call, overrides them at every width;
+`python benchmarks/cross_entropy.py --tiles` times alternatives (fwd_ms picks the forward's, bwd_ms the
+backward's), to hard-code the best in the tables here.
+
 Matmuls as tl.dot: TF32 unless torch's float32 matmul precision is "highest" (as torch's own matmuls).
 
 Stacked runs: hidden comes run after run ([R * RN, D]), the weight per run [R, V, D] and the targets per run
 [R, RN] or shared [1, RN]; vmap's runs are folded into the rows (based/ops/vmap_fold.py).
 """
 from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,18 +51,86 @@ import triton.language as tl
 from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 BLOCK_K = 32
+ONE_K_MAX = 128  # widest BD whose [BM, BD] / [BV, BD] operands are loaded whole
+# BD -> (BM, BV, num_warps, num_stages) of the forward and of the backward (dh and dW), picked for an H100
+# from ptxas's registers and Triton's shared memory at sm_90a (`python benchmarks/cross_entropy.py --regs`),
+# not timed: tiles without spills (ptxas -v). BM, BV >= 64 (Hopper's wgmma wants 64-row blocks; the old
+# 32 x 32 of the wide path fell back to mma.sync). The forward keeps h [BM, BD] and W [BV, BD] a stage in
+# shared memory (BD 64 at 128 x 128 x 3 stages: 128 KB, 128 registers); the backward holds an fp32
+# [BM, BD] (or [BV, BD]) accumulator beside p [BM, BV], and the TF32 MMA reads its operands K-major only, so
+# W (dh) and h (dW) get a second, transposed copy in shared memory (BD 128 at 128 x 64: 255 / 236 registers).
+FWD_TILES = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 64, 8, 3)}
+BWD_TILES = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
+FWD_WIDE, BWD_WIDE = (128, 128, 8, 3), (64, 64, 8, 2)  # BD > ONE_K_MAX: the BK-chunked logits
+DEFAULT_SMS = 132  # an H100 SXM's SMs, where no CUDA device is asked (the interpreter)
+PROGRAMS_PER_SM = 2  # the vocabulary split's target
 
 
-def _blocks(D: int) -> tuple[int, int, int, int]:
-    """(BM, BV, BD, num_warps): the [BM, BD] / [BV, BD] accumulators of the backward fit in registers."""
+class Config(NamedTuple):
+    BM: int
+    BV: int
+    BD: int
+    warps: int
+    stages: int
+    one_k: bool
+
+
+def parse_tiles(spec: str) -> tuple[int, int, int, int]:
+    """"BMxBVxWARPS[xSTAGES]" -> (BM, BV, num_warps, num_stages); stages 2 when left out."""
+    try:
+        parts = [int(x) for x in spec.strip().lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 3:
+        parts.append(2)
+    if (len(parts) != 4 or min(parts) < 1 or min(parts[:2]) < 16
+            or any(x & (x - 1) for x in parts[:3])):
+        raise ValueError(f"tiles as BMxBVxWARPS[xSTAGES], BM and BV powers of 2 >= 16, WARPS a power of 2: {spec!r}")
+    return tuple(parts)
+
+
+def config(D: int, backward: bool = False) -> Config:
+    """The tiles at width D of the forward or the backward kernels: the tables, or BASED_CE_TILES where set
+    ("SPEC" for all three kernels, "FWD_SPEC,BWD_SPEC" for each; read at every call)."""
     BD = max(16, triton.next_power_of_2(D))
-    return (64, 64, BD, 4) if BD <= 128 else (32, 32, BD, 8)
+    spec = os.environ.get("BASED_CE_TILES")
+    if spec:
+        specs = spec.split(",")
+        if len(specs) > 2:
+            raise ValueError(f"BASED_CE_TILES: one spec or FWD,BWD, got {spec!r}")
+        tiles = parse_tiles(specs[-1] if backward else specs[0])
+    elif BD <= ONE_K_MAX:
+        tiles = (BWD_TILES if backward else FWD_TILES)[BD]
+    else:
+        tiles = BWD_WIDE if backward else FWD_WIDE
+    BM, BV, warps, stages = tiles
+    return Config(BM, BV, BD, warps, stages, BD <= ONE_K_MAX)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def split_count(programs: int, vocab_tiles: int, sms: int) -> tuple[int, int]:
+    """(SPLIT, vocabulary tiles per part) for a grid of `programs` row blocks x runs: parts of at least 4 tiles
+    until there are PROGRAMS_PER_SM programs an SM (1 at large N), or BASED_CE_SPLIT; no part is empty."""
+    forced = os.environ.get("BASED_CE_SPLIT")
+    if forced:
+        split = int(forced)
+    else:
+        split = min(triton.cdiv(PROGRAMS_PER_SM * sms, programs), vocab_tiles // 4)
+    split = min(max(split, 1), vocab_tiles)
+    per = triton.cdiv(vocab_tiles, split)
+    return triton.cdiv(vocab_tiles, per), per
 
 
 @triton.jit
 def _logits(h_ptr, w_ptr, o_m, m_m, o_v, m_v, D, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
             PREC: tl.constexpr):
-    """z [BM, BV] = h[o_m] @ w[o_v]^T in fp32."""
+    """z [BM, BV] = h[o_m] @ w[o_v]^T in fp32, D in BK chunks."""
     acc = tl.zeros([BM, BV], dtype=tl.float32)
     for k0 in range(0, D, BK):
         o_k = k0 + tl.arange(0, BK)
@@ -45,8 +139,15 @@ def _logits(h_ptr, w_ptr, o_m, m_m, o_v, m_v, D, BM: tl.constexpr, BV: tl.conste
                     other=0.0).to(tl.float32)
         w = tl.load(w_ptr + o_v.to(tl.int64)[:, None] * D + o_k[None, :], mask=m_v[:, None] & m_k[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.dot(h, tl.trans(w), input_precision=PREC)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PREC)
     return acc
+
+
+@triton.jit
+def _tile(ptr, o_r, m_r, o_d, m_d, D):
+    """Rows o_r of a [*, D] matrix, all BD columns, in fp32: zeros past D and in masked rows."""
+    return tl.load(ptr + o_r.to(tl.int64)[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :],
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -60,32 +161,52 @@ def _rows(t_ptr, lse_ptr, g_ptr, run, o_m, m_m, RN, s_tr, IGNORE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(h, w, t, nll, lse, RN, V, D, s_tr, IGNORE: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-                BK: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(h, w, t, nll, lse, part, RN, V, D, s_tr, TPS, IGNORE: tl.constexpr, BM: tl.constexpr,
+                BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ONE_K: tl.constexpr, PARTIAL: tl.constexpr,
+                PREC: tl.constexpr):
+    """Grid (row blocks, runs, SPLIT): vocabulary tiles [split TPS, (split + 1) TPS). PARTIAL: part [3, SPLIT,
+    R RN] gets the running max, the sum of exp(z - max) and the target's logit (0 if not in this part), else
+    nll and lse [R RN] their values."""
     run = tl.program_id(1)
+    split = tl.program_id(2)
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_m = o_m < RN
     h_run, w_run = h + run.to(tl.int64) * RN * D, w + run.to(tl.int64) * V * D
     tgt = tl.load(t + run * s_tr + o_m, mask=m_m, other=IGNORE)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    if ONE_K:
+        hb = _tile(h_run, o_m, m_m, o_d, m_d, D)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     s_i = tl.zeros([BM], dtype=tl.float32)
     z_t = tl.zeros([BM], dtype=tl.float32)
-    for v0 in range(0, V, BV):
+    v_lo = split * TPS * BV
+    for v0 in range(v_lo, tl.minimum(V, v_lo + TPS * BV), BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
-        z = _logits(h_run, w_run, o_m, m_m, o_v, m_v, D, BM, BV, BK, PREC)
+        if ONE_K:
+            z = tl.dot(hb, tl.trans(_tile(w_run, o_v, m_v, o_d, m_d, D)), input_precision=PREC)
+        else:
+            z = _logits(h_run, w_run, o_m, m_m, o_v, m_v, D, BM, BV, BK, PREC)
         z = tl.where(m_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
         z_t += tl.sum(tl.where(o_v[None, :] == tgt[:, None], z, 0.0), axis=1)
-    l = m_i + tl.log(s_i)
     rows = run.to(tl.int64) * RN + o_m
-    tl.store(lse + rows, l, mask=m_m)
-    # A target outside [0, V) (not ignore_index) makes its loss NaN: F.cross_entropy raises there, and a kernel
-    # cannot without a host sync (which a CUDA graph would not allow).
-    nll_row = tl.where((tgt < 0) | (tgt >= V), float("nan"), l - z_t)
-    tl.store(nll + rows, tl.where(tgt != IGNORE, nll_row, 0.0), mask=m_m)
+    if PARTIAL:
+        n_rows = tl.num_programs(1).to(tl.int64) * RN
+        at = part + split * n_rows + rows
+        tl.store(at, m_i, mask=m_m)
+        tl.store(at + tl.num_programs(2) * n_rows, s_i, mask=m_m)
+        tl.store(at + 2 * tl.num_programs(2) * n_rows, z_t, mask=m_m)
+    else:
+        l = m_i + tl.log(s_i)
+        tl.store(lse + rows, l, mask=m_m)
+        # A target outside [0, V) (not ignore_index) makes its loss NaN: F.cross_entropy raises there, and a
+        # kernel cannot without a host sync (which a CUDA graph would not allow).
+        nll_row = tl.where((tgt < 0) | (tgt >= V), float("nan"), l - z_t)
+        tl.store(nll + rows, tl.where(tgt != IGNORE, nll_row, 0.0), mask=m_m)
 
 
 @triton.jit
@@ -97,45 +218,60 @@ def _softmax_grad(z, lse, tgt, g, o_v, m_v):
 
 
 @triton.jit
-def _dh_kernel(h, w, t, lse, g, dh, RN, V, D, s_tr, IGNORE: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-               BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _dh_kernel(h, w, t, lse, g, dh, RN, V, D, s_tr, TPS, IGNORE: tl.constexpr, BM: tl.constexpr,
+               BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, ONE_K: tl.constexpr, PREC: tl.constexpr):
+    """Grid (row blocks, runs, SPLIT): dh [SPLIT, R RN, D] of vocabulary tiles [split TPS, (split + 1) TPS)."""
     run = tl.program_id(1)
+    split = tl.program_id(2)
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)
     m_m = o_m < RN
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     h_run, w_run = h + run.to(tl.int64) * RN * D, w + run.to(tl.int64) * V * D
     tgt, l, gg = _rows(t, lse, g, run, o_m, m_m, RN, s_tr, IGNORE)
+    if ONE_K:
+        hb = _tile(h_run, o_m, m_m, o_d, m_d, D)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for v0 in range(0, V, BV):
+    v_lo = split * TPS * BV
+    for v0 in range(v_lo, tl.minimum(V, v_lo + TPS * BV), BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
-        p = _softmax_grad(_logits(h_run, w_run, o_m, m_m, o_v, m_v, D, BM, BV, BK, PREC), l, tgt, gg, o_v, m_v)
-        wv = tl.load(w_run + o_v.to(tl.int64)[:, None] * D + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.dot(p, wv, input_precision=PREC)
-    tl.store(dh + (run.to(tl.int64) * RN + o_m)[:, None] * D + o_d[None, :], acc.to(dh.dtype.element_ty),
-             mask=m_m[:, None] & m_d[None, :])
+        wv = _tile(w_run, o_v, m_v, o_d, m_d, D)
+        if ONE_K:
+            z = tl.dot(hb, tl.trans(wv), input_precision=PREC)
+        else:
+            z = _logits(h_run, w_run, o_m, m_m, o_v, m_v, D, BM, BV, BK, PREC)
+        acc = tl.dot(_softmax_grad(z, l, tgt, gg, o_v, m_v), wv, acc, input_precision=PREC)
+    n_rows = tl.num_programs(1).to(tl.int64) * RN
+    rows = split * n_rows + run.to(tl.int64) * RN + o_m
+    tl.store(dh + rows[:, None] * D + o_d[None, :], acc.to(dh.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
 @triton.jit
 def _dw_kernel(h, w, t, lse, g, dw, RN, V, D, s_tr, IGNORE: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
-               BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+               BK: tl.constexpr, BD: tl.constexpr, ONE_K: tl.constexpr, PREC: tl.constexpr):
+    """Grid (vocabulary blocks, runs)."""
     run = tl.program_id(1)
     o_v = tl.program_id(0) * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     h_run, w_run = h + run.to(tl.int64) * RN * D, w + run.to(tl.int64) * V * D
+    if ONE_K:
+        wb = _tile(w_run, o_v, m_v, o_d, m_d, D)
     acc = tl.zeros([BV, BD], dtype=tl.float32)
     for m0 in range(0, RN, BM):
         o_m = m0 + tl.arange(0, BM)
         m_m = o_m < RN
         tgt, l, gg = _rows(t, lse, g, run, o_m, m_m, RN, s_tr, IGNORE)
-        p = _softmax_grad(_logits(h_run, w_run, o_m, m_m, o_v, m_v, D, BM, BV, BK, PREC), l, tgt, gg, o_v, m_v)
-        hv = tl.load(h_run + o_m.to(tl.int64)[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.dot(tl.trans(p), hv, input_precision=PREC)
+        hv = _tile(h_run, o_m, m_m, o_d, m_d, D)
+        # z as the forward computed it (h W^T, not W h^T, which would spare p's transpose): the same bits, so
+        # that exp(z - lse) at a large logit agrees with the forward's log-sum-exp
+        if ONE_K:
+            z = tl.dot(hv, tl.trans(wb), input_precision=PREC)
+        else:
+            z = _logits(h_run, w_run, o_m, m_m, o_v, m_v, D, BM, BV, BK, PREC)
+        acc = tl.dot(tl.trans(_softmax_grad(z, l, tgt, gg, o_v, m_v)), hv, acc, input_precision=PREC)
     tl.store(dw + run.to(tl.int64) * V * D + o_v.to(tl.int64)[:, None] * D + o_d[None, :],
              acc.to(dw.dtype.element_ty), mask=m_v[:, None] & m_d[None, :])
 
@@ -152,24 +288,49 @@ def _args(h, w, t):
     return h, w, t, R, RN, V, D, (0 if t.shape[0] == 1 else RN)
 
 
+def _plan(h, R, RN, V, D, backward: bool):
+    """(Config, SPLIT, vocabulary tiles per part) of the forward or the dh kernel."""
+    c = config(D, backward)
+    split, per = split_count(triton.cdiv(RN, c.BM) * R, triton.cdiv(V, c.BV), _sms(h.device))
+    return c, split, per
+
+
+def _consts(c: Config, ignore_index: int) -> dict:
+    return dict(IGNORE=ignore_index, BM=c.BM, BV=c.BV, BK=BLOCK_K, BD=c.BD, ONE_K=c.one_k, PREC=_precision(),
+                num_warps=c.warps, num_stages=c.stages)
+
+
 def _fwd(h, w, t, ignore_index: int):
     h, w, t, R, RN, V, D, s_tr = _args(h, w, t)
-    BM, BV, _, warps = _blocks(D)
-    nll = torch.empty(R * RN, dtype=torch.float32, device=h.device)
-    lse = torch.empty_like(nll)
-    _fwd_kernel[(triton.cdiv(RN, BM), R)](h, w, t, nll, lse, RN, V, D, s_tr, IGNORE=ignore_index, BM=BM, BV=BV,
-                                          BK=BLOCK_K, PREC=_precision(), num_warps=warps)
+    c, split, per = _plan(h, R, RN, V, D, False)
+    if split == 1:  # part: unused
+        nll = part = torch.empty(R * RN, dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(nll)
+    else:  # nll and lse: unused
+        nll = lse = part = torch.empty(3, split, R * RN, dtype=torch.float32, device=h.device)
+    _fwd_kernel[(triton.cdiv(RN, c.BM), R, split)](h, w, t, nll, lse, part, RN, V, D, s_tr, per,
+                                                   PARTIAL=split > 1, **_consts(c, ignore_index))
+    if split > 1:  # the parts' log-sum-exps merged; the target's logit is in one part, 0 in the others
+        m, s, z_t = part.unbind(0)
+        top = m.amax(0)
+        lse = top + (s * torch.exp(m - top)).sum(0).log()
+        tgt = t.expand(R, RN).reshape(-1)
+        nll = torch.where((tgt < 0) | (tgt >= V), float("nan"), lse - z_t.sum(0))
+        nll = torch.where(tgt != ignore_index, nll, 0.0)
     return nll, lse
 
 
 def _bwd(h, w, t, lse, dnll, ignore_index: int):
     h, w, t, R, RN, V, D, s_tr = _args(h, w, t)
-    BM, BV, BD, warps = _blocks(D)
+    c, split, per = _plan(h, R, RN, V, D, True)
     dnll = dnll.contiguous()
-    dh, dw = torch.empty_like(h), torch.empty_like(w)
-    consts = dict(IGNORE=ignore_index, BM=BM, BV=BV, BK=BLOCK_K, BD=BD, PREC=_precision(), num_warps=warps)
-    _dh_kernel[(triton.cdiv(RN, BM), R)](h, w, t, lse, dnll, dh, RN, V, D, s_tr, **consts)
-    _dw_kernel[(triton.cdiv(V, BV), R)](h, w, t, lse, dnll, dw, RN, V, D, s_tr, **consts)
+    dh = torch.empty_like(h) if split == 1 else torch.empty((split, *h.shape), dtype=torch.float32, device=h.device)
+    dw = torch.empty_like(w)
+    consts = _consts(c, ignore_index)
+    _dh_kernel[(triton.cdiv(RN, c.BM), R, split)](h, w, t, lse, dnll, dh, RN, V, D, s_tr, per, **consts)
+    _dw_kernel[(triton.cdiv(V, c.BV), R)](h, w, t, lse, dnll, dw, RN, V, D, s_tr, **consts)
+    if split > 1:
+        dh = dh.sum(0).to(h.dtype)
     return dh, dw
 
 
