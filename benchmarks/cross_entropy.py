@@ -241,11 +241,9 @@ def main(argv=None):
                 row = _case(args.runs, args.batch, q, args.vocab, D, args.tiles or [], args.reps)
                 result["cases"].append(row)
                 print(json.dumps(row), flush=True)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    from _timing import emit  # benchmarks/ is on sys.path when run as a script
+
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
