@@ -41,6 +41,10 @@ def register(sub) -> None:
                    help="train only shard I of N (0 <= I < N) of the sweep, e.g. one Slurm array task each: "
                    "shards append to the same OUT/results.jsonl; a model's runs stay in one shard")
     p.add_argument("--plot-only", action="store_true", help="redraw pareto.png from results.jsonl, train nothing")
+    p.add_argument("--table", action="store_true",
+                   help="print, from OUT/results.jsonl, a markdown table of the best accuracy per mixer family and "
+                   "state-size bucket beside the BASED paper's figure 2 (ours / paper; based/mqar/paper.py, "
+                   "docs/mqar.md); trains nothing (with --plot-only: both)")
     p.set_defaults(func=run)
 
 
@@ -67,11 +71,16 @@ def run(args: argparse.Namespace) -> int:
         shard = None if args.shard is None else parse_shard(args.shard)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    if args.plot_only:
+    if args.plot_only or args.table:
         rows = read_results(Path(args.out) / "results.jsonl")
         if not rows:
             raise SystemExit(f"no results in {args.out}/results.jsonl")
-        print(plot_pareto(rows, Path(args.out) / "pareto.png"))
+        if args.plot_only:
+            print(plot_pareto(rows, Path(args.out) / "pareto.png"))
+        if args.table:
+            from based.mqar.paper import comparison_table
+
+            print(comparison_table(rows))
         return 0
     _check_device(args.device)
     kwargs = {"scale": args.scale} | ({"epochs": args.epochs} if args.epochs is not None else {})
