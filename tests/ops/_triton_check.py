@@ -47,3 +47,9 @@ def compile_in_child(script: str) -> dict:
     out = subprocess.run([sys.executable, script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_compiles(script: str) -> None:
+    """compile_in_child(script): every kernel it reports compiled ("ok")."""
+    results = compile_in_child(script)
+    assert results and all(v == "ok" for v in results.values()), results

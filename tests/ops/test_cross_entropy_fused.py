@@ -28,7 +28,7 @@ from based.ops.cross_entropy import linear_cross_entropy  # noqa: E402
 from based.ops.cross_entropy import fused  # noqa: E402
 from based.ops.cross_entropy.fused import LinearCE, fused_linear_cross_entropy  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops._triton_check import compile_in_child, ptx_status, signature  # noqa: E402
+from tests.ops._triton_check import assert_compiles, ptx_status, signature  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -100,16 +100,24 @@ def test_saves_inputs_and_one_number_per_row():
 @pytest.mark.parametrize("per_run_targets", [False, True], ids=["shared_targets", "per_run_targets"])
 def test_vmap_grad_matches_torch_per_run(per_run_targets):
     """vmap(grad) over k = 3 runs (the stacked MQAR trainer: hidden and weight per run, targets shared)."""
-    runs = 3
-    h, w, t = _inputs(10, 37, 12, seed=9, runs=runs)
+    _check_vmap_grad(*_inputs(10, 37, 12, seed=9, runs=3), per_run_targets)
+
+
+def _check_vmap_grad(h, w, t, per_run_targets):
+    """vmap(grad) of the fused loss over the runs of h, w (targets t shared, or rolled per run) against each
+    run's fp64 reference; the gradients and the targets each run saw."""
+    runs = h.shape[0]
     targets = torch.stack([t.roll(i) for i in range(runs)]) if per_run_targets else t
     in_dims = (0, 0, 0 if per_run_targets else None)
     got = vmap(grad(fused_linear_cross_entropy, argnums=(0, 1)), in_dims=in_dims)(h, w, targets)
+    seen = []
     for i in range(runs):
         ti = targets[i] if per_run_targets else t
         want = grad(_ref, argnums=(0, 1))(h[i].double(), w[i].double(), ti)
         for name, a, b in zip(("hidden", "weight"), got, want):
             assert rel_err(a[i], b) < 1e-5, (name, i)
+        seen.append(ti)
+    return got, seen
 
 
 def test_dispatch(monkeypatch):
@@ -160,16 +168,8 @@ def test_vmap_grad_split_matches_torch(D, per_run_targets, monkeypatch):
     """vmap(grad) over 3 runs with the vocabulary in 2 parts: the runs' rows, weights and targets kept apart."""
     monkeypatch.setenv("BASED_CE_TILES", SMALL_TILES)
     monkeypatch.setenv("BASED_CE_SPLIT", "2")
-    runs = 3
-    h, w, t = _inputs(12, 70, D, seed=D, runs=runs)
-    targets = torch.stack([t.roll(i) for i in range(runs)]) if per_run_targets else t
-    in_dims = (0, 0, 0 if per_run_targets else None)
-    got = vmap(grad(fused_linear_cross_entropy, argnums=(0, 1)), in_dims=in_dims)(h, w, targets)
-    for i in range(runs):
-        ti = targets[i] if per_run_targets else t
-        want = grad(_ref, argnums=(0, 1))(h[i].double(), w[i].double(), ti)
-        for name, a, b in zip(("hidden", "weight"), got, want):
-            assert rel_err(a[i], b) < 1e-5, (name, i)
+    got, seen = _check_vmap_grad(*_inputs(12, 70, D, seed=D, runs=3), per_run_targets)
+    for i, ti in enumerate(seen):
         assert (got[0][i][ti == -100] == 0).all()
 
 
@@ -251,8 +251,7 @@ def compile_for_sm90() -> dict:
 
 
 def test_kernels_compile_for_sm90():
-    results = compile_in_child(__file__)
-    assert results and all(v == "ok" for v in results.values()), results
+    assert_compiles(__file__)
 
 
 if __name__ == "__main__":
