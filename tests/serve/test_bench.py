@@ -55,12 +55,23 @@ def test_summary_reads_the_targets(tmp_path):
               "transformer": {"slots": 4, "offline": {"tokens_per_s": 300.0},
                               "runs": [_run("inf", True, 250, 120), _run(1.0, True, 100, 80)]}}
     s = summarize(result)
+    assert "based_over_transformer_steady_all_slots_busy" not in s  # BASED's saturation is past 100 ms
     assert s["based_stream_over_offline"] == 0.8 and s["based_plain_over_offline"] == 0.95
     assert s["based_best_tokens_per_s_at_p99_itl_le_100ms"] == 600
     assert s["based_over_transformer_at_p99_itl_le_100ms"] == 6.0
     assert s["based_rate_near_half_saturation"] == 5.0
     plot(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_summary_gives_the_steady_ratio_where_both_saturate_within_100ms():
+    """Both saturation runs within p99 ITL 100 ms: beside the whole-run ratio, the ratio of their rates with every
+    slot busy (a short run's drain does not count there)."""
+    sat_b, sat_t = _run("inf", True, 3000, 90), _run("inf", True, 600, 60)
+    sat_b["steady_tokens_per_s_all_slots_busy"], sat_t["steady_tokens_per_s_all_slots_busy"] = 2900.0, 800.0
+    s = summarize({"based": {"slots": 8, "runs": [sat_b]}, "transformer": {"slots": 4, "runs": [sat_t]}})
+    assert s["based_over_transformer_at_p99_itl_le_100ms"] == 5.0
+    assert s["based_over_transformer_steady_all_slots_busy"] == 2900 / 800
 
 
 @pytest.mark.slow
