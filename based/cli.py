@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import sys
 
 from based import commands
 
@@ -107,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     command_parser = vars(args).pop("_parser", parser)
     if unknown:
         command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except BrokenPipeError:
+        # The reader went away (`based mqar --table | head`): not an error of ours. Point stdout at devnull so
+        # that the interpreter's final flush does not raise again (the Python docs' recipe for SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -203,3 +203,16 @@ def test_a_bad_device_is_one_line_in_every_subcommand(argv, tmp_path, capsys):
     assert message.strip().splitlines()[-1].endswith("--device 'nope' is not a torch device: use cpu, cuda or cuda:N")
     assert "Traceback" not in message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reader_that_goes_away_is_no_error():
+    """`based mqar --table | head -1`: the pipe closes before the table is written; exit 0 and no traceback."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mqar-figure2-h100"
+    cmd = [sys.executable, "-m", "based", "mqar", "--sweep", "figure2", "--out", str(folder), "--table"]
+    # The reader closes its end at once; the command (seconds of imports later) writes into a closed pipe.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
