@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from based.layers.rotary import RotaryEmbedding  # noqa: E402
 from based.ops import rotary  # noqa: E402
-from based.ops.rotary_triton import triton_apply_rotary  # noqa: E402
+from based.ops.rotary_triton import _rotary_kernel, triton_apply_rotary  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.ops._triton_check import assert_compiles, ptx_status, signature  # noqa: E402
 
@@ -59,11 +59,9 @@ def test_which_calls_take_it(monkeypatch):
 
 def compile_for_sm90() -> dict:
     consts = dict(BR=16, BH=64)
-    sig = signature(triton_apply_rotary.__globals__["_rotary_kernel"], consts,
-                    ints=("s_xb", "s_xt", "s_xh", "s_cb", "s_ct", "T", "H", "HALF", "R"),
+    sig = signature(_rotary_kernel, consts, ints=("s_xb", "s_xt", "s_xh", "s_cb", "s_ct", "T", "H", "HALF", "R"),
                     pointers={"x": "*bf16", "y": "*bf16"})
-    fn = triton_apply_rotary.__globals__["_rotary_kernel"]
-    return {"_rotary_kernel": ptx_status(fn, sig, consts, {"num_warps": 4})}
+    return {"_rotary_kernel": ptx_status(_rotary_kernel, sig, consts, {"num_warps": 4})}
 
 
 def test_kernel_compiles_for_sm90():
