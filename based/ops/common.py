@@ -46,3 +46,15 @@ def fused_training_call(x: torch.Tensor, kernel, initial_state, output_final_sta
     comparisons against the PyTorch form)."""
     return (kernel is not None and x.is_cuda and initial_state is None and not output_final_state
             and os.environ.get(switch, "1") != "0")
+
+
+def fused_inference_call(x: torch.Tensor, switch: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether an op takes its Triton inference pass (prefill, decode): no gradient to take through x or
+    `tensors` (None skipped), x on CUDA where the Triton kernels import and no torch.func wrapper (these passes
+    have no vmap rule; taylor.common.triton_available), and the environment variable `switch` not "0". The
+    training kernels' counterpart is fused_training_call."""
+    from .taylor.common import triton_available  # here, not above: taylor.common imports this module
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        return False
+    return triton_available(x) and os.environ.get(switch, "1") != "0"

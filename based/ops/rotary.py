@@ -1,11 +1,9 @@
 """The rotary rotation itself (rotate-half layout), shared by the attention layers and the fused decode op."""
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .taylor.common import triton_available
+from .common import fused_inference_call
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -25,9 +23,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    if not triton_available(x) or os.environ.get("BASED_ROTARY_FUSED", "1") == "0":
-        return False
     if (x.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape or cos.shape[-1] * 2 != x.shape[-1]
             or cos.shape[1] != x.shape[1] or cos.shape[0] not in (1, x.shape[0])):
         return False  # shapes the kernel does not index (the PyTorch form broadcasts them)
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, cos, sin)))
+    return fused_inference_call(x, "BASED_ROTARY_FUSED", cos, sin)

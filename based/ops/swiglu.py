@@ -8,12 +8,10 @@ last bit). BASED_SWIGLU_FUSED=0 keeps PyTorch; autograd, torch.func and Inductor
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .taylor.common import triton_available
+from .common import fused_inference_call
 
 
 def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -26,8 +24,6 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(up: torch.Tensor, gate: torch.Tensor) -> bool:
-    if not triton_available(up) or os.environ.get("BASED_SWIGLU_FUSED", "1") == "0":
-        return False
     if up.shape != gate.shape or up.dtype != gate.dtype or up.dim() < 2 or up.stride(-1) != 1 or gate.stride(-1) != 1:
         return False
-    return not (torch.is_grad_enabled() and (up.requires_grad or gate.requires_grad))
+    return fused_inference_call(up, "BASED_SWIGLU_FUSED", gate)

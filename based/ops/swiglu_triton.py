@@ -19,18 +19,11 @@ def _swiglu_kernel(u, s_u, g, s_g, y, R, N, BR: tl.constexpr, BN: tl.constexpr):
     tl.store(y + r * N + o_n[None, :], (a * b * tl.sigmoid(b)).to(y.dtype.element_ty), mask=m)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[R, N] view of t [..., N] where its rows are evenly strided (a half of a projection is), else a copy."""
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
-
-
 def triton_swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """up * silu(gate) of two [..., N] tensors of one shape and dtype, unit stride along N: contiguous, fp32
     inside, rounded once."""
-    u, g = _rows(up), _rows(gate)
+    # [R, N] views where the rows are evenly strided (a half of a projection is), else copies
+    u, g = up.reshape(-1, up.shape[-1]), gate.reshape(-1, gate.shape[-1])
     R, N = u.shape
     y = torch.empty(R, N, dtype=up.dtype, device=up.device)
     _swiglu_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(N, BLOCK_N))](

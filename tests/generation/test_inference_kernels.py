@@ -45,11 +45,12 @@ def _force(monkeypatch, on: bool) -> dict:
     for name in ("BASED_CONV_FUSED", "BASED_ROTARY_FUSED", "BASED_SWIGLU_FUSED"):
         monkeypatch.setenv(name, "1" if on else "0")
     if on and DEVICE == "cpu":
-        def available(x):
-            return not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        monkeypatch.setattr(conv, "_triton_available", available)
-        monkeypatch.setattr(rotary, "triton_available", available)
-        monkeypatch.setattr(swiglu, "triton_available", available)
+        def taken(x, switch, *tensors):  # fused_inference_call without its CUDA condition
+            grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+            return not (grads or torch._C._functorch.is_functorch_wrapped_tensor(x)
+                        or os.environ.get(switch, "1") == "0")
+        for module in (conv, rotary, swiglu):
+            monkeypatch.setattr(module, "fused_inference_call", taken)
     return calls
 
 

@@ -6,12 +6,10 @@ y[b, t, c] = bias[c] + sum_{i<K} weight[c, i] * x[b, t - (K - 1) + i, c], with x
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ..common import check_backend, fused_training_call
+from ..common import check_backend, fused_inference_call, fused_training_call
 from ..taylor.common import triton_available as _triton_available
 
 try:  # the fused kernels (CUDA; training: no state; prefill: no gradient): absent without Triton
@@ -60,7 +58,8 @@ def short_conv(
     if gate is not None and gate.shape != x.shape:
         raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
     compiling = torch.compiler.is_compiling()
-    if not compiling and _fused_inference(x, weight, bias, initial_state, gate):
+    if fused_short_conv_inference is not None and fused_inference_call(x, "BASED_CONV_FUSED", weight, bias,
+                                                                          initial_state, gate):
         y = fused_short_conv_inference(x, weight, bias, initial_state, activation, gate)
         return y, _final_state(x, initial_state, K) if output_final_state else None
     if not compiling and fused_training_call(x, fused_short_conv, initial_state, output_final_state,
@@ -79,17 +78,6 @@ def short_conv(
     if gate is not None:
         y = y * gate
     return y, _final_state(x, initial_state, K) if output_final_state else None
-
-
-def _fused_inference(x, *tensors) -> bool:
-    """Whether short_conv takes the Triton prefill pass: x on CUDA with Triton there and no torch.func wrapper
-    (the pass has no vmap rule: under vmap the training kernel's rule or PyTorch serve), no gradient to take,
-    BASED_CONV_FUSED not "0"."""
-    if (fused_short_conv_inference is None or not _triton_available(x)
-            or os.environ.get("BASED_CONV_FUSED", "1") == "0"):
-        return False
-    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
-    return not grads
 
 
 def _final_state(x: torch.Tensor, initial_state: torch.Tensor | None, K: int) -> torch.Tensor:
