@@ -37,6 +37,12 @@ def cuda_ms(fn, reps: int, warmup: int = 3, graph: bool = False) -> float:
     return round(statistics.median(times), 3)
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64, the error measure the benchmarks report against a reference form."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def emit(result: dict, out: str | None) -> None:
     """Print a benchmark's JSON and write it to `out` (if given), as benchmarks/results/ keeps them."""
     text = json.dumps(result, indent=1)

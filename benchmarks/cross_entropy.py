@@ -38,6 +38,7 @@ import sys
 import tempfile
 
 import torch
+from _timing import cuda_ms, emit, rel_err  # benchmarks/ is on sys.path when run as a script
 
 TILE_SWEEP = ["64x64x4x2", "64x64x8x2", "128x64x8x2", "128x64x8x3", "64x128x8x2", "128x128x8x2",
               "128x128x8x3"]
@@ -46,11 +47,6 @@ TILE_SWEEP = ["64x64x4x2", "64x64x8x2", "128x64x8x2", "128x64x8x3", "64x128x8x2"
 def _fused():
     from based.ops.cross_entropy import fused
     return fused
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _ops():
@@ -64,8 +60,6 @@ def _ops():
 
 
 def _time(fused: bool, tiles: str | None, h, w, t, reps: int):
-    from _timing import cuda_ms  # benchmarks/ is on sys.path when run as a script
-
     os.environ["BASED_CE_FUSED"] = "1" if fused else "0"  # read at each call
     if tiles:
         os.environ["BASED_CE_TILES"] = tiles
@@ -114,7 +108,7 @@ def _case(runs, batch, queries, vocab, D, tile_specs, reps, device="cuda") -> di
         except Exception as e:  # noqa: BLE001 - a tile spec that does not launch (shared memory) is reported
             out["fused"][spec or "default"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
-        err = max(_rel(a, b) for a, b in zip(got, want))
+        err = max(rel_err(a, b) for a, b in zip(got, want))
         row = {**times, **_tflops(times, pass_flop, 4), "max_rel_err_vs_torch": float(f"{err:.3g}"),
                "speedup_fwd_bwd": round(out["torch"]["fwd_bwd_ms"] / times["fwd_bwd_ms"], 2)}
         out["fused"][spec or "default"] = row
@@ -241,8 +235,6 @@ def main(argv=None):
                 row = _case(args.runs, args.batch, q, args.vocab, D, args.tiles or [], args.reps)
                 result["cases"].append(row)
                 print(json.dumps(row), flush=True)
-    from _timing import emit  # benchmarks/ is on sys.path when run as a script
-
     emit(result, args.out)
 
 

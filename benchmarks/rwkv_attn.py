@@ -26,7 +26,7 @@ from torch.func import grad, vmap
 from based.ops.rwkv import triton as fused
 from based.ops.rwkv.chunk import chunk_rwkv5_attn
 from based.ops.rwkv.triton import fused_rwkv5_attn
-from _timing import cuda_ms  # benchmarks/ is on sys.path when run as a script
+from _timing import cuda_ms, rel_err  # benchmarks/ is on sys.path when run as a script
 
 HEAD = 64
 SETTINGS = ("BLOCK_V_FWD", "NUM_WARPS_FWD", "BLOCK_BWD", "NUM_WARPS_BWD")  # fused's block sizes and warps
@@ -52,10 +52,6 @@ def _loss(op):
     return lambda r, k, v, w_log, u, wo: (op(r, k, v, w_log, u) * wo).sum()
 
 
-def _rel(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _shape(runs, b, T, d_model, reps) -> dict:
     H = d_model // HEAD
     inputs, wo = _inputs(runs, b, T, H)
@@ -74,7 +70,7 @@ def _shape(runs, b, T, d_model, reps) -> dict:
             out[name] = {"fwd_ms": "oom", "fwd_bwd_ms": "oom"}
     out["fused"].update(_kernel_times(inputs, reps))
     if len(results) == 2:
-        out["max_rel_err_vs_chunk"] = max(_rel(a, b) for a, b in zip(*results.values()))
+        out["max_rel_err_vs_chunk"] = max(rel_err(a, b) for a, b in zip(*results.values()))
         if isinstance(out["chunk"]["fwd_bwd_ms"], float):
             out["speedup_fwd_bwd"] = round(out["chunk"]["fwd_bwd_ms"] / out["fused"]["fwd_bwd_ms"], 2)
     return out
