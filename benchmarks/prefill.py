@@ -26,6 +26,10 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N prompts at once (0: no)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if (min(args.prompts) < 1 or args.prompt_len < 1 or args.profile < 0
+            or args.slots < max(args.prompts + [args.profile])):
+        p.error("--prompts and --prompt-len must be >= 1, --profile >= 0, and --slots at least the most prompts "
+                "prefilled at once")
     import torch
     from _timing import emit  # benchmarks/ is on sys.path when run as a script
 

@@ -205,6 +205,10 @@ def test_split_count_and_tiles_spec(monkeypatch):
     assert fused.split_count(1, 3, 132) == (1, 3)  # parts of at least 4 tiles
     monkeypatch.setenv("BASED_CE_SPLIT", "5")
     assert fused.split_count(10**6, 7, 132) == (4, 2)  # forced; no empty part
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("BASED_CE_SPLIT", bad)
+        with pytest.raises(ValueError, match="BASED_CE_SPLIT must be a positive number"):
+            fused.split_count(32, 64, 132)
     assert fused.parse_tiles("64x128x4") == (64, 128, 4, 2) and fused.parse_tiles("128X64x8x3") == (128, 64, 8, 3)
     for bad in ("64x64", "48x64x4", "8x64x4", "64x64x3x2", "a"):
         with pytest.raises(ValueError):

@@ -119,6 +119,8 @@ def split_count(programs: int, vocab_tiles: int, sms: int) -> tuple[int, int]:
     until there are PROGRAMS_PER_SM programs an SM (1 at large N), or BASED_CE_SPLIT; no part is empty."""
     forced = os.environ.get("BASED_CE_SPLIT")
     if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"BASED_CE_SPLIT must be a positive number of vocabulary parts, got {forced!r}")
         split = int(forced)
     else:
         split = min(triton.cdiv(PROGRAMS_PER_SM * sms, programs), vocab_tiles // 4)
