@@ -7,6 +7,9 @@ import torch
 # chosen before triton is first imported, and `import based` imports it (transformers -> torch._dynamo).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The processes tests start (servers, torchrun, CLI runs) inherit one OpenMP thread: under `-n 2` on two
+# cores, two workers' children each spinning up a thread per core slow each other tenfold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
