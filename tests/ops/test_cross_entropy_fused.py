@@ -130,6 +130,9 @@ def test_dispatch(monkeypatch):
     loss = linear_cross_entropy(h.view(3, 4, 8), w, t.view(3, 4))
     assert len(calls) == (1 if DEVICE == "cuda" else 0)
     assert rel_err(loss, _ref(h, w, t)) < 1e-6
+    h2, w2, t2 = _inputs(6, 20, 200, seed=1)  # wider than ONE_K_MAX: PyTorch's form (the faster there)
+    assert rel_err(linear_cross_entropy(h2, w2, t2), _ref(h2, w2, t2)) < 1e-6
+    assert len(calls) == (1 if DEVICE == "cuda" else 0)
     monkeypatch.setenv("BASED_CE_FUSED", "0")
     linear_cross_entropy(h, w, t)
     assert len(calls) == (1 if DEVICE == "cuda" else 0)
@@ -190,11 +193,11 @@ def test_split_rows_nan_and_ignored(monkeypatch):
 
 
 def test_default_tiles_split_by_the_heuristic():
-    """The tables' tiles (BD 16: BV 128 forward, 64 backward) on 5 rows of a 1024-word vocabulary: few
-    programs, so the split is taken (2 parts forward, 4 backward)."""
+    """The tables' tiles (BD 16: BV 64 forward, 128 backward) on 5 rows of a 1024-word vocabulary: few
+    programs, so the split is taken (4 parts forward, 2 backward, of 4 vocabulary tiles each)."""
     h, w, t = _inputs(5, 1024, 16, seed=6, ignored=0.2)
-    assert fused._plan(h, 1, 5, 1024, 16, False)[1:] == (2, 4)
-    assert fused._plan(h, 1, 5, 1024, 16, True)[1:] == (4, 4)
+    assert fused._plan(h, 1, 5, 1024, 16, False)[1:] == (4, 4)
+    assert fused._plan(h, 1, 5, 1024, 16, True)[1:] == (2, 4)
     _check(_run(fused_linear_cross_entropy, h, w, t, torch.float32), _run(_ref, h, w, t, torch.float64), t)
 
 

@@ -27,8 +27,8 @@ merged in PyTorch: (max, sum of exp(z - max), target logit) per row by the log-s
 blocks x runs, 128 x 4 at BV 64) needs no split.
 
 Tiles: (BM, BV, num_warps, num_stages) per BD, for the forward (FWD_TILES) and the backward (BWD_TILES),
-chosen for an H100 from registers and shared memory at sm_90a (`python benchmarks/cross_entropy.py --regs`,
-no GPU needed) and NOT yet timed on one. BASED_CE_TILES=BMxBVxWARPS[xSTAGES] (e.g. 128x64x8x2), or
+the fastest of `python benchmarks/cross_entropy.py --tiles` on an H100 at BD 64 and 128 (2026-12-07,
+benchmarks/results/cross-entropy-tiles-h100-2026-12-07.json). BASED_CE_TILES=BMxBVxWARPS[xSTAGES] (e.g. 128x64x8x2), or
 FWD,BWD (e.g. 128x128x8x3,64x64x4x2), read at every call, overrides them at every width;
 `python benchmarks/cross_entropy.py --tiles` times alternatives (fwd_ms picks the forward's, bwd_ms the
 backward's), to hard-code the best in the tables here.
@@ -52,16 +52,16 @@ from ..vmap_fold import KernelBackward, fold_runs, unfold_runs
 
 BLOCK_K = 32
 ONE_K_MAX = 128  # widest BD whose [BM, BD] / [BV, BD] operands are loaded whole
-# BD -> (BM, BV, num_warps, num_stages) of the forward and of the backward (dh and dW), picked for an H100
-# from ptxas's registers and Triton's shared memory at sm_90a (`python benchmarks/cross_entropy.py --regs`),
-# not timed: tiles without spills (ptxas -v). BM, BV >= 64 (Hopper's wgmma wants 64-row blocks; the old
-# 32 x 32 of the wide path fell back to mma.sync). The forward keeps h [BM, BD] and W [BV, BD] a stage in
-# shared memory (BD 64 at 128 x 128 x 3 stages: 128 KB, 128 registers); the backward holds an fp32
-# [BM, BD] (or [BV, BD]) accumulator beside p [BM, BV], and the TF32 MMA reads its operands K-major only, so
-# W (dh) and h (dW) get a second, transposed copy in shared memory (BD 128 at 128 x 64: 255 / 236 registers).
-FWD_TILES = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 64, 8, 3)}
-BWD_TILES = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
-FWD_WIDE, BWD_WIDE = (128, 128, 8, 3), (64, 64, 8, 2)  # BD > ONE_K_MAX: the BK-chunked logits
+# BD -> (BM, BV, num_warps, num_stages) of the forward and of the backward (dh and dW): the fastest of the tile
+# sweep on an H100 (2c32810, 4 runs, vocabulary 8192, 1k and 16k rows a run), each kernel timed alone. Forward:
+# 64 x 64 x 4 warps (BD 64, 16k rows: 0.51 ms against 0.57 at 128 x 128 x 8; BD 128: 0.74 against 0.83 at
+# 128 x 64); backward: 128 x 128 x 8 x 2 stages (BD 64: 3.01 against 3.41 at 128 x 64; BD 128: 6.10 against
+# 6.73), equal or better at 1k rows too. BD 16 and 32 (not swept) take BD 64's. At BD 128, 128 x 128 x 3 stages
+# needs 256 KB of shared memory (227 KB on an H100): 2 stages.
+FWD_TILES = {BD: (64, 64, 4, 2) for BD in (16, 32, 64, 128)}
+BWD_TILES = {BD: (128, 128, 8, 2) for BD in (16, 32, 64, 128)}
+FWD_WIDE, BWD_WIDE = (128, 128, 8, 3), (64, 64, 8, 2)  # BD > ONE_K_MAX: the BK-chunked logits (slower than
+# PyTorch's form on an H100, so linear_cross_entropy does not take them: see its docstring)
 DEFAULT_SMS = 132  # an H100 SXM's SMs, where no CUDA device is asked (the interpreter)
 PROGRAMS_PER_SM = 2  # the vocabulary split's target
 
