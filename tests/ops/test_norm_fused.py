@@ -114,20 +114,25 @@ def test_saves_only_its_inputs():
 def test_vmap_grad_matches_torch_per_run(shared, rms, residual):
     """vmap(grad) over k = 3 runs (the stacked MQAR trainer) against PyTorch run by run."""
     fused, ref = _ops(rms, residual)
-    runs = 3
-    stacked = _inputs((2, 5, 12), seed=9, runs=runs) + [torch.randn(runs, 2, 5, 12, device=DEVICE)]
-    in_dims = tuple(None if n in shared else 0 for n in ("x", "w", "b")) + (0,)
+    stacked = _inputs((2, 5, 12), seed=9, runs=3) + [torch.randn(3, 2, 5, 12, device=DEVICE)]
+    _check_vmap_grad_per_run(fused, ref, stacked, ("x", "w", "b"), shared, (0, 1) if rms else (0, 1, 2))
+
+
+def _check_vmap_grad_per_run(fused, ref, stacked, names, shared, argnums):
+    """vmap(grad) of a loss of fused over the runs of `stacked` (the inputs `names`, then the loss's output weights
+    last; those named in `shared` given once, in_dims None) against grad of ref run by run in fp64."""
+    runs = stacked[-1].shape[0]
+    in_dims = tuple(None if n in shared else 0 for n in names) + (0,)
     args = [s[0] if d is None else s for s, d in zip(stacked, in_dims)]
 
     def loss(op):
-        return lambda x, w, b, wy: (op(x, w, b) * wy).sum() + op(x, w, b).square().sum()
+        return lambda *a: (op(*a[:-1]) * a[-1]).sum() + op(*a[:-1]).square().sum()
 
-    argnums = (0, 1) if rms else (0, 1, 2)
     got = vmap(grad(loss(fused), argnums=argnums), in_dims=in_dims)(*args)
     for i in range(runs):
         run_args = [(a if d is None else a[i]).double() for a, d in zip(args, in_dims)]
         want = grad(loss(ref), argnums=argnums)(*run_args)
-        for name, a, b in zip(("x", "w", "b"), got, want):
+        for name, a, b in zip(names, got, want):
             assert rel_err(a[i], b) < 1e-5, (name, i)
 
 
@@ -248,23 +253,9 @@ def test_gated_saves_only_its_inputs():
                          ids=["all_batched", "shared_x", "shared_z", "shared_w", "shared_x_z"])
 def test_gated_vmap_grad_matches_torch_per_run(shared):
     """vmap(grad) over k = 3 runs, per-run weights (Mamba-2's norm in the stacked MQAR trainer)."""
-    runs = 3
-    stacked = _gated_inputs((2, 5, 12), seed=9, runs=runs) + [torch.randn(runs, 2, 5, 12, device=DEVICE)]
-    in_dims = tuple(None if n in shared else 0 for n in ("x", "z", "w")) + (0,)
-    args = [s[0] if d is None else s for s, d in zip(stacked, in_dims)]
-
-    def loss(op):
-        return lambda x, z, w, wy: (op(x, z, w) * wy).sum() + op(x, z, w).square().sum()
-
-    def fused(x, z, w):
-        return fused_gated_rms_norm(x, z, w, EPS)
-
-    got = vmap(grad(loss(fused), argnums=(0, 1, 2)), in_dims=in_dims)(*args)
-    for i in range(runs):
-        run_args = [(a if d is None else a[i]).double() for a, d in zip(args, in_dims)]
-        want = grad(loss(_gated_ref), argnums=(0, 1, 2))(*run_args)
-        for name, a, b in zip(("x", "z", "w"), got, want):
-            assert rel_err(a[i], b) < 1e-5, (name, i)
+    stacked = _gated_inputs((2, 5, 12), seed=9, runs=3) + [torch.randn(3, 2, 5, 12, device=DEVICE)]
+    _check_vmap_grad_per_run(lambda x, z, w: fused_gated_rms_norm(x, z, w, EPS), _gated_ref, stacked,
+                             ("x", "z", "w"), shared, (0, 1, 2))
 
 
 def test_gated_vmap_over_single_rows():
