@@ -36,6 +36,14 @@ def _matmul_precision():
     torch.set_float32_matmul_precision(precision)
 
 
+def saved_numels(fn) -> list[int]:
+    """fn() run under a saved-tensors hook: the sizes (numel) of the tensors autograd kept for its backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fn()
+    return saved
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, the error measure fla's tests use."""
     a, b = a.double(), b.double()

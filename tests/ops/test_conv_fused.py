@@ -24,7 +24,7 @@ from torch.func import grad, vmap  # noqa: E402
 from based.ops.conv import naive_short_conv, short_conv  # noqa: E402
 from based.ops.conv import _final_state, _shifted_sum  # noqa: E402
 from based.ops.conv.fused import fused_short_conv, fused_short_conv_inference  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, saved_numels  # noqa: E402
 from tests.ops._triton_check import assert_compiles, ptx_status, signature  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,9 +93,7 @@ def test_bf16_inputs_give_bf16_outputs():
 def test_saves_only_its_inputs():
     """The backward recomputes the conv (and the SiLU's input): autograd keeps x, weight and bias alone."""
     leaves = [t.requires_grad_() for t in _inputs(2, 7, 5, 3, seed=1)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        fused_short_conv(*leaves, "silu")
+    saved = saved_numels(lambda: fused_short_conv(*leaves, "silu"))
     assert sorted(saved) == sorted([leaves[0].numel(), leaves[1].numel(), leaves[2].numel()])
 
 

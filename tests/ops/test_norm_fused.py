@@ -23,7 +23,7 @@ from torch.func import grad, vmap  # noqa: E402
 
 from based.ops.norm import gated_rms_norm, layer_norm, rms_norm  # noqa: E402
 from based.ops.norm.fused import fused_gated_rms_norm, fused_layer_norm, fused_rms_norm  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, saved_numels  # noqa: E402
 from tests.ops._triton_check import assert_compiles, ptx_status, signature  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,9 +102,7 @@ def test_bf16_inputs_give_bf16_outputs():
 
 def test_saves_only_its_inputs():
     leaves = [t.requires_grad_() for t in _inputs((4, 6, 8), seed=1)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        fused_layer_norm(*leaves, EPS)
+    saved = saved_numels(lambda: fused_layer_norm(*leaves, EPS))
     assert sorted(saved) == sorted(t.numel() for t in leaves)
 
 
@@ -243,9 +241,7 @@ def test_gated_dtypes():
 
 def test_gated_saves_only_its_inputs():
     leaves = [t.requires_grad_() for t in _gated_inputs((4, 6, 8), seed=1)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        fused_gated_rms_norm(*leaves, EPS)
+    saved = saved_numels(lambda: fused_gated_rms_norm(*leaves, EPS))
     assert sorted(saved) == sorted(t.numel() for t in leaves)
 
 

@@ -23,7 +23,7 @@ from based.ops.rwkv import rwkv5_attn  # noqa: E402
 from based.ops.rwkv.chunk import chunk_rwkv5_attn  # noqa: E402
 from based.ops.rwkv.naive import naive_rwkv5_attn  # noqa: E402
 from based.ops.rwkv.triton import fused_rwkv5_attn  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, saved_numels  # noqa: E402
 from tests.ops._triton_check import assert_compiles, ptx_status  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,9 +93,7 @@ def test_bf16_inputs_give_bf16_outputs():
 def test_saves_only_its_inputs():
     """The backward rebuilds the states: autograd keeps r, k, v, w_log, u and nothing else."""
     leaves = [t.requires_grad_() for t in _inputs(2, 19, 2, 16, 4, seed=1)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        fused_rwkv5_attn(*leaves)
+    saved = saved_numels(lambda: fused_rwkv5_attn(*leaves))
     assert sorted(saved) == sorted(t.numel() for t in leaves)
 
 

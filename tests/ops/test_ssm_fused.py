@@ -24,7 +24,7 @@ from torch.func import grad, vmap  # noqa: E402
 from based.ops.ssm import selective_scan  # noqa: E402
 from based.ops.ssm.chunk import chunk_selective_scan  # noqa: E402
 from based.ops.ssm.fused import fused_selective_scan  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, saved_numels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("u", "delta", "A", "B", "C", "D", "h0")
@@ -165,9 +165,8 @@ def test_saves_no_state_per_step():
     """What autograd keeps is the inputs and the chunk-start states: nothing of size [b, T, D, N]."""
     Bsz, T, Dm, N = 2, 40, 8, 4
     leaves = [t.requires_grad_() for t in _inputs(Bsz, T, Dm, N, seed=1)]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        fused_selective_scan(*leaves[:6], initial_state=leaves[6], output_final_state=True, chunk_size=8)
+    saved = saved_numels(lambda: fused_selective_scan(*leaves[:6], initial_state=leaves[6], output_final_state=True,
+                                                      chunk_size=8))
     checkpoints = math.ceil(T / 8) * Bsz * Dm * N
     assert max(saved) <= Bsz * T * Dm
     assert sum(saved) == 2 * Bsz * T * Dm + 2 * Bsz * T * N + Dm * N + Dm + checkpoints
