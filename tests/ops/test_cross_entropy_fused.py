@@ -136,6 +136,10 @@ def test_dispatch(monkeypatch):
     assert len(calls) == (1 if DEVICE == "cuda" else 0)
     with pytest.raises(ValueError, match="targets of its leading shape"):
         linear_cross_entropy(h, w, t[:5])
+    # the kernels' own entry takes rows only: leading dims there would be read as the wrong rows
+    for args in ((h.view(3, 4, 8), w, t.view(3, 4)), (h, w, t[:5]), (h, w[:, :7], t)):
+        with pytest.raises(ValueError, match=r"hidden \[N, D\], weight \[V, D\] and targets \[N\] needed"):
+            fused_linear_cross_entropy(*args)
 
 
 SMALL_TILES = "16x32x4x1"  # BM 16, BV 32: several tiles of each kind at a few dozen rows and words

@@ -393,6 +393,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         hidden: [N, D]; weight: [V, D]; targets: [N], class ids in [0, V) or ignore_index (any other id
             makes the loss NaN).
     """
+    if (hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.shape[0] != targets.shape[0]
+            or hidden.shape[1] != weight.shape[1]):
+        raise ValueError(f"hidden [N, D], weight [V, D] and targets [N] needed (linear_cross_entropy takes any "
+                         f"leading dims), got {tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(targets.shape)}")
     nll, _ = LinearCE.apply(hidden, weight.unsqueeze(0), targets.unsqueeze(0), ignore_index)
     return nll.sum() / (targets != ignore_index).sum()
 
