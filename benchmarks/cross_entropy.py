@@ -49,23 +49,30 @@ def _fused():
     return fused
 
 
-def _ops():
+def _ops(fused: bool):
+    """vmap(loss) and vmap(grad(loss)): the fused kernels called directly (linear_cross_entropy does not take
+    them at every width: D > 128 keeps PyTorch's form), or linear_cross_entropy with BASED_CE_FUSED=0."""
     from torch.func import grad, vmap
 
     from based.ops.cross_entropy import linear_cross_entropy
 
-    fwd = vmap(linear_cross_entropy, in_dims=(0, 0, None))
-    fwd_bwd = vmap(grad(linear_cross_entropy, argnums=(0, 1)), in_dims=(0, 0, None))
+    def fused_loss(h, w, t):  # linear_cross_entropy's rows, into the kernels whatever the width
+        return _fused().fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, t.reshape(-1))
+
+    loss = fused_loss if fused else linear_cross_entropy
+    fwd = vmap(loss, in_dims=(0, 0, None))
+    fwd_bwd = vmap(grad(loss, argnums=(0, 1)), in_dims=(0, 0, None))
     return fwd, fwd_bwd
 
 
 def _time(fused: bool, tiles: str | None, h, w, t, reps: int):
-    os.environ["BASED_CE_FUSED"] = "1" if fused else "0"  # read at each call
+    os.environ["BASED_CE_FUSED"] = "0"  # linear_cross_entropy's PyTorch form (read at each call; _ops(True) calls
+    # the kernels directly)
     if tiles:
         os.environ["BASED_CE_TILES"] = tiles
     else:
         os.environ.pop("BASED_CE_TILES", None)
-    fwd, fwd_bwd = _ops()
+    fwd, fwd_bwd = _ops(fused)
     try:
         values = [fwd(h, w, t), *fwd_bwd(h, w, t)]
         times = {"fwd_ms": cuda_ms(lambda: fwd(h, w, t), reps, graph=True),
