@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 
 import torch
 
@@ -47,6 +49,9 @@ def emit(result: dict, out: str | None) -> None:
     """Print a benchmark's JSON and write it to `out` (if given), as benchmarks/results/ keeps them."""
     text = json.dumps(result, indent=1)
     print(text)
-    if out:
-        with open(out, "w") as f:
+    if out:  # whole or not at all: a kill mid-write, or a second run on the same path, leaves no torn file
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), prefix=".emit-")
+        with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # as open() would have made it (mkstemp's file is private)
+        os.replace(tmp, out)
