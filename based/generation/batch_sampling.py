@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .state import to_device
+
 # Temperatures below this are greedy: a tiny one overflows the scaled logits to inf (softmax then takes
 # inf - inf = NaN), and below 1e-5 a draw is the argmax anyway unless two logits are within ~1e-4.
 GREEDY_BELOW = 1e-5
@@ -102,10 +104,10 @@ class SlotSampling:
     def set(self, slots: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
             seed: list[int]) -> None:
         """Parameters of the requests joining `slots` (one value per slot; checked by the caller)."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.temperature.device)
+        index = to_device(slots, self.temperature.device, torch.long)
         for t, values in ((self.temperature, temperature), (self.top_k, top_k), (self.top_p, top_p),
                           (self.seed, seed)):
-            t[index] = torch.tensor(values, dtype=t.dtype).to(t.device)
+            t[index] = to_device(values, t.device, t.dtype)
         for s, temp, k in zip(slots, temperature, top_k):
             if temp >= GREEDY_BELOW and k != 1:
                 self._random.add(s)

@@ -15,7 +15,7 @@ from ..ops.argmax import argmax_rows
 from .batch_sampling import SlotSampling
 from .fused import FUSED_MAX_BATCH, MAX_ROWS, fused_step
 from .sampling import SamplingParams, sample
-from .state import InferenceState, check_lengths, full_attention_limit
+from .state import InferenceState, check_lengths, full_attention_limit, to_device
 
 
 def prompt_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
@@ -71,23 +71,31 @@ def prefill(
     if int(slots.min()) < 0 or int(slots.max()) >= state.batch_size:
         raise ValueError(f"slots must be in [0, {state.batch_size}), got {slots.tolist()}")
     _check_prompt(model, max(lengths), state)
-    input_ids = input_ids.to(state.device)
+    # Rows are grouped on the host and every index goes over as a queued copy (to_device): nothing here waits
+    # for the device, so a server's next prefill is issued while its last decode step still runs.
+    lengths_set = sorted(set(lengths))
+    if len(lengths_set) == 1:
+        input_ids = to_device(input_ids, state.device)
     logits = None
-    for L in sorted(set(lengths)):
+    for L in lengths_set:
         rows = [i for i, length in enumerate(lengths) if length == L]
         group = slots[rows]
         layers = state.slots_view(group)
         scratch = layers is None
         if scratch:  # scattered slots: prefill a scratch state, then copy it in
             layers = model.allocate_inference_cache(len(rows), state.dtype, state.device, state.max_seq_len)
-        hidden = model.transformer(input_ids[rows, T - L :], state=layers, seqlen_offset=0, return_dict=False)[0]
+        ids = input_ids[:, T - L :] if len(rows) == n else to_device(input_ids[rows, T - L :], state.device)
+        hidden = model.transformer(ids, state=layers, seqlen_offset=0, return_dict=False)[0]
+        group = to_device(group, state.device)
         if scratch:
             state.put(group, layers)
-        state.seqlen_offset[group.to(state.device)] = L
+        state.seqlen_offset[group] = L
         out = model._logits(hidden[:, -1])
+        if len(rows) == n:
+            return out
         if logits is None:
             logits = out.new_empty(n, out.shape[-1])
-        logits[rows] = out
+        logits.index_copy_(0, to_device(rows, state.device, torch.long), out)
     return logits
 
 
@@ -257,10 +265,10 @@ class Decoder:
         """
         if self.slots is None:
             raise RuntimeError("admit needs a Decoder built with slot_sampling=True")
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.state.device)
+        index = to_device(list(slots), self.state.device, torch.long)
         if layers is not None:
             self.state.put(index, layers)
-        positions = torch.tensor(list(lengths), dtype=torch.long).to(self.state.device)
+        positions = to_device(list(lengths), self.state.device, torch.long)
         self.state.seqlen_offset[index] = positions
         self.slots.set(list(slots), list(temperature), list(top_k), list(top_p), list(seed))
         first = self.slots.sample(logits, positions, index)
@@ -274,7 +282,7 @@ class Decoder:
         overwrites: two small kernels however many slots leave."""
         if not slots:
             return
-        index = torch.tensor(list(slots), dtype=torch.long, device=self.state.device)
+        index = to_device(list(slots), self.state.device, torch.long)
         self.active[index] = 0
         self.state.seqlen_offset[index] = 0
         self.slots.clear(list(slots))

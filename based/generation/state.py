@@ -15,6 +15,21 @@ import torch
 from ..layers.state import State, state_nbytes
 
 
+def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list or a CPU tensor) on `device` without waiting for the device.
+
+    `torch.tensor(values, device="cuda")` copies from pageable memory, which first waits for everything queued
+    on the stream: in a serving loop that is the decode step just launched, so the host would sit idle for a
+    whole step at every slot that joins or leaves. From pinned memory the copy is queued behind that step
+    instead (PyTorch's host allocator keeps the pinned block until the copy has run).
+    """
+    t = torch.as_tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def full_attention_limit(model) -> int | None:
     """max_position_embeddings if any layer's state grows with the context (its mixer's
     `state_grows_with_context`: full attention's KV cache, Hyena's history of long-conv inputs); None for
@@ -166,7 +181,7 @@ class InferenceState:
 
     def put(self, slots: torch.Tensor, layers: list[State]) -> None:
         """Copy per-layer states of len(slots) sequences into `slots`."""
-        slots = slots.to(self.device)
+        slots = to_device(slots, self.device, torch.long)
         for mine, theirs in zip(self.layers, layers):
             for t, s in zip(mine, theirs):
                 t.index_copy_(0, slots, s.to(t.dtype))

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..generation.engine import Decoder, prefill, prefill_chunk
+from ..generation.state import to_device
 from .metrics import Metrics
 from .text import Detokenizer, StopMatcher
 
@@ -350,7 +351,7 @@ class Scheduler:
             try:
                 if seq.scratch is None:
                     seq.scratch = self.model.allocate_inference_cache(1, state.dtype, state.device, state.max_seq_len)
-                piece = torch.tensor([seq.prompt[seq.prefilled:seq.prefilled + n]], device=state.device)
+                piece = to_device([seq.prompt[seq.prefilled:seq.prefilled + n]], state.device, torch.long)
                 logits = prefill_chunk(self.model, seq.scratch, piece, seq.prefilled)
                 seq.prefilled += n
                 self.metrics.prompt_tokens.inc(n)
@@ -369,8 +370,8 @@ class Scheduler:
                 for i, s in enumerate(whole):
                     ids[i, T - len(s.prompt):] = torch.tensor(s.prompt)
                     mask[i, T - len(s.prompt):] = 1
-                logits = prefill(self.model, state, ids.to(state.device), mask.to(state.device),
-                                 [s.slot for s in whole])
+                # On the host: prefill groups the rows there and queues its copies without a wait for the device.
+                logits = prefill(self.model, state, ids, mask, [s.slot for s in whole])
                 for s in whole:
                     s.prefilled = len(s.prompt)
                 self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in whole))

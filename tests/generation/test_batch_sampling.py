@@ -166,3 +166,36 @@ def test_slot_decoder_on_cuda_graphs_matches_generate_and_keeps_seeds(model):
     _greedy_joins_and_leaves(cuda_model)
     alone = _seeded(cuda_model, 0, [])
     assert _seeded(cuda_model, 4, [[1, 2], [9]]) == alone and len(set(alone)) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_joining_and_leaving_slots_never_waits_for_the_device(model):
+    # The serving loop issues a pass's prefill, admissions and frees while the last decode step still runs: a
+    # blocking copy among them (a list sent from pageable memory, a device tensor read back) would leave the GPU
+    # idle for the host's whole pass. Sync debug mode turns any such wait into an error.
+    cuda_model = BasedForCausalLM(model.config).cuda().eval()
+    cuda_model.load_state_dict(model.state_dict())
+    decoder = Decoder(cuda_model, 8, slot_sampling=True)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 9, 8, 7, 6]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0], [1]])).long()
+    params = dict(temperature=[0.0, 0.9, 0.0], top_k=[0, 5, 0], top_p=[1.0, 0.9, 1.0], seed=[1, 2, 3])
+
+    def one_pass():  # as the scheduler's: prefill scattered slots from host tensors, admit, step, free
+        logits = prefill(cuda_model, decoder.state, ids, mask, [6, 1, 3])
+        first = decoder.admit([6, 1, 3], [3, 5, 4], logits, **params)
+        tokens = decoder.step(rows=8)
+        decoder.free([6, 1, 3])
+        return first, tokens.clone()  # the step's buffer: the next step overwrites it
+
+    one_pass()  # capture the step's graphs and warm the allocators first
+    expected = one_pass()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = one_pass()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    rows = [6, 1, 3]  # the free slots' tokens are whatever their stale inputs give
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1][rows], expected[1][rows])
