@@ -80,12 +80,21 @@ def overlapping(panel: list[tuple]) -> list[list[tuple]]:
     return clusters
 
 
+def decade_limits(xs: list[float], margin: float = 1.5) -> tuple[float, float]:
+    """x limits of a log panel: the powers of ten around the states (with room for the sideways spread of
+    overlapping points, `margin` each way), at least one decade apart."""
+    lo = 10 ** math.floor(math.log10(min(xs) / margin))
+    hi = 10 ** math.ceil(math.log10(max(xs) * margin))
+    return lo, max(hi, lo * 10)
+
+
 def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Write the figure to `path` (PNG); rows are results.jsonl rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = best_per_model(rows)
     by_len: dict[int, set[int]] = defaultdict(set)
@@ -117,12 +126,17 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str | None = None) ->
                                 xytext=(7, _LABEL_STEP * ((m - 1) / 2 - j)), color=colors[family(row)])
                 elif dial:
                     ax.annotate(text, (xj, y), textcoords="offset points", xytext=(5, -9), fontsize=6, color="dimgray")
+        ax.set_xscale("log")
+        if points:
+            ax.set_xlim(*decade_limits([x for x, _ in points]))
+        # Whole decades give every panel at least two labelled major ticks; minor ticks stay unlabelled (within one
+        # decade matplotlib labels them, and their labels run into each other).
+        ax.xaxis.set_minor_formatter(NullFormatter())
         edge = frontier(points)
         if edge:
             xs, ys = zip(*edge)
             ax.step([*xs, ax.get_xlim()[1]], [*ys, ys[-1]], where="post", color="black", linestyle="--",
                     linewidth=0.9, zorder=2, label="Pareto frontier")
-        ax.set_xscale("log")
         kvs = ", ".join(str(k) for k in sorted(by_len[L]))
         ax.set_title(f"test length {L}, {kvs} kv pairs", fontsize=10)
         ax.set_xlabel("recurrent state size (values per sequence)")

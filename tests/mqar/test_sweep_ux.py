@@ -9,7 +9,7 @@ import pytest
 import based.mqar.sweeps as sweeps
 from based.cli import main
 from based.mqar import MQARRun, MQARTask, figure2_runs, read_results, run_sweep
-from based.mqar.plot import overlapping
+from based.mqar.plot import decade_limits, overlapping
 from based.mqar.stacked import group_runs, stack_key
 from based.mqar.sweeps import append_row, parse_shard, shard_groups
 
@@ -299,3 +299,14 @@ def test_parallel_jobs_train_every_run_once(tmp_path):
     assert not rows.failed and not rows.claimed
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 4 and (tmp_path / "pareto.png").exists()
+
+
+def test_log_panels_span_whole_decades_around_every_state():
+    # Within one decade matplotlib labels the minor ticks and the labels overlap; whole decades (two labelled
+    # major ticks at least) with room for the sideways spread of overlapping points avoid that.
+    assert decade_limits([2_500, 22_000]) == (1_000, 100_000)
+    assert decade_limits([3_000]) == (1_000, 10_000)
+    assert decade_limits([1_000]) == (100, 10_000)  # 1,000 / 1.5 falls below the decade
+    for xs in ([7.0, 7.0], [2_925, 9_945, 19_737], [1e6, 3.1e6]):
+        lo, hi = decade_limits(xs)
+        assert lo * 1.5 <= min(xs) and max(xs) * 1.5 <= hi and hi >= 10 * lo
