@@ -395,6 +395,7 @@ def offline(preset: str, slots: int, args) -> dict:
     import torch
 
     from based.generation import Decoder
+    from based.generation.engine import prefill
 
     from .generate import build, fill_slots, synchronize
 
@@ -413,10 +414,23 @@ def offline(preset: str, slots: int, args) -> dict:
         decoder.step()
     synchronize(device)
     elapsed = time.perf_counter() - t
+    # Prefill's rate too: every request of the workload pays its prompt, which the decode steps above do not, so
+    # the two rates bound what any server can reach against them (summarize: bound_over_offline).
+    n = min(slots, 32)
+    ids = torch.randint(0, 256, (n, args.prompt_len), device=device)
+    where = torch.randperm(slots)[:n]  # scattered, as a server's free slots are
+    prefill(model, decoder.state, ids, None, where)
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(3):
+        prefill(model, decoder.state, ids, None, where)
+    synchronize(device)
+    prefill_s = (time.perf_counter() - t) / 3
     del decoder, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"slots": slots, "steps": args.offline_steps, "tokens_per_s": slots * args.offline_steps / elapsed}
+    return {"slots": slots, "steps": args.offline_steps, "tokens_per_s": slots * args.offline_steps / elapsed,
+            "prefill_prompts": n, "prefill_tokens_per_s": n * args.prompt_len / prefill_s}
 
 
 def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
@@ -562,6 +576,13 @@ def summarize(result: dict) -> dict:
         if plain and off:
             best = plain[0]["steady_tokens_per_s_all_slots_busy"] or plain[0]["output_tokens_per_s"]
             out[f"{key}_plain_over_offline"] = best / off
+        prefill_rate, config = r.get("offline", {}).get("prefill_tokens_per_s"), result.get("config", {})
+        if off and prefill_rate and "prompt_len" in config and "output_len" in config:
+            # A request costs prompt / prefill_rate of prefill and mean_output / off of decoding: even with host and
+            # GPU fully overlapped and every slot busy, a server reaches at most this fraction of `off`.
+            mean_output = sum(config["output_len"]) / 2
+            decode_s, prefill_s = mean_output / off, config["prompt_len"] / prefill_rate
+            out[f"{key}_bound_over_offline"] = decode_s / (decode_s + prefill_s)
         ok = [x for x in runs if x["stream"] and x["itl_ms_p99"] is not None and x["itl_ms_p99"] <= 100]
         if sat and sat[0] in ok and sat[0]["steady_tokens_per_s_all_slots_busy"]:
             steady_under[key] = sat[0]["steady_tokens_per_s_all_slots_busy"]

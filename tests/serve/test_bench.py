@@ -57,6 +57,11 @@ def test_summary_reads_the_targets(tmp_path):
     s = summarize(result)
     assert "based_over_transformer_steady_all_slots_busy" not in s  # BASED's saturation is past 100 ms
     assert s["based_stream_over_offline"] == 0.8 and s["based_plain_over_offline"] == 0.95
+    assert "based_bound_over_offline" not in s  # no prefill rate measured: no bound claimed
+    # 500-token prompts at 4,000 tokens/s (0.125 s a request) and 250-token answers at 1,000 (0.25 s): 2/3.
+    result["config"] = {"prompt_len": 500, "output_len": [100, 400]}
+    result["based"]["offline"]["prefill_tokens_per_s"] = 4000.0
+    assert summarize(result)["based_bound_over_offline"] == pytest.approx(2 / 3)
     assert s["based_best_tokens_per_s_at_p99_itl_le_100ms"] == 600
     assert s["based_over_transformer_at_p99_itl_le_100ms"] == 6.0
     assert s["based_rate_near_half_saturation"] == 5.0
@@ -84,6 +89,7 @@ def test_bench_serve_quick_on_cpu(tmp_path):
     runs = result["debug"]["runs"]
     assert len(runs) == 4 and all(r["failed"] == 0 for r in runs)
     assert result["debug"]["offline"]["tokens_per_s"] > 0 and out.with_suffix(".png").exists()
+    assert result["debug"]["offline"]["prefill_tokens_per_s"] > 0 and 0 < result["summary"]["debug_bound_over_offline"] < 1
 
 
 def test_null_engine_runs_the_servers_own_loop_without_a_model():
