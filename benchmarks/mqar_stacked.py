@@ -4,6 +4,7 @@ model, eager and as CUDA graphs), on figure-2 groups at full size; Mamba also wi
 numerics check: stacked training on the GPU (fp32 matmuls, graphs) against the CPU, on a tiny run.
 
     BASED_GIT_REV=$(git rev-parse HEAD) python benchmarks/mqar_stacked.py --out results.json
+    python benchmarks/mqar_stacked.py --out c.json --concurrent lightning-64-h4+mamba2-64-n16   # two groups at once
 
 `--count-ops` (CPU, no GPU needed) counts instead the ops that launch a kernel (aten calls less views) in
 one training step, today's path for one run against the stacked step of a model's 4 runs, per training
@@ -44,6 +45,12 @@ GROUPS = {  # name -> (mixer, d_model, mixer_kwargs) of FIGURE2_MODELS; the larg
     "rwkv-128": ("rwkv", 128, {}),
     "mamba-64-n8": ("mamba", 64, {"ssm_state_size": 8}),
     "mamba-256-n24": ("mamba", 256, {"ssm_state_size": 24}),
+    # d_model 64 groups, the smallest kernels (for --concurrent)
+    "lightning-64-h4": ("lightning", 64, {"lightning_num_heads": 4}),
+    "mamba2-64-n16": ("mamba2", 64, {"ssm_state_size": 16}),
+    "h3-64": ("h3", 64, {}),
+    "rwkv-64": ("rwkv", 64, {}),
+    "hyena-64": ("hyena", 64, {}),
 }
 
 
@@ -147,6 +154,40 @@ def stacked_rate(runs: list[MQARRun], steps: int, graphs: bool, compile: bool = 
             "task_ms": task_times(trainer) if trainer.cuda_graphs else None}
 
 
+def concurrent_rate(groups: list[list[MQARRun]], steps: int) -> dict:
+    """Several groups' stacked steps at once, each replaying its graphs on a CUDA stream of its own, against each
+    alone: whether small groups leave the GPU room that another group's kernels can fill (one process, so no
+    MPS is needed for their kernels to overlap). Both trainers follow their own schedules in lockstep."""
+    trainers = [StackedTrainer(runs, "cuda", cuda_graphs=True) for runs in groups]
+    alone = []
+    for trainer in trainers:
+        for _ in range(4):  # captures, then warm
+            trainer.step()
+        start = _sync_time()
+        for _ in range(steps):
+            trainer.step()
+        alone.append(_sync_time() - start)
+    streams = [torch.cuda.Stream() for _ in trainers]
+    main_stream = torch.cuda.current_stream()
+    for stream in streams:
+        stream.wait_stream(main_stream)
+    start = _sync_time()
+    for _ in range(steps):
+        for trainer, stream in zip(trainers, streams):
+            with torch.cuda.stream(stream):
+                trainer.step()
+    for stream in streams:
+        main_stream.wait_stream(stream)
+    together = _sync_time() - start
+    summed = sum(t.k for t in trainers) * steps
+    return {"groups": [t.runs[0].model_name for t in trainers], "k": [t.k for t in trainers],
+            "alone_s": [round(a, 3) for a in alone], "together_s": round(together, 3),
+            "summed_steps_per_s_one_after_the_other": round(summed / sum(alone), 1),
+            "summed_steps_per_s_together": round(summed / together, 1),
+            "speedup": round(sum(alone) / together, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+
+
 def task_times(trainer: StackedTrainer, reps: int = 20) -> dict:
     """ms per stacked step of each training task (its graph replayed on one of its own steps), and each task's
     share of the group's steps: where a group's time goes by sequence length."""
@@ -229,6 +270,9 @@ def main() -> None:
     ap.add_argument("--ssm-runs-first", default="", help="groups also timed with the fused scan's outputs copied "
                     "runs-first under vmap (based.ops.ssm.fused.RUNS_FIRST_OUT)")
     ap.add_argument("--profile", action="store_true", help="profile --groups (torch.profiler) instead of timing")
+    ap.add_argument("--concurrent", nargs="*", default=None, metavar="A+B",
+                    help="instead of timing, sets of groups (names joined by +) trained at once on a stream each, "
+                         "against one after the other")
     args = ap.parse_args()
     if args.count_ops:
         return count_ops(args.out)
@@ -237,13 +281,34 @@ def main() -> None:
         return profile(args.groups.split(","), min(args.steps, 20), args.out)
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "git_rev": os.environ.get("BASED_GIT_REV", "unknown"),
-              "steps_timed": args.steps, "numerics": numerics(), "groups": {}}
-    print(json.dumps(result["numerics"]), flush=True)
+              "steps_timed": args.steps, "numerics": None if args.concurrent is not None else numerics(),
+              "groups": {}}
     runs_of = {(g[0].mixer, g[0].d_model, json.dumps(g[0].mixer_kwargs, sort_keys=True)): g
                for g in group_runs(figure2_runs())}
-    for name in args.groups.split(","):
+
+    def group(name: str) -> list[MQARRun]:
         mixer, d, kw = GROUPS[name]
-        runs = runs_of[(mixer, d, json.dumps(kw, sort_keys=True))]
+        return runs_of[(mixer, d, json.dumps(kw, sort_keys=True))]
+
+    if args.concurrent is not None:
+        result.pop("numerics")
+        result["concurrent"] = {}
+        for names in args.concurrent:
+            try:
+                entry = concurrent_rate([group(n) for n in names.split("+")], args.steps)
+            except Exception as error:  # noqa: BLE001 - report and go on
+                entry = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            result["concurrent"][names] = entry
+            print(names, json.dumps(entry), flush=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
+    print(json.dumps(result["numerics"]), flush=True)
+    for name in args.groups.split(","):
+        mixer = GROUPS[name][0]
+        runs = group(name)
         entry = {}
         try:
             if name in args.baseline.split(","):
