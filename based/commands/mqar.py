@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained in parallel, one process each (default: one per CPU core, at most 4, for "
                    "--quick; 1 otherwise); with --device cuda and several GPUs each process keeps one GPU")
+    p.add_argument("--streams", type=int, default=1,
+                   help="with --device cuda (one GPU, --jobs 1): train this many models at once, each on a CUDA "
+                   "stream of its own in a thread, so that small models' kernels share the GPU side by side")
     p.add_argument("--limit", type=int, default=None, help="train at most this many new runs, then stop")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new run after this many seconds; stacked models still training then save "
@@ -61,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
             or (args.time_limit is not None and args.time_limit < 0)):
         raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0")
+    if args.streams < 1 or (args.streams > 1 and args.jobs > 1):
+        raise SystemExit(f"--streams must be >= 1, and > 1 only with --jobs 1 (got --streams {args.streams}, "
+                         f"--jobs {args.jobs})")
     if args.fit and args.time_limit is None:
         raise SystemExit("--fit needs --time-limit (it starts no model that would outlast the time left)")
     if args.epochs is not None and args.epochs < 1:
@@ -86,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"scale": args.scale} | ({"epochs": args.epochs} if args.epochs is not None else {})
     runs = SWEEPS[args.sweep](**kwargs)
     rows = run_sweep(runs, args.out, device=args.device, jobs=args.jobs, limit=args.limit, time_limit=args.time_limit,
-                     stacked=args.stacked, shard=shard, max_stack=args.max_stack, fit=args.fit)
+                     stacked=args.stacked, shard=shard, max_stack=args.max_stack, fit=args.fit,
+                     streams=args.streams)
     ids = {r.run_id for r in runs}
     print(best_table([r for r in rows if r["run_id"] in ids]))
     print(f"{sum(r['run_id'] in ids for r in rows)} of {len(runs)} runs of '{args.sweep}' in {args.out}/results.jsonl; "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +40,11 @@ from .train import (
 
 # torch.optim.AdamW's defaults, which train_mqar uses.
 BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
+
+# Held around graph capture and empty_cache: groups training in threads of one process (`--streams`) never
+# release cached memory or capture while another captures.
+CUDA_SETUP_LOCK = threading.Lock()
+INIT_LOCK = threading.Lock()
 
 
 def stack_key(run: MQARRun) -> str:
@@ -101,8 +107,9 @@ class StackedTrainer:
         self.runs, self.k, self.device = runs, len(runs), torch.device(device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         base = runs[0]
-        torch.manual_seed(base.seed)  # the init of each run trained alone
-        self.model = MQARModel(base.config()).to(device)
+        with INIT_LOCK:  # the global generator: groups starting at once in threads (--streams) must not interleave
+            torch.manual_seed(base.seed)  # the init of each run trained alone
+            self.model = MQARModel(base.config()).to(device)
         self.loss_module = _QueryLoss(self.model)
         named = [(f"model.{n}", p) for n, p in self.model.named_parameters()]
         self.names = [n for n, _ in named]
@@ -179,7 +186,16 @@ class StackedTrainer:
 
     def _capture(self) -> None:
         """One graph per task (its batch shape), sharing one memory pool (they never run at once). Warm-up
-        steps run first on a side stream, as capture needs; the state is restored after them."""
+        steps run first on a side stream, as capture needs; the state is restored after them.
+
+        Safe beside other groups training in threads of this process (`based mqar --streams`): one capture at
+        a time (CUDA_SETUP_LOCK, which empty_cache calls take too), on a stream of this trainer's own (torch's
+        default capture stream is shared by all threads), in thread-local mode (the other threads' allocations
+        and launches do not invalidate it)."""
+        with CUDA_SETUP_LOCK:
+            self._capture_locked()
+
+    def _capture_locked(self) -> None:
         saved = [t.clone() for t in self._state()]
         try:
             first = {}
@@ -194,9 +210,10 @@ class StackedTrainer:
                         self._step(task)
             torch.cuda.current_stream(self.device).wait_stream(side)
             pool = torch.cuda.graph_pool_handle()
+            capture = torch.cuda.Stream(self.device)
             for task in sorted(first):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=capture, capture_error_mode="thread_local"):
                     self._step(task)
                 self.graphs[task] = graph
         finally:
@@ -291,7 +308,8 @@ def train_stacked(runs: list[MQARRun], device="cpu", cuda_graphs: bool | None = 
         train_seconds = earlier_seconds + time.perf_counter() - start
         trainer.graphs.clear()  # their memory pool back, for the evaluation at lengths up to 1024
         if trainer.device.type == "cuda":
-            torch.cuda.empty_cache()
+            with CUDA_SETUP_LOCK:  # never during another thread's capture
+                torch.cuda.empty_cache()
         rows = []
         for i, run in enumerate(runs):
             row = result_row(run, trainer.load_run(i), losses[i], start - earlier_seconds, train_seconds, device)

@@ -6,7 +6,7 @@ import gc
 import json
 import os
 import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +261,19 @@ def estimated_seconds(group: list[MQARRun]) -> float:
     return ms * steps_per_epoch(run) * run.epochs / 1000 + _SETUP_S
 
 
+NOT_STARTED = object()  # a --streams group that --fit or the time limit kept from starting
+
+
+def _init_stream_thread(device: str) -> None:
+    """A --streams worker thread: its own CUDA stream as the current one (thread-local), so its group's kernels
+    and graph replays queue beside the other threads' instead of behind them."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+        torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
+
+
 def _devices(device: str, jobs: int) -> list[str]:
     """Devices to hand runs to in turn: with device "cuda" and several jobs, every visible GPU."""
     if device == "cuda" and jobs > 1:
@@ -281,7 +294,7 @@ def train_group(runs: list[MQARRun], device: str, stacked: bool, deadline: float
 
     if not stacked:
         return [train_mqar(run, device) for run in runs]
-    from .stacked import train_stacked
+    from .stacked import CUDA_SETUP_LOCK, train_stacked
 
     try:
         return train_stacked(runs, device, deadline=deadline, checkpoint_dir=checkpoint_dir)
@@ -290,7 +303,8 @@ def train_group(runs: list[MQARRun], device: str, stacked: bool, deadline: float
             raise
     # Outside the except block, so the failed attempt's tensors (its traceback holds them) are freed first.
     gc.collect()
-    torch.cuda.empty_cache()
+    with CUDA_SETUP_LOCK:
+        torch.cuda.empty_cache()
     half = len(runs) // 2
     return (train_group(runs[:half], device, stacked, deadline, checkpoint_dir)
             + train_group(runs[half:], device, stacked, deadline, checkpoint_dir))
@@ -314,7 +328,7 @@ def train_claimed(group: list[MQARRun], device: str, stacked: bool, deadline: fl
 def run_sweep(
     runs: list[MQARRun], out_dir: str | Path, device: str = "cpu", jobs: int = 1, limit: int | None = None,
     progress: bool = True, time_limit: float | None = None, stacked: bool | None = None,
-    shard: tuple[int, int] | None = None, max_stack: int | None = None, fit: bool = False,
+    shard: tuple[int, int] | None = None, max_stack: int | None = None, fit: bool = False, streams: int = 1,
 ) -> SweepRows:
     """Train the runs not yet in out_dir/results.jsonl (at most `limit` of them), appending one row per
     finished run and printing it as one line, then redraw out_dir/pareto.png from every row. Returns all
@@ -333,6 +347,9 @@ def run_sweep(
     fit (with time_limit): start no group whose estimated_seconds (an H100's) exceed the time left (jobs > 1:
     the time limit), for machines that lose out_dir/partial/ between sittings, where a paused group is
     wasted work; it is reported, listed in `unfit`, and later groups that fit go on.
+    streams > 1 (with jobs 1): that many groups train at once in threads of this process, each on a CUDA
+    stream of its own, so that small groups' kernels, which leave most of a GPU idle, run side by side on one
+    GPU (threads, not processes: kernels of different processes do not overlap without MPS).
     """
     import time
     import traceback
@@ -353,8 +370,10 @@ def run_sweep(
     mine = [r for r in runs if r.run_id in mine_ids]
     todo = [r for r in mine if r.run_id not in done][:limit]
     groups = group_runs(todo, max_stack) if stacked else [[r] for r in todo]
+    if streams < 1 or (streams > 1 and jobs > 1):
+        raise ValueError(f"streams must be >= 1 and needs jobs 1 when > 1, got streams={streams}, jobs={jobs}")
     devices = _devices(device, jobs)
-    if jobs > 1 and stacked:  # (unstacked, the sweep's own order stands: figure2-short puts first lrs first)
+    if (jobs > 1 or streams > 1) and stacked:  # (unstacked, the sweep's own order stands: figure2-short puts first lrs first)
         groups.sort(key=estimated_seconds, reverse=True)  # stable: the sweep's order among equals
     deadline = None if time_limit is None else time.monotonic() + time_limit
     pause_at = None if time_limit is None else time.time() + time_limit
@@ -396,16 +415,18 @@ def run_sweep(
 
     def fits(group: list[MQARRun], left: float) -> bool:
         """fit: a group that would still train when the time is up is not started (its partial state would be
-        lost with the machine); reported and counted."""
-        if not fit or deadline is None or estimated_seconds(group) <= left:
+        lost with the machine); reported and counted. Beside other streams a group may run up to `streams`
+        times slower than alone (the estimate's case)."""
+        need = estimated_seconds(group) * streams
+        if not fit or deadline is None or need <= left:
             return True
         unfit.append(group)
-        tqdm.write(f"not started: {group[0].model_name} needs ~{estimated_seconds(group):.0f} s on an H100, "
+        tqdm.write(f"not started: {group[0].model_name} needs ~{need:.0f} s on an H100, "
                    f"{left:.0f} s left (--fit)", file=sys.stdout)
         bar.update(len(group))
         return False
 
-    if jobs <= 1:
+    if jobs <= 1 and streams <= 1:
         for group in groups:
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -418,22 +439,43 @@ def run_sweep(
                 outcome = error
             ended(group, outcome)
     else:
-        # Processes rather than threads: the small ops of these models scale better one core each.
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        import multiprocessing
+        if streams > 1:
+            pool = ThreadPoolExecutor(streams, initializer=_init_stream_thread, initargs=(device,))
+            if device.startswith("cuda"):
+                import torch
 
-        context = multiprocessing.get_context("spawn")
-        queue = None
-        if len(devices) > 1:  # each worker keeps one GPU: jobs = GPUs trains one group per GPU at a time
-            queue = context.Queue()
-            for k in range(jobs):
-                queue.put(devices[k % len(devices)])
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(threads, queue)) as pool:
-            # fit: all groups are queued at once, so only those longer than the whole limit are known not to
-            # fit; one queued behind others may still start late and pause.
-            futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group for group in groups
-                       if fits(group, time_limit or 0.0)}
+                # training_device sets TF32 and restores the previous setting as each group ends: from "high"
+                # to "high", so no thread's matmuls change precision under another's.
+                torch.set_float32_matmul_precision("high")
+        else:
+            # Processes rather than threads: the small ops of these models scale better one core each.
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")
+            queue = None
+            if len(devices) > 1:  # each worker keeps one GPU: jobs = GPUs trains one group per GPU at a time
+                queue = context.Queue()
+                for k in range(jobs):
+                    queue.put(devices[k % len(devices)])
+            pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, queue))
+        def start(group: list[MQARRun]):
+            """A stream thread's group: --fit judged when it starts, on the time then left (threads share the
+            clock and the lists); nothing starts past the time limit."""
+            if deadline is not None and time.monotonic() > deadline:
+                return NOT_STARTED
+            if not fits(group, 0.0 if deadline is None else deadline - time.monotonic()):
+                return NOT_STARTED
+            return train_claimed(group, device, stacked, pause_at, out)
+
+        with pool:
+            if streams > 1:
+                futures = {pool.submit(start, group): group for group in groups}
+            else:
+                # fit: all groups are queued at once, so only those longer than the whole limit are known not to
+                # fit; one queued behind others may still start late and pause.
+                futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group
+                           for group in groups if fits(group, time_limit or 0.0)}
             pending = set(futures)
             while pending:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -441,7 +483,9 @@ def run_sweep(
                 for future in done_now:
                     if not future.cancelled():
                         error = future.exception()
-                        ended(futures[future], error if error is not None else future.result())
+                        outcome = error if error is not None else future.result()
+                        if outcome is not NOT_STARTED:
+                            ended(futures[future], outcome)
                 if deadline is not None and time.monotonic() > deadline:
                     for future in pending:
                         future.cancel()  # groups not yet handed to a worker

@@ -310,3 +310,64 @@ def test_log_panels_span_whole_decades_around_every_state():
     for xs in ([7.0, 7.0], [2_925, 9_945, 19_737], [1e6, 3.1e6]):
         lo, hi = decade_limits(xs)
         assert lo * 1.5 <= min(xs) and max(xs) * 1.5 <= hi and hi >= 10 * lo
+
+
+def test_streams_train_every_group_once_as_one_after_the_other_does(tmp_path):
+    """--streams 2: two groups at once in threads of this process (each on a CUDA stream of its own on a GPU);
+    every run's row equals the one-after-the-other sweep's, and each run is trained once."""
+    one = run_sweep(tiny_sweep(), tmp_path / "one", progress=False, stacked=True)
+    two = run_sweep(tiny_sweep(), tmp_path / "two", progress=False, stacked=True, streams=2)
+
+    def outcome(rows):
+        return {r["run_id"]: (r["final_train_loss"], r["accuracy"]) for r in rows}
+
+    assert len(two) == 4 and outcome(two) == outcome(one)
+    assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="streams"):
+        run_sweep(tiny_sweep(), tmp_path / "three", streams=2, jobs=2)
+    for bad in (["--streams", "0"], ["--streams", "2", "--jobs", "2"]):
+        with pytest.raises(SystemExit, match="--streams must be >= 1"):
+            main(["mqar", "--quick", "--out", str(tmp_path / "cli"), *bad])
+
+
+def test_fit_with_streams_judges_each_group_when_it_starts(tmp_path, capsys, monkeypatch, tiny_cli):
+    """Beside another stream a group may take up to `streams` times its time alone: --fit counts that, and judges
+    a group on the time left when a thread takes it up (not when it was queued)."""
+    first = {r.run_id for r in tiny_sweep() if r.mixer == "attention"}
+    monkeypatch.setattr(sweeps, "estimated_seconds", lambda g: 400.0 if g[0].run_id in first else 1.0)
+    rows = run_sweep(tiny_sweep(), tmp_path, progress=False, stacked=True, streams=2, time_limit=600, fit=True)
+    assert {r["mixer"] for r in rows} == {"sliding_window"}  # 2 x 400 s > 600 s
+    assert "not started: attention d_model=16 needs ~800 s on an H100, " in capsys.readouterr().out
+
+
+def test_streams_run_groups_side_by_side(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    spans = []
+
+    def train(group, *args):
+        start = time.monotonic()
+        time.sleep(0.3)
+        spans.append((threading.get_ident(), start, time.monotonic()))
+        return []
+
+    monkeypatch.setattr(sweeps, "train_claimed", train)
+    run_sweep(tiny_sweep(), tmp_path, progress=False, stacked=True, streams=2)
+    (a, a0, a1), (b, b0, b1) = sorted(spans, key=lambda s: s[1])[:2]
+    assert len(spans) == 2 and a != b and b0 < a1  # two groups (4 runs, 2 lrs each), in two threads at once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_streams_on_cuda_capture_and_replay_graphs_side_by_side(tmp_path):
+    # Two groups capture (one at a time, CUDA_SETUP_LOCK) and replay their graphs on their own streams; each row
+    # as the one-after-the-other sweep gives it (up to the atomics of index_add's backward).
+    runs = [r for r in figure2_runs(scale=0.002, epochs=1) if r.mixer in ("attention", "mamba") and r.d_model == 64
+            and r.mixer_kwargs.get("ssm_state_size", 8) == 8]
+    one = run_sweep(runs, tmp_path / "one", device="cuda", progress=False)
+    two = run_sweep(runs, tmp_path / "two", device="cuda", progress=False, streams=2)
+    assert len(one) == len(two) == 8 and all(r["cuda_graphs"] for r in two)
+    by_id = {r["run_id"]: r for r in one}
+    for row in two:
+        assert abs(row["final_train_loss"] - by_id[row["run_id"]]["final_train_loss"]) < 1e-3
