@@ -28,6 +28,7 @@ HARD_LIMIT=${HARD_LIMIT:-3500}
 SCALE=${SCALE:-1}
 EPOCHS=${EPOCHS:-}  # empty: the sweep's own (figure2 32, figure2-short 6)
 FIT=${FIT:-0}
+STREAMS=${STREAMS:-1}  # models trained at once on the GPU, a CUDA stream each (based mqar --streams)
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 rev=${BASED_GIT_REV:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
@@ -37,7 +38,7 @@ python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device
 else 'no GPU')"
 # timeout signals the whole process group: the sweep and its worker processes.
 timeout -k 15 "$HARD_LIMIT" python -m based mqar --sweep "$SWEEP" --out "$out" --device "$DEVICE" \
-    --jobs "$JOBS" --time-limit "$TIME_LIMIT" --scale "$SCALE" ${EPOCHS:+--epochs "$EPOCHS"} \
+    --jobs "$JOBS" --streams "$STREAMS" --time-limit "$TIME_LIMIT" --scale "$SCALE" ${EPOCHS:+--epochs "$EPOCHS"} \
     $([ "$FIT" = 1 ] && echo --fit) 2>&1 \
     | tee -a "$out/sweep.log"
 rc=${PIPESTATUS[0]}
@@ -46,7 +47,7 @@ echo "sweep exit $rc after $t_sweep s"
 python -m based mqar --sweep "$SWEEP" --plot-only --out "$out"
 
 python - "$out" "$rev" "$rc" "$t_sweep" "$DEVICE" "$JOBS" "$TIME_LIMIT" "$HARD_LIMIT" "$SCALE" "$EPOCHS" "$SWEEP" \
-    "$FIT" <<'EOF'
+    "$FIT" "$STREAMS" <<'EOF'
 import datetime
 import json
 import os
@@ -58,19 +59,20 @@ import torch
 
 from based.mqar import SWEEPS, read_results
 
-out, rev, rc, seconds, device, jobs, time_limit, hard_limit, scale, epochs, sweep, fit = sys.argv[1:]
+out, rev, rc, seconds, device, jobs, time_limit, hard_limit, scale, epochs, sweep, fit, streams = sys.argv[1:]
 runs = SWEEPS[sweep](scale=float(scale), **({"epochs": int(epochs)} if epochs else {}))
 ids = {r.run_id for r in runs}
 rows = [r for r in read_results(Path(out) / "results.jsonl") if r["run_id"] in ids]
 meta_path = Path(out) / "meta.json"
 earlier = json.loads(meta_path.read_text()) if meta_path.exists() else {}
 sittings = [*earlier.get("sittings", []), {"date": datetime.date.today().isoformat(), "wall_seconds": int(seconds),
-                                           "sweep_exit_code": int(rc), "git_rev": rev}]
+                                           "sweep_exit_code": int(rc), "git_rev": rev, "streams": int(streams)}]
 meta = {
     "date": datetime.date.today().isoformat(),
     "sweep": sweep,
     "command": f"bash benchmarks/mqar_figure2.sh {out}  (SWEEP={sweep} DEVICE={device} JOBS={jobs} "
-               f"TIME_LIMIT={time_limit} HARD_LIMIT={hard_limit} SCALE={scale} EPOCHS={epochs or 'default'} FIT={fit})",
+               f"TIME_LIMIT={time_limit} HARD_LIMIT={hard_limit} SCALE={scale} EPOCHS={epochs or 'default'} FIT={fit} "
+               f"STREAMS={streams})",
     "sweep_exit_code": int(rc),
     "wall_seconds": int(seconds),
     # Every sitting of a resumed sweep; GPU-seconds = their sum (stacked runs share their group's seconds).
