@@ -1,11 +1,13 @@
 """MQAR sweeps: the BASED paper's figure 2 and a CPU-sized quick version; resumable run by run."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import json
 import os
 import sys
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -262,6 +264,7 @@ def estimated_seconds(group: list[MQARRun]) -> float:
 
 
 NOT_STARTED = object()  # a --streams group that --fit or the time limit kept from starting
+WIDE_D_MODEL = 256  # --streams trains one model this wide at a time
 
 
 def _init_stream_thread(device: str) -> None:
@@ -459,14 +462,19 @@ def run_sweep(
                 for k in range(jobs):
                     queue.put(devices[k % len(devices)])
             pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, queue))
+        wide = threading.Semaphore(1)
+
         def start(group: list[MQARRun]):
             """A stream thread's group: --fit judged when it starts, on the time then left (threads share the
-            clock and the lists); nothing starts past the time limit."""
-            if deadline is not None and time.monotonic() > deadline:
-                return NOT_STARTED
-            if not fits(group, 0.0 if deadline is None else deadline - time.monotonic()):
-                return NOT_STARTED
-            return train_claimed(group, device, stacked, pause_at, out)
+            clock and the lists); nothing starts past the time limit. Models of width >= WIDE_D_MODEL take a
+            semaphore: one at a time beside the small ones (four such runs stacked hold 15-38 GB on an H100, two
+            groups of them would not fit)."""
+            with wide if group[0].d_model >= WIDE_D_MODEL else contextlib.nullcontext():
+                if deadline is not None and time.monotonic() > deadline:
+                    return NOT_STARTED
+                if not fits(group, 0.0 if deadline is None else deadline - time.monotonic()):
+                    return NOT_STARTED
+                return train_claimed(group, device, stacked, pause_at, out)
 
         with pool:
             if streams > 1:

@@ -354,8 +354,14 @@ def test_streams_run_groups_side_by_side(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweeps, "train_claimed", train)
     run_sweep(tiny_sweep(), tmp_path, progress=False, stacked=True, streams=2)
-    (a, a0, a1), (b, b0, b1) = sorted(spans, key=lambda s: s[1])[:2]
-    assert len(spans) == 2 and a != b and b0 < a1  # two groups (4 runs, 2 lrs each), in two threads at once
+    (a, a0, a1), (b, b0, b1) = sorted(spans, key=lambda s: s[1])
+    assert a != b and b0 < a1  # two groups (4 runs, 2 lrs each), in two threads at once
+    # Two wide groups (d_model >= WIDE_D_MODEL) would not fit the GPU together: one at a time.
+    spans.clear()
+    wide = [MQARRun(m, sweeps.WIDE_D_MODEL, lr, **TINY) for m in ("attention", "sliding_window") for lr in (1e-3, 1e-2)]
+    run_sweep(wide, tmp_path / "wide", progress=False, stacked=True, streams=2)
+    (_, a0, a1), (_, b0, b1) = sorted(spans, key=lambda s: s[1])
+    assert b0 >= a1
 
 
 @pytest.mark.gpu
