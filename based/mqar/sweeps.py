@@ -1,14 +1,15 @@
 """MQAR sweeps: the BASED paper's figure 2 and a CPU-sized quick version; resumable run by run."""
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gc
 import json
 import os
 import sys
 import threading
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -263,7 +264,7 @@ def estimated_seconds(group: list[MQARRun]) -> float:
     return ms * steps_per_epoch(run) * run.epochs / 1000 + _SETUP_S
 
 
-NOT_STARTED = object()  # a --streams group that --fit or the time limit kept from starting
+NOT_STARTED = object()  # a --streams group that --fit kept from starting
 WIDE_D_MODEL = 256  # --streams trains one model this wide at a time
 
 
@@ -275,6 +276,68 @@ def _init_stream_thread(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
         torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
+
+
+def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, start: Callable,
+                     deadline: float | None) -> Iterator[tuple[list[MQARRun], object]]:
+    """Yield (group, outcome) as `streams` threads train the groups, each thread on a CUDA stream of its own
+    (_init_stream_thread); outcome is start(group)'s result or the exception it raised.
+
+    Threads take the first group left in order, except that a model of width >= WIDE_D_MODEL waits while another
+    one trains (four such runs stacked hold 15-38 GB on an H100: two would not fit) and the thread takes the
+    next narrow group instead. No group starts past `deadline` (time.monotonic())."""
+    cond = threading.Condition()
+    todo, done = list(groups), []
+    state = {"wide": False, "alive": streams}
+
+    def wide(group: list[MQARRun]) -> bool:
+        return group[0].d_model >= WIDE_D_MODEL
+
+    def take() -> list[MQARRun] | None:  # under cond
+        while todo and (deadline is None or time.monotonic() <= deadline):
+            group = next((g for g in todo if not (wide(g) and state["wide"])), None)
+            if group is not None:
+                todo.remove(group)
+                state["wide"] = state["wide"] or wide(group)
+                return group
+            cond.wait()
+        return None
+
+    def worker() -> None:
+        try:
+            _init_stream_thread(device)
+            while True:
+                with cond:
+                    group = take()
+                if group is None:
+                    return
+                try:
+                    outcome = start(group)
+                except Exception as error:  # noqa: BLE001 - the sweep reports it; this thread goes on
+                    outcome = error
+                with cond:
+                    state["wide"] = state["wide"] and not wide(group)
+                    done.append((group, outcome))
+                    cond.notify_all()
+        finally:
+            with cond:
+                state["alive"] -= 1
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, name=f"mqar-stream-{i}", daemon=True) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    while True:
+        with cond:
+            while not done and state["alive"]:
+                cond.wait()
+            batch = done[:]
+            done.clear()
+            if not batch and not state["alive"]:
+                break
+        yield from batch
+    for thread in threads:
+        thread.join()
 
 
 def _devices(device: str, jobs: int) -> list[str]:
@@ -354,7 +417,6 @@ def run_sweep(
     stream of its own, so that small groups' kernels, which leave most of a GPU idle, run side by side on one
     GPU (threads, not processes: kernels of different processes do not overlap without MPS).
     """
-    import time
     import traceback
 
     from tqdm import tqdm
@@ -441,49 +503,41 @@ def run_sweep(
             except Exception as error:
                 outcome = error
             ended(group, outcome)
-    else:
-        if streams > 1:
-            pool = ThreadPoolExecutor(streams, initializer=_init_stream_thread, initargs=(device,))
-            if device.startswith("cuda"):
-                import torch
+    elif streams > 1:
+        if device.startswith("cuda"):
+            import torch
 
-                # training_device sets TF32 and restores the previous setting as each group ends: from "high"
-                # to "high", so no thread's matmuls change precision under another's.
-                torch.set_float32_matmul_precision("high")
-        else:
-            # Processes rather than threads: the small ops of these models scale better one core each.
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            import multiprocessing
-
-            context = multiprocessing.get_context("spawn")
-            queue = None
-            if len(devices) > 1:  # each worker keeps one GPU: jobs = GPUs trains one group per GPU at a time
-                queue = context.Queue()
-                for k in range(jobs):
-                    queue.put(devices[k % len(devices)])
-            pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, queue))
-        wide = threading.Semaphore(1)
+            # training_device sets TF32 and restores the previous setting as each group ends: from "high" to
+            # "high", so no thread's matmuls change precision under another's.
+            torch.set_float32_matmul_precision("high")
 
         def start(group: list[MQARRun]):
-            """A stream thread's group: --fit judged when it starts, on the time then left (threads share the
-            clock and the lists); nothing starts past the time limit. Models of width >= WIDE_D_MODEL take a
-            semaphore: one at a time beside the small ones (four such runs stacked hold 15-38 GB on an H100, two
-            groups of them would not fit)."""
-            with wide if group[0].d_model >= WIDE_D_MODEL else contextlib.nullcontext():
-                if deadline is not None and time.monotonic() > deadline:
-                    return NOT_STARTED
-                if not fits(group, 0.0 if deadline is None else deadline - time.monotonic()):
-                    return NOT_STARTED
-                return train_claimed(group, device, stacked, pause_at, out)
+            """--fit judged when a thread takes the group up, on the time then left (threads share the clock
+            and the lists)."""
+            if not fits(group, 0.0 if deadline is None else deadline - time.monotonic()):
+                return NOT_STARTED
+            return train_claimed(group, device, stacked, pause_at, out)
 
-        with pool:
-            if streams > 1:
-                futures = {pool.submit(start, group): group for group in groups}
-            else:
-                # fit: all groups are queued at once, so only those longer than the whole limit are known not to
-                # fit; one queued behind others may still start late and pause.
-                futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group
-                           for group in groups if fits(group, time_limit or 0.0)}
+        for group, outcome in train_on_streams(groups, streams, device, start, deadline):
+            if outcome is not NOT_STARTED:
+                ended(group, outcome)
+    else:
+        # Processes rather than threads: the small ops of these models scale better one core each.
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        queue = None
+        if len(devices) > 1:  # each worker keeps one GPU: jobs = GPUs trains one group per GPU at a time
+            queue = context.Queue()
+            for k in range(jobs):
+                queue.put(devices[k % len(devices)])
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(threads, queue)) as pool:
+            # fit: all groups are queued at once, so only those longer than the whole limit are known not to
+            # fit; one queued behind others may still start late and pause.
+            futures = {pool.submit(train_claimed, group, device, stacked, pause_at, out): group for group in groups
+                       if fits(group, time_limit or 0.0)}
             pending = set(futures)
             while pending:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -491,9 +545,7 @@ def run_sweep(
                 for future in done_now:
                     if not future.cancelled():
                         error = future.exception()
-                        outcome = error if error is not None else future.result()
-                        if outcome is not NOT_STARTED:
-                            ended(futures[future], outcome)
+                        ended(futures[future], error if error is not None else future.result())
                 if deadline is not None and time.monotonic() > deadline:
                     for future in pending:
                         future.cancel()  # groups not yet handed to a worker

@@ -356,12 +356,13 @@ def test_streams_run_groups_side_by_side(tmp_path, monkeypatch):
     run_sweep(tiny_sweep(), tmp_path, progress=False, stacked=True, streams=2)
     (a, a0, a1), (b, b0, b1) = sorted(spans, key=lambda s: s[1])
     assert a != b and b0 < a1  # two groups (4 runs, 2 lrs each), in two threads at once
-    # Two wide groups (d_model >= WIDE_D_MODEL) would not fit the GPU together: one at a time.
+    # Two wide groups (d_model >= WIDE_D_MODEL) would not fit the GPU together: one at a time, and the other
+    # thread takes the narrow group queued behind them meanwhile.
     spans.clear()
     wide = [MQARRun(m, sweeps.WIDE_D_MODEL, lr, **TINY) for m in ("attention", "sliding_window") for lr in (1e-3, 1e-2)]
-    run_sweep(wide, tmp_path / "wide", progress=False, stacked=True, streams=2)
-    (_, a0, a1), (_, b0, b1) = sorted(spans, key=lambda s: s[1])
-    assert b0 >= a1
+    run_sweep([*wide, *tiny_sweep()[:2]], tmp_path / "wide", progress=False, stacked=True, streams=2)
+    (_, w0, w1), (_, n0, n1), (_, v0, v1) = sorted(spans, key=lambda s: s[1])
+    assert len(spans) == 3 and n0 < w1 and v0 >= w1  # wide, the narrow one beside it, then the second wide
 
 
 @pytest.mark.gpu
