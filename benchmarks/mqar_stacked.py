@@ -290,6 +290,15 @@ def main() -> None:
         mixer, d, kw = GROUPS[name]
         return runs_of[(mixer, d, json.dumps(kw, sort_keys=True))]
 
+    def record(section: str, name: str, entry: dict) -> None:
+        """One measurement into the JSON (rewritten after each), the device's memory back for the next."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        result[section][name] = entry
+        print(name, json.dumps(entry), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
     if args.concurrent is not None:
         result.pop("numerics")
         result["concurrent"] = {}
@@ -298,12 +307,7 @@ def main() -> None:
                 entry = concurrent_rate([group(n) for n in names.split("+")], args.steps)
             except Exception as error:  # noqa: BLE001 - report and go on
                 entry = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            result["concurrent"][names] = entry
-            print(names, json.dumps(entry), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+            record("concurrent", names, entry)
         return
     print(json.dumps(result["numerics"]), flush=True)
     for name in args.groups.split(","):
@@ -342,12 +346,7 @@ def main() -> None:
                     mamba_layer.chunk_selective_scan = chunked
         except Exception as error:  # report and go on to the next group
             entry["error"] = f"{type(error).__name__}: {str(error)[:400]}"
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        result["groups"][name] = entry
-        print(name, json.dumps(entry), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        record("groups", name, entry)
 
 
 if __name__ == "__main__":
