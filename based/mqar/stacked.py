@@ -34,8 +34,8 @@ from ..data.mqar import IGNORE_INDEX
 from .claims import group_key
 from .model import MQARModel
 from .train import (
-    MQARRun, batch_order, check_run, decays, lr_factor, query_loss, query_positions, result_row, steps_per_epoch,
-    task_data, training_device,
+    INIT_LOCK, MQARRun, batch_order, check_run, decays, lr_factor, query_loss, query_positions, result_row,
+    steps_per_epoch, task_data, training_device,
 )
 
 # torch.optim.AdamW's defaults, which train_mqar uses.
@@ -44,7 +44,6 @@ BETAS, EPS, MAX_GRAD_NORM = (0.9, 0.999), 1e-8, 1.0
 # Held around graph capture and empty_cache: groups training in threads of one process (`--streams`) never
 # release cached memory or capture while another captures.
 CUDA_SETUP_LOCK = threading.Lock()
-INIT_LOCK = threading.Lock()
 
 
 def stack_key(run: MQARRun) -> str:

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,6 +18,10 @@ import torch
 from ..data.mqar import IGNORE_INDEX, generate_mqar
 from ..ops.cross_entropy import linear_cross_entropy
 from .model import MQARModel, mqar_config
+
+# Held around seeding the global generator and building a model from it: models started at once in threads of
+# one process (`based mqar --streams`) would otherwise draw interleaved inits.
+INIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -232,8 +237,9 @@ def fit(run: MQARRun, device="cpu", step_losses: list[float] | None = None,
     (a host sync per step: for tests); stop(s), if given, is asked before step s and ends training when
     true (benchmarks time the first steps of this very loop)."""
     check_run(run)
-    torch.manual_seed(run.seed)
-    model = MQARModel(run.config()).to(device)
+    with INIT_LOCK:
+        torch.manual_seed(run.seed)
+        model = MQARModel(run.config()).to(device)
     # Each task's inputs, query positions and values, moved to the device once.
     train = [(x.to(device), *(t.to(device) for t in query_positions(y)))
              for x, y in (task_data(run, "train", i) for i in range(len(run.train)))]

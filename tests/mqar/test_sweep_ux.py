@@ -312,11 +312,13 @@ def test_log_panels_span_whole_decades_around_every_state():
         assert lo * 1.5 <= min(xs) and max(xs) * 1.5 <= hi and hi >= 10 * lo
 
 
-def test_streams_train_every_group_once_as_one_after_the_other_does(tmp_path):
+@pytest.mark.parametrize("stacked", [True, False])
+def test_streams_train_every_group_once_as_one_after_the_other_does(tmp_path, stacked):
     """--streams 2: two groups at once in threads of this process (each on a CUDA stream of its own on a GPU);
-    every run's row equals the one-after-the-other sweep's, and each run is trained once."""
-    one = run_sweep(tiny_sweep(), tmp_path / "one", progress=False, stacked=True)
-    two = run_sweep(tiny_sweep(), tmp_path / "two", progress=False, stacked=True, streams=2)
+    every run's row equals the one-after-the-other sweep's (the same inits: model init holds a lock around the
+    global seed), and each run is trained once. Stacked or one run at a time (the CPU's default)."""
+    one = run_sweep(tiny_sweep(), tmp_path / "one", progress=False, stacked=stacked)
+    two = run_sweep(tiny_sweep(), tmp_path / "two", progress=False, stacked=stacked, streams=2)
 
     def outcome(rows):
         return {r["run_id"]: (r["final_train_loss"], r["accuracy"]) for r in rows}
