@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from based.mqar import SWEEPS, plot_pareto, read_results, run_sweep
     from based.mqar.sweeps import best_table, parse_shard
 
-    if args.jobs is None:
-        args.jobs = min(os.cpu_count() or 1, 4) if args.sweep == "quick" else 1
+    if args.jobs is None:  # (--streams trains in threads of one process)
+        args.jobs = min(os.cpu_count() or 1, 4) if args.sweep == "quick" and args.streams <= 1 else 1
     if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
             or (args.time_limit is not None and args.time_limit < 0)):
         raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0")

@@ -380,3 +380,9 @@ def test_streams_on_cuda_capture_and_replay_graphs_side_by_side(tmp_path):
     by_id = {r["run_id"]: r for r in one}
     for row in two:
         assert abs(row["final_train_loss"] - by_id[row["run_id"]]["final_train_loss"]) < 1e-3
+
+
+def test_streams_from_the_command_line(tmp_path, capsys, tiny_cli):
+    # --quick's default --jobs (one a core) gives way to --streams: threads of one process, not processes.
+    assert main(["mqar", "--quick", "--streams", "2", "--out", str(tmp_path)]) == 0
+    assert len(read_results(tmp_path / "results.jsonl")) == 4 and "4 of 4 runs" in capsys.readouterr().out
