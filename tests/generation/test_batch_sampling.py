@@ -199,3 +199,15 @@ def test_joining_and_leaving_slots_never_waits_for_the_device(model):
     torch.cuda.synchronize()
     rows = [6, 1, 3]  # the free slots' tokens are whatever their stale inputs give
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1][rows], expected[1][rows])
+
+
+def test_to_device_keeps_values_and_dtypes():
+    from based.generation.state import to_device
+
+    assert torch.equal(to_device([[1, 2], [3, 4]], "cpu", torch.long), torch.tensor([[1, 2], [3, 4]]))
+    assert to_device([0.5, 1.0], "cpu", torch.float32).dtype == torch.float32
+    t = torch.arange(3)
+    assert to_device(t, "cpu") is t  # already there: no copy
+    if torch.cuda.is_available():
+        moved = to_device([5, 6, 7], "cuda", torch.long)
+        assert moved.device.type == "cuda" and moved.tolist() == [5, 6, 7]
