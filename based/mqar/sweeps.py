@@ -305,7 +305,11 @@ def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, sta
 
     def worker() -> None:
         try:
-            _init_stream_thread(device)
+            try:
+                _init_stream_thread(device)
+            except Exception as error:  # no stream, no training: said in the main thread once all have ended
+                state["error"] = error
+                return
             while True:
                 with cond:
                     group = take()
@@ -338,6 +342,8 @@ def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, sta
         yield from batch
     for thread in threads:
         thread.join()
+    if state.get("error") is not None and todo:
+        raise RuntimeError(f"--streams: a training thread could not start on {device}: {state['error']}")
 
 
 def _devices(device: str, jobs: int) -> list[str]:

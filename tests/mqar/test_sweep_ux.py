@@ -386,3 +386,12 @@ def test_streams_from_the_command_line(tmp_path, capsys, tiny_cli):
     # --quick's default --jobs (one a core) gives way to --streams: threads of one process, not processes.
     assert main(["mqar", "--quick", "--streams", "2", "--out", str(tmp_path)]) == 0
     assert len(read_results(tmp_path / "results.jsonl")) == 4 and "4 of 4 runs" in capsys.readouterr().out
+
+
+def test_streams_that_cannot_start_are_an_error_not_an_empty_sweep(tmp_path, monkeypatch):
+    def broken(device):
+        raise RuntimeError("no such stream")
+
+    monkeypatch.setattr(sweeps, "_init_stream_thread", broken)
+    with pytest.raises(RuntimeError, match="could not start on cpu: no such stream"):
+        run_sweep(tiny_sweep(), tmp_path, progress=False, stacked=True, streams=2)
