@@ -500,6 +500,16 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
             "output_tokens_per_s": tokens / seconds, "engine_phase_s": phases}
 
 
+def bench_engine_only(preset: str, args) -> dict:
+    """--engine-only: the engine without servers, at --max-slots: decode and prefill rates (`offline`) and the
+    saturation workload through the Scheduler in-process (`offline_workload`, with its loop's phases). A quick
+    A/B of an engine change in one lease (BASED_* switches are recorded in the config)."""
+    slots = args.max_slots
+    n = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+    return {"preset": preset, "slots": slots, "engine_only": True, "runs": [], "offline": offline(preset, slots, args),
+            "offline_workload": offline_workload(preset, slots, args, n, seed=2)}
+
+
 def bench_preset(preset: str, args) -> dict:
     server = ServerProcess(preset, args)
     try:
@@ -664,6 +674,9 @@ def main(argv=None) -> int:
                    help="requests of a saturation run (default: --saturation-factor x slots)")
     p.add_argument("--skip-plain", action="store_true", help="no non-streaming saturation run")
     p.add_argument("--skip-offline", action="store_true", help="no run of the offline engine")
+    p.add_argument("--engine-only", action="store_true",
+                   help="no servers: only the offline engine and the saturation workload through the engine alone "
+                   "(needs --max-slots)")
     p.add_argument("--null-engine", action="store_true",
                    help="the server around a model that costs nothing (CPU): its own overhead; no offline run")
     p.add_argument("--null-step-ms", type=float, default=0.0,
@@ -698,6 +711,8 @@ def main(argv=None) -> int:
         args.api_workers = default_api_workers("cpu" if args.null_engine else args.device.split(":")[0])
     if args.output_len[0] < 1 or args.output_len[1] < args.output_len[0] or args.prompt_len < 1:
         p.error("--prompt-len must be >= 1 and --output-len MIN MAX with 1 <= MIN <= MAX")
+    if args.engine_only and (args.max_slots is None or args.null_engine or args.skip_offline):
+        p.error("--engine-only needs --max-slots (no server to ask) and is neither --null-engine nor --skip-offline")
     if args.clients is None:  # 4 clients used 0.88 of a core together at ~30k SSE events/s (docs/serving.md)
         args.clients = min(4, os.cpu_count() or 1) if args.device.startswith("cuda") else 1
     if not 1 <= args.clients <= (os.cpu_count() or 1):
@@ -759,7 +774,7 @@ def main(argv=None) -> int:
         key = (f"null_engine_{args.max_slots}_slots_{args.null_step_ms:g}ms" if args.null_engine
                else RESULT_KEYS.get(preset, preset))
         try:
-            result[key] = bench_preset(preset, args)
+            result[key] = (bench_engine_only if args.engine_only else bench_preset)(preset, args)
         except Exception as e:  # noqa: BLE001 - record it, go on with the next preset
             result[key] = {"preset": preset, "error": f"{type(e).__name__}: {e}"}
             print(f"{preset} failed: {e!r}", file=sys.stderr, flush=True)

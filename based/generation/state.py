@@ -25,7 +25,8 @@ def to_device(values, device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """
     t = torch.as_tensor(values, dtype=dtype)
     device = torch.device(device)
-    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+    if (t.device == device or device.type != "cuda" or t.device.type != "cpu"
+            or os.environ.get("BASED_BLOCKING_COPIES") == "1"):  # the old blocking copy, for A/B timing only
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -119,3 +119,24 @@ def test_null_engine_runs_the_servers_own_loop_without_a_model():
         assert len(scheduler.free) == 4 and not scheduler.running
         if step_s:  # 6 sequences on 4 slots: at least 9 + 2 decode steps one after the other
             assert elapsed >= 10 * step_s
+
+
+def test_engine_only_times_the_engine_without_servers(tmp_path, monkeypatch, capsys):
+    """--engine-only: the offline engine (decode and prefill rates) and the saturation workload through the
+    Scheduler in-process, with the BASED_* switches of the run in its config; no server is started."""
+    import based.bench.serve as serve
+
+    monkeypatch.setattr(serve, "ServerProcess", None)  # starting one would fail loudly
+    monkeypatch.setenv("BASED_BLOCKING_COPIES", "1")
+    out = tmp_path / "engine.json"
+    assert main(["--device", "cpu", "--presets", "debug", "--quick", "--engine-only", "--out", str(out),
+                 "--git-rev", "abc", "--gpu", "none"]) == 0
+    result = json.loads(out.read_text())
+    debug = result["debug"]
+    assert debug["engine_only"] and debug["offline"]["prefill_tokens_per_s"] > 0
+    assert debug["offline_workload"]["requests"] == 8 and debug["offline_workload"]["output_tokens"] > 0
+    assert result["config"]["environment"]["BASED_BLOCKING_COPIES"] == "1"
+    assert 0 < result["summary"]["debug_bound_over_offline"] < 1
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--presets", "debug", "--engine-only"])  # no --max-slots: nothing to ask
+    assert "--engine-only needs --max-slots" in capsys.readouterr().err
