@@ -500,12 +500,17 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
             "output_tokens_per_s": tokens / seconds, "engine_phase_s": phases}
 
 
+def saturation_requests(args, slots: int) -> int:
+    """Requests of a saturation run (sent all at once): --saturation-prompts, else --saturation-factor x slots."""
+    return args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+
+
 def bench_engine_only(preset: str, args) -> dict:
     """--engine-only: the engine without servers, at --max-slots: decode and prefill rates (`offline`) and the
     saturation workload through the Scheduler in-process (`offline_workload`, with its loop's phases). A quick
     A/B of an engine change in one lease (BASED_* switches are recorded in the config)."""
     slots = args.max_slots
-    n = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+    n = saturation_requests(args, slots)
     return {"preset": preset, "slots": slots, "engine_only": True, "runs": [], "offline": offline(preset, slots, args),
             "offline_workload": offline_workload(preset, slots, args, n, seed=2)}
 
@@ -530,7 +535,7 @@ def bench_preset(preset: str, args) -> dict:
 
         run(float("inf"), True, min(4, slots))  # warm-up: the first prefills and steps
         result["runs"].clear()
-        n_sat = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+        n_sat = saturation_requests(args, slots)
         sat = run(float("inf"), True, n_sat)
         rates = args.rates or [f * sat["requests_per_s"] for f in args.rate_fractions if sat["requests_per_s"] > 0]
         planned = [(rate, True, max(args.min_prompts, round(rate * args.duration))) for rate in rates]

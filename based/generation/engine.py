@@ -73,18 +73,15 @@ def prefill(
     _check_prompt(model, max(lengths), state)
     # Rows are grouped on the host and every index goes over as a queued copy (to_device): nothing here waits
     # for the device, so a server's next prefill is issued while its last decode step still runs.
-    lengths_set = sorted(set(lengths))
-    if len(lengths_set) == 1:
-        input_ids = to_device(input_ids, state.device)
     logits = None
-    for L in lengths_set:
+    for L in sorted(set(lengths)):
         rows = [i for i, length in enumerate(lengths) if length == L]
         group = slots[rows]
         layers = state.slots_view(group)
         scratch = layers is None
         if scratch:  # scattered slots: prefill a scratch state, then copy it in
             layers = model.allocate_inference_cache(len(rows), state.dtype, state.device, state.max_seq_len)
-        ids = input_ids[:, T - L :] if len(rows) == n else to_device(input_ids[rows, T - L :], state.device)
+        ids = to_device(input_ids[:, T - L :] if len(rows) == n else input_ids[rows, T - L :], state.device)
         hidden = model.transformer(ids, state=layers, seqlen_offset=0, return_dict=False)[0]
         group = to_device(group, state.device)
         if scratch:

@@ -288,7 +288,7 @@ def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, sta
     next narrow group instead. No group starts past `deadline` (time.monotonic())."""
     cond = threading.Condition()
     todo, done = list(groups), []
-    state = {"wide": False, "alive": streams}
+    state = {"wide": False, "alive": streams, "error": None}
 
     def wide(group: list[MQARRun]) -> bool:
         return group[0].d_model >= WIDE_D_MODEL
@@ -342,7 +342,7 @@ def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, sta
         yield from batch
     for thread in threads:
         thread.join()
-    if state.get("error") is not None and todo:
+    if state["error"] is not None and todo:
         raise RuntimeError(f"--streams: a training thread could not start on {device}: {state['error']}")
 
 
@@ -420,7 +420,7 @@ def run_sweep(
     the time limit), for machines that lose out_dir/partial/ between sittings, where a paused group is
     wasted work; it is reported, listed in `unfit`, and later groups that fit go on.
     streams > 1 (with jobs 1): that many groups train at once in threads of this process, each on a CUDA
-    stream of its own, so that small groups' kernels, which leave most of a GPU idle, run side by side on one
+    stream of its own, so that small groups' kernels, which may not fill a GPU, can run side by side on one
     GPU (threads, not processes: kernels of different processes do not overlap without MPS).
     """
     import traceback
@@ -510,11 +510,12 @@ def run_sweep(
                 outcome = error
             ended(group, outcome)
     elif streams > 1:
-        if device.startswith("cuda"):
-            import torch
+        import torch
 
-            # training_device sets TF32 and restores the previous setting as each group ends: from "high" to
-            # "high", so no thread's matmuls change precision under another's.
+        # training_device sets TF32 on CUDA and restores the previous setting as each group ends: "high" while the
+        # threads run, so no thread's matmuls change precision under another's; the caller's setting after.
+        precision = torch.get_float32_matmul_precision()
+        if device.startswith("cuda"):
             torch.set_float32_matmul_precision("high")
 
         def start(group: list[MQARRun]):
@@ -524,9 +525,12 @@ def run_sweep(
                 return NOT_STARTED
             return train_claimed(group, device, stacked, pause_at, out)
 
-        for group, outcome in train_on_streams(groups, streams, device, start, deadline):
-            if outcome is not NOT_STARTED:
-                ended(group, outcome)
+        try:
+            for group, outcome in train_on_streams(groups, streams, device, start, deadline):
+                if outcome is not NOT_STARTED:
+                    ended(group, outcome)
+        finally:
+            torch.set_float32_matmul_precision(precision)
     else:
         # Processes rather than threads: the small ops of these models scale better one core each.
         threads = max(1, (os.cpu_count() or 1) // jobs)
