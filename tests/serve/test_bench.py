@@ -140,3 +140,19 @@ def test_engine_only_times_the_engine_without_servers(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--presets", "debug", "--engine-only"])  # no --max-slots: nothing to ask
     assert "--engine-only needs --max-slots" in capsys.readouterr().err
+
+
+def test_a_preset_that_fails_is_recorded_and_the_exit_is_nonzero(tmp_path, monkeypatch, capsys):
+    import based.bench.serve as serve
+
+    def broken(preset, args):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(serve, "bench_engine_only", broken)
+    out = tmp_path / "e.json"
+    assert main(["--device", "cpu", "--presets", "debug", "--quick", "--engine-only", "--out", str(out)]) == 1
+    assert json.loads(out.read_text())["debug"]["error"] == "RuntimeError: planted"
+    assert "debug failed (the error is in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--presets", "debug", "--engine-only", "--max-slots", "0"])
+    assert "--max-slots must be >= 1, got 0" in capsys.readouterr().err
