@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if args.streams < 1 or (args.streams > 1 and args.jobs > 1):
         raise SystemExit(f"--streams must be >= 1, and > 1 only with --jobs 1 (got --streams {args.streams}, "
                          f"--jobs {args.jobs})")
+    if args.streams > 1 and not args.device.startswith("cuda"):
+        # On a CPU the threads only add up their models' memory (figure 2 at --scale 0.0005: 14 -> 22 GB at
+        # --streams 2, no faster); --jobs runs models in parallel there.
+        raise SystemExit(f"--streams needs --device cuda (CUDA streams on one GPU); on {args.device} use --jobs")
     if args.fit and args.time_limit is None:
         raise SystemExit("--fit needs --time-limit (it starts no model that would outlast the time left)")
     if args.epochs is not None and args.epochs < 1:

@@ -382,10 +382,26 @@ def test_streams_on_cuda_capture_and_replay_graphs_side_by_side(tmp_path):
         assert abs(row["final_train_loss"] - by_id[row["run_id"]]["final_train_loss"]) < 1e-3
 
 
-def test_streams_from_the_command_line(tmp_path, capsys, tiny_cli):
-    # --quick's default --jobs (one a core) gives way to --streams: threads of one process, not processes.
-    assert main(["mqar", "--quick", "--streams", "2", "--out", str(tmp_path)]) == 0
-    assert len(read_results(tmp_path / "results.jsonl")) == 4 and "4 of 4 runs" in capsys.readouterr().out
+def test_streams_from_the_command_line(tmp_path, capsys, tiny_cli, monkeypatch):
+    # --quick's default --jobs (one a core) gives way to --streams: threads of one process, not processes. The CLI
+    # takes --streams on CUDA only; the sweep's calls are watched here, on a CPU, through its device check.
+    with pytest.raises(SystemExit, match="--streams needs --device cuda .* on cpu use --jobs"):
+        main(["mqar", "--quick", "--streams", "2", "--out", str(tmp_path)])
+    import based.commands.mqar as command
+    import based.mqar
+
+    calls = []
+
+    def sweep(runs, out, **kw):
+        calls.append(kw)
+        rows = sweeps.SweepRows([])
+        rows.failed = rows.paused = rows.claimed = rows.unfit = []
+        return rows
+
+    monkeypatch.setattr(command, "_check_device", lambda device: None)
+    monkeypatch.setattr(based.mqar, "run_sweep", sweep)
+    assert main(["mqar", "--quick", "--streams", "2", "--device", "cuda", "--out", str(tmp_path)]) == 0
+    assert calls[0]["streams"] == 2 and calls[0]["jobs"] == 1
 
 
 def test_streams_that_cannot_start_are_an_error_not_an_empty_sweep(tmp_path, monkeypatch):
