@@ -37,3 +37,14 @@ def _preset_names() -> tuple[str, ...]:
 
 PRESETS = _preset_names()
 """based.models.PRESETS, for `choices=` (tests/test_cli.py checks they are the same)."""
+
+
+def out_folder_problem(out: Path) -> str | None:
+    """Why --out cannot be a folder to write into (an existing file, or a path under one), else None: checked
+    before the work starts, not when its results are written."""
+    path = Path(out).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing.is_dir():
+        return None
+    where = "is an existing file" if existing == path else f"is under {existing}, a file"
+    return f"--out {out} {where}, not a folder: choose another --out"

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from . import out_folder_problem
+
 TASKS = ("perplexity", "swde", "fda", "squad_completion")
 MAX_LENGTH = 2048  # tokens per perplexity window unless a full-attention model has fewer positions
 
@@ -58,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and args.task == "perplexity":
         raise SystemExit("based eval: --plot draws recall accuracy by length; it has no meaning for perplexity")
     out = Path(args.out)
-    # Checked before the evaluation, not when its results are written (they were lost with a traceback).
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir():
-        where = "is an existing file" if parent == out.absolute() else f"is under {parent}, a file"
-        raise SystemExit(f"based eval: --out {out} {where}, not a folder: choose another --out")
+    problem = out_folder_problem(out)  # before the evaluation: its results were lost with a traceback
+    if problem:
+        raise SystemExit(f"based eval: {problem}")
     try:
         torch_device(args.device)
         if args.task == "perplexity":

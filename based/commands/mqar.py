@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from based.mqar import SWEEPS, plot_pareto, read_results, run_sweep
     from based.mqar.sweeps import best_table, parse_shard
 
+    from . import out_folder_problem
+
     if args.jobs is None:  # (--streams trains in threads of one process)
         args.jobs = min(os.cpu_count() or 1, 4) if args.sweep == "quick" and args.streams <= 1 else 1
     if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
@@ -81,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         shard = None if args.shard is None else parse_shard(args.shard)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    problem = out_folder_problem(Path(args.out))
+    if problem:
+        raise SystemExit(problem)
     if args.plot_only or args.table:
         rows = read_results(Path(args.out) / "results.jsonl")
         if not rows:

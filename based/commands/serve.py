@@ -110,6 +110,8 @@ def build(args: argparse.Namespace):
                              ("--prefill-chunk", args.prefill_chunk, 1), ("--stream-interval", args.stream_interval, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.port > 65535:  # (socket.bind raises OverflowError, past the OSError that bind() reports)
+        raise ValueError(f"--port must be <= 65535, got {args.port}")
     if not 0 <= args.prefill_wait_ms < float("inf"):  # nan or inf: a prompt could wait as long as others decode
         raise ValueError(f"--prefill-wait-ms must be >= 0 and finite, got {args.prefill_wait_ms}")
     if args.max_slots is not None and args.max_slots < 1:

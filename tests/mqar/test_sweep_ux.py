@@ -64,6 +64,17 @@ def test_bad_settings_are_refused(tmp_path, flags, message, tiny_cli):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+@pytest.mark.parametrize("sub, message", [("file", "is an existing file, not a folder"),
+                                          ("file/sub", "is under .*file, a file, not a folder")])
+@pytest.mark.parametrize("mode", [[], ["--table"]])
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, sub, message, mode, tiny_cli):
+    # Before: FileExistsError's traceback from run_sweep's mkdir.
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(SystemExit, match=f"^--out .*{message}: choose another --out$"):
+        main(["mqar", "--quick", "--out", str(tmp_path / sub), *mode])
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 def test_a_broken_line_is_reported_skipped_and_its_run_redone(tmp_path, capsys):
     runs = tiny_sweep()[:3]
     run_sweep(runs, tmp_path, progress=False)
