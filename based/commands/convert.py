@@ -40,6 +40,9 @@ def check_out(out: Path, checkpoint: Path, config: str | None) -> None:
     if out.is_dir() and any(out.resolve() == s.resolve() for s in sources if s.exists()):
         raise SystemExit(f"based convert: --out {out} is the folder the checkpoint is read from; writing there would "
                          f"replace its config.json: choose another --out")
+    if (out / "config.json").exists():  # another model's folder: it was overwritten, exit 0, and no longer loaded
+        raise SystemExit(f"based convert: --out {out} already holds a checkpoint (config.json); writing there would "
+                         f"replace it: choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from based.convert import ConversionError, load_hazyresearch, save_hazyresearch
     from based.eval.checkpoint import DTYPES, load_model, load_tokenizer
 
+    if args.config and not args.source:
+        raise SystemExit("based convert: --config is read only with --from hazyresearch (a based checkpoint has its "
+                         "own config.json): leave it out")
     check_out(Path(args.out), Path(args.checkpoint), args.config)
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None

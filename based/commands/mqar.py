@@ -63,9 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs is None:  # (--streams trains in threads of one process)
         args.jobs = min(os.cpu_count() or 1, 4) if args.sweep == "quick" and args.streams <= 1 else 1
-    if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or args.scale <= 0
-            or (args.time_limit is not None and args.time_limit < 0)):
-        raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0")
+    # (not x >= 0 rather than x < 0: NaN passed, and --scale nan or inf ended in a traceback)
+    if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or not 0 < args.scale < float("inf")
+            or (args.time_limit is not None and not args.time_limit >= 0)):
+        raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0 and finite")
+    if not args.out:
+        raise SystemExit("--out must name a folder (got an empty string)")
     if args.streams < 1 or (args.streams > 1 and args.jobs > 1):
         raise SystemExit(f"--streams must be >= 1, and > 1 only with --jobs 1 (got --streams {args.streams}, "
                          f"--jobs {args.jobs})")

@@ -52,7 +52,8 @@ def register(sub) -> None:
                    help="HTTP processes in front of the engine's (0: the HTTP side in the engine's process; "
                         "default: 0 on a CPU, on CUDA min(4, CPU cores / 4): where one process's CPU is the limit)")
     p.add_argument("--no-cuda-graph", action="store_true", help="step eagerly on CUDA (debugging)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's log level")
     p.set_defaults(func=run)
 
 
@@ -112,6 +113,8 @@ def build(args: argparse.Namespace):
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:  # (socket.bind raises OverflowError, past the OSError that bind() reports)
         raise ValueError(f"--port must be <= 65535, got {args.port}")
+    if not 0 <= args.grace < float("inf"):
+        raise ValueError(f"--grace must be >= 0 and finite (seconds), got {args.grace}")
     if not 0 <= args.prefill_wait_ms < float("inf"):  # nan or inf: a prompt could wait as long as others decode
         raise ValueError(f"--prefill-wait-ms must be >= 0 and finite, got {args.prefill_wait_ms}")
     if args.max_slots is not None and args.max_slots < 1:

@@ -11,6 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 64
 MAX_STOP = 4
+MAX_TOKENS = 2**31 - 1  # beyond int64 the scheduler's counters overflowed (a 503); a state model has no other bound
+
+
+def _check_text(field: str, texts: list[str]) -> None:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode: refused by name."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{field}: not valid Unicode text (a lone surrogate such as \\ud800); send UTF-8 "
+                             f"text") from None
 
 
 def error_body(message: str, param: str | None = None, type_: str = "invalid_request_error",
@@ -30,9 +41,9 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=-1, description="0 or -1: all tokens")
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
@@ -64,7 +75,7 @@ class Sampling(BaseModel):
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -80,6 +91,7 @@ class CompletionRequest(Sampling):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if not prompts or any(p == "" for p in prompts):
             raise ValueError("prompt: must not be empty")
+        _check_text("prompt", prompts)
         return self
 
 
@@ -92,7 +104,12 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        _check_text("messages", [m.content for m in self.messages])
+        return self
 
 
 def field_of(loc: tuple) -> str:

@@ -258,6 +258,19 @@ def test_converting_into_the_source_folder_or_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=r"^based convert: --out .*file is an existing file, not a folder"):
         main(["convert", "--to", "hazyresearch", "--checkpoint", str(ours), "--out", str(tmp_path / "file")])
+    # Another model's folder, of either layout (it was overwritten, exit 0, and no longer loaded), and --config
+    # beside --to (it was ignored).
+    with pytest.raises(SystemExit, match=r"^based convert: --out .*theirs already holds a checkpoint"):
+        main(["convert", "--to", "hazyresearch", "--checkpoint", str(ours), "--out", str(tmp_path / "theirs")])
+    other = tmp_path / "other"
+    assert main(["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--config", str(config),
+                 "--out", str(other)]) == 0
+    with pytest.raises(SystemExit, match=r"^based convert: --out .*other already holds a checkpoint"):
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--config", str(config),
+              "--out", str(other)])
+    with pytest.raises(SystemExit, match=r"^based convert: --config is read only with --from hazyresearch"):
+        main(["convert", "--to", "hazyresearch", "--checkpoint", str(ours), "--config", str(config),
+              "--out", str(tmp_path / "new")])
     assert {p.name: p.read_bytes() for p in ours.iterdir()} | {"theirs": config.read_bytes()} == before
     BasedForCausalLM.from_pretrained(ours)
 

@@ -57,6 +57,10 @@ def test_failed_runs_exit_nonzero_and_leave_their_tracebacks(tmp_path, capsys, m
     (["--shard", "2/2"], "--shard must be I/N with 0 <= I < N"),
     (["--shard", "a"], "--shard must be I/N"),
     (["--fit"], "--fit needs --time-limit"),
+    (["--scale", "nan"], "--scale > 0 and finite"),
+    (["--scale", "inf"], "--scale > 0 and finite"),
+    (["--time-limit", "nan"], "--time-limit >= 0"),
+    (["--out", ""], "--out must name a folder"),  # (it wrote results.jsonl into the working folder)
 ])
 def test_bad_settings_are_refused(tmp_path, flags, message, tiny_cli):
     with pytest.raises(SystemExit, match=message):

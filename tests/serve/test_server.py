@@ -1,6 +1,7 @@
 """`based serve` against the official openai client and raw HTTP, one server process for the module."""
 from __future__ import annotations
 
+import json
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -143,15 +144,25 @@ BAD = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
+    # Before: a 500 (UnicodeEncodeError in the tokenizer), a 503 (int64 overflow in the scheduler), and NaN
+    # refused as "should be less than or equal to 2".
+    ({"prompt": "a\ud800"}, "prompt"),
+    ({"prompt": "a", "max_tokens": 2**63}, "max_tokens"),
+    ({"prompt": "a", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "a", "top_p": float("nan")}, "top_p"),
 ]
 
 
 @pytest.mark.parametrize("body,param", BAD, ids=[p for _, p in BAD])
 def test_malformed_completion_gets_400_naming_the_field(server, body, param):
-    r = requests.post(server.url + "/v1/completions", json=body, timeout=10)
+    # json.dumps rather than json=: requests refuses to send NaN, which Python clients' JSON does send.
+    r = requests.post(server.url + "/v1/completions", data=json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=10)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+    if any(v != v for v in body.values() if isinstance(v, float)):
+        assert "finite" in error["message"], error
 
 
 def test_malformed_chat_and_body(server):
@@ -159,6 +170,8 @@ def test_malformed_chat_and_body(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
     r = requests.post(server.url + "/v1/chat/completions", json={"messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "\udfff"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     r = requests.post(server.url + "/v1/completions", data=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert requests.get(server.url + "/v1/nothing").status_code == 404
