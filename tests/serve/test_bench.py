@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -40,6 +41,29 @@ def test_client_count_out_of_range_is_refused(clients, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--device", "cpu", "--clients", clients])
     assert exit_.value.code == 2 and "--clients must be 1 .. " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rates", "-1"], "--rates must be > 0 and finite, got -1.0"),
+    (["--rate-fractions", "nan"], "--rate-fractions must be > 0 and finite"),
+    (["--duration", "0"], "--duration must be > 0"),
+    (["--saturation-prompts", "-1"], "--saturation-prompts must be >= 1"),
+    (["--time-limit", "nan"], "--time-limit must be >= 0 and finite"),
+    (["--max-slots", "0"], "--max-slots must be >= 1"),  # --quick used to replace the 0 by 4
+    (["--out", "{tmp}"], "must be a JSON file's path"),
+    (["--out", "{tmp}/file/x.json"], "must be a JSON file's path"),
+    (["--log-dir", "{tmp}/file"], "--log-dir .*file is an existing file"),
+    (["--out", "{tmp}/garbage.json", "--append"], "--append: --out .*garbage.json is not readable JSON"),
+])
+def test_meaningless_settings_are_refused_before_any_server(flags, message, tmp_path, capsys):
+    # Before: each ran (recording a rate of -1, an empty saturation run), or ended in a traceback after the runs.
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "garbage.json").write_text("garbage{")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--device", "cpu", "--presets", "debug", "--quick", *[f.replace("{tmp}", str(tmp_path)) for f in flags]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and re.search(message, err[-1]), err
+    assert (tmp_path / "garbage.json").read_text() == "garbage{"
 
 
 def _run(rate, stream, tps, itl99, rps=10.0):
