@@ -150,6 +150,10 @@ def build(args: argparse.Namespace):
     slots, per_slot, free = default_slots(model, dtype, device, max_seq_len, args.memory_fraction)
     if args.max_slots is not None:
         slots = args.max_slots
+        if free is not None and slots * per_slot > free:  # (the engine's own message named generate's --batch-size)
+            raise MemoryError(f"--max-slots {slots} needs {slots * per_slot / 2**30:.2f} GiB of decode state, "
+                              f"{free / 2**30:.2f} GiB is free on {device}: lower --max-slots (or leave it out: the "
+                              f"most that fit)")
     elif slots < 1:
         raise MemoryError(f"not one slot's decode state ({per_slot / 2**20:.1f} MiB) fits {args.memory_fraction} of "
                           f"the free memory on {device}: raise --memory-fraction or free memory")

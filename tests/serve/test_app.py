@@ -91,6 +91,7 @@ def test_checkpoint_tokenizer_and_its_chat_template(tmp_path):
     (["--preset", "debug", "--port", "{taken}"], "--port {taken}: cannot listen"),
     (["--preset", "debug", "--port", "99999"], "--port must be <= 65535"),
     (["--preset", "debug", "--port", "-1"], "--port must be >= 0"),
+    (["--preset", "debug", "--max-slots", "100000000000"], "lower --max-slots"),
     (["--preset", "debug", "--grace", "nan"], "--grace must be >= 0 and finite"),
     (["--preset", "debug", "--grace", "-1"], "--grace must be >= 0 and finite"),
     (["--preset", "debug", "--device", "nope"], "--device 'nope' is not a torch device"),
