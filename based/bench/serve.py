@@ -648,9 +648,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """One line naming the flag for a value that cannot mean anything (negative, zero, NaN, inf), and for an --out
-    or --log-dir that cannot be written: before the servers start, not when their results are written."""
+    or --log-dir that cannot be written: before the servers start, not when their results are written. (--append
+    onto an unreadable --out is refused where main reads it, also before any server.)"""
     from ..commands import out_folder_problem
 
     finite = float("inf")
@@ -660,7 +661,7 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                ("--saturation-factor", args.saturation_factor, 0, False), ("--min-prompts", args.min_prompts, 1, True),
                ("--offline-steps", args.offline_steps, 1, True), ("--null-step-ms", args.null_step_ms, 0, True),
                ("--time-limit", args.time_limit if args.time_limit is not None else 1, 0, True),
-               ("--saturation-prompts", args.saturation_prompts or 1, 1, True),
+               ("--saturation-prompts", 1 if args.saturation_prompts is None else args.saturation_prompts, 1, True),
                ("--max-slots", 1 if args.max_slots is None else args.max_slots, 1, True)]  # (before --quick, which replaced a 0 by 4)
     for flag, value, low, inclusive in checks:
         if not ((low <= value) if inclusive else (low < value)) or not value < finite:
@@ -668,15 +669,9 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} must be {bound}, got {value}")
     if args.out is not None and (args.out.is_dir() or out_folder_problem(args.out.parent)):
         p.error(f"--out {args.out} must be a JSON file's path (not a folder, nor under a file)")
-    if args.log_dir and out_folder_problem(Path(args.log_dir)):
-        p.error(out_folder_problem(Path(args.log_dir)).replace("--out", "--log-dir"))
-    if args.append and args.out is not None and args.out.is_file():
-        try:
-            earlier = json.loads(args.out.read_text())
-        except (ValueError, OSError) as e:
-            p.error(f"--append: --out {args.out} is not readable JSON ({e}): choose another --out")
-        if not isinstance(earlier, dict):
-            p.error(f"--append: --out {args.out} holds no JSON object of an earlier run: choose another --out")
+    problem = args.log_dir and out_folder_problem(args.log_dir, "--log-dir")  # ("" as before: no logs)
+    if problem:
+        p.error(problem)
 
 
 def main(argv=None) -> int:
@@ -731,7 +726,7 @@ def main(argv=None) -> int:
     p.add_argument("--append", action="store_true",
                    help="keep the other presets' sections of an existing --out JSON (one preset per command)")
     args = p.parse_args(argv)
-    check_numbers(p, args)
+    check_settings(p, args)
     args.deadline = time.monotonic() + args.time_limit if args.time_limit else float("inf")
     if args.quick:
         args.max_slots = args.max_slots or 4
@@ -781,7 +776,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(out.read_text()) if args.append and out.exists() else {}
+    try:
+        earlier = json.loads(out.read_text()) if args.append and out.exists() else {}
+    except (ValueError, OSError) as e:
+        p.error(f"--append: --out {out} is not readable JSON ({e}): choose another --out")
+    if not isinstance(earlier, dict):
+        p.error(f"--append: --out {out} holds no JSON object of an earlier run: choose another --out")
     result = {
         **earlier,
         "date": date, "gpu": gpu, "git_revision": args.git_rev or _git_rev(), "torch": torch.__version__,

@@ -39,12 +39,15 @@ PRESETS = _preset_names()
 """based.models.PRESETS, for `choices=` (tests/test_cli.py checks they are the same)."""
 
 
-def out_folder_problem(out: Path) -> str | None:
-    """Why --out cannot be a folder to write into (an existing file, or a path under one), else None: checked
-    before the work starts, not when its results are written."""
+def out_folder_problem(out: str | Path, flag: str = "--out") -> str | None:
+    """Why `flag` cannot name a folder to write into (empty, an existing file, or a path under one), else None:
+    checked before the work starts, not when its results are written. Pass the flag's text as given: Path('')
+    is '.', the working folder."""
+    if str(out) == "":
+        return f"{flag} must name a folder (got an empty string)"
     path = Path(out).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if existing.is_dir():
         return None
     where = "is an existing file" if existing == path else f"is under {existing}, a file"
-    return f"--out {out} {where}, not a folder: choose another --out"
+    return f"{flag} {out} {where}, not a folder: choose another {flag}"

@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
               max_new_tokens=args.max_new_tokens)
     if args.plot and args.task == "perplexity":
         raise SystemExit("based eval: --plot draws recall accuracy by length; it has no meaning for perplexity")
-    out = Path(args.out)
-    problem = out_folder_problem(out)  # before the evaluation: its results were lost with a traceback
+    problem = out_folder_problem(args.out)  # before the evaluation: its results were lost with a traceback
     if problem:
         raise SystemExit(f"based eval: {problem}")
+    out = Path(args.out)
     try:
         torch_device(args.device)
         if args.task == "perplexity":

@@ -67,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.jobs < 1 or (args.limit is not None and args.limit < 0) or not 0 < args.scale < float("inf")
             or (args.time_limit is not None and not args.time_limit >= 0)):
         raise SystemExit("--jobs must be >= 1, --limit >= 0, --time-limit >= 0 and --scale > 0 and finite")
-    if not args.out:
-        raise SystemExit("--out must name a folder (got an empty string)")
     if args.streams < 1 or (args.streams > 1 and args.jobs > 1):
         raise SystemExit(f"--streams must be >= 1, and > 1 only with --jobs 1 (got --streams {args.streams}, "
                          f"--jobs {args.jobs})")
@@ -86,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         shard = None if args.shard is None else parse_shard(args.shard)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    problem = out_folder_problem(Path(args.out))
+    problem = out_folder_problem(args.out)
     if problem:
         raise SystemExit(problem)
     if args.plot_only or args.table:
