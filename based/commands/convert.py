@@ -25,7 +25,8 @@ def register(sub) -> None:
                    "config.json); with --to, our checkpoint directory")
     p.add_argument("--config", help="their config.json (default: beside the checkpoint)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", help="a local tokenizer directory to save with the model (theirs is GPT-2's)")
+    p.add_argument("--tokenizer", help="a local tokenizer directory to save with the model (theirs is GPT-2's); "
+                   "its vocabulary must fit the model's")
     p.add_argument("--dtype", choices=("keep", "float32", "bfloat16", "float16"), default="keep",
                    help="dtype of the written weights (keep: as read)")
     p.set_defaults(func=run)
@@ -48,7 +49,8 @@ def check_out(out: Path, checkpoint: Path, config: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     from based import BasedForCausalLM
     from based.convert import ConversionError, load_hazyresearch, save_hazyresearch
-    from based.eval.checkpoint import DTYPES, load_model, load_tokenizer
+    from based.data.tokenizer import load_tokenizer
+    from based.eval.checkpoint import DTYPES, load_model
 
     if args.config and not args.source:
         raise SystemExit("based convert: --config is read only with --from hazyresearch (a based checkpoint has its "
@@ -60,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
             model = load_hazyresearch(args.checkpoint, args.config)
         else:  # a damaged safetensors file, config.json or tensor set is one line naming it
             model = load_model(args.checkpoint, BasedForCausalLM)
+        if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+            # Checked before anything is written: the pair would give ids the embedding does not have.
+            raise ConversionError(
+                f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens but the model's vocabulary only "
+                f"{model.config.vocab_size}: pass the tokenizer the model was trained with"
+            )
         if args.dtype != "keep":
             model = model.to(DTYPES[args.dtype])
         if args.source:

@@ -38,25 +38,47 @@ def register(sub) -> None:
 BYTE_VOCAB = 256
 
 
+def checkpoint_tokenizer(path: Path, model_vocab: int):
+    """The checkpoint folder's HFTokenizer; a ValueError naming the file when it is not a tokenizer (the
+    loaders' own messages name no file) or has ids past the model's vocabulary."""
+    from based.data.tokenizer import JSON_TOKENIZER_FILES, check_tokenizer_files
+    from based.serve.text import HFTokenizer
+
+    check_tokenizer_files(path)  # empty, garbage, truncated or not a JSON object: named
+    try:
+        tokenizer = HFTokenizer(path)
+    except Exception as e:  # noqa: BLE001  (the Rust tokenizers library raises bare Exception)
+        files = " with ".join(str(path / f) for f in JSON_TOKENIZER_FILES if (path / f).is_file())
+        raise ValueError(f"{files} is not a usable tokenizer ({' '.join(str(e).split()) or type(e).__name__}): "
+                         "copy the tokenizer files of the run that trained the model again") from None
+    size = len(tokenizer.tok)
+    if size > model_vocab:  # the prompt could encode to ids the embedding does not have
+        raise ValueError(f"the tokenizer in {path} has {size} tokens but the model's vocabulary only {model_vocab} "
+                         "(vocab_size in config.json): copy the tokenizer the model was trained with")
+    return tokenizer
+
+
 def load(args):
     import torch
 
-    from based.serve.text import ByteTokenizer, HFTokenizer
+    from based.serve.text import ByteTokenizer
 
     from based import BasedConfig, BasedForCausalLM
 
     if args.checkpoint is not None:
+        from based.data.tokenizer import JSON_TOKENIZER_FILES
         from based.eval.checkpoint import load_model
 
         model = load_model(args.checkpoint, BasedForCausalLM)  # missing or unexpected tensors are errors
-        has_tokenizer = any((args.checkpoint / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        # exists(), not is_file(): a folder named tokenizer.json is refused by name, not read as "no tokenizer"
+        has_tokenizer = any((args.checkpoint / f).exists() for f in JSON_TOKENIZER_FILES)
         if not has_tokenizer and model.config.vocab_size != BYTE_VOCAB:
             raise ValueError(
                 f"{args.checkpoint} has no tokenizer.json or tokenizer_config.json and its vocabulary of "
                 f"{model.config.vocab_size} tokens is not bytes ({BYTE_VOCAB}): copy the tokenizer files of the "
                 "run that trained it into that directory"
             )
-        tokenizer = HFTokenizer(args.checkpoint) if has_tokenizer else ByteTokenizer()
+        tokenizer = checkpoint_tokenizer(args.checkpoint, model.config.vocab_size) if has_tokenizer else ByteTokenizer()
         what = f"checkpoint {args.checkpoint}"
     else:
         torch.manual_seed(args.seed)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,8 +61,26 @@ def _require(cfg: dict, name: str, ok, expected: str, default=None):
     return value
 
 
+def _section(cfg: dict, name: str, parent: str = "") -> dict:
+    """A nested object of their config ({} when absent)."""
+    value = cfg.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConversionError(f"config field {parent}{name} must be an object, got {value!r}")
+    return value
+
+
+def _layers(cfg: dict, name: str) -> list[int]:
+    value = cfg.get(name) or []
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ConversionError(f"config field {name} must be a list of layer indices, got {value!r}")
+    return value
+
+
 def config_from_hazyresearch(cfg: dict) -> BasedConfig:
     """Our BasedConfig for their config.json dict (the fields read are listed in the module doc)."""
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"the config must be a JSON object of fields, not a {type(cfg).__name__}")
+
     def get(name, *aliases, default=None):
         for key in (name, *aliases):
             if cfg.get(key) is not None:
@@ -71,10 +90,16 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
         return default
 
     d_model, n_layer, n_head = get("n_embd", "hidden_size"), get("n_layer", "num_hidden_layers"), get("n_head")
+    for name, value in (("n_embd", d_model), ("n_layer", n_layer), ("n_head", n_head)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConversionError(f"config field {name}={value!r} is not supported: expected a positive int")
     _require(cfg, "rms_norm", lambda v: v is True, "true (RMSNorm)")
     _require(cfg, "activation_function", lambda v: v == "swiglu", '"swiglu"')
     _require(cfg, "max_position_embeddings", lambda v: not v, "0 (no learned position embeddings)", 0)
-    linear, sliding = list(cfg.get("alt_mixer_layers") or []), list(cfg.get("alt_mixer_2_layers") or [])
+    linear, sliding = _layers(cfg, "alt_mixer_layers"), _layers(cfg, "alt_mixer_2_layers")
+    if any(not 0 <= i < n_layer for i in linear + sliding):  # were ignored: those layers became BaseConv
+        raise ConversionError(f"config fields alt_mixer_layers={linear} and alt_mixer_2_layers={sliding} must "
+                              f"index layers 0 .. n_layer - 1 = {n_layer - 1}")
     mixer_types = [
         "sliding_window" if i in sliding else "linear_attn" if i in linear else "base_conv" for i in range(n_layer)
     ]
@@ -86,20 +111,20 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
     )
     _require(cfg, "tie_word_embeddings", lambda v: v is not False, "true (tied lm_head)")
     if "base_conv" in mixer_types:
-        conv = cfg.get("mixer") or {}
+        conv = _section(cfg, "mixer")
         if "BaseConv" not in str(conv.get("_target_", "BaseConv")):
             raise ConversionError(f"mixer._target_={conv.get('_target_')!r}: only BaseConv layers convert")
         expand = conv.get("expand_proj", 2)
-        if expand % 2:
-            raise ConversionError(f"mixer.expand_proj={expand} is not supported: it must be even")
+        if not isinstance(expand, int) or isinstance(expand, bool) or expand < 2 or expand % 2:
+            raise ConversionError(f"mixer.expand_proj={expand!r} is not supported: it must be an even int >= 2")
         kernel = conv.get("kernel_size") or conv.get("kernel_sizes") or 3
         fields.update(conv_expand=expand // 2, conv_kernel_size=kernel[0] if isinstance(kernel, list) else kernel)
     if linear:
-        la = cfg.get("alt_mixer") or {}
+        la = _section(cfg, "alt_mixer")
         if "LinearAttention" not in str(la.get("_target_", "LinearAttention")):
             raise ConversionError(f"alt_mixer._target_={la.get('_target_')!r}: expected their LinearAttention")
         feature_dim = la.get("feature_dim", 16)
-        fmap = la.get("feature_map") or {}
+        fmap = _section(la, "feature_map", "alt_mixer.")
         taylor = "TaylorExp" in str(fmap.get("_target_", "TaylorExp"))
         if not taylor or fmap.get("input_dim", feature_dim) != feature_dim:
             raise ConversionError(f"alt_mixer.feature_map={fmap!r}: expected TaylorExp with input_dim = feature_dim")
@@ -108,7 +133,7 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
             la_eps=la.get("eps", 1e-12),
         )
     if sliding:
-        swa = cfg.get("alt_mixer_2") or {}
+        swa = _section(cfg, "alt_mixer_2")
         if "Slid" not in str(swa.get("_target_", "Slid")):
             raise ConversionError(f"alt_mixer_2._target_={swa.get('_target_')!r}: expected their SlidingAttention")
         _require(cfg, "rotary_emb_fraction", lambda v: v == 1, "1 (rotary over the whole head)", 0.0)
@@ -118,6 +143,8 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
         _require(cfg, "scale_attn_weights", lambda v: v is True, "true", True)
         _require(cfg, "scale_attn_by_inverse_layer_idx", lambda v: not v, "false", False)
         window = swa.get("window_size", 128)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise ConversionError(f"alt_mixer_2.window_size={window!r} is not supported: it must be an int >= 0")
         fields.update(
             window_size=window // 2 + 1, swa_num_heads=n_head, rotary_base=cfg.get("rotary_emb_base", 10000.0)
         )
@@ -180,10 +207,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types, and OSError)
             raise ConversionError(f"{path} is not a readable safetensors file (truncated or empty?): {e}") from None
     else:
+        if path.stat().st_size == 0:  # torch.load says only "EOFError"
+            raise ConversionError(f"{path} is empty, not a PyTorch checkpoint: copy the checkpoint again")
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # garbage draws pickle-protocol warnings before the error
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (pickle errors have no common base class)
-            raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+            raise ConversionError(f"{path} is not a PyTorch checkpoint (torch.load: {_load_error(e)}): pass their "
+                                  f"pytorch_model.bin or model.safetensors") from None
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -193,6 +225,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         twice = sorted(k for k in sd if k.startswith("model.") and k.removeprefix("model.") in sd)
         raise ConversionError(f"{path} holds keys both with and without the model. prefix: {_describe(twice)}")
     return {k: v for k, v in stripped.items() if not _IGNORED.search(k)}
+
+
+def _load_error(error: Exception) -> str:
+    """torch.load's error in one line: its weights-only message is a dozen lines around the cause (and
+    suggests weights_only=False, which would run the file's code), a zip error a paragraph."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    text = text if len(text) <= 200 else text[:200] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def drop_fixed_decay(sd: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
@@ -268,6 +311,8 @@ def _locate(checkpoint: str | Path, config: str | Path | None) -> tuple[Path, Pa
         raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
     if config is None:
         raise FileNotFoundError("pass their config.json (--config) with a checkpoint file")
+    if Path(config).is_dir():
+        raise FileNotFoundError(f"config {config} is a folder: pass their config.json file (--config)")
     if not Path(config).is_file():
         raise FileNotFoundError(f"config file not found: {config}")
     return checkpoint, Path(config)
@@ -278,12 +323,21 @@ def load_hazyresearch(checkpoint: str | Path, config: str | Path | None = None) 
     `checkpoint` may also be a directory holding both."""
     weights, config_path = _locate(checkpoint, config)
     try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(config_path.read_bytes())
+    except ValueError as e:  # invalid JSON, or not UTF-8
         raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
-    our_config = config_from_hazyresearch(cfg)
-    sd = state_dict_from_hazyresearch(drop_fixed_decay(read_state_dict(weights), cfg), our_config)
+    try:
+        our_config = config_from_hazyresearch(cfg)
+    except (ValueError, TypeError) as e:  # ours, BasedConfig's, or a field of the wrong type
+        raise ConversionError(f"{config_path}: {e}") from None
+    sd = read_state_dict(weights)  # its errors name the file
+    try:
+        sd = state_dict_from_hazyresearch(drop_fixed_decay(sd, cfg), our_config)
+    except ConversionError as e:
+        raise ConversionError(f"{weights} with {config_path}: {e}") from None
     dtype = sd["transformer.embeddings.word_embeddings.weight"].dtype
+    if not dtype.is_floating_point:  # the model would be cast to it: integer "weights" are no model
+        raise ConversionError(f"{weights} holds {dtype} embeddings, not floating-point weights")
     model = BasedForCausalLM(our_config).to(dtype)
     model.load_state_dict({**sd, "lm_head.weight": sd["transformer.embeddings.word_embeddings.weight"]})
     return model.eval()

@@ -10,8 +10,10 @@ fixed seed, so the validation split, the tail of the token stream, is a random s
 rather than the last modules by name.
 
 User corpora (`--data PATH`): a text file (.txt, .md, .rst, or any other suffix when named directly;
-one document per file), JSONL with a text field, Parquet (needs pyarrow), a folder of those (sorted,
-hidden files skipped) or a Hugging Face datasets folder written by `save_to_disk` (needs datasets).
+one document per file), JSON lines with a text field (.jsonl, or .json named directly, as Hugging Face
+datasets' to_json writes them), Parquet (needs pyarrow), a folder of those (sorted, hidden files skipped)
+or a Hugging Face datasets folder written by `save_to_disk` (needs datasets). A file that is not what
+its suffix says (a .parquet that is not Parquet, a .json that is one pretty-printed object) is a DataError.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ from pathlib import Path
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 CORPUS_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+# Read as JSON lines when named directly. Not picked up from a folder, where .json files are as often
+# metadata (a dataset card's, a tokenizer's) as data.
+JSON_SUFFIXES = (".jsonl", ".json")
+_JSONL_HINT = "a .jsonl/.json corpus holds one JSON object a line, such as {\"text\": \"...\"}"
 # Standard-library folders that hold tests, demos or vendored code rather than documentation.
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3",
               "turtledemo", "_bundled"}
@@ -126,6 +132,9 @@ def corpus_files(path: Path) -> list[Path]:
     """The files a corpus consists of, in reading order."""
     if path.is_file():
         return [path]
+    if not path.is_dir():  # /dev/null, a FIFO: neither a file to read whole nor a folder
+        raise DataError(f"corpus {path} is neither a regular file nor a folder: pass a text/JSONL/Parquet file "
+                        f"or folder")
     if _is_hf_dataset(path):
         return sorted(p for p in path.rglob("*") if p.is_file())
     files = sorted(
@@ -142,6 +151,9 @@ def corpus_fingerprint(path: Path, text_field: str = "text") -> str:
     """Hash of every file's relative path, size and modification time (like make, without reading
     gigabytes): any edit, addition or removal changes it."""
     h = hashlib.sha256(f"{path.resolve()}\0{text_field}".encode())
+    if path.suffix.lower() == ".json" and path.is_file():
+        # A .json file was once read as plain text: its cached tokenizers and token streams are not reused.
+        h.update(b"json-lines\0")
     root = path if path.is_dir() else path.parent
     for f in corpus_files(path):
         st = f.stat()
@@ -186,22 +198,34 @@ def _jsonl_rows(path: Path, text_field: str) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise DataError(f"{path}:{n} is not valid JSON ({e.msg}): {_JSONL_HINT}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object: {_JSONL_HINT}")
+            if not isinstance(row.get(text_field), str):
                 raise DataError(f"{path}:{n} has no string field {text_field!r}: set --text-field")
             yield row[text_field]
 
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to JSONL)") from None
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise DataError(f"{path} has no column {text_field!r} (columns: {pf.schema_arrow.names}): set --text-field")
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise DataError(f"{path} has no column {text_field!r} (columns: {names}): set --text-field")
+        kind = pf.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column {text_field!r} holds {kind}, not text: set --text-field to a string "
+                            f"column")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    except (pa.ArrowException, OSError) as e:  # a file of another format, truncated, or damaged inside
+        raise DataError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())}): pass a Parquet file, "
+                        f"or rename it to its real format's suffix") from None
 
 
 def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
@@ -211,11 +235,19 @@ def _hf_documents(path: Path, text_field: str) -> Iterator[str]:
         raise DataError(
             f"{path} is a Hugging Face datasets folder (save_to_disk); reading it needs datasets: pip install datasets"
         ) from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # damaged or partial state.json, dataset_info.json, shards
+        reason = " ".join(str(e).split())
+        raise DataError(f"{path} looks like a Hugging Face datasets folder but does not load ({reason}): pass a "
+                        f"folder save_to_disk wrote") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[sorted(ds)[0]]
     if text_field not in ds.column_names:
         raise DataError(f"{path} has no column {text_field!r} (columns: {ds.column_names}): set --text-field")
+    if getattr(ds.features[text_field], "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"{path}: column {text_field!r} holds {ds.features[text_field]}, not text: set --text-field "
+                        f"to a string column")
     for batch in ds.select_columns([text_field]).iter(batch_size=1024):
         yield from (t for t in batch[text_field] if t is not None)
 
@@ -228,7 +260,7 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         sources = []
         for f in corpus_files(path):
             suffix = f.suffix.lower()
-            if suffix == ".jsonl":
+            if suffix in JSON_SUFFIXES:
                 sources.append(_jsonl_documents(f, text_field))
             elif suffix == ".parquet":
                 sources.append(_parquet_documents(f, text_field))

@@ -24,6 +24,8 @@ MAX_VOCAB = 2**20
 DEFAULT_VOCAB = 4096
 # Files one of which every Hugging Face tokenizer folder holds (fast, GPT-2 style, SentencePiece, BERT).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+# Those of them that are JSON objects and that `based generate` reads (check_tokenizer_files).
+JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, out_dir: str | os.PathLike):
@@ -86,17 +88,54 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = Path(path).expanduser()
+    if path.is_file():
+        raise DataError(f"tokenizer {path} is a file: pass the folder that holds it (with tokenizer_config.json)")
     if not path.is_dir():
         raise DataError(f"tokenizer folder {path} does not exist (train one with `based tokenizer train`)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise DataError(f"{path} is not a Hugging Face tokenizer folder: it holds none of "
                         f"{', '.join(TOKENIZER_FILES)} (pass a folder a tokenizer's save_pretrained wrote, or train "
                         f"one with `based tokenizer train`)")
+    check_tokenizer_files(path)
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        reason = " ".join(str(e).split())  # transformers' messages run over several lines
-        raise DataError(f"{path} is not a Hugging Face tokenizer folder: {reason}") from None
+    except Exception as e:  # noqa: BLE001  (the Rust tokenizers library raises bare Exception)
+        raise DataError(f"{path} is not a Hugging Face tokenizer folder: {_reason(e)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """An exception as one line: transformers' messages run over several lines, KeyError's is a bare key."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if isinstance(error, KeyError) or not text else text
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """DataError naming the file when a folder's tokenizer.json or tokenizer_config.json is not a JSON
+    object (empty, truncated, garbage, a folder): transformers and tokenizers say what failed without
+    saying in which file."""
+    for name in JSON_TOKENIZER_FILES:
+        file = path / name
+        if not file.exists():
+            continue
+        fix = f"copy {name} again from the folder the tokenizer was saved to"
+        if not file.is_file():
+            raise DataError(f"{file} is a folder, not a tokenizer file: {fix}")
+        try:
+            raw = file.read_bytes()
+        except OSError as e:
+            raise DataError(f"{file} cannot be read ({e.strerror}): {fix}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError as e:  # invalid JSON, or not UTF-8
+            problem = "it is empty" if not raw.strip() else f"it is not valid JSON ({_reason(e)})"
+            raise DataError(f"{file} is not a tokenizer file: {problem}: {fix}") from None
+        if not isinstance(data, dict):
+            problem = f"it holds a JSON {type(data).__name__}, not an object"
+        elif name == "tokenizer.json" and not isinstance(data.get("model"), dict):
+            problem = 'it has no "model" object (the vocabulary)'
+        else:
+            continue
+        raise DataError(f"{file} is not a tokenizer file: {problem}: {fix}")
 
 
 def vocab_size(tokenizer) -> int:

@@ -96,6 +96,8 @@ def load_model(path: str | Path, model_class=None, **kwargs):
     import based  # noqa: F401  registers the "based" model type with the Auto classes
 
     path = Path(path)
+    if path.is_file():  # a weights file named instead of its folder: "not found" would mislead
+        raise FileNotFoundError(f"checkpoint {path} is a file: pass the directory that holds it and its config.json")
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     check_config_file(path)

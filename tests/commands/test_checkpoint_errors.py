@@ -121,3 +121,46 @@ def test_a_prompt_that_is_not_utf8_is_refused(ckpt, capsys):
     code = main(["generate", "--checkpoint", str(ckpt), "--prompt", prompt, "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "--prompt is not valid UTF-8 text" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("name, content, match", [
+    # Before: tokenizers' "expected value at line 1 column 1" traceback, naming no file.
+    ("tokenizer.json", "garbage", "tokenizer.json is not a tokenizer file: it is not valid JSON"),
+    ("tokenizer.json", "", "tokenizer.json is not a tokenizer file: it is empty"),
+    ("tokenizer.json", '{"version": "1.0"}', 'tokenizer.json is not a tokenizer file: it has no "model" object'),
+    # Before: "Expecting value: line 1 column 1 (char 0)", naming no file.
+    ("tokenizer_config.json", "{not json", "tokenizer_config.json is not a tokenizer file: it is not valid JSON"),
+    ("tokenizer_config.json", "[]", "tokenizer_config.json is not a tokenizer file: it holds a JSON list"),
+    ("tokenizer.json", None, "tokenizer.json is a folder, not a tokenizer file"),
+])
+def test_a_damaged_tokenizer_file_is_named(ckpt, capsys, name, content, match):
+    (ckpt / name).unlink()
+    if content is None:
+        (ckpt / name).mkdir()
+    else:
+        (ckpt / name).write_text(content)
+    code, err = generate(ckpt, capsys)
+    assert code == 2 and f"{ckpt / name} " in err and match in err and err.count("\n") == 1, err
+
+
+def test_a_tokenizer_the_rust_library_refuses_is_named(ckpt, capsys):
+    # Valid JSON with a model object of the wrong shape: tokenizers' own message, with the file named.
+    (ckpt / "tokenizer_config.json").unlink()
+    (ckpt / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 3}}')
+    code, err = generate(ckpt, capsys)
+    assert code == 2 and f"{ckpt / 'tokenizer.json'} is not a usable tokenizer (" in err and err.count("\n") == 1, err
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(ckpt, capsys):
+    # Before: refused only when the prompt happened to encode to an id past the vocabulary.
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
+    edit_weights(ckpt, lambda sd: sd.update({k: v[:304] for k, v in sd.items() if v.shape[0] == 320}))
+    code, err = generate(ckpt, capsys)
+    assert code == 2 and f"the tokenizer in {ckpt} has 320 tokens but the model's vocabulary only 300" in err, err
+
+
+def test_a_weights_file_given_for_its_folder_is_named(ckpt, capsys):
+    # Before: "checkpoint directory not found" for a file that exists.
+    code, err = generate(ckpt / "model.safetensors", capsys)
+    assert code == 2 and "model.safetensors is a file: pass the directory that holds it and its config.json" in err

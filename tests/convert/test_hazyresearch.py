@@ -237,10 +237,98 @@ def test_cli_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="config file not found"):
         main(["convert", "--from", "hazyresearch", "--checkpoint", str(write_theirs(tmp_path / "t")[0]),
               "--config", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")])
+    # Before: torch's dozen-line "Weights only load failed ... file an issue" message.
     (tmp_path / "junk.bin").write_bytes(b"not a pickle")
-    with pytest.raises(SystemExit, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(SystemExit) as e:
         main(["convert", "--from", "hazyresearch", "--checkpoint", str(tmp_path / "junk.bin"),
               "--config", str(tmp_path / "t" / "config.json"), "--out", str(tmp_path / "o")])
+    message = str(e.value.code)
+    assert f"{tmp_path / 'junk.bin'} is not a PyTorch checkpoint (torch.load: UnpicklingError: Unsupported operand" \
+        in message and "\n" not in message and "weights_only" not in message, message
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"^based convert: .*empty.bin is empty, not a PyTorch checkpoint"):
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(tmp_path / "empty.bin"),
+              "--config", str(tmp_path / "t" / "config.json"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"^based convert: config .* is a folder: pass their config.json file"):
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(tmp_path / "t" / "pytorch_model.bin"),
+              "--config", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("config, match", [
+    # Before: AttributeError: 'list' object has no attribute 'get'.
+    ([THEIR_CONFIG], "the config must be a JSON object of fields, not a list"),
+    ("based", "the config must be a JSON object of fields, not a str"),
+    # Before: the messages named no file.
+    ({k: v for k, v in THEIR_CONFIG.items() if k != "n_embd"}, "config has no 'n_embd' field"),
+    ({**THEIR_CONFIG, "n_layer": "4"}, "config field n_layer='4' is not supported: expected a positive int"),
+    ({**THEIR_CONFIG, "mixer": ["BaseConv"]}, "config field mixer must be an object, got ['BaseConv']"),
+    ({**THEIR_CONFIG, "mixer": {**THEIR_CONFIG["mixer"], "expand_proj": "4"}}, "mixer.expand_proj='4' is not supp"),
+    ({**THEIR_CONFIG, "alt_mixer_layers": 1}, "alt_mixer_layers must be a list of layer indices, got 1"),
+    # Before: a layer index past n_layer was ignored (that layer converted as BaseConv).
+    ({**THEIR_CONFIG, "alt_mixer_layers": [1, 9]}, "must index layers 0 .. n_layer - 1 = 3"),
+    ({**THEIR_CONFIG, "n_inner": "wide"}, "mlp_hidden_size must be a positive int, got 'wide'"),
+])
+def test_a_config_that_is_not_theirs_is_one_line_naming_it(tmp_path, config, match):
+    weights, _ = write_theirs(tmp_path / "theirs")
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--config", str(tmp_path / "bad.json"),
+              "--out", str(tmp_path / "o")])
+    message = str(e.value.code)
+    assert message.startswith(f"based convert: {tmp_path / 'bad.json'}: ") and match in message, message
+    assert "\n" not in message and not (tmp_path / "o").exists()
+
+
+def test_a_mismatched_checkpoint_names_both_files(tmp_path):
+    weights, config = write_theirs(tmp_path / "theirs", {"transformer.ln_f.weight": torch.ones(D)})
+    with pytest.raises(ConversionError, match=f"^{weights} with {config}: the checkpoint does not match"):
+        load_hazyresearch(weights, config)
+    sd = {k: (v * 100).long() for k, v in their_state_dict().items()}
+    weights, config = write_theirs(tmp_path / "ints", sd)
+    with pytest.raises(ConversionError, match="holds torch.int64 embeddings, not floating-point weights"):
+        load_hazyresearch(weights, config)
+
+
+def _tokenizer(vocab_size):
+    """A word-level tokenizer of exactly vocab_size tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "</s>"] + [f"w{i}" for i in range(vocab_size - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_writing(tmp_path):
+    # Before: saved beside the model with exit 0; its ids past vocab_size index no embedding row.
+    weights, config = write_theirs(tmp_path / "theirs")
+    _tokenizer(320).save_pretrained(tmp_path / "big")
+    _tokenizer(VOCAB).save_pretrained(tmp_path / "fits")
+    base = ["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--config", str(config)]
+    with pytest.raises(SystemExit, match=r"^based convert: --tokenizer .*big has 320 tokens but the model's vocabulary "
+                       rf"only {VOCAB}: pass the tokenizer the model was trained with$"):
+        main([*base, "--tokenizer", str(tmp_path / "big"), "--out", str(tmp_path / "ours")])
+    assert not (tmp_path / "ours").exists()
+    assert main([*base, "--tokenizer", str(tmp_path / "fits"), "--out", str(tmp_path / "ours")]) == 0
+    with pytest.raises(SystemExit, match=rf"--tokenizer .*big has 320 tokens but the model's vocabulary only {VOCAB}"):
+        main(["convert", "--to", "hazyresearch", "--checkpoint", str(tmp_path / "ours"), "--tokenizer",
+              str(tmp_path / "big"), "--out", str(tmp_path / "back")])
+    assert not (tmp_path / "back").exists()
+
+
+def test_a_damaged_tokenizer_is_one_line_naming_the_file(tmp_path):
+    # Before: KeyError 'added_tokens' (a traceback) for a tokenizer.json holding {}.
+    weights, config = write_theirs(tmp_path / "theirs")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "--from", "hazyresearch", "--checkpoint", str(weights), "--config", str(config),
+              "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "o")])
+    message = str(e.value.code)
+    assert f"{tmp_path / 'tok' / 'tokenizer.json'} is not a tokenizer file" in message and "\n" not in message
+    assert not (tmp_path / "o").exists()
 
 
 def test_converting_into_the_source_folder_or_a_file_is_refused(tmp_path):

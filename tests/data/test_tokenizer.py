@@ -116,3 +116,103 @@ def test_a_folder_without_tokenizer_files_is_one_line(tmp_path):
     with pytest.raises(DataError, match="is not a Hugging Face tokenizer folder") as error:
         load_tokenizer(tmp_path)
     assert "\n" not in str(error.value)
+
+
+def _garbage_parquet(path):
+    path.write_text("hello world, this is text and not Parquet\n")
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _int_column_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), path)
+
+
+def _truncated_parquet(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["some text " * 50] * 50}), path)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("name, write, match", [
+    # Before: pyarrow's ArrowInvalid traceback.
+    ("garbage.parquet", _garbage_parquet, "garbage.parquet is not a readable Parquet file (Parquet magic bytes"),
+    ("empty.parquet", _empty, "empty.parquet is not a readable Parquet file (Parquet file size is 0 bytes)"),
+    ("cut.parquet", _truncated_parquet, "cut.parquet is not a readable Parquet file"),
+    # Before: AttributeError: 'int' object has no attribute 'strip'.
+    ("ints.parquet", _int_column_parquet, "ints.parquet: column 'text' holds int64, not text: set --text-field"),
+    # Before: both were trained on as plain text, braces and keys included, with exit 0.
+    ("pretty.json", lambda p: p.write_text('{\n  "text": "a document"\n}\n'),
+     'pretty.json:1 is not valid JSON (Expecting property name enclosed in double quotes): a .jsonl/.json corpus '
+     'holds one JSON object a line'),
+    ("array.json", lambda p: p.write_text('[{"text": "one"}, {"text": "two"}]\n'),
+     "array.json:1 is a JSON list, not an object"),
+])
+def test_cli_tokenizer_train_refuses_a_file_not_in_its_suffix_format(tmp_path, name, write, match):
+    write(tmp_path / name)
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", "--data", str(tmp_path / name), "--vocab-size", "300",
+              "--out", str(tmp_path / "t")])
+    message = str(e.value.code)
+    assert message.startswith("error: ") and match in message and "\n" not in message, message
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_json_file_is_read_as_json_lines(tmp_path):
+    # Hugging Face datasets' to_json writes JSON lines to a .json file: the documents are the text fields.
+    from based.data.corpus import corpus_fingerprint, iter_documents
+
+    (tmp_path / "rows.json").write_text('{"text": "first document"}\n\n{"text": "second", "id": 2}\n')
+    assert list(iter_documents(tmp_path / "rows.json")) == ["first document", "second"]
+    # The same bytes as a .jsonl are another corpus to the caches (a .json was once read as plain text).
+    (tmp_path / "rows.jsonl").write_bytes((tmp_path / "rows.json").read_bytes())
+    assert corpus_fingerprint(tmp_path / "rows.json") != corpus_fingerprint(tmp_path / "rows.jsonl")
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "rows.json"), "--vocab-size", "300", "--out",
+                 str(tmp_path / "t")]) == 0
+
+
+def test_cli_tokenizer_train_refuses_damaged_datasets_folders_and_special_files(tmp_path):
+    # Before: FileNotFoundError's traceback from datasets; /dev/null was called a "corpus folder".
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("garbage")
+    for data, match in [(tmp_path / "ds", "ds looks like a Hugging Face datasets folder but does not load"),
+                        ("/dev/null", "corpus /dev/null is neither a regular file nor a folder")]:
+        with pytest.raises(SystemExit) as e:
+            main(["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(tmp_path / "t")])
+        assert match in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("tokenizer.json", "garbage", "tokenizer.json is not a tokenizer file: it is not valid JSON (Expecting value"),
+    ("tokenizer.json", "", "tokenizer.json is not a tokenizer file: it is empty"),
+    # Before: KeyError 'added_tokens' / tokenizers' "Model missing" with no file named.
+    ("tokenizer.json", "{}", 'tokenizer.json is not a tokenizer file: it has no "model" object'),
+    ("tokenizer_config.json", "[1]", "tokenizer_config.json is not a tokenizer file: it holds a JSON list"),
+    ("tokenizer.json", None, "tokenizer.json is a folder, not a tokenizer file"),
+])
+def test_a_damaged_tokenizer_file_is_named(small_tokenizer, tmp_path, name, content, match):
+    import shutil
+
+    shutil.copytree(small_tokenizer, tmp_path / "tok")
+    (tmp_path / "tok" / name).unlink()
+    if content is None:
+        (tmp_path / "tok" / name).mkdir()
+    else:
+        (tmp_path / "tok" / name).write_text(content)
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path / "tok")
+    assert match in str(error.value) and str(tmp_path / "tok" / name) in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_tokenizer_file_given_for_its_folder_is_named(small_tokenizer):
+    # Before: "tokenizer folder .../tokenizer.json does not exist".
+    with pytest.raises(DataError, match=r"tokenizer .*/tokenizer.json is a file: pass the folder that holds it"):
+        load_tokenizer(small_tokenizer / "tokenizer.json")
