@@ -470,6 +470,43 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def batch_size(text: str) -> int | str:
+    """--batches' type: 'max' or a whole number >= 1 (0, -3 or 'abc' failed each engine's section, exit 0)."""
+    if text == "max":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"each must be 'max' or a batch size >= 1, got {text!r}")
+    return value
+
+
+def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace, presets: list[str]) -> None:
+    """One line naming the flag for a value that cannot mean anything (negative, zero, NaN, inf) and for --set
+    overrides the engines' presets refuse (the config's own message): before anything is built or timed. Such
+    values used to fail inside a section (recorded, exit 0) or end in a traceback."""
+    from based import BasedConfig
+
+    from ..commands import number_problem
+
+    checks = [("--time-limit", args.time_limit, 0), ("--reserve-s", args.reserve_s, 0),
+              ("--point-seconds", args.point_seconds, 0), ("--headroom-gb", args.headroom_gb, 0),
+              ("--prefill-batch", args.prefill_batch, 1), ("--profile-top", args.profile_top, 1),
+              ("--hf-new-tokens", args.hf_new_tokens, 2)]  # (HF's tokens/s divides by n - 1)
+    problem = next(filter(None, (number_problem(*check) for check in checks)), None)
+    if problem:
+        p.error(problem)
+    if args.prompt_len < 1 or args.new_tokens < 32:
+        p.error("--prompt-len must be >= 1 and --new-tokens >= 32 (8 warm-up, 20 timed and 3 profiled steps)")
+    for preset in presets:
+        try:
+            BasedConfig.from_preset(preset, **args.set)
+        except (ValueError, TypeError) as e:
+            p.error(f"--set {' '.join(f'{k}={v!r}' for k, v in args.set.items())} on preset {preset}: {e}")
+
+
 def main(argv=None) -> int:
     from based.cli import torch_device
     from based.models.presets import PRESETS
@@ -491,7 +528,8 @@ def main(argv=None) -> int:
                    help="more engines, one per preset (e.g. rwkv-1.3b lightning-1.3b mamba2-1.3b "
                         "mamba2-hybrid-1.3b), recorded under the preset's name; their debug presets join the smoke")
     p.add_argument("--quick", action="store_true", help="two batch sizes per engine")
-    p.add_argument("--batches", nargs="*", default=None, help="batch sizes of every engine ('max' = largest that fits)")
+    p.add_argument("--batches", nargs="*", type=batch_size, default=None,
+                   help="batch sizes of every engine ('max' = largest that fits)")
     p.add_argument("--prompt-len", type=int, default=PROMPT, help="prompt tokens prefilled before decoding")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode positions each point has room for")
     p.add_argument("--device", default="cuda", help="cuda, or cpu (fp32, wall clock: checks the wiring only)")
@@ -513,8 +551,9 @@ def main(argv=None) -> int:
     unknown = [name for name in args.presets if name not in PRESETS]
     if unknown:
         p.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
-    if args.prompt_len < 1 or args.new_tokens < 32:
-        p.error("--prompt-len must be >= 1 and --new-tokens >= 32 (8 warm-up, 20 timed and 3 profiled steps)")
+    engine_presets = [(name, preset) for name, preset in (("based", "1.3b"), ("transformer", "transformer-1.3b"))
+                      if name not in args.skip] + [(preset, preset) for preset in args.presets]
+    check_settings(p, args, [preset for _, preset in engine_presets])
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("based bench generate needs a CUDA device (or --device cpu, to check the wiring)", file=sys.stderr)
         return 2
@@ -522,12 +561,16 @@ def main(argv=None) -> int:
         device = torch_device(args.device)
     except ValueError as e:
         p.error(str(e))
+    from ..commands import out_file_problem
     from .ops import _git_rev
 
     clock = Clock(args.time_limit)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
     out = args.out or Path("benchmarks/results") / f"generation-{gpu.split()[-1].lower()}-{date}.json"
+    problem = out_file_problem(out)  # (IsADirectoryError after the smoke test, NotADirectoryError at once)
+    if problem:
+        p.error(problem)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "date": date, "gpu": gpu, "git_revision": args.git_rev or _git_rev(), "torch": torch.__version__,
@@ -552,8 +595,6 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result, indent=1) + "\n")
 
     smoke_presets = list(dict.fromkeys(["debug", "transformer-debug", *map(debug_preset, args.presets)]))
-    engine_presets = [(name, preset) for name, preset in (("based", "1.3b"), ("transformer", "transformer-1.3b"))
-                      if name not in args.skip] + [(preset, preset) for preset in args.presets]
 
     def run_engine(preset: str, engines_left: int) -> dict:
         # With --presets the engines compete for the time: each gets an equal part of what is left when
@@ -579,6 +620,10 @@ def main(argv=None) -> int:
     save()
     print(table(result))
     print(f"\nwrote {out}")
+    failed = [name for name, _ in sections if "error" in result.get(name, {})]
+    if failed:  # recorded in the JSON, the other sections measured; but the benchmark did not do its job
+        print(f"based bench generate: {', '.join(failed)} failed (the error is in {out})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -51,3 +51,21 @@ def out_folder_problem(out: str | Path, flag: str = "--out") -> str | None:
         return None
     where = "is an existing file" if existing == path else f"is under {existing}, a file"
     return f"{flag} {out} {where}, not a folder: choose another {flag}"
+
+
+def number_problem(flag: str, value: float, low: float, inclusive: bool = True) -> str | None:
+    """Why `value` cannot be `flag`'s (under `low`, or at it when not inclusive; NaN; infinite), else None: the
+    one line a command refuses it with, before the work starts. (What passes is tested, `low <= value`, not what
+    fails: NaN fails every comparison, so `value < low` let it through.)"""
+    if ((low <= value) if inclusive else (low < value)) and value < float("inf"):
+        return None
+    bound = f"{'>=' if inclusive else '>'} {low}" + (" and finite" if isinstance(value, float) else "")
+    return f"{flag} must be {bound}, got {value}"
+
+
+def out_file_problem(out: str | Path, flag: str = "--out") -> str | None:
+    """Why `flag` cannot name a JSON file to write (empty, an existing folder, or a path under a file), else None:
+    checked before the work starts, not when the results are written (IsADirectoryError, NotADirectoryError)."""
+    if str(out) == "" or Path(out).is_dir() or out_folder_problem(Path(out).parent, flag):
+        return f"{flag} {out} must be a JSON file's path (not a folder, nor under a file)"
+    return None

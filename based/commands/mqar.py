@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         shard = None if args.shard is None else parse_shard(args.shard)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    problem = out_folder_problem(args.out)
+    problem = out_folder_problem(args.out) or _out_entries_problem(args.out, args.plot_only or args.table,
+                                                                   args.table and not args.plot_only)
     if problem:
         raise SystemExit(problem)
     if args.plot_only or args.table:
@@ -122,6 +123,27 @@ def run(args: argparse.Namespace) -> int:
               f"{Path(args.out) / 'failures'}/<run_id>.txt", file=sys.stderr)
         return 1
     return 0
+
+
+def _out_entries_problem(out: str, trains_nothing: bool, table_only: bool) -> str | None:
+    """Why what the command reads and writes in OUT cannot be (a folder where results.jsonl or pareto.png goes, a
+    file where claims/, partial/ or failures/ go), else None: IsADirectoryError and friends, after the training."""
+    from pathlib import Path
+
+    from . import out_folder_problem
+
+    files = ["results.jsonl"] + ([] if table_only else ["pareto.png"])
+    for name in files:
+        path = Path(out) / name
+        if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            return f"--out {out}: {path} is {what}, not the sweep's {name}: move it away or choose another --out"
+    for name in [] if trains_nothing else ["claims", "partial", "failures"]:
+        path = Path(out) / name
+        if out_folder_problem(path):
+            return (f"--out {out}: {path} is a file, not the sweep's {name}/ folder: move it away or choose "
+                    "another --out")
+    return None
 
 
 def _check_device(device: str) -> None:

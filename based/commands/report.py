@@ -39,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds {args.preset}'s max_position_embeddings={limit} "
                          f"(full attention or Hyena): lower --seq-len to at most {limit}")
     # Built-in data: this package's own docstrings as bytes, folded into the vocabulary.
-    text = " ".join(m.__doc__ or "" for m in (based, based.ops, based.layers, based.models)) * 64
-    ids = torch.tensor([list(text.encode())[: args.seq_len]]) % config.vocab_size
+    text = (" ".join(m.__doc__ or "" for m in (based, based.ops, based.layers, based.models)) * 64).encode()
+    if args.seq_len > len(text):  # (it ran the whole text and reported that many tokens, exit 0)
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the built-in text's {len(text)} tokens: lower --seq-len "
+                         f"to at most {len(text)}")
+    ids = torch.tensor([list(text)[: args.seq_len]]) % config.vocab_size
     with torch.no_grad():
         start = time.perf_counter()
         out = model(ids, labels=ids)

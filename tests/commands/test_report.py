@@ -38,3 +38,10 @@ def test_report_refuses_a_seed_torch_cannot_take():
     # Before: ValueError traceback "Overflow when unpacking long long".
     with pytest.raises(SystemExit, match=r"^--seed must fit in 64 bits"):
         main(["report", "--seed", str(2**70)])
+
+
+def test_report_refuses_a_seq_len_past_the_built_in_text():
+    # Before: --seq-len 100000000 ran the whole text (69,952 tokens) and reported that many, exit 0.
+    with pytest.raises(SystemExit, match=r"^--seq-len 100000000 exceeds the built-in text's (\d+) tokens: lower "
+                                         r"--seq-len to at most \1$"):
+        main(["report", "--seq-len", "100000000"])

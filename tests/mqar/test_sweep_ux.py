@@ -79,6 +79,59 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path, sub, message, mo
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+@pytest.fixture(scope="module")
+def one_row(tmp_path_factory):
+    """results.jsonl of one finished tiny run: something for --plot-only and --table to read."""
+    out = tmp_path_factory.mktemp("one_row")
+    run_sweep(tiny_sweep()[:1], out, progress=False)
+    return (out / "results.jsonl").read_text()
+
+
+@pytest.mark.parametrize("entry, kind, message", [
+    ("results.jsonl", "dir", "results.jsonl is a folder, not the sweep's results.jsonl"),
+    ("pareto.png", "dir", "pareto.png is a folder, not the sweep's pareto.png"),
+    ("claims", "file", "claims is a file, not the sweep's claims/ folder"),
+])
+@pytest.mark.parametrize("mode", [[], ["--plot-only"], ["--table"]])
+def test_an_entry_of_out_that_cannot_be_written_is_refused_in_one_line(tmp_path, entry, kind, message, mode, one_row,
+                                                                        monkeypatch, tiny_cli):
+    # Before: IsADirectoryError's traceback (for pareto.png after the whole sweep had trained), FileExistsError's.
+    def train(*args):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(sweeps, "train_mqar", train)
+    (tmp_path / "results.jsonl").write_text(one_row)
+    path = tmp_path / entry
+    if kind == "dir":
+        path.unlink(missing_ok=True)
+        path.mkdir()
+    else:
+        path.write_text("keep me")
+    argv = ["mqar", "--quick", "--jobs", "1", "--out", str(tmp_path), *mode]
+    # --table reads results.jsonl only; --plot-only and --table train nothing, so claims/ is not theirs.
+    if (mode == ["--table"] and entry == "pareto.png") or (mode and entry == "claims"):
+        assert main(argv) == 0
+        return
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path}: {tmp_path}/{message}: move it away or choose another "
+                                         "--out$"):
+        main(argv)
+
+
+def test_lines_that_are_not_results_rows_are_skipped_not_a_traceback(tmp_path, capsys):
+    # Before: bytes that are not UTF-8 were a UnicodeDecodeError, a row of another tool a KeyError (--table and
+    # --plot-only); now each is a broken line.
+    path = tmp_path / "results.jsonl"
+    run_sweep(tiny_sweep()[:1], tmp_path, progress=False)
+    good = path.read_bytes()
+    path.write_bytes(b"\xee\xff garbage\n" + json.dumps({"run_id": "x"}).encode() + b"\n" + good)
+    capsys.readouterr()
+    assert len(read_results(path)) == 1
+    err = capsys.readouterr().err
+    assert f"{path} line 1 is broken ('utf-8' codec" in err
+    assert f"{path} line 2 is broken (not a results row (no mixer, model," in err
+    assert main(["mqar", "--quick", "--out", str(tmp_path), "--table", "--plot-only"]) == 0
+
+
 def test_a_broken_line_is_reported_skipped_and_its_run_redone(tmp_path, capsys):
     runs = tiny_sweep()[:3]
     run_sweep(runs, tmp_path, progress=False)
