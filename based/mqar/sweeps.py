@@ -118,6 +118,11 @@ def quick_runs(scale: float = 1.0, epochs: int = 4) -> list[MQARRun]:
 SWEEPS = {"quick": quick_runs, "figure2": figure2_runs, "figure2-short": figure2_short_runs}
 
 
+# What the table, the plot and the resume read of a row: one without them (edited, another tool's) is a broken
+# line, not a KeyError traceback of --table or --plot-only.
+ROW_KEYS = ("run_id", "mixer", "model", "d_model", "lr", "hparams", "state_size", "accuracy", "run")
+
+
 def read_results(path: str | Path, quiet: bool = False) -> list[dict]:
     """The rows of a results.jsonl. A broken line (a write cut off by a kill, a bad merge) is reported on
     stderr with its line number and skipped, so a resumed sweep trains its run again. A run's second row (two
@@ -127,13 +132,16 @@ def read_results(path: str | Path, quiet: bool = False) -> list[dict]:
     if not path.exists():
         return []
     rows, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    # Bytes, decoded line by line: a line that is not UTF-8 is one more broken line (read_text's
+    # UnicodeDecodeError was a traceback of --table and --plot-only).
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "run_id" not in row:
-                raise ValueError("not a results row (no run_id)")
+            row = json.loads(line.decode())
+            missing = [key for key in ROW_KEYS if key not in row] if isinstance(row, dict) else ["run_id"]
+            if missing:
+                raise ValueError(f"not a results row (no {', '.join(missing)})")
         except ValueError as error:
             if not quiet:
                 print(f"warning: {path} line {number} is broken ({error}): skipped, its run will be trained "
@@ -273,9 +281,21 @@ def _init_stream_thread(device: str) -> None:
     and graph replays queue beside the other threads' instead of behind them."""
     import torch
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-        torch.cuda.set_stream(torch.cuda.Stream(torch.device(device)))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.cuda.set_stream(torch.cuda.Stream(dev))
+
+
+def _with_index(device: str) -> str:
+    """"cuda" as "cuda:N", N the caller's current device: set_device refuses a device without an index, and a new
+    thread's current device is 0 whatever the caller's was."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, start: Callable,
@@ -287,6 +307,7 @@ def train_on_streams(groups: list[list[MQARRun]], streams: int, device: str, sta
     one trains (four such runs stacked hold 15-38 GB on an H100: two would not fit) and the thread takes the
     next narrow group instead. No group starts past `deadline` (time.monotonic())."""
     cond = threading.Condition()
+    device = _with_index(device)
     todo, done = list(groups), []
     state = {"wide": False, "alive": streams, "error": None}
 
