@@ -623,20 +623,26 @@ def summarize(result: dict) -> dict:
     return out
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> bool:
+    """Throughput against p99 inter-token latency, one line per model; False (nothing drawn) where no run streamed,
+    as with --engine-only."""
+    series = {}
+    for key, r in result.items():
+        if isinstance(r, dict) and "runs" in r:
+            pts = sorted(((x["itl_ms_p99"], x["output_tokens_per_s"]) for x in r["runs"]
+                          if x["stream"] and x["itl_ms_p99"] is not None), key=lambda pt: pt[1])
+            if pts:
+                series[f"{key} ({r['slots']} slots)"] = pts
+    if not series:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for key, r in result.items():
-        if not (isinstance(r, dict) and "runs" in r):
-            continue
-        pts = sorted(((x["itl_ms_p99"], x["output_tokens_per_s"]) for x in r["runs"]
-                      if x["stream"] and x["itl_ms_p99"] is not None), key=lambda pt: pt[1])
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=f"{key} ({r['slots']} slots)")
+    for label, pts in series.items():
+        ax.plot(*zip(*pts), marker="o", label=label)
     ax.axvline(100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("p99 inter-token latency (ms)")
     ax.set_ylabel("output tokens/s")
@@ -646,15 +652,15 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """One line naming the flag for a value that cannot mean anything (negative, zero, NaN, inf), and for an --out
     or --log-dir that cannot be written: before the servers start, not when their results are written. (--append
     onto an unreadable --out is refused where main reads it, also before any server.)"""
-    from ..commands import out_folder_problem
+    from ..commands import number_problem, out_file_problem, out_folder_problem
 
-    finite = float("inf")
     checks = [("--rates", v, 0, False) for v in args.rates or []]
     checks += [("--rate-fractions", v, 0, False) for v in args.rate_fractions or []]
     checks += [("--duration", args.duration, 0, False), ("--start-timeout", args.start_timeout, 0, False),
@@ -663,13 +669,10 @@ def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
                ("--time-limit", args.time_limit if args.time_limit is not None else 1, 0, True),
                ("--saturation-prompts", 1 if args.saturation_prompts is None else args.saturation_prompts, 1, True),
                ("--max-slots", 1 if args.max_slots is None else args.max_slots, 1, True)]  # (before --quick, which replaced a 0 by 4)
-    for flag, value, low, inclusive in checks:
-        if not ((low <= value) if inclusive else (low < value)) or not value < finite:
-            bound = f"{'>=' if inclusive else '>'} {low}" + (" and finite" if isinstance(value, float) else "")
-            p.error(f"{flag} must be {bound}, got {value}")
-    if args.out is not None and (args.out.is_dir() or out_folder_problem(args.out.parent)):
-        p.error(f"--out {args.out} must be a JSON file's path (not a folder, nor under a file)")
-    problem = args.log_dir and out_folder_problem(args.log_dir, "--log-dir")  # ("" as before: no logs)
+    problems = [number_problem(*check) for check in checks]
+    problems.append(args.out is not None and out_file_problem(args.out))
+    problems.append(args.log_dir and out_folder_problem(args.log_dir, "--log-dir"))  # ("" as before: no logs)
+    problem = next(filter(None, problems), None)
     if problem:
         p.error(problem)
 
@@ -821,9 +824,9 @@ def main(argv=None) -> int:
         save()
     result[f"elapsed_s_{'_'.join(args.presets)}"] = time.perf_counter() - started
     save()
-    plot(result, out.with_suffix(".png"))
+    drawn = plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=1))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if drawn else ""))
     if failed:  # recorded in the JSON, and the other presets measured; but the benchmark did not do its job
         print(f"based bench serve: {', '.join(failed)} failed (the error is in {out})", file=sys.stderr)
         return 1

@@ -13,6 +13,9 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 CPU_MAX_SLOTS = 64  # every slot up to the highest one in use steps: on a CPU a few dozen is plenty
+# A fixed-state model takes prompts of any length, but each one's prefill takes part of every pass until it is
+# done (a 300k-token prompt: seconds of passes that every stream shares): a cap by default.
+MAX_PROMPT_TOKENS = 32768
 
 
 def register(sub) -> None:
@@ -42,6 +45,10 @@ def register(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + max_tokens a full-attention model's KV cache holds per slot (default its "
                         "max_position_embeddings; less gives more slots)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help=f"longer prompts get a 400 before they reach the engine (default {MAX_PROMPT_TOKENS} for "
+                        "models without a positional limit; a full-attention model's prompt is bounded by "
+                        "--max-seq-len, and by this too when given)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="initialises a preset's random weights")
@@ -119,6 +126,8 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--prefill-wait-ms must be >= 0 and finite, got {args.prefill_wait_ms}")
     if args.max_slots is not None and args.max_slots < 1:
         raise ValueError(f"--max-slots must be >= 1, got {args.max_slots}")
+    if getattr(args, "max_prompt_tokens", None) is not None and args.max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     if not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     # Before the model loads: a taken port fails in a second, not after it. The API workers get the socket.
@@ -172,13 +181,20 @@ def build(args: argparse.Namespace):
 def front(scheduler, args: argparse.Namespace, name: str, limit: int | None, sock=None):
     """The HTTP side around a Scheduler, ready to run(): with --api-workers N the Engine and its N worker
     processes on `sock` (bound by the caller), else uvicorn and the app in this process."""
+    cap = prompt_cap(args, limit)
     if args.api_workers:
         from based.serve.workers import Engine
 
-        return Engine(scheduler, sock, args, name, limit, backlog(args, scheduler))
+        return Engine(scheduler, sock, args, name, limit, backlog(args, scheduler), cap)
     from based.serve.app import create_app
 
-    return Server(create_app(scheduler, name, limit), scheduler, args)
+    return Server(create_app(scheduler, name, limit, cap), scheduler, args)
+
+
+def prompt_cap(args: argparse.Namespace, limit: int | None) -> int | None:
+    """--max-prompt-tokens, or its default: MAX_PROMPT_TOKENS where no positional limit bounds a prompt."""
+    cap = getattr(args, "max_prompt_tokens", None)
+    return cap if cap is not None else (None if limit else MAX_PROMPT_TOKENS)
 
 
 def default_api_workers(device_type: str) -> int:

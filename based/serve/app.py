@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ChatRequest, CompletionRequest, error_body, field_of
 from .scheduler import Output, QueueFull, Scheduler, Sequence, ShuttingDown
@@ -54,9 +56,11 @@ class Mailbox:
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None):
+    """A request the client must change: a 400, or `status` (404 for an unknown model) with OpenAI's `code`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
 async def settled(value):
@@ -65,14 +69,16 @@ async def settled(value):
     return await value if inspect.isawaitable(value) else value
 
 
-def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None = None) -> FastAPI:
+def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None = None,
+               max_prompt_tokens: int | None = None) -> FastAPI:
     """The server's app.
 
     Args:
         scheduler: the engine loop (started with the app, stopped with it), or in an API worker process the
             RemoteScheduler that talks to it (workers.py).
-        model_name: the id /v1/models lists.
+        model_name: the id /v1/models lists, and the only `model` a request may name (or leave out).
         max_positions: a full-attention model's limit on prompt + max_tokens (None: no limit).
+        max_prompt_tokens: the most tokens a prompt may have (`based serve --max-prompt-tokens`; None: no cap).
     """
     tokenizer = scheduler.tokenizer
     template = tokenizer.chat_template or default_chat_template()
@@ -96,11 +102,19 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
+        # 400, not FastAPI's 422: OpenAI and vLLM answer a malformed request so.
         err = exc.errors()[0]
         param = field_of(tuple(err.get("loc", ())))
         msg = err.get("msg", "invalid request")
         if err.get("type") == "json_invalid":
-            return JSONResponse(error_body(f"the body is not valid JSON: {msg}", None), status_code=400)
+            where = err.get("loc", ())[-1]
+            detail = (err.get("ctx") or {}).get("error", msg)
+            return JSONResponse(error_body(f"the body is not valid JSON: {detail} (at character {where}); send "
+                                           f"one JSON object", None), status_code=400)
+        if param == "body" and err.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            msg = ("the body is empty: send a JSON object" if err.get("type") == "missing" else
+                   "the body must be a JSON object, sent with content-type: application/json")
+            return JSONResponse(error_body(msg, None), status_code=400)
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
             head = msg.split(":", 1)[0]
@@ -114,9 +128,30 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
             msg = f"{param}: {msg}"
         return JSONResponse(error_body(msg, param), status_code=400)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        # Starlette's own answers (unknown route, wrong method) in OpenAI's shape instead of {"detail": ...}.
+        where, status = f"{request.method} {request.url.path}", exc.status_code
+        if status == 404:
+            routes = ", ".join(f"{m} {r.path}" for r in app.routes if isinstance(r, APIRoute)
+                               for m in sorted(r.methods))
+            msg = f"Invalid URL ({where}): this server has {routes}"
+        elif status == 405:
+            allow = (exc.headers or {}).get("Allow", "another method")
+            msg = f"Method not allowed ({where}): {request.url.path} takes {allow}"
+        else:
+            msg = f"{exc.detail} ({where})"
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        return JSONResponse(error_body(msg, None, kind), status_code=status, headers=exc.headers)
+
     @app.exception_handler(BadRequest)
     async def bad(request, exc: BadRequest):
-        return JSONResponse(error_body(str(exc), exc.param), status_code=400)
+        return JSONResponse(error_body(str(exc), exc.param, code=exc.code), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def crashed(request, exc: Exception):
+        # A bug's 500 (Starlette logs the traceback after this answer) in the same shape as every other error.
+        return JSONResponse(error_body("internal error (see the server log)", None, "server_error"), status_code=500)
 
     @app.exception_handler(QueueFull)
     async def full(request, exc: QueueFull):
@@ -142,15 +177,29 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "based"}]}
 
+    def check_model(body) -> None:
+        # As vLLM: a request without a model (or an empty one) gets the served model.
+        if body.model and body.model != model_name:
+            raise BadRequest(f"The model `{body.model}` does not exist: this server serves `{model_name}` (as "
+                             f"GET /v1/models lists); send that name or leave model out", "model", 404,
+                             "model_not_found")
+
     def sequences(body, prompt: str, queue: Mailbox, base_index: int) -> list[Sequence]:
+        field = "messages" if hasattr(body, "messages") else "prompt"
         ids = tokenizer.encode(prompt)
         if not ids:
-            raise BadRequest("prompt: encodes to no tokens", "prompt")
+            raise BadRequest(f"{field}: encodes to no tokens", field)
+        # Here, before the engine: a fixed-state model takes any length, but a prompt's prefill holds a share
+        # of every engine pass until it is done (300k tokens: seconds of it).
+        if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+            raise BadRequest(
+                f"{field}: the prompt has {len(ids)} tokens, more than this server's limit of {max_prompt_tokens} "
+                f"prompt tokens: shorten it, or start the server with a larger --max-prompt-tokens", field)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:  # chat: as much as fits, else a bound of its own
             max_tokens = max(1, max_positions - len(ids)) if max_positions else 1024
         if max_positions is not None and len(ids) + max_tokens > max_positions:
-            param = "prompt" if len(ids) >= max_positions else "max_tokens"
+            param = field if len(ids) >= max_positions else "max_tokens"
             raise BadRequest(
                 f"{param}: the prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's "
                 f"{max_positions} positions (full attention)", param)
@@ -280,6 +329,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_model(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         queue, seqs = await submit(body, prompts)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -299,6 +349,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        check_model(body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
             prompt = render_chat(template, messages, tokenizer.eos_token, tokenizer.bos_token)

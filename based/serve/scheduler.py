@@ -5,6 +5,7 @@ Each pass of the loop
   2. prefills up to `prefill_chunk` prompt tokens: whole prompts that fit go in one batched `prefill` straight
      into their slots; a longer prompt is prefilled a piece a pass into a scratch state of its own (so the
      running slots keep decoding meanwhile) and copied into its slot when complete (`Decoder.admit`).
+     Whole prompts take the budget first, so a long prompt does not hold back the next ones (`_prefill`).
      With `prefill_wait` > 0 a pass prefills only when it is worth a forward of its own: the prompt tokens
      waiting reach `prefill_chunk`, or nothing decodes, or the oldest prompt holding a slot has waited
      `prefill_wait` seconds. An eager prefill costs its kernel launches whatever its size: a few large ones
@@ -22,9 +23,11 @@ vectorized operations, only finished sequences touch Python objects, and `emit` 
 """
 from __future__ import annotations
 
+import cProfile
 import gc
 import heapq
 import logging
+import os
 import threading
 import time
 import traceback
@@ -244,6 +247,12 @@ class Scheduler:
     def _run(self) -> None:
         if self.cuda and self.model.device.index is not None:  # this thread's events and copies: the model's device
             torch.cuda.set_device(self.model.device)
+        # BASED_ENGINE_PROFILE=PATH: cProfile of this thread (a profiler sees only the thread that enabled it),
+        # written to PATH when the loop ends; wall time per call, so a call that blocks on the device shows too.
+        profile_path = os.environ.get("BASED_ENGINE_PROFILE")
+        profiler = cProfile.Profile() if profile_path else None
+        if profiler is not None:
+            profiler.enable()
         cpu = time.thread_time()
         while True:
             try:
@@ -255,6 +264,9 @@ class Scheduler:
             now = time.thread_time()
             self.metrics.engine_cpu.inc(now - cpu)
             cpu = now
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
         self.alive = False
 
     @torch.no_grad()
@@ -335,19 +347,36 @@ class Scheduler:
     def _prefill(self) -> tuple[list[Sequence], list[torch.Tensor]]:
         """Up to prefill_chunk prompt tokens of the sequences holding a slot; returns those that completed
         their prompt and their first tokens (device tensors). A prefill that fails ends its own sequences
-        with an error; the others go on."""
+        with an error; the others go on.
+
+        The budget's order (vLLM's chunked prefill likewise serves short prompts first): a prompt taken in the
+        order of the slots would let one long prompt take every pass's budget until it is done, and every prompt
+        that came after it would wait that long for its first token. So whole prompts that fit go first (oldest
+        first, one batched prefill), then pieces of the others, the fewest tokens left first (a prompt nearly
+        done is one pass from its first token). The oldest prompt that needs pieces (the head) is owed a quarter
+        of the budget every pass, so a stream of short prompts cannot hold it back for ever; each of the others
+        becomes the head in its turn."""
         budget, whole, done, firsts, failed = self.prefill_chunk, [], [], [], []
         state = self.decoder.state
-        for seq in list(self.prefilling):
+        head = next((s for s in self.prefilling if s.prefilled or len(s.prompt) > budget), None)
+        reserve = min(len(head.prompt) - head.prefilled, max(1, budget // 4)) if head else 0
+        budget -= reserve
+        for seq in self.prefilling:  # the head is never whole: started, or longer than the budget
             if budget <= 0:
                 break
-            left = len(seq.prompt) - seq.prefilled
-            if seq.prefilled == 0 and left <= budget:
+            if seq.prefilled == 0 and len(seq.prompt) <= budget:
                 whole.append(seq)
-                budget -= left
-                continue
-            n = min(left, budget)
-            budget -= n
+                budget -= len(seq.prompt)
+        pieces, taken = [], {*whole, head}
+        others = [s for s in self.prefilling if s not in taken] if budget > 0 else []
+        for seq in sorted(others, key=lambda s: len(s.prompt) - s.prefilled):
+            if budget <= 0:
+                break
+            pieces.append((seq, min(len(seq.prompt) - seq.prefilled, budget)))
+            budget -= pieces[-1][1]
+        if head is not None:  # its share, and what the others left
+            pieces.append((head, min(len(head.prompt) - head.prefilled, budget + reserve)))
+        for seq, n in pieces:
             try:
                 if seq.scratch is None:
                     seq.scratch = self.model.allocate_inference_cache(1, state.dtype, state.device, state.max_seq_len)

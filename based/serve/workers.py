@@ -105,12 +105,14 @@ class Engine:
     accepting (workers close their listeners), lets running requests finish for --grace seconds, ends the
     rest with an error, waits for the workers and exits 0."""
 
-    def __init__(self, scheduler, sock, args, model_name: str, max_positions: int | None, backlog: int):
+    def __init__(self, scheduler, sock, args, model_name: str, max_positions: int | None, backlog: int,
+                 max_prompt_tokens: int | None = None):
         self.scheduler, self.sock, self.args = scheduler, sock, args
         self.grace = args.grace
         self.config = {"checkpoint": getattr(args, "checkpoint", None), "model_name": model_name,
-                       "max_positions": max_positions, "max_slots": scheduler.max_slots, "log_level": args.log_level,
-                       "backlog": backlog, "grace": args.grace, "stream_interval": scheduler.stream_interval}
+                       "max_positions": max_positions, "max_prompt_tokens": max_prompt_tokens,
+                       "max_slots": scheduler.max_slots, "log_level": args.log_level, "backlog": backlog,
+                       "grace": args.grace, "stream_interval": scheduler.stream_interval}
         self.workers: list[_Worker] = []
         self.stopping = threading.Event()
         self.signals = 0
@@ -475,7 +477,7 @@ def worker_main(index: int, conn, sock, config: dict) -> None:
 
     raise_open_files_limit()
     remote = RemoteScheduler(conn, load_tokenizer(config["checkpoint"]), config["max_slots"], config["stream_interval"])
-    app = create_app(remote, config["model_name"], config["max_positions"])
+    app = create_app(remote, config["model_name"], config["max_positions"], config["max_prompt_tokens"])
     uv = uvicorn.Config(app, log_level=config["log_level"], backlog=config["backlog"],
                         timeout_graceful_shutdown=int(config["grace"]) + 10)
 

@@ -96,6 +96,7 @@ def test_checkpoint_tokenizer_and_its_chat_template(tmp_path):
     (["--preset", "debug", "--grace", "-1"], "--grace must be >= 0 and finite"),
     (["--preset", "debug", "--device", "nope"], "--device 'nope' is not a torch device"),
     (["--preset", "debug", "--device", "meta"], "--device meta: meta devices are not supported"),
+    (["--preset", "debug", "--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     import socket
@@ -125,6 +126,63 @@ def test_max_seq_len_sizes_the_kv_cache_and_the_limit():
         r = client.post("/v1/completions", json={"prompt": "x" * 90, "max_tokens": 20})
         assert r.status_code == 400 and "100 positions" in r.json()["error"]["message"]
         assert client.post("/v1/completions", json={"prompt": "x" * 90, "max_tokens": 10}).status_code == 200
+
+
+def test_max_prompt_tokens_refuses_long_prompts_before_the_engine(monkeypatch):
+    model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
+    scheduler = Scheduler(model, ByteTokenizer(), max_slots=2, max_waiting=4, prefill_chunk=64)
+    submitted = []
+    real = scheduler.submit
+    monkeypatch.setattr(scheduler, "submit", lambda seqs: submitted.append(seqs) or real(seqs))
+    with TestClient(create_app(scheduler, "m", None, 50)) as client:
+        for prompt in ("x" * 51, ["ok", "y" * 300]):
+            r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "prompt", r.text
+            assert f"{len(prompt) if isinstance(prompt, str) else 300} tokens" in error["message"]
+            assert "limit of 50" in error["message"] and "--max-prompt-tokens" in error["message"]
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "z" * 60}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert submitted == []  # none reached the engine
+        r = client.post("/v1/completions", json={"prompt": "x" * 50, "max_tokens": 1})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 50 and len(submitted) == 1
+
+
+@pytest.mark.parametrize("flags,cap", [([], 32768), (["--max-prompt-tokens", "8"], 8)])
+def test_max_prompt_tokens_flag_and_its_default_for_a_state_model(flags, cap):
+    from based.cli import build_parser
+    from based.commands.serve import build
+
+    args = build_parser().parse_args(["serve", "--preset", "debug", "--max-slots", "2", "--device", "cpu",
+                                      "--port", "0", *flags])
+    with TestClient(build(args).server.config.app) as client:
+        r = client.post("/v1/completions", json={"prompt": "x" * (cap + 1), "max_tokens": 1})
+        assert r.status_code == 400 and f"{cap + 1} tokens" in r.json()["error"]["message"], r.text
+        assert f"limit of {cap} " in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "x" * 8, "max_tokens": 1}).status_code == 200
+
+
+def test_max_prompt_tokens_default_leaves_full_attention_to_its_positions():
+    from based.cli import build_parser
+    from based.commands.serve import MAX_PROMPT_TOKENS, prompt_cap
+
+    parse = build_parser().parse_args
+    assert prompt_cap(parse(["serve", "--preset", "transformer-debug"]), 512) is None
+    assert prompt_cap(parse(["serve", "--preset", "debug"]), None) == MAX_PROMPT_TOKENS
+    assert prompt_cap(parse(["serve", "--preset", "transformer-debug", "--max-prompt-tokens", "100"]), 512) == 100
+
+
+def test_an_unexpected_error_is_a_500_in_the_openai_shape():
+    class Crashing(ByteTokenizer):
+        def encode(self, text):
+            raise RuntimeError("a bug")
+
+    model = BasedForCausalLM(BasedConfig.from_preset("debug")).eval()
+    scheduler = Scheduler(model, Crashing(), max_slots=2, max_waiting=4, prefill_chunk=64)
+    with TestClient(create_app(scheduler, "m"), raise_server_exceptions=False) as client:
+        r = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        assert r.status_code == 500 and r.json() == {"error": {"message": "internal error (see the server log)",
+                                                               "type": "server_error", "param": None, "code": None}}
 
 
 def test_a_failing_prefill_ends_only_its_own_request(monkeypatch):

@@ -89,7 +89,7 @@ def test_summary_reads_the_targets(tmp_path):
     assert s["based_best_tokens_per_s_at_p99_itl_le_100ms"] == 600
     assert s["based_over_transformer_at_p99_itl_le_100ms"] == 6.0
     assert s["based_rate_near_half_saturation"] == 5.0
-    plot(result, tmp_path / "p.png")
+    assert plot(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
@@ -161,6 +161,8 @@ def test_engine_only_times_the_engine_without_servers(tmp_path, monkeypatch, cap
     assert debug["offline_workload"]["requests"] == 8 and debug["offline_workload"]["output_tokens"] > 0
     assert result["config"]["environment"]["BASED_BLOCKING_COPIES"] == "1"
     assert 0 < result["summary"]["debug_bound_over_offline"] < 1
+    assert not out.with_suffix(".png").exists()  # nothing streamed: no empty plot
+    assert f"wrote {out}\n" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--presets", "debug", "--engine-only"])  # no --max-slots: nothing to ask
     assert "--engine-only needs --max-slots" in capsys.readouterr().err

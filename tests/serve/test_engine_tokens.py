@@ -185,3 +185,15 @@ def test_prefill_waits_only_while_others_decode(model):
     # As many prompt tokens as a chunk waiting: one large prefill is worth it now.
     assert _first_token_after(model, wait, 8, busy=True, prompt_len=8) < wait / 2
     assert _first_token_after(model, 0.0, 2048, busy=True) < wait / 2  # 0: every pass prefills
+
+
+def test_engine_profile_is_written_when_the_loop_ends(model, tmp_path, monkeypatch):
+    # BASED_ENGINE_PROFILE: the engine thread's cProfile, for where a GPU serving loop's passes spend their time.
+    import pstats
+
+    path = tmp_path / "engine.prof"
+    monkeypatch.setenv("BASED_ENGINE_PROFILE", str(path))
+    ends, _, _ = serve_emitted(model, ByteTokenizer(), [{"prompt": list(b"Hello"), "max_tokens": 4}])
+    assert ends[0].finish_reason == "length"
+    functions = {name for _, _, name in pstats.Stats(str(path)).stats}
+    assert {"_pass", "_emit_pending", "_prefill"} <= functions

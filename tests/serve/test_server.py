@@ -177,6 +177,57 @@ def test_malformed_chat_and_body(server):
     assert requests.get(server.url + "/v1/nothing").status_code == 404
 
 
+def _openai_error(r, status: int) -> dict:
+    """The error of a response that must be OpenAI's shape, exactly: {"error": {message, type, param, code}}."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def test_framework_errors_use_the_openai_error_shape(server, client):
+    """Before: Starlette's and FastAPI's own answers ({"detail": "Not Found"}) for unknown routes and methods."""
+    url = server.url
+    for method in ("get", "post"):
+        error = _openai_error(requests.request(method, url + "/v1/nothing", timeout=10), 404)
+        assert f"{method.upper()} /v1/nothing" in error["message"] and "POST /v1/completions" in error["message"]
+        assert error["type"] == "invalid_request_error"
+    r = requests.get(url + "/v1/completions", timeout=10)
+    error = _openai_error(r, 405)
+    assert r.headers["allow"] == "POST" and "takes POST" in error["message"]
+    assert "takes GET" in _openai_error(requests.delete(url + "/v1/models", timeout=10), 405)["message"]
+    json_headers = {"content-type": "application/json"}
+    error = _openai_error(requests.post(url + "/v1/completions", data=b'{"prompt": "a",}', headers=json_headers), 400)
+    assert "not valid JSON" in error["message"] and "character" in error["message"]
+    assert "empty" in _openai_error(requests.post(url + "/v1/completions", data=b"", headers=json_headers),
+                                    400)["message"]
+    for data, headers in ((b"[1, 2]", json_headers), (b'{"prompt": "a"}', {"content-type": "text/plain"})):
+        error = _openai_error(requests.post(url + "/v1/chat/completions", data=data, headers=headers), 400)
+        assert "JSON object" in error["message"]
+    error = _openai_error(requests.post(url + "/v1/completions", json={"prompt": "a", "n": "2"}), 400)
+    assert error["param"] == "n" and error["message"].startswith("n: ")
+    # The openai client reads type, param and code out of these bodies (None had they another shape).
+    with pytest.raises(openai.NotFoundError) as e:
+        client.get("/nothing", cast_to=object)
+    assert e.value.type == "invalid_request_error" and "Invalid URL (GET /v1/nothing)" in e.value.message
+
+
+def test_unknown_model_gets_404_model_not_found(server, client):
+    messages = [{"role": "user", "content": "Hi"}]
+    for stream in (False, True):
+        for create in (lambda **k: client.completions.create(prompt="a", max_tokens=2, **k),
+                       lambda **k: client.chat.completions.create(messages=messages, max_tokens=2, **k)):
+            with pytest.raises(openai.NotFoundError) as e:
+                create(model="gpt-4o", stream=stream)
+            assert (e.value.code, e.value.param, e.value.type) == ("model_not_found", "model", "invalid_request_error")
+            assert "The model `gpt-4o` does not exist" in e.value.message and "`tiny`" in e.value.message
+    # The id /v1/models lists is served, and so is a request with no model or an empty one (as vLLM does).
+    served = client.models.list().data[0].id
+    for extra in ({"model": served}, {}, {"model": ""}):
+        r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2, **extra}, timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+
+
 def test_metrics_parse(server):
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -109,6 +109,17 @@ def test_usage_is_exact_with_n_and_lengths(server, model):
     assert reason == "length" and usage["completion_tokens"] == 11 and usage["prompt_tokens"] == len(prompt)
 
 
+def test_model_name_prompt_cap_and_error_shape_reach_the_workers(server, client):
+    """The workers' apps get the served name and the default --max-prompt-tokens (32768, a state model)."""
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="other", prompt="a", max_tokens=2)
+    assert e.value.code == "model_not_found"
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "x" * 32769, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and "32769 tokens" in r.json()["error"]["message"], r.text
+    assert "32768" in r.json()["error"]["message"]
+    assert requests.get(server.url + "/v1/nothing", timeout=10).json()["error"]["type"] == "invalid_request_error"
+
+
 def test_disconnect_frees_the_slot(server):
     check_disconnect_frees_the_slot(server)
 
