@@ -216,6 +216,14 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         return out
 
     async def submit(body, prompts: list[str]):
+        # More sequences than the slots and the queue hold together can never be taken: a 400, not a 429 that a
+        # client retries forever.
+        most = scheduler.max_slots + getattr(scheduler, "max_waiting", float("inf"))
+        if len(prompts) * body.n > most:
+            param = "n" if body.n > 1 else ("messages" if hasattr(body, "messages") else "prompt")
+            raise BadRequest(f"{param}: {len(prompts)} prompt(s) x n {body.n} = {len(prompts) * body.n} sequences, "
+                             f"more than this server ever holds at once ({most}: its slots and --max-waiting); "
+                             f"send fewer prompts or a smaller n", param)
         queue = Mailbox()
         seqs = [s for i, p in enumerate(prompts) for s in sequences(body, p, queue, i * body.n)]
         await settled(scheduler.submit(seqs))

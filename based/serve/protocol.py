@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 64
 MAX_STOP = 4
@@ -64,7 +64,9 @@ class Sampling(BaseModel):
             raise ValueError(f"stop: at most {MAX_STOP} stop strings, got {len(self.stop)}")
         for name in ("logprobs", "frequency_penalty", "presence_penalty", "logit_bias"):
             value = getattr(self, name)
-            if value is not None and value != 0 and value != {}:
+            # A completion's logprobs: 0 asks for the chosen tokens' log probabilities: only false is neutral.
+            neutral = value is False if name == "logprobs" else value == 0 or value == {}
+            if value is not None and not neutral:
                 raise ValueError(f"{name}: not supported by this server (leave it out)")
         return self
 
@@ -79,6 +81,15 @@ class CompletionRequest(Sampling):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value):
+        # OpenAI also takes token ids (a list of ints, or a list of such lists): said so, not "a valid string".
+        if isinstance(value, list) and any(isinstance(p, (int, list)) for p in value):
+            raise ValueError("prompt: token ids are not supported by this server; send text (a string or a list "
+                             "of strings)")
+        return value
 
     @model_validator(mode="after")
     def _check_completion(self):
@@ -100,6 +111,23 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value):
+        """OpenAI's content parts, [{"type": "text", "text": ...}, ...]: their texts joined by newlines (as vLLM
+        does); other parts (images, audio) refused by name."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for i, part in enumerate(value):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                    and set(part) == {"type", "text"}):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"content: part {i} ({kind!r}) is not a text part; this server takes a string or "
+                                 f'text parts {{"type": "text", "text": ...}} only')
+            texts.append(part["text"])
+        return "\n".join(texts)
 
 
 class ChatRequest(Sampling):

@@ -111,7 +111,7 @@ class Engine:
         self.grace = args.grace
         self.config = {"checkpoint": getattr(args, "checkpoint", None), "model_name": model_name,
                        "max_positions": max_positions, "max_prompt_tokens": max_prompt_tokens,
-                       "max_slots": scheduler.max_slots, "log_level": args.log_level, "backlog": backlog,
+                       "max_slots": scheduler.max_slots, "max_waiting": scheduler.max_waiting, "log_level": args.log_level, "backlog": backlog,
                        "grace": args.grace, "stream_interval": scheduler.stream_interval}
         self.workers: list[_Worker] = []
         self.stopping = threading.Event()
@@ -477,6 +477,7 @@ def worker_main(index: int, conn, sock, config: dict) -> None:
 
     raise_open_files_limit()
     remote = RemoteScheduler(conn, load_tokenizer(config["checkpoint"]), config["max_slots"], config["stream_interval"])
+    remote.max_waiting = config["max_waiting"]  # (create_app refuses a request larger than slots + queue)
     app = create_app(remote, config["model_name"], config["max_positions"], config["max_prompt_tokens"])
     uv = uvicorn.Config(app, log_level=config["log_level"], backlog=config["backlog"],
                         timeout_graceful_shutdown=int(config["grace"]) + 10)

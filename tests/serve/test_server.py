@@ -141,6 +141,7 @@ BAD = [
     ({"prompt": "a", "stop": 3}, "stop"),
     ({"prompt": "a", "seed": "1"}, "seed"),
     ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": "a", "logprobs": 0}, "logprobs"),  # before: a 200 without the chosen tokens' logprobs it asks for
     ({"prompt": ""}, "prompt"),
     ({"prompt": 5}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
@@ -175,6 +176,40 @@ def test_malformed_chat_and_body(server):
     r = requests.post(server.url + "/v1/completions", data=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert requests.get(server.url + "/v1/nothing").status_code == 404
+
+
+def test_token_id_prompts_are_refused_as_such(server):
+    """OpenAI takes token ids as prompt; before, they got "prompt: Input should be a valid string"."""
+    for prompt in ([1, 2, 3], [[1, 2], [3]], ["a", 7]):
+        r = requests.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=10)
+        error = _openai_error(r, 400)
+        assert error["param"] == "prompt" and "token ids are not supported" in error["message"], error
+
+
+def test_chat_content_as_text_parts(client):
+    """OpenAI's content parts (many clients send them): text parts are their texts joined by newlines (as vLLM);
+    before, any list was a 400. Other parts are refused by name."""
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]
+    a, b = (client.chat.completions.create(model="tiny", messages=m, max_tokens=8, temperature=0) for m in (parts, plain))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    for content in ([{"type": "image_url", "image_url": {"url": "data:,"}}], ["Hi"], [{"type": "text"}]):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], max_tokens=2)
+        assert e.value.param == "messages.0.content" and "text part" in e.value.message
+
+
+def test_more_sequences_than_the_server_holds_gets_400_not_429(server):
+    """Before: prompts x n beyond the slots and the queue (8 + 48 here) got a 429 "retry later", forever."""
+    for body, param in (({"prompt": ["a", "b"], "n": 29}, "n"), ({"prompt": ["a"] * 57}, "prompt")):
+        r = requests.post(server.url + "/v1/completions", json={**body, "max_tokens": 1}, timeout=10)
+        error = _openai_error(r, 400)
+        count = len(body["prompt"]) * body.get("n", 1)
+        assert error["param"] == param and f"= {count} sequences" in error["message"], error
+    r = requests.post(server.url + "/v1/completions", json={"prompt": ["a"] * 8, "n": 6, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 48
 
 
 def _openai_error(r, status: int) -> dict:

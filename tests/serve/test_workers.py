@@ -126,6 +126,9 @@ def test_disconnect_frees_the_slot(server):
 
 def test_queue_full_gets_429(server):
     check_queue_full_gets_429(server, SLOTS + WAITING, WAITING)
+    # More sequences than slots and queue ever hold: a 400 (a worker knows --max-waiting), not a 429 forever.
+    r = requests.post(server.url + "/v1/completions", json={"prompt": "a", "n": SLOTS + WAITING + 1}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
 
 
 def test_metrics_count_the_workers_cpu(server):
