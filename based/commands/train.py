@@ -74,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
     from based.train.checkpoint import CheckpointError
 
     from based.cli import torch_device
+    from based.commands import number_problem, out_folder_problem
 
+    # Before the corpus is tokenized: '' would train into the working folder, a path under a file fails late.
+    problem = out_folder_problem(args.out)
+    if args.peak_flops is not None:  # NaN, <= 0 or inf: NaN, negative or zero MFUs in metrics.jsonl
+        problem = problem or number_problem("--peak-flops", args.peak_flops, 0, inclusive=False)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}
     try:
         if args.device is not None:  # None: cuda:LOCAL_RANK under torchrun (based.train.distributed.setup)

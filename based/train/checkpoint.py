@@ -36,6 +36,8 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TIED_HEAD = "lm_head.weight"
+# What save_checkpoint writes into trainer.pt and resuming reads (with train_config, read with .get).
+_TRAINER_KEYS = {"step", "samples_seen", "tokenizer", "optimizer", "scheduler", "rng"}
 
 
 class CheckpointError(RuntimeError):
@@ -186,6 +188,15 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
             f"checkpoint {path} is corrupt or incomplete ({type(e).__name__}: {e}); delete that folder to "
             f"resume from the previous checkpoint"
         ) from None
+    # A file that loads but holds something else (another program's trainer.pt, a hand-edited config.json)
+    # would fail later with a KeyError or AttributeError: refused here, with the same advice.
+    missing = sorted(_TRAINER_KEYS - set(trainer_state)) if isinstance(trainer_state, dict) else None
+    if not isinstance(config, dict) or missing != []:
+        what = (f"config.json holds a JSON {type(config).__name__}, not an object" if not isinstance(config, dict)
+                else f"{TRAINER_STATE} holds a {type(trainer_state).__name__}, not a trainer state" if missing is None
+                else f"{TRAINER_STATE} lacks {', '.join(missing)}")
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({what}); delete that folder to resume "
+                              f"from the previous checkpoint")
     return model_state, trainer_state, config
 
 
@@ -199,5 +210,9 @@ def load_into(model, optimizer, scheduler, model_state: dict, trainer_state: dic
         set_optimizer_state_dict(model, optimizer, trainer_state["optimizer"], options=opts)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"the checkpoint does not fit this model or optimizer: {e}") from None
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
+    try:
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        set_rng_state(trainer_state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"the checkpoint's scheduler or RNG state is corrupt ({type(e).__name__}: {e}); "
+                              f"delete that checkpoint folder to resume from the previous one") from None

@@ -78,6 +78,8 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
+        if str(self.out) == "":  # Path("") is ".": the run would land in the working folder
+            raise ValueError("out must name a folder (got an empty string)")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every",
                      "eval_tokens", "keep_checkpoints", "tokenizer_vocab"):
             value = getattr(self, name)
@@ -105,6 +107,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        # MFU = achieved / peak: a NaN, negative or infinite peak logs NaN (invalid JSON), negative or zero MFUs.
+        if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:
+            raise ValueError(f"peak_flops must be > 0 and finite (FLOP/s per device), got {self.peak_flops!r}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.max_steps:
             raise ValueError(f"stop_at must be in 1 .. max_steps={self.max_steps}, got {self.stop_at}")
         if self.preset is not None and self.config is not None:

@@ -396,7 +396,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
     start, cursor, changed = 0, 0, {}
     if ckpt is not None:
-        load_into(model, optimizer, scheduler, model_state, trainer_state, config)
+        try:
+            load_into(model, optimizer, scheduler, model_state, trainer_state, config)
+        except CheckpointError as e:  # load_into does not know the folder: name it
+            raise CheckpointError(f"{ckpt}: {e}") from None
         apply_optimizer_settings(optimizer, scheduler, cfg)
         start, cursor = trainer_state["step"], trainer_state["samples_seen"]
         changed = settings_changed(trainer_state.get("train_config", {}), cfg)
@@ -454,10 +457,11 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 bar.close()
                 if metrics:
                     metrics.close()
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                where = (f"the last good checkpoint is {last_ckpt} (resume from it with --resume and a lower --lr, "
+                         f"which applies from the resumed step on)" if last_ckpt else
+                         "no checkpoint was written yet (start again with a lower --lr)")
                 raise TrainError(f"loss is {loss_val} (grad norm {norm_val}) at step {step}: stopped before updating "
-                                 f"the weights; {where} (resume from it with --resume and a lower --lr, which "
-                                 f"applies from the resumed step on)")
+                                 f"the weights; {where}")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

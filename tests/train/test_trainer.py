@@ -160,6 +160,44 @@ def test_corrupt_checkpoint_is_reported(short_run, small_corpus, small_tokenizer
         read_checkpoint(list_checkpoints(out)[-1])
 
 
+def test_checkpoint_files_that_load_but_hold_something_else(short_run, small_corpus, small_tokenizer, tmp_path):
+    # Each failed with a KeyError / AttributeError traceback (or blamed the tokenizer) instead of a one-line error.
+    def saved_state(edit):
+        state = torch.load(short_run / "checkpoints" / "step-0000002" / "trainer.pt", weights_only=True)
+        edit(state)
+        return state
+
+    breaks = {
+        "trainer.pt holds a list, not a trainer state": lambda ckpt: torch.save([1, 2], ckpt / "trainer.pt"),
+        "trainer.pt lacks optimizer, rng, samples_seen": lambda ckpt: torch.save({}, ckpt / "trainer.pt"),
+        "trainer.pt lacks step": lambda ckpt: torch.save(saved_state(lambda s: s.pop("step")), ckpt / "trainer.pt"),
+        "config.json holds a JSON list, not an object": lambda ckpt: (ckpt / "config.json").write_text("[1]"),
+        ": the checkpoint's scheduler or RNG state is corrupt": lambda ckpt: torch.save(
+            saved_state(lambda s: s.update(scheduler=5)), ckpt / "trainer.pt"),
+    }
+    for i, (message, damage) in enumerate(breaks.items()):
+        out = tmp_path / f"run{i}"
+        shutil.copytree(short_run, out)
+        damage(list_checkpoints(out)[-1])
+        with pytest.raises(CheckpointError, match=r"step-0000002.*" + message.replace("(", r"\(") + ".*delete that"):
+            train(make_config(out, small_corpus, small_tokenizer, max_steps=4, resume=True))
+
+
+def test_out_and_peak_flops_refused_before_training(tmp_path, monkeypatch):
+    # --out '' trained into the working folder; --peak-flops nan / -1 / 0 / inf logged NaN or negative MFUs.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: --out must name a folder \(got an empty string\)$"):
+        main(["train", "--out", ""])
+    with pytest.raises(ValueError, match="out must name a folder"):
+        TrainConfig(out="").resolved()
+    for bad in ("nan", "-1", "0", "inf"):
+        with pytest.raises(SystemExit, match=r"^error: --peak-flops must be > 0 and finite, got "):
+            main(["train", "--out", str(tmp_path / "run"), "--peak-flops", bad])
+        with pytest.raises(ValueError, match="peak_flops must be > 0 and finite"):
+            TrainConfig(out="run", peak_flops=float(bad)).resolved()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_run_needs_resume(short_run, small_corpus, small_tokenizer):
     with pytest.raises(TrainError, match="already holds checkpoints .*pass --resume"):
         train(make_config(short_run, small_corpus, small_tokenizer, max_steps=2))
@@ -191,6 +229,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_corpus, small_t
     monkeypatch.setattr(trainer_mod, "_loss", real_loss)
     train(make_config(tmp_path, small_corpus, small_tokenizer, max_steps=10, save_every=2, resume=True))
     assert [r["step"] for r in train_rows(tmp_path)] == list(range(1, 11))
+
+
+def test_nan_loss_before_any_checkpoint_says_to_start_again(small_corpus, small_tokenizer, tmp_path, monkeypatch):
+    # The message told to "resume from it with --resume" when no checkpoint existed.
+    real_loss = trainer_mod._loss
+    monkeypatch.setattr(trainer_mod, "_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    with pytest.raises(TrainError, match=r"at step 1: .*; no checkpoint was written yet \(start again with a lower "
+                                         r"--lr\)$"):
+        train(make_config(tmp_path, small_corpus, small_tokenizer))
 
 
 def test_bad_data_and_tokenizer(small_corpus, small_tokenizer, tmp_path):
@@ -388,7 +435,7 @@ def test_out_that_is_a_file_and_allocation_failures(small_corpus, small_tokenize
     with pytest.raises(SystemExit, match=r"^error: --out .*file is an existing file, not a folder"):
         main(["train", "--out", str(tmp_path / "file"), "--data", str(small_corpus), "--tokenizer",
               str(small_tokenizer)])
-    with pytest.raises(SystemExit, match=r"^error: cannot create and lock the run folder --out .*file/run: "):
+    with pytest.raises(SystemExit, match=r"^error: --out .*file/run is under .*file, a file, not a folder"):
         main(["train", "--out", str(tmp_path / "file" / "run"), "--data", str(small_corpus)])
     def cuda_out_of_memory(*args, **kwargs):  # what CUDA raises (no GPU here)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
