@@ -435,6 +435,30 @@ def test_streams_run_groups_side_by_side(tmp_path, monkeypatch):
     assert len(spans) == 3 and n0 < w1 and v0 >= w1  # wide, the narrow one beside it, then the second wide
 
 
+def test_stream_threads_get_the_callers_cuda_device_with_its_index(monkeypatch):
+    # Its first GPU run failed: every thread called set_device("cuda"), which torch refuses without an index
+    # (and a new thread's current device is 0, not the caller's). torch.cuda stands in here as torch answers.
+    import torch
+
+    calls = []
+
+    def set_device(device):
+        if torch.device(device).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append(str(device))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: device)
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
+    from types import SimpleNamespace
+
+    groups = [[SimpleNamespace(d_model=64, name=name)] for name in "abc"]
+    done = list(sweeps.train_on_streams(groups, 2, "cuda", start=lambda group: group[0].name, deadline=None))
+    assert sorted(outcome for _, outcome in done) == ["a", "b", "c"]
+    assert calls == ["cuda:3", "cuda:3"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 def test_streams_on_cuda_capture_and_replay_graphs_side_by_side(tmp_path):
