@@ -162,6 +162,13 @@ def main(argv=None) -> int:
                    help="sequence lengths T of the prefill table (default: 1024 to 16384, doubling)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-step table")
     args = p.parse_args(argv)
+    from ..commands import out_file_problem
+
+    problem = args.out is not None and out_file_problem(args.out)  # (it failed after the timed runs)
+    if problem:
+        p.error(problem)
+    if args.lengths is not None and (not args.lengths or min(args.lengths) < 1):
+        p.error(f"--lengths must be sequence lengths >= 1, got {args.lengths}")
     if not torch.cuda.is_available():
         print("based bench ops needs a CUDA device", file=sys.stderr)
         return 2

@@ -135,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                                ("--seq-len", args.seq_len, 1), ("--batch-size", args.batch_size, 1)):
         if value < least:
             p.error(f"{flag} must be at least {least}, got {value}")
+    from ..commands import out_file_problem
+
+    problem = args.out is not None and out_file_problem(args.out)  # (it failed after the timed runs)
+    if problem:
+        p.error(problem)
     from based import BasedConfig
 
     for preset in (f"transformer-{args.size}", args.size, *args.presets):

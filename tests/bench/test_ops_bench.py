@@ -34,3 +34,14 @@ def test_needs_cuda(capsys):
 
     assert main(["bench", "ops"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--out", "DIR"], ["--lengths", "0"], ["--lengths"]])
+def test_bad_settings_are_refused_before_any_work(argv, tmp_path, capsys):
+    # Checked before the CUDA check: an --out it cannot write failed only after the timed runs.
+    from based.cli import main
+
+    argv = [str(tmp_path) if a == "DIR" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "ops", *argv])
+    assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err

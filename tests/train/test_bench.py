@@ -59,3 +59,17 @@ def test_bench_train_refuses_bad_counts_and_lengths(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "train", "--size", "debug", "--device", "cpu", "--seq-len", "600", "--steps", "1"])
     assert "--seq-len 600 exceeds transformer-debug's max_position_embeddings=512" in capsys.readouterr().err
+
+
+def test_bench_train_refuses_an_out_it_cannot_write_before_timing(tmp_path, capsys):
+    # It trained and timed both models first, then failed writing (NotADirectoryError, IsADirectoryError).
+    import pytest
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker / "bench.json", tmp_path):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "train", "--size", "debug", "--device", "cpu", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} must be a JSON file's path" in err and "Traceback" not in err
