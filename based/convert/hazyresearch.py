@@ -61,6 +61,11 @@ def _require(cfg: dict, name: str, ok, expected: str, default=None):
     return value
 
 
+def _is_int(value) -> bool:
+    """An int of their JSON, not a bool (True is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _section(cfg: dict, name: str, parent: str = "") -> dict:
     """A nested object of their config ({} when absent)."""
     value = cfg.get(name) or {}
@@ -71,7 +76,7 @@ def _section(cfg: dict, name: str, parent: str = "") -> dict:
 
 def _layers(cfg: dict, name: str) -> list[int]:
     value = cfg.get(name) or []
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+    if not isinstance(value, list) or not all(_is_int(i) for i in value):
         raise ConversionError(f"config field {name} must be a list of layer indices, got {value!r}")
     return value
 
@@ -91,7 +96,7 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
 
     d_model, n_layer, n_head = get("n_embd", "hidden_size"), get("n_layer", "num_hidden_layers"), get("n_head")
     for name, value in (("n_embd", d_model), ("n_layer", n_layer), ("n_head", n_head)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ConversionError(f"config field {name}={value!r} is not supported: expected a positive int")
     _require(cfg, "rms_norm", lambda v: v is True, "true (RMSNorm)")
     _require(cfg, "activation_function", lambda v: v == "swiglu", '"swiglu"')
@@ -115,7 +120,7 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
         if "BaseConv" not in str(conv.get("_target_", "BaseConv")):
             raise ConversionError(f"mixer._target_={conv.get('_target_')!r}: only BaseConv layers convert")
         expand = conv.get("expand_proj", 2)
-        if not isinstance(expand, int) or isinstance(expand, bool) or expand < 2 or expand % 2:
+        if not _is_int(expand) or expand < 2 or expand % 2:
             raise ConversionError(f"mixer.expand_proj={expand!r} is not supported: it must be an even int >= 2")
         kernel = conv.get("kernel_size") or conv.get("kernel_sizes") or 3
         fields.update(conv_expand=expand // 2, conv_kernel_size=kernel[0] if isinstance(kernel, list) else kernel)
@@ -143,7 +148,7 @@ def config_from_hazyresearch(cfg: dict) -> BasedConfig:
         _require(cfg, "scale_attn_weights", lambda v: v is True, "true", True)
         _require(cfg, "scale_attn_by_inverse_layer_idx", lambda v: not v, "false", False)
         window = swa.get("window_size", 128)
-        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        if not _is_int(window) or window < 0:
             raise ConversionError(f"alt_mixer_2.window_size={window!r} is not supported: it must be an int >= 0")
         fields.update(
             window_size=window // 2 + 1, swa_num_heads=n_head, rotary_base=cfg.get("rotary_emb_base", 10000.0)

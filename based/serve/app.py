@@ -177,6 +177,10 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "based"}]}
 
+    def prompt_field(body) -> str:
+        """The request field a prompt's error names: a chat's messages, a completion's prompt."""
+        return "messages" if isinstance(body, ChatRequest) else "prompt"
+
     def check_model(body) -> None:
         # As vLLM: a request without a model (or an empty one) gets the served model.
         if body.model and body.model != model_name:
@@ -185,7 +189,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
                              "model_not_found")
 
     def sequences(body, prompt: str, queue: Mailbox, base_index: int) -> list[Sequence]:
-        field = "messages" if hasattr(body, "messages") else "prompt"
+        field = prompt_field(body)
         ids = tokenizer.encode(prompt)
         if not ids:
             raise BadRequest(f"{field}: encodes to no tokens", field)
@@ -220,7 +224,7 @@ def create_app(scheduler: Scheduler, model_name: str, max_positions: int | None 
         # client retries forever.
         most = scheduler.max_slots + getattr(scheduler, "max_waiting", float("inf"))
         if len(prompts) * body.n > most:
-            param = "n" if body.n > 1 else ("messages" if hasattr(body, "messages") else "prompt")
+            param = "n" if body.n > 1 else prompt_field(body)
             raise BadRequest(f"{param}: {len(prompts)} prompt(s) x n {body.n} = {len(prompts) * body.n} sequences, "
                              f"more than this server ever holds at once ({most}: its slots and --max-waiting); "
                              f"send fewer prompts or a smaller n", param)

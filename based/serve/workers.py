@@ -111,8 +111,9 @@ class Engine:
         self.grace = args.grace
         self.config = {"checkpoint": getattr(args, "checkpoint", None), "model_name": model_name,
                        "max_positions": max_positions, "max_prompt_tokens": max_prompt_tokens,
-                       "max_slots": scheduler.max_slots, "max_waiting": scheduler.max_waiting, "log_level": args.log_level, "backlog": backlog,
-                       "grace": args.grace, "stream_interval": scheduler.stream_interval}
+                       "max_slots": scheduler.max_slots, "max_waiting": scheduler.max_waiting,
+                       "log_level": args.log_level, "backlog": backlog, "grace": args.grace,
+                       "stream_interval": scheduler.stream_interval}
         self.workers: list[_Worker] = []
         self.stopping = threading.Event()
         self.signals = 0
