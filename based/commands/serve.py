@@ -130,6 +130,9 @@ def build(args: argparse.Namespace):
         raise ValueError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
     if not 0 < args.memory_fraction <= 1:
         raise ValueError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
+    from based.serve.scheduler import engine_profile_path
+
+    engine_profile_path()  # before the model loads, as the flags (the engine checks it again when it starts)
     # Before the model loads: a taken port fails in a second, not after it. The API workers get the socket.
     sock = bind(args.host, args.port) if api_workers else check_address(args.host, args.port)
     if device.type == "cuda" and device.index is not None:

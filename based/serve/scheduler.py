@@ -105,6 +105,20 @@ class Sequence:
     tag: object = None  # the owner's mark: with --api-workers, which worker and which of its sequences (workers.py)
 
 
+def engine_profile_path() -> str | None:
+    """BASED_ENGINE_PROFILE=PATH: a cProfile of the engine thread (a profiler sees only the thread that enabled
+    it), written to PATH when the loop ends; wall time per call, so a call that blocks on the device shows too.
+    PATH is tried here, at start: one it cannot write was a traceback once the whole run was over."""
+    path = os.environ.get("BASED_ENGINE_PROFILE") or None
+    if path is not None:
+        try:
+            open(path, "ab").close()
+        except OSError as e:
+            raise ValueError(f"BASED_ENGINE_PROFILE={path} cannot be written ({e.strerror}): set it to a file path "
+                             f"in an existing folder") from None
+    return path
+
+
 class Scheduler:
     """Continuous batching over a Decoder with per-slot sampling.
 
@@ -173,6 +187,7 @@ class Scheduler:
         return self.decoder.batch_size
 
     def start(self) -> None:
+        self.profile_path = engine_profile_path()
         # What exists now (torch, the model, the imports: millions of objects) lives as long as the server:
         # frozen out of the cyclic GC, whose full collections would otherwise walk it all again and again
         # while the loop allocates per token (~0.25 s each, with the engine thread holding the GIL).
@@ -247,10 +262,7 @@ class Scheduler:
     def _run(self) -> None:
         if self.cuda and self.model.device.index is not None:  # this thread's events and copies: the model's device
             torch.cuda.set_device(self.model.device)
-        # BASED_ENGINE_PROFILE=PATH: cProfile of this thread (a profiler sees only the thread that enabled it),
-        # written to PATH when the loop ends; wall time per call, so a call that blocks on the device shows too.
-        profile_path = os.environ.get("BASED_ENGINE_PROFILE")
-        profiler = cProfile.Profile() if profile_path else None
+        profiler = cProfile.Profile() if self.profile_path else None  # (start)
         if profiler is not None:
             profiler.enable()
         cpu = time.thread_time()
@@ -266,7 +278,10 @@ class Scheduler:
             cpu = now
         if profiler is not None:
             profiler.disable()
-            profiler.dump_stats(profile_path)
+            try:
+                profiler.dump_stats(self.profile_path)
+            except OSError as e:  # (its folder went away meanwhile) the loop still ends as it should
+                log.error("BASED_ENGINE_PROFILE: the profile could not be written: %s", e)
         self.alive = False
 
     @torch.no_grad()

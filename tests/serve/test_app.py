@@ -294,3 +294,13 @@ def test_api_workers_default_by_device(monkeypatch):
     for cores, workers in ((16, 4), (64, 4), (8, 2), (2, 0)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         assert default_api_workers("cuda") == workers
+
+
+def test_an_engine_profile_path_that_cannot_be_written_is_refused_at_start(tmp_path, monkeypatch, capsys):
+    # BASED_ENGINE_PROFILE: a traceback in the engine thread once the whole run was over (the profile lost).
+    from based.cli import main
+
+    monkeypatch.setenv("BASED_ENGINE_PROFILE", str(tmp_path / "missing" / "engine.prof"))
+    assert main(["serve", "--preset", "debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "BASED_ENGINE_PROFILE=" in err[0] and "cannot be written" in err[0]

@@ -197,3 +197,11 @@ def test_engine_profile_is_written_when_the_loop_ends(model, tmp_path, monkeypat
     assert ends[0].finish_reason == "length"
     functions = {name for _, _, name in pstats.Stats(str(path)).stats}
     assert {"_pass", "_emit_pending", "_prefill"} <= functions
+
+
+def test_an_engine_profile_path_that_cannot_be_written_fails_the_start(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("BASED_ENGINE_PROFILE", str(tmp_path / "missing" / "engine.prof"))
+    scheduler = Scheduler(model, ByteTokenizer(), 2, 16, 64, max_seq_len=64)
+    with pytest.raises(ValueError, match="BASED_ENGINE_PROFILE=.* cannot be written"):
+        scheduler.start()
+    assert not scheduler.thread.is_alive()
