@@ -18,6 +18,9 @@ out=${1:?usage: bash benchmarks/serve_engine.sh OUT_DIR [VARIANT ...]}
 shift
 variants=("$@")
 [ ${#variants[@]} -eq 0 ] && variants=(base wait100 wait200)
+for v in "${variants[@]}"; do  # all checked before the first run, not when its turn comes
+    case $v in base|wait100|wait200|blocking) ;; *) echo "unknown variant $v (base, wait100, wait200, blocking)" >&2; exit 2 ;; esac
+done
 PRESET=${PRESET:-1.3b}
 SLOTS=${SLOTS:-2048}
 CHUNK=${CHUNK:-16384}
@@ -34,7 +37,6 @@ for v in "${variants[@]}"; do
         wait100) env=(); flags=(--prefill-wait-ms 100) ;;
         wait200) env=(); flags=(--prefill-wait-ms 200) ;;
         blocking) env=(BASED_BLOCKING_COPIES=1); flags=() ;;
-        *) echo "unknown variant $v (base, wait100, wait200, blocking)" >&2; exit 2 ;;
     esac
     name=$out/serve-engine-$v-$gpu-$day
     env "${env[@]}" BASED_ENGINE_PROFILE=$name.prof python -m based bench serve --device "$DEVICE" \
