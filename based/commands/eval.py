@@ -9,6 +9,9 @@ from . import out_folder_problem
 
 TASKS = ("perplexity", "swde", "fda", "squad_completion")
 MAX_LENGTH = 2048  # tokens per perplexity window unless a full-attention model has fewer positions
+# based serve's bound on max_tokens (MAX_TOKENS in based/serve/protocol.py, which needs pydantic): a state model has
+# no other, and 10**12 ran on without end when no answer reached its newline.
+MAX_NEW_TOKENS = 2**31 - 1
 
 
 def register(sub) -> None:
@@ -35,7 +38,8 @@ def register(sub) -> None:
     ppl.add_argument("--stride", type=int, help="tokens a window advances (default max-length / 2)")
     ppl.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     rec = p.add_argument_group("recall tasks")
-    rec.add_argument("--max-new-tokens", type=int, default=48, help="greedy tokens generated per answer")
+    rec.add_argument("--max-new-tokens", type=int, default=48,
+                     help="greedy tokens generated per answer, 1 .. 2**31 - 1 (based serve's bound on max_tokens)")
     rec.add_argument("--plot", action="store_true", help="also draw OUT/TASK_by_length.png (accuracy by length)")
     p.set_defaults(func=run)
 
@@ -57,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     _positive(batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, stride=args.stride,
               max_new_tokens=args.max_new_tokens)
+    if args.max_new_tokens > MAX_NEW_TOKENS:
+        raise SystemExit(f"based eval: --max-new-tokens must be at most {MAX_NEW_TOKENS} (2**31 - 1, as based serve's "
+                         f"max_tokens), got {args.max_new_tokens}: lower --max-new-tokens (answers take a few tokens)")
     if args.plot and args.task == "perplexity":
         raise SystemExit("based eval: --plot draws recall accuracy by length; it has no meaning for perplexity")
     problem = out_folder_problem(args.out)  # before the evaluation: its results were lost with a traceback

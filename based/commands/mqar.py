@@ -19,8 +19,9 @@ def register(sub) -> None:
                    "folder share its models out (each trains under a claim in OUT/claims/), none trained twice")
     p.add_argument("--device", default="cpu", help="cpu, cuda (every visible GPU when --jobs > 1) or cuda:N")
     p.add_argument("--jobs", type=int, default=None,
-                   help="runs trained in parallel, one process each (default: one per CPU core, at most 4, for "
-                   "--quick; 1 otherwise); with --device cuda and several GPUs each process keeps one GPU")
+                   help="runs trained in parallel, one process each, at most one per CPU core (default: one per "
+                   "CPU core, at most 4, for --quick; 1 otherwise); with --device cuda and several GPUs each "
+                   "process keeps one GPU")
     p.add_argument("--streams", type=int, default=1,
                    help="with --device cuda (one GPU, --jobs 1): train this many models at once, each on a CUDA "
                    "stream of its own in a thread, so that small models' kernels share the GPU side by side")
@@ -70,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if args.streams < 1 or (args.streams > 1 and args.jobs > 1):
         raise SystemExit(f"--streams must be >= 1, and > 1 only with --jobs 1 (got --streams {args.streams}, "
                          f"--jobs {args.jobs})")
+    cores = os.cpu_count() or 1
+    if args.jobs > cores:  # each job is a process with torch loaded and a core's threads: more only add memory
+        raise SystemExit(f"--jobs {args.jobs} is more than this machine's {cores} CPU cores (one process per job, "
+                         f"at least a core each): give --jobs {cores} or fewer")
     if args.streams > 1 and not args.device.startswith("cuda"):
         # On a CPU the threads only add up their models' memory (figure 2 at --scale 0.0005: 14 -> 22 GB at
         # --streams 2, no faster); --jobs runs models in parallel there.

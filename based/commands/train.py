@@ -40,7 +40,8 @@ def register(sub) -> None:
                    help="peak learning rate (default: 0.003 with a *debug preset, else 0.0008)")
     p.add_argument("--min-lr-ratio", type=float, help="cosine floor as a fraction of --lr (default: 0.1)")
     p.add_argument("--warmup", type=int,
-                   help="linear warm-up steps (default: 30 with a *debug preset, else 200)")
+                   help="linear warm-up steps, at most --max-steps; left unset, cut to --max-steps "
+                        "(default: 30 with a *debug preset, else 200)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.1)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient's global norm to this (default: 1.0)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default: 0)")
@@ -74,12 +75,11 @@ def run(args: argparse.Namespace) -> int:
     from based.train.checkpoint import CheckpointError
 
     from based.cli import torch_device
-    from based.commands import number_problem, out_folder_problem
+    from based.commands import out_folder_problem
 
     # Before the corpus is tokenized: '' would train into the working folder, a path under a file fails late.
+    # (Field values, --peak-flops and --warmup among them, are TrainConfig.check's: train() checks them first.)
     problem = out_folder_problem(args.out)
-    if args.peak_flops is not None:  # NaN, <= 0 or inf: NaN, negative or zero MFUs in metrics.jsonl
-        problem = problem or number_problem("--peak-flops", args.peak_flops, 0, inclusive=False)
     if problem:
         raise SystemExit(f"error: {problem}")
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names() and v is not None}

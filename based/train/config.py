@@ -42,7 +42,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float | None = None
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (reference: 8e-4 -> 8e-5)
-    warmup: int | None = None
+    warmup: int | None = None  # at most max_steps; None: the preset's, cut to max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -70,9 +70,13 @@ class TrainConfig:
             values["preset"] = "debug"
         small = values["config"] is None and is_small_preset(values["preset"])
         defaults = SMALL_DEFAULTS if small else LARGE_DEFAULTS
+        warmup_given = values["warmup"] is not None
         for name, value in defaults.items():
             if values[name] is None:
                 values[name] = value
+        # A default warm-up shortens to a shorter run (--max-steps 10 alone is no error); a given one is checked.
+        if not warmup_given and type(values["max_steps"]) is int:
+            values["warmup"] = min(values["warmup"], values["max_steps"])
         cfg = TrainConfig(**values)
         cfg.check()
         return cfg
@@ -90,6 +94,10 @@ class TrainConfig:
                              f"(the BPE trainer would abort trying to allocate for it): lower --tokenizer-vocab")
         if self.warmup is None or self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
+        if self.warmup > self.max_steps:  # the LR would never reach its peak; equal reaches it at the last step
+            raise ValueError(f"warmup={self.warmup} is longer than the run, max_steps={self.max_steps}: the "
+                             f"learning rate would never reach --lr; lower --warmup to at most --max-steps, or raise "
+                             f"--max-steps")
         if not (self.lr and 0 < self.lr < math.inf):
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
         # Each of these trains on silently with a value outside its range: a grad_clip <= 0 zeroes or reverses
@@ -108,8 +116,10 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         # MFU = achieved / peak: a NaN, negative or infinite peak logs NaN (invalid JSON), negative or zero MFUs.
+        # The one check of it: `based train` reports this message as it is.
         if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:
-            raise ValueError(f"peak_flops must be > 0 and finite (FLOP/s per device), got {self.peak_flops!r}")
+            raise ValueError(f"peak_flops must be > 0 and finite (FLOP/s per device), got {self.peak_flops!r}: "
+                             f"give a positive --peak-flops, or leave it out to look the GPU up")
         if self.stop_at is not None and not 0 < self.stop_at <= self.max_steps:
             raise ValueError(f"stop_at must be in 1 .. max_steps={self.max_steps}, got {self.stop_at}")
         if self.preset is not None and self.config is not None:

@@ -159,6 +159,20 @@ def test_cli_recall_errors(checkpoint, tmp_path):
         main(["eval", "--checkpoint", str(checkpoint), "--task", "perplexity", "--data", str(bad), "--plot"])
 
 
+def test_cli_max_new_tokens_has_serve_s_upper_bound(checkpoint, tmp_path):
+    # --max-new-tokens 10**12 was accepted and generated without end (no answer reached its newline).
+    data = write_jsonl(tmp_path / "swde.jsonl", [{"text": "The year is 1990. The year is", "value": "1990"}])
+    with pytest.raises(SystemExit, match=r"^based eval: --max-new-tokens must be at most 2147483647 \(2\*\*31 - 1, as "
+                                         r"based serve's max_tokens\), got 1000000000000: lower --max-new-tokens"):
+        main(["eval", "--checkpoint", str(checkpoint), "--task", "swde", "--data", str(data),
+              "--out", str(tmp_path / "o"), "--max-new-tokens", str(10**12)])
+    assert not (tmp_path / "o").exists()
+    from based.commands.eval import MAX_NEW_TOKENS
+
+    protocol = pytest.importorskip("based.serve.protocol")  # needs pydantic
+    assert MAX_NEW_TOKENS == protocol.MAX_TOKENS
+
+
 def test_cli_bad_out_and_non_utf8_data_are_one_line(checkpoint, tmp_path):
     # Before: --out an existing file was FileExistsError's traceback after the whole evaluation, and a
     # non-UTF-8 data file "'utf-8' codec can't decode byte 0xff ..." without the file's name.

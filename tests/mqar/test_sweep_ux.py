@@ -68,6 +68,16 @@ def test_bad_settings_are_refused(tmp_path, flags, message, tiny_cli):
     assert not (tmp_path / "results.jsonl").exists()
 
 
+def test_more_jobs_than_cpu_cores_are_refused(tmp_path, monkeypatch, tiny_cli):
+    # --jobs 100000 would have spawned a process (torch and all) per group of the sweep.
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    for jobs in ("100000", "3"):
+        with pytest.raises(SystemExit, match=rf"^--jobs {jobs} is more than this machine's 2 CPU cores \(one process "
+                                             r"per job, at least a core each\): give --jobs 2 or fewer$"):
+            main(["mqar", "--quick", "--jobs", jobs, "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sub, message", [("file", "is an existing file, not a folder"),
                                           ("file/sub", "is under .*file, a file, not a folder")])
 @pytest.mark.parametrize("mode", [[], ["--table"]])

@@ -23,11 +23,13 @@ STEPS = 40
 
 
 def make_config(out, corpus, tokenizer, **overrides) -> TrainConfig:
-    """A tiny debug-preset run: 40 steps of 4 x 32 tokens, eval and checkpoint every 8 steps."""
+    """A tiny debug-preset run: 40 steps of 4 x 32 tokens, eval and checkpoint every 8 steps; 4 warm-up steps,
+    fewer in a shorter run (a warm-up longer than the run is refused)."""
     values = dict(out=str(out), preset="debug", data=str(corpus), tokenizer=str(tokenizer), seq_len=32,
-                  batch_size=4, max_steps=STEPS, warmup=4, lr=3e-3, eval_every=8, save_every=8, eval_tokens=32 * 16,
+                  batch_size=4, max_steps=STEPS, lr=3e-3, eval_every=8, save_every=8, eval_tokens=32 * 16,
                   progress=False, sample_tokens=8)
     values.update(overrides)
+    values.setdefault("warmup", min(4, values["max_steps"]))
     return TrainConfig(**values)
 
 
@@ -191,11 +193,30 @@ def test_out_and_peak_flops_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="out must name a folder"):
         TrainConfig(out="").resolved()
     for bad in ("nan", "-1", "0", "inf"):
-        with pytest.raises(SystemExit, match=r"^error: --peak-flops must be > 0 and finite, got "):
+        # One check, TrainConfig's (the CLI had a second one): its message, one line, names the flag.
+        with pytest.raises(SystemExit, match=r"^error: peak_flops must be > 0 and finite \(FLOP/s per device\), "
+                                             r"got [^\n]*: give a positive --peak-flops, or leave it out[^\n]*$"):
             main(["train", "--out", str(tmp_path / "run"), "--peak-flops", bad])
         with pytest.raises(ValueError, match="peak_flops must be > 0 and finite"):
             TrainConfig(out="run", peak_flops=float(bad)).resolved()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_warmup_longer_than_the_run_is_refused(tmp_path, monkeypatch):
+    # --warmup 50 --max-steps 10 trained on silently, the LR never reaching --lr.
+    monkeypatch.chdir(tmp_path)
+    message = (r"warmup=50 is longer than the run, max_steps=10: the learning rate would never reach --lr; lower "
+               r"--warmup to at most --max-steps, or raise --max-steps$")
+    with pytest.raises(SystemExit, match="^error: " + message):  # a str code: exit status 1
+        main(["train", "--out", str(tmp_path / "run"), "--warmup", "50", "--max-steps", "10"])
+    with pytest.raises(ValueError, match="^" + message):
+        TrainConfig(out="run", warmup=50, max_steps=10).resolved()
+    assert list(tmp_path.iterdir()) == []
+    # As long as the run is fine (the LR peaks at the last step); a default warm-up is cut to a short run.
+    assert TrainConfig(out="run", warmup=10, max_steps=10).resolved().warmup == 10
+    assert TrainConfig(out="run", max_steps=10).resolved().warmup == 10
+    assert TrainConfig(out="run", preset="360m", max_steps=50).resolved().warmup == 50
+    assert TrainConfig(out="run").resolved().warmup == 30
 
 
 def test_existing_run_needs_resume(short_run, small_corpus, small_tokenizer):
