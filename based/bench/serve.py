@@ -137,6 +137,7 @@ def null_scheduler(step_s: float = 0.0):
     class NullDecoder:
         def __init__(self, slots: int):
             self.batch_size = slots
+            self.buckets = [slots]  # a step costs step_s however many rows: nothing to compact
             self.tokens = torch.full((slots,), NULL_TOKEN, dtype=torch.long)
             self.due = 0.0
 

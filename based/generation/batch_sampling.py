@@ -117,6 +117,12 @@ class SlotSampling:
     def clear(self, slots: list[int]) -> None:
         self._random.difference_update(slots)
 
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """The host side of Decoder.move: which slots sample follows their sequences."""
+        moved = {d for s, d in zip(src, dst) if s in self._random}
+        self._random.difference_update(src)
+        self._random |= moved
+
     def sample(self, logits: torch.Tensor, position: torch.Tensor, slots: torch.Tensor | None = None,
                rows: int | None = None) -> torch.Tensor:
         """sample_slots with the parameters of `slots` (an index), else of the first `rows` slots (default all),

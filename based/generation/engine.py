@@ -233,8 +233,8 @@ class Decoder:
     def remove(self, slot: int) -> None:
         """Free a slot: its state is cleared and it counts as finished until the next `add` into it."""
         self.state.reset_slot(slot)
-        self.tokens[slot] = self.pad_token_id
-        self.finished[slot] = True
+        self.tokens[slot].fill_(self.pad_token_id)  # fill_: no host-to-device copy of the value (see free)
+        self.finished[slot].fill_(True)
 
     @torch.no_grad()
     def admit(
@@ -270,8 +270,9 @@ class Decoder:
         self.slots.set(list(slots), list(temperature), list(top_k), list(top_p), list(seed))
         first = self.slots.sample(logits, positions, index)
         self.tokens[index] = first
-        self.finished[index] = False
-        self.active[index] = 1
+        # index_fill_, not `t[index] = 0`, which waits for the device (see free).
+        self.finished.index_fill_(0, index, False)
+        self.active.index_fill_(0, index, 1)
         return first
 
     def free(self, slots: Sequence[int]) -> None:
@@ -280,9 +281,41 @@ class Decoder:
         if not slots:
             return
         index = to_device(list(slots), self.state.device, torch.long)
-        self.active[index] = 0
-        self.state.seqlen_offset[index] = 0
+        # Not `t[index] = 0`: that sends its 0 from pageable memory, and the host waits for all queued work:
+        # the decode step just launched. On an H100 free took ~19 ms a call so in the serving loop (the engine
+        # profile beside benchmarks/results/serve-engine-base-h100-2026-12-08-aa2a735.json). index_fill_ takes
+        # the value as an argument and queues.
+        self.active.index_fill_(0, index, 0)
+        self.state.seqlen_offset.index_fill_(0, index, 0)
         self.slots.clear(list(slots))
+
+    # Rows of a state tensor copied per index_copy_ in `move`: its gather's temporary stays ~this small
+    # (a 1.3b slot holds ~15 MB of state in ~100 tensors) on a card the slots already fill.
+    MOVE_BYTES = 64 << 20
+
+    @torch.no_grad()
+    def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Move the sequences in slots `src` to the free slots `dst` (slot_sampling only): their states,
+        last tokens, positions and sampling parameters; `src` become free. A server moves its sequences into
+        the lowest slots as others leave, so that its steps take the smallest bucket (`step(rows)`)."""
+        if self.slots is None:
+            raise RuntimeError("move needs a Decoder built with slot_sampling=True")
+        src, dst = list(src), list(dst)
+        if len(src) != len(dst) or len({*src, *dst}) != 2 * len(src):
+            raise ValueError(f"move takes as many source as destination slots, all different: {src} -> {dst}")
+        if not src:
+            return
+        device = self.state.device
+        s, d = to_device(src, device, torch.long), to_device(dst, device, torch.long)
+        per_slot = [self.tokens, self.finished, self.active, self.state.seqlen_offset, self.slots.temperature,
+                    self.slots.top_k, self.slots.top_p, self.slots.seed]
+        for t in [*self.state.tensors(), *per_slot, *([self.log] if self.log is not None else [])]:
+            step = max(1, self.MOVE_BYTES // max(1, t[0].numel() * t.element_size()))
+            for i in range(0, len(src), step):
+                t.index_copy_(0, d[i:i + step], t.index_select(0, s[i:i + step]))
+        self.active.index_fill_(0, s, 0)
+        self.state.seqlen_offset.index_fill_(0, s, 0)
+        self.slots.move(src, dst)
 
     def step(self, rows: int | None = None) -> torch.Tensor:
         """Decode one token in every slot (slot sampling: in at least the first `rows` slots, default all).

@@ -164,7 +164,7 @@ class InferenceState:
         """Empty one slot (its sequence left the batch); the others are untouched."""
         for t in self.tensors():
             t[slot].zero_()
-        self.seqlen_offset[slot] = 0
+        self.seqlen_offset[slot].zero_()
 
     def reset(self) -> None:
         for t in self.tensors():

@@ -67,6 +67,8 @@ class Metrics:
                                 registry=r)
         self.engine_cpu = Counter("based_engine_cpu_seconds", "CPU time of the engine loop's thread", registry=r)
         self.steps = Counter("based_decode_steps", "Decode steps run", registry=r)
+        self.moves = Counter("based_slot_moves", "Sequences moved to a lower slot, so that steps take fewer rows",
+                             registry=r)
         # Where the engine loop's wall time goes (idle, prefill, step, read = waiting for the device's tokens,
         # deliver = detokenise, stops, hand-over): the first thing to read when tokens/s falls short.
         self.engine_phase = Counter("based_engine_phase_seconds", "Wall time of the engine loop by phase", ["phase"],

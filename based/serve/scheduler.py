@@ -163,9 +163,12 @@ class Scheduler:
         self.prefilling: list[Sequence] = []
         self.running: dict[int, Sequence] = {}
         self.pending = None  # the last pass, whose tokens are not read yet
-        # Per slot, for the vectorized read-back (emit): `serial` changes whenever a slot's sequence starts or
-        # ends, so a token read back for a sequence that ended meanwhile is told by its serial at launch.
+        # Per slot, for the vectorized read-back (emit): `serial` changes whenever a slot's sequence starts,
+        # ends or moves away (to a number no slot had before), so a token read back for a sequence that ended
+        # meanwhile is told by its serial at launch.
         self.serial = np.zeros(max_slots, dtype=np.int64)
+        self._serials = 0
+        self.moved: list[tuple[np.ndarray, np.ndarray]] = []  # slot moves since `pending` was launched
         self.live = np.zeros(max_slots, dtype=bool)
         self.generated = np.zeros(max_slots, dtype=np.int64)
         self.limit = np.zeros(max_slots, dtype=np.int64)
@@ -316,6 +319,7 @@ class Scheduler:
         self._lap("admit")
         first_seqs, first_tokens = self._prefill() if self.prefilling and self._prefill_due() else ([], [])
         self._lap("prefill")
+        self._compact()
         stepped = bool(self.running)
         if stepped:
             self.decoder.step(rows=max(self.running) + 1)
@@ -445,7 +449,7 @@ class Scheduler:
             for s in seqs:
                 self.running[s.slot] = s
         slots = np.array([s.slot for s in seqs], dtype=np.int64)
-        self.serial[slots] += 1
+        self.serial[slots] = self._fresh(len(slots))
         self.live[slots] = True
         self.generated[slots] = 0
         self.limit[slots] = [s.max_tokens for s in seqs]
@@ -453,6 +457,49 @@ class Scheduler:
         if self.emit is not None:
             self.owner[slots] = [s.tag[0] for s in seqs]
             self.sid[slots] = [s.tag[1] for s in seqs]
+
+    def _fresh(self, n: int) -> np.ndarray:
+        """n serials never given before."""
+        self._serials += n
+        return np.arange(self._serials - n + 1, self._serials + 1, dtype=np.int64)
+
+    def _compact(self) -> None:
+        """Move running sequences out of slots above the bucket their number needs into free slots below it.
+
+        A step costs what its rows cost (`decoder.step(rows)`: the highest running slot, rounded up to a
+        bucket), and its state traffic grows with them. New sequences take the lowest free slot, but as a
+        batch drains, the few sequences left sit scattered up to the top slot: with 3072 requests on 2048 slots
+        (`based bench serve`'s saturation workload) the steps would stay at 2048 rows while a third of them run.
+        A move copies a slot's state once (~15 MB for 1.3b); it is done only when the step gets a smaller bucket.
+        """
+        if not self.running:
+            return
+        holding = len(self.running) + len(self.prefilling)
+        target = next(b for b in self.decoder.buckets if b >= holding)
+        if max(self.running) < target:
+            return
+        with self.cond:
+            src = sorted((s for s in self.running if s >= target), reverse=True)
+            dst = [s for s in heapq.nsmallest(len(src), self.free) if s < target]
+            src = src[:len(dst)]
+            if not src:
+                return
+            for h, low in zip(src, dst):
+                seq = self.running.pop(h)
+                seq.slot = low
+                self.running[low] = seq
+            taken = set(dst)
+            self.free = [s for s in self.free if s not in taken] + src
+            heapq.heapify(self.free)
+        hs, ls = np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+        for a in (self.serial, self.live, self.generated, self.limit, self.stops_at_eos, self.owner, self.sid):
+            a[ls] = a[hs]
+        self.live[hs] = False
+        self.serial[hs] = self._fresh(len(hs))
+        self.decoder.move(src, dst)
+        self.metrics.moves.inc(len(src))
+        if self.pending is not None and self.emit is not None:  # its tokens are read by slot: see _emit_pending
+            self.moved.append((hs, ls))
 
     def _lap(self, phase: str) -> None:
         """The wall time since the last lap goes to `phase` (based_engine_phase_seconds)."""
@@ -466,12 +513,12 @@ class Scheduler:
         if self.pending is None:
             return
         ready, host, first_seqs, stepped, = self.pending
-        self.pending = None
+        moved, self.pending, self.moved = self.moved, None, []
         if ready is not None:
             ready.synchronize()
         self._lap("wait")
         if self.emit is not None:
-            self._emit_pending(host.numpy(), *first_seqs, stepped)
+            self._emit_pending(host.numpy(), *first_seqs, stepped, moved)
             return
         values = host.tolist()
         now = time.monotonic()
@@ -505,11 +552,20 @@ class Scheduler:
         self._finish(finished)
 
     def _emit_pending(self, values: np.ndarray, first_slots: np.ndarray, first_serials: np.ndarray,
-                      stepped: np.ndarray) -> None:
+                      stepped: np.ndarray, moved: list[tuple[np.ndarray, np.ndarray]] = ()) -> None:
         """The vectorized read-back (emit): each live slot's token counted and checked in numpy, grouped by
-        owner; only the sequences that finished are looked up."""
+        owner; only the sequences that finished are looked up. `moved`: the (from, to) slots of sequences that
+        _compact moved after this pass was launched: their rows go where the sequences are now."""
         now = time.monotonic()
         base = len(first_slots)
+        for hs, ls in moved:
+            where = np.arange(self.max_slots)
+            where[hs] = ls
+            first_slots = where[first_slots]
+            if len(stepped):
+                values[base + ls] = values[base + hs]
+                stepped = stepped.copy()
+                stepped[ls], stepped[hs] = stepped[hs], -1
         # A sequence's first token (its prefill's) comes before the token of the step of the same pass.
         keep = first_serials == self.serial[first_slots]
         fs = first_slots[keep]
@@ -547,7 +603,7 @@ class Scheduler:
         codes = np.where(eos, EOS, np.where(generated >= self.limit[slots], LENGTH, GOING)).astype(np.int8)
         self.generated[slots] = generated - eos  # eos is no token of the text: not counted
         ended = slots[codes != GOING]
-        self.serial[ended] += 1
+        self.serial[ended] = self._fresh(len(ended))
         self.live[ended] = False
         return slots, tokens, codes
 
@@ -564,7 +620,7 @@ class Scheduler:
                     if self.running.get(seq.slot) is seq:
                         del self.running[seq.slot]
                         slots.append(seq.slot)
-                        self.serial[seq.slot] += 1
+                        self.serial[seq.slot] = self._fresh(1)[0]
                         self.live[seq.slot] = False
                         if self.emit is not None:
                             completion = int(self.generated[seq.slot])
@@ -580,7 +636,7 @@ class Scheduler:
         self.post(outputs)
 
     def _fail_all(self, error: str) -> None:
-        self.pending = None
+        self.pending, self.moved = None, []
         with self.cond:
             doomed = [*self.prefilling, *self.running.values()]
         self._finish([(s, "error", "") for s in doomed], error=error)

@@ -141,6 +141,36 @@ def test_slot_decoder_seeded_sampling_ignores_slot_and_neighbours(model):
     assert len(set(alone)) > 1
 
 
+def test_moved_slots_decode_as_if_they_had_stayed(model):
+    """Decoder.move mid-way (a greedy and a seeded sampled sequence, slots 4 and 5 -> 1 and 0): the same tokens
+    as without the move, the old slots free, the sampler's host state moved along."""
+
+    def decode(move: bool):
+        decoder = Decoder(model, 6, slot_sampling=True)
+        a = [_join(decoder, model, 4, [5, 6, 7, 8]).item()]
+        b = [_join(decoder, model, 5, [9, 9, 3], temperature=0.9, top_k=20, seed=11).item()]
+        at = (4, 5)
+        for i in range(8):
+            if move and i == 3:
+                decoder.move([5, 4], [0, 1])
+                at = (1, 0)
+            tokens = decoder.step(rows=max(at) + 1)
+            a.append(tokens[at[0]].item())
+            b.append(tokens[at[1]].item())
+        return a, b, decoder
+
+    a, b, _ = decode(False)
+    a_moved, b_moved, decoder = decode(True)
+    assert (a_moved, b_moved) == (a, b) and len(set(b)) > 1
+    assert a == generate(model, torch.tensor([[5, 6, 7, 8]]), 9)[0].tolist()
+    assert decoder.active.tolist() == [1, 1, 0, 0, 0, 0] and decoder.slots._random == {0}
+    assert decoder.state.seqlen_offset.tolist() == [11, 12, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="as many source as destination"):
+        decoder.move([0, 1], [2])
+    with pytest.raises(ValueError, match="all different"):
+        decoder.move([0], [0])
+
+
 def test_slot_sampling_in_row_blocks_equals_all_at_once(monkeypatch):
     from based.generation import batch_sampling
     from based.generation.batch_sampling import SlotSampling
@@ -181,19 +211,26 @@ def test_joining_and_leaving_slots_never_waits_for_the_device(model):
     mask = (torch.arange(5) >= torch.tensor([[2], [0], [1]])).long()
     params = dict(temperature=[0.0, 0.9, 0.0], top_k=[0, 5, 0], top_p=[1.0, 0.9, 1.0], seed=[1, 2, 3])
 
-    def one_pass():  # as the scheduler's: prefill scattered slots from host tensors, admit, step, free
+    def one_pass():  # as the scheduler's: prefill scattered slots from host tensors, admit, step, move, free
         logits = prefill(cuda_model, decoder.state, ids, mask, [6, 1, 3])
         first = decoder.admit([6, 1, 3], [3, 5, 4], logits, **params)
-        tokens = decoder.step(rows=8)
-        decoder.free([6, 1, 3])
-        return first, tokens.clone()  # the step's buffer: the next step overwrites it
+        tokens = decoder.step(rows=8).clone()  # the step's buffer: the next step overwrites it
+        decoder.move([6, 3], [0, 2])
+        decoder.free([0, 1, 2])
+        return first, tokens
 
     one_pass()  # capture the step's graphs and warm the allocators first
     expected = one_pass()
     torch.cuda.synchronize()
+    # A GPU still busy for ~1 s: had the pass waited for the device anywhere, the sleep would be over. (Sync
+    # debug mode alone missed one: `t[index] = 0` copies its 0 from pageable memory, ~a decode step's wait.)
+    torch.cuda._sleep(2_000_000_000)
+    busy = torch.cuda.Event()
+    busy.record()
     torch.cuda.set_sync_debug_mode("error")
     try:
         got = one_pass()
+        assert not busy.query(), "the pass waited for the device"
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -1,0 +1,84 @@
+"""Slot compaction (Scheduler._compact, Decoder.move): as a batch drains, the sequences left move down into the
+lowest slots so that steps take fewer rows, and every token comes out as if nothing had moved."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from based import BasedConfig, BasedForCausalLM
+from based.generation import generate
+from based.serve.scheduler import GOING, Scheduler, Sequence
+from based.serve.text import ByteTokenizer
+
+from .conftest import INIT_RANGE
+
+pytest.importorskip("fastapi")
+
+# 10 requests on 8 slots. Slots 0-5 end first and two late requests take slots 0 and 1, so the long requests
+# of slots 6 and 7 move down to 3 and 2 (4 sequences: bucket 4), then, once the late ones end, to 0 and 1, and
+# the longest, left alone, to 0: 5 moves.
+MAX_TOKENS = [4, 4, 4, 4, 4, 4, 20, 25, 7, 7]
+SAMPLED = 7  # this one samples with a seed: its text must not depend on the slots it went through
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BasedForCausalLM(BasedConfig.from_preset("debug", initializer_range=INIT_RANGE)).eval()
+
+
+def prompt(i: int) -> list[int]:
+    return [10 + i, 20 + 3 * i, 7, 40 + i]
+
+
+def sequence(i: int, max_tokens: int, tag=None) -> Sequence:
+    params = dict(temperature=0.9, top_k=20, seed=5) if i == SAMPLED else {}
+    return Sequence(prompt(i), max_tokens, deliver=None, ignore_eos=True, tag=tag, **params)
+
+
+def run(model, indices: list[int], emit: bool, slots: int = 8):
+    """The requests through a Scheduler driven pass by pass: each one's output, the rows of every step, and
+    the Scheduler. emit: token ids read back as numbers (as behind --api-workers); else text (Outputs)."""
+    tokenizer = ByteTokenizer()
+    got: dict[int, list] = {i: [] for i in indices}
+    scheduler = Scheduler(model, tokenizer, slots, 16, 64, max_seq_len=64,
+                          post=lambda items: [got[s.tag].append(o) for s, o in items if not emit])
+    if emit:
+        scheduler.emit = lambda batches: [got[sid].extend(zip(t.tolist(), c.tolist()))
+                                          for sids, tokens, codes in batches.values()
+                                          for sid, t, c in zip(sids.tolist(), tokens.reshape(-1, 1), codes.reshape(-1, 1))]
+    rows, step = [], scheduler.decoder.step
+
+    def counted_step(rows: int | None = None):
+        steps.append(rows)
+        return step(rows)
+
+    steps = rows
+    scheduler.decoder.step = counted_step
+    seqs = [sequence(i, MAX_TOKENS[i], tag=(0, i) if emit else i) for i in indices]
+    scheduler.waiting.extend(seqs)
+    while not all(s.done for s in seqs) or scheduler.pending is not None:
+        scheduler._pass()
+    if emit:
+        assert all(got[i][-1][1] != GOING for i in indices)
+        return {i: [t for t, _ in got[i]] for i in indices}, rows, scheduler
+    return {i: "".join(o.text for o in got[i]) for i in indices}, rows, scheduler
+
+
+@pytest.mark.parametrize("emit", [False, True], ids=["text", "token-ids"])
+def test_drained_sequences_move_down_and_decode_as_if_alone(model, emit):
+    out, rows, scheduler = run(model, list(range(len(MAX_TOKENS))), emit)
+    for i, n in enumerate(MAX_TOKENS):
+        if i != SAMPLED:
+            ids = generate(model, torch.tensor([prompt(i)]), n)[0].tolist()
+            assert out[i] == (ids if emit else ByteTokenizer().decode_batch([ids])[0]), i
+    # The sampled one alone in slot 0 (nothing ever moves): the same tokens.
+    alone, _, quiet = run(model, [SAMPLED], emit)
+    assert out[SAMPLED] == alone[SAMPLED] and len(set(alone[SAMPLED])) > 1
+    assert quiet.metrics.moves._value.get() == 0
+    # The steps shrink with the batch: 8 rows, then 4, 2 and 1, not 8 to the end.
+    assert scheduler.metrics.moves._value.get() == 5
+    assert rows[0] == 8 and rows[-1] == 1 and 4 in rows and 2 in rows
+    assert rows == sorted(rows, reverse=True)
+    assert sorted(scheduler.free) == list(range(8)) and not scheduler.live.any()
+    assert scheduler.decoder.active.sum().item() == 0 and not scheduler.decoder.slots.any_random
