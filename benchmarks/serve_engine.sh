@@ -6,6 +6,9 @@
 #   wait100, wait200      --prefill-wait-ms 100 / 200: fewer, larger prefills (a small 1.3b prefill costs its
 #                         ~1000 launches of host time whatever its size)
 #   blocking              BASED_BLOCKING_COPIES=1: the loop's host-to-device copies as before 15921bc
+#   nocompact             BASED_SLOT_COMPACTION=0: no slot compaction (sequences stay in their slots as a batch
+#                         drains, so steps keep the rows up to the highest one in use)
+#   long                  --saturation-factor 6: 4x the requests, the drain at the end a smaller share
 #
 #   BASED_GIT_REV=$(git rev-parse HEAD) bash benchmarks/serve_engine.sh OUT_DIR [VARIANT ...]
 #
@@ -19,7 +22,7 @@ shift
 variants=("$@")
 [ ${#variants[@]} -eq 0 ] && variants=(base wait100 wait200)
 for v in "${variants[@]}"; do  # all checked before the first run, not when its turn comes
-    case $v in base|wait100|wait200|blocking) ;; *) echo "unknown variant $v (base, wait100, wait200, blocking)" >&2; exit 2 ;; esac
+    case $v in base|wait100|wait200|blocking|nocompact|long) ;; *) echo "unknown variant $v (base, wait100, wait200, blocking, nocompact, long)" >&2; exit 2 ;; esac
 done
 PRESET=${PRESET:-1.3b}
 SLOTS=${SLOTS:-2048}
@@ -37,6 +40,8 @@ for v in "${variants[@]}"; do
         wait100) env=(); flags=(--prefill-wait-ms 100) ;;
         wait200) env=(); flags=(--prefill-wait-ms 200) ;;
         blocking) env=(BASED_BLOCKING_COPIES=1); flags=() ;;
+        nocompact) env=(BASED_SLOT_COMPACTION=0); flags=() ;;
+        long) env=(); flags=(--saturation-factor 6) ;;
     esac
     name=$out/serve-engine-$v-$gpu-$day
     env "${env[@]}" BASED_ENGINE_PROFILE=$name.prof python -m based bench serve --device "$DEVICE" \

@@ -169,6 +169,7 @@ class Scheduler:
         self.serial = np.zeros(max_slots, dtype=np.int64)
         self._serials = 0
         self.moved: list[tuple[np.ndarray, np.ndarray]] = []  # slot moves since `pending` was launched
+        self.compaction = os.environ.get("BASED_SLOT_COMPACTION") != "0"  # 0: off, for A/B timing only
         self.live = np.zeros(max_slots, dtype=bool)
         self.generated = np.zeros(max_slots, dtype=np.int64)
         self.limit = np.zeros(max_slots, dtype=np.int64)
@@ -472,7 +473,7 @@ class Scheduler:
         (`based bench serve`'s saturation workload) the steps would stay at 2048 rows while a third of them run.
         A move copies a slot's state once (~15 MB for 1.3b); it is done only when the step gets a smaller bucket.
         """
-        if not self.running:
+        if not self.running or not self.compaction:
             return
         holding = len(self.running) + len(self.prefilling)
         target = next(b for b in self.decoder.buckets if b >= holding)
