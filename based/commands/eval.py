@@ -9,9 +9,6 @@ from . import out_folder_problem
 
 TASKS = ("perplexity", "swde", "fda", "squad_completion")
 MAX_LENGTH = 2048  # tokens per perplexity window unless a full-attention model has fewer positions
-# based serve's bound on max_tokens (MAX_TOKENS in based/serve/protocol.py, which needs pydantic): a state model has
-# no other, and 10**12 ran on without end when no answer reached its newline.
-MAX_NEW_TOKENS = 2**31 - 1
 
 
 def register(sub) -> None:
@@ -61,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     _positive(batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, stride=args.stride,
               max_new_tokens=args.max_new_tokens)
-    if args.max_new_tokens > MAX_NEW_TOKENS:
+    from based.generation.state import MAX_NEW_TOKENS
+
+    if args.max_new_tokens > MAX_NEW_TOKENS:  # 10**12 ran on without end where no answer reached its newline
         raise SystemExit(f"based eval: --max-new-tokens must be at most {MAX_NEW_TOKENS} (2**31 - 1, as based serve's "
                          f"max_tokens), got {args.max_new_tokens}: lower --max-new-tokens (answers take a few tokens)")
     if args.plot and args.task == "perplexity":

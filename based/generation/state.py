@@ -41,10 +41,18 @@ def full_attention_limit(model) -> int | None:
     return None
 
 
+# The most tokens one generation may ask for (based serve's max_tokens, based generate's and based eval's
+# --max-new-tokens): a state model has no positional bound, and past this the loops ran on without end where a
+# typo asked for 10**12.
+MAX_NEW_TOKENS = 2**31 - 1
+
+
 def check_lengths(model, prompt_len: int, max_new_tokens: int = 0) -> None:
     """Prompt and generation lengths against the model's positional limit, where it has one."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(f"max_new_tokens must be at most 2**31 - 1 = {MAX_NEW_TOKENS}, got {max_new_tokens}")
     if prompt_len < 1:
         raise ValueError("the prompt is empty: pass at least one token")
     limit = full_attention_limit(model)

@@ -9,9 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..generation.state import MAX_NEW_TOKENS
+
 MAX_N = 64
 MAX_STOP = 4
-MAX_TOKENS = 2**31 - 1  # beyond int64 the scheduler's counters overflowed (a 503); a state model has no other bound
+MAX_TOKENS = MAX_NEW_TOKENS  # beyond int64 the scheduler's counters overflowed (a 503)
 
 
 def _check_text(field: str, texts: list[str]) -> None:

@@ -65,6 +65,8 @@ def test_checkpoint_with_and_without_tokenizer(tmp_path, capsys, monkeypatch):
     [
         (["--prompt", ""], "the prompt is empty"),
         (["--prompt", "x", "--max-new-tokens", "-1"], "max_new_tokens must be an int >= 0"),
+        # Before: accepted, and a state model generated on without end.
+        (["--prompt", "x", "--max-new-tokens", str(10**12)], "max_new_tokens must be at most 2**31 - 1"),
         (["--prompt", "x", "--top-p", "0"], r"top_p must be in (0, 1]"),
         (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["--prompt", "x", "--batch-size", "100000000"], "lower the batch size (--batch-size)"),

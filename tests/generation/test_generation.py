@@ -241,6 +241,7 @@ def test_state_bytes_constant_for_based_linear_for_transformer():
     "kwargs, match",
     [
         (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+        (dict(max_new_tokens=2**31), r"max_new_tokens must be at most 2\*\*31 - 1"),
         (dict(sampling_kw=dict(top_p=0.0)), r"top_p must be in \(0, 1\]"),
         (dict(sampling_kw=dict(top_p=1.5)), r"top_p must be in \(0, 1\]"),
         (dict(sampling_kw=dict(temperature=-0.1)), "temperature must be >= 0"),
