@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..generation.engine import Decoder, prefill, prefill_chunk
-from ..generation.state import to_device
+from ..generation.state import full_attention_limit, to_device
 from .metrics import Metrics
 from .text import Detokenizer, StopMatcher
 
@@ -169,7 +169,10 @@ class Scheduler:
         self.serial = np.zeros(max_slots, dtype=np.int64)
         self._serials = 0
         self.moved: list[tuple[np.ndarray, np.ndarray]] = []  # slot moves since `pending` was launched
-        self.compaction = os.environ.get("BASED_SLOT_COMPACTION") != "0"  # 0: off, for A/B timing only
+        # Only where a slot's state is fixed in size and read whole every step: a KV cache (full attention,
+        # Hyena) is max_seq_len positions a slot (~400 MB for transformer-1.3b at 2048) to copy per move, while
+        # a step over its empty rows costs little. BASED_SLOT_COMPACTION=0 turns it off, for A/B timing.
+        self.compaction = os.environ.get("BASED_SLOT_COMPACTION") != "0" and full_attention_limit(model) is None
         self.live = np.zeros(max_slots, dtype=bool)
         self.generated = np.zeros(max_slots, dtype=np.int64)
         self.limit = np.zeros(max_slots, dtype=np.int64)

@@ -138,3 +138,12 @@ def test_random_arrivals_and_cancels_while_slots_move(model, emit, seed):
             assert got[i] == ids[:len(got[i])] if i in cancelled else got[i] == ids, i
         elif i not in cancelled:
             assert "".join(o.text for o in got[i]) == tokenizer.decode_batch([ids])[0], i
+
+
+def test_no_compaction_where_the_state_grows_with_the_context():
+    """A KV cache is max_seq_len positions a slot to copy per move, and a step's empty rows cost it little."""
+    torch.manual_seed(0)
+    transformer = BasedForCausalLM(BasedConfig.from_preset("transformer-debug", initializer_range=INIT_RANGE)).eval()
+    out, rows, scheduler = run(transformer, list(range(len(MAX_TOKENS))), emit=True)
+    assert not scheduler.compaction and scheduler.metrics.moves._value.get() == 0 and set(rows) == {8}
+    assert out[0] == generate(transformer, torch.tensor([prompt(0)]), MAX_TOKENS[0])[0].tolist()
