@@ -252,10 +252,13 @@ def _init_worker(threads: int, devices=None) -> None:
 # Mamba-2 and Based (measured at d_model 64, doubled) from
 # benchmarks/results/mqar-stacked-h100-2026-12-07-shared-fused.json; Hyena, RWKV and Lightning from
 # mqar-stacked-h100-2026-12-07-tasks.json (before those kernels) x 0.7, the measured families' mean ratio;
-# sliding window as attention. Parallel jobs take the longest groups first, so the sweep does not end waiting
-# on one long group started last, and --fit starts no group a sitting cannot finish.
-_MS_PER_STEP_D128 = {"attention": 9.2, "h3": 28.2, "mamba": 21.3, "mamba2": 19.8, "linear_attn": 16.8,
-                     "hyena": 17.4, "rwkv": 13.4, "lightning": 10.6, "sliding_window": 9.2}
+# sliding window as attention. Attention, sliding window and Based (the slowest feature dim, 24) at d_model 128
+# are the full sweep's own groups since (benchmarks/results/mqar-figure2-h100, aa2a735: 177, 171-179 and 308 s
+# with set-up), which the estimates from the benchmarks had put at 223 and 395 s. Parallel jobs take the
+# longest groups first, so the sweep does not end waiting on one long group started last, and --fit starts no
+# group a sitting cannot finish.
+_MS_PER_STEP_D128 = {"attention": 7.3, "h3": 28.2, "mamba": 21.3, "mamba2": 19.8, "linear_attn": 12.9,
+                     "hyena": 17.4, "rwkv": 13.4, "lightning": 10.6, "sliding_window": 7.3}
 
 
 # Below d_model 64 a step costs about what it costs at 64 (Based d48, feature dim 8: 154 s for its 22,624

@@ -293,10 +293,12 @@ def test_parallel_jobs_take_the_longest_groups_first():
 
 
 def test_estimated_seconds_match_the_measured_group():
-    """Figure 2's attention d_model 128 group (4 lrs stacked) measured 197 s of training on an H100
-    (benchmarks/results/mqar-stacked-h100-2026-12-07-shared-fused.json, projected_group_s)."""
-    group = next(g for g in group_runs(figure2_runs()) if g[0].mixer == "attention" and g[0].d_model == 128)
-    assert len(group) == 4 and abs(sweeps.estimated_seconds(group) / 197 - 1) < 0.2
+    """Figure 2's attention d_model 128 group (4 lrs stacked) took 177 s on an H100 in the full sweep, set-up
+    included (benchmarks/results/mqar-figure2-h100/results.jsonl, its "seconds"); sliding window w 8 179 s."""
+    groups = group_runs(figure2_runs())
+    for mixer, seconds in (("attention", 177), ("sliding_window", 179)):
+        group = next(g for g in groups if g[0].mixer == mixer and g[0].d_model == 128)
+        assert len(group) == 4 and abs(sweeps.estimated_seconds(group) / seconds - 1) < 0.1
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
