@@ -482,12 +482,19 @@ class Scheduler:
         target = next(b for b in self.decoder.buckets if b >= holding)
         if max(self.running) < target:
             return
+        # Only this thread changes `running` and `free`; the lock is for the readers (counts, metrics).
+        src = sorted((s for s in self.running if s >= target), reverse=True)
+        dst = [s for s in heapq.nsmallest(len(src), self.free) if s < target]
+        src = src[:len(dst)]
+        if not src:
+            return
+        try:  # first: a move that fails (out of memory for its copies) leaves the sequences where they were
+            self.decoder.move(src, dst)
+        except Exception:  # noqa: BLE001 - the loop goes on uncompacted, every sequence intact
+            log.error("slot compaction failed, turned off:\n%s", traceback.format_exc())
+            self.compaction = False
+            return
         with self.cond:
-            src = sorted((s for s in self.running if s >= target), reverse=True)
-            dst = [s for s in heapq.nsmallest(len(src), self.free) if s < target]
-            src = src[:len(dst)]
-            if not src:
-                return
             for h, low in zip(src, dst):
                 seq = self.running.pop(h)
                 seq.slot = low
@@ -500,7 +507,6 @@ class Scheduler:
             a[ls] = a[hs]
         self.live[hs] = False
         self.serial[hs] = self._fresh(len(hs))
-        self.decoder.move(src, dst)
         self.metrics.moves.inc(len(src))
         if self.pending is not None and self.emit is not None:  # its tokens are read by slot: see _emit_pending
             self.moved.append((hs, ls))

@@ -147,3 +147,23 @@ def test_no_compaction_where_the_state_grows_with_the_context():
     out, rows, scheduler = run(transformer, list(range(len(MAX_TOKENS))), emit=True)
     assert not scheduler.compaction and scheduler.metrics.moves._value.get() == 0 and set(rows) == {8}
     assert out[0] == generate(transformer, torch.tensor([prompt(0)]), MAX_TOKENS[0])[0].tolist()
+
+
+def test_a_failing_move_turns_compaction_off_and_loses_nothing(model, monkeypatch, caplog):
+    """Decoder.move raising (out of memory for its copies, say): logged once, compaction off, every sequence
+    where it was and its tokens intact."""
+    from based.generation.engine import Decoder
+
+    calls = []
+
+    def broken(self, src, dst):
+        calls.append(src)
+        raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+
+    monkeypatch.setattr(Decoder, "move", broken)
+    with caplog.at_level("ERROR", logger="based.serve"):
+        out, rows, scheduler = run(model, list(range(len(MAX_TOKENS))), emit=True)
+    assert len(calls) == 1 and not scheduler.compaction and set(rows) == {8}
+    assert "slot compaction failed, turned off" in caplog.text
+    monkeypatch.undo()
+    assert out == run(model, list(range(len(MAX_TOKENS))), emit=True)[0]
