@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -501,9 +502,24 @@ def offline_workload(preset: str, slots: int, args, n: int, seed: int) -> dict:
             "output_tokens_per_s": tokens / seconds, "engine_phase_s": phases}
 
 
+# Requests one run may send: the client makes all of them first (100,000 prompts of 512 tokens are ~50M token
+# ids in Python lists), so a factor or rate off by orders of magnitude would fill the memory before a request went.
+MAX_REQUESTS = 100_000
+
+
+def requests_problem(what: str, n: int) -> str | None:
+    if n > MAX_REQUESTS:
+        return f"{what} makes a run of {n} requests, more than {MAX_REQUESTS:,}: lower it"
+    return None
+
+
 def saturation_requests(args, slots: int) -> int:
     """Requests of a saturation run (sent all at once): --saturation-prompts, else --saturation-factor x slots."""
-    return args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+    n = args.saturation_prompts or max(args.min_prompts, int(args.saturation_factor * slots))
+    problem = requests_problem(f"--saturation-factor {args.saturation_factor:g} x {slots} slots", n)
+    if problem:  # (where the server chose its slots; known counts are refused before any server starts)
+        raise SystemExit(f"based bench serve: {problem}")
+    return n
 
 
 def bench_engine_only(preset: str, args) -> dict:
@@ -540,6 +556,10 @@ def bench_preset(preset: str, args) -> dict:
         sat = run(float("inf"), True, n_sat)
         rates = args.rates or [f * sat["requests_per_s"] for f in args.rate_fractions if sat["requests_per_s"] > 0]
         planned = [(rate, True, max(args.min_prompts, round(rate * args.duration))) for rate in rates]
+        problem = next(filter(None, (requests_problem(f"a rate of {rate:.3g}/s x --duration {args.duration:g}", n)
+                                     for rate, _, n in planned)), None)
+        if problem:  # (--rate-fractions of the measured saturation rate: known only now)
+            raise SystemExit(f"based bench serve: {problem}")
         if not args.skip_plain:
             planned.append((float("inf"), False, n_sat))
         for rate, stream, n in planned:
@@ -671,6 +691,13 @@ def check_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
                ("--saturation-prompts", 1 if args.saturation_prompts is None else args.saturation_prompts, 1, True),
                ("--max-slots", 1 if args.max_slots is None else args.max_slots, 1, True)]  # (before --quick, which replaced a 0 by 4)
     problems = [number_problem(*check) for check in checks]
+    sizes = [("--saturation-prompts", args.saturation_prompts or 0), ("--min-prompts", args.min_prompts)]
+    sizes += [(f"--rates {r:g} x --duration {args.duration:g}", r * args.duration) for r in args.rates or []
+              if math.isfinite(r * args.duration)]
+    if args.max_slots and math.isfinite(args.saturation_factor):
+        sizes.append((f"--saturation-factor {args.saturation_factor:g} x --max-slots {args.max_slots}",
+                      args.saturation_factor * args.max_slots))
+    problems += [requests_problem(what, round(n)) for what, n in sizes]
     problems.append(args.out is not None and out_file_problem(args.out))
     problems.append(args.log_dir and out_folder_problem(args.log_dir, "--log-dir"))  # ("" as before: no logs)
     problem = next(filter(None, problems), None)

@@ -54,6 +54,11 @@ def test_client_count_out_of_range_is_refused(clients, capsys):
     (["--out", "{tmp}/file/x.json"], "must be a JSON file's path"),
     (["--log-dir", "{tmp}/file"], "--log-dir .*file is an existing file"),
     (["--out", "{tmp}/garbage.json", "--append"], "--append: --out .*garbage.json is not readable JSON"),
+    # Before: the client made every prompt first, and 4e9 of them filled the memory.
+    (["--saturation-factor", "1e9", "--max-slots", "4"], r"--saturation-factor 1e\+09 x --max-slots 4 makes a run "
+                                                         r"of 4000000000 requests, more than 100,000: lower it"),
+    (["--saturation-prompts", "1000000"], "--saturation-prompts makes a run of 1000000 requests"),
+    (["--rates", "1e6", "--duration", "10"], r"--rates 1e\+06 x --duration 10 makes a run of 10000000 requests"),
 ])
 def test_meaningless_settings_are_refused_before_any_server(flags, message, tmp_path, capsys):
     # Before: each ran (recording a rate of -1, an empty saturation run), or ended in a traceback after the runs.
