@@ -187,3 +187,16 @@ def test_a_preset_that_fails_is_recorded_and_the_exit_is_nonzero(tmp_path, monke
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--presets", "debug", "--engine-only", "--max-slots", "0"])
     assert "--max-slots must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_saturation_run_sized_by_the_server_s_slots_is_bounded_too():
+    """Where --max-slots is left to the server, the request count is known once it has started: the same bound."""
+    import argparse
+
+    from based.bench.serve import saturation_requests
+
+    args = argparse.Namespace(saturation_prompts=None, min_prompts=50, saturation_factor=1.5)
+    assert saturation_requests(args, 2048) == 3072
+    args.saturation_factor = 100.0
+    with pytest.raises(SystemExit, match=r"--saturation-factor 100 x 8801 slots makes a run of 880100 requests"):
+        saturation_requests(args, 8801)
