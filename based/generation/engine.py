@@ -303,6 +303,8 @@ class Decoder:
         src, dst = list(src), list(dst)
         if len(src) != len(dst) or len({*src, *dst}) != 2 * len(src):
             raise ValueError(f"move takes as many source as destination slots, all different: {src} -> {dst}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.batch_size for s in src + dst):
+            raise ValueError(f"move takes slots in 0 .. {self.batch_size - 1}: {src} -> {dst}")
         if not src:
             return
         device = self.state.device

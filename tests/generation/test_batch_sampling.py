@@ -169,6 +169,10 @@ def test_moved_slots_decode_as_if_they_had_stayed(model):
         decoder.move([0, 1], [2])
     with pytest.raises(ValueError, match="all different"):
         decoder.move([0], [0])
+    with pytest.raises(ValueError, match=r"slots in 0 \.\. 5"):
+        decoder.move([0], [6])
+    with pytest.raises(ValueError, match=r"slots in 0 \.\. 5"):
+        decoder.move([-1], [2])
 
 
 def test_slot_sampling_in_row_blocks_equals_all_at_once(monkeypatch):
