@@ -233,7 +233,7 @@ class Decoder:
     def remove(self, slot: int) -> None:
         """Free a slot: its state is cleared and it counts as finished until the next `add` into it."""
         self.state.reset_slot(slot)
-        self.tokens[slot].fill_(self.pad_token_id)  # fill_: no host-to-device copy of the value (see free)
+        self.tokens[slot].fill_(self.pad_token_id)  # fill_: no host-to-device copy of the value (see _release)
         self.finished[slot].fill_(True)
 
     @torch.no_grad()
@@ -270,7 +270,7 @@ class Decoder:
         self.slots.set(list(slots), list(temperature), list(top_k), list(top_p), list(seed))
         first = self.slots.sample(logits, positions, index)
         self.tokens[index] = first
-        # index_fill_, not `t[index] = 0`, which waits for the device (see free).
+        # index_fill_, not `t[index] = 0`, which waits for the device (see _release).
         self.finished.index_fill_(0, index, False)
         self.active.index_fill_(0, index, 1)
         return first
@@ -280,14 +280,17 @@ class Decoder:
         overwrites: two small kernels however many slots leave."""
         if not slots:
             return
-        index = to_device(list(slots), self.state.device, torch.long)
+        self._release(to_device(list(slots), self.state.device, torch.long))
+        self.slots.clear(list(slots))
+
+    def _release(self, index: torch.Tensor) -> None:
+        """Slots `index` (a device tensor) inactive, at position 0."""
         # Not `t[index] = 0`: that sends its 0 from pageable memory, and the host waits for all queued work:
         # the decode step just launched. On an H100 free took ~19 ms a call so in the serving loop (the engine
         # profile beside benchmarks/results/serve-engine-base-h100-2026-12-08-aa2a735.json). index_fill_ takes
         # the value as an argument and queues.
         self.active.index_fill_(0, index, 0)
         self.state.seqlen_offset.index_fill_(0, index, 0)
-        self.slots.clear(list(slots))
 
     # Rows of a state tensor copied per index_copy_ in `move`: its gather's temporary stays ~this small
     # (a 1.3b slot holds ~15 MB of state in ~100 tensors) on a card the slots already fill.
@@ -315,8 +318,7 @@ class Decoder:
             step = max(1, self.MOVE_BYTES // max(1, t[0].numel() * t.element_size()))
             for i in range(0, len(src), step):
                 t.index_copy_(0, d[i:i + step], t.index_select(0, s[i:i + step]))
-        self.active.index_fill_(0, s, 0)
-        self.state.seqlen_offset.index_fill_(0, s, 0)
+        self._release(s)
         self.slots.move(src, dst)
 
     def step(self, rows: int | None = None) -> torch.Tensor:
